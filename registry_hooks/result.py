@@ -1,0 +1,174 @@
+"""The analysis result: typed records that become analysis.json ("tunelens.analysis/1").
+
+Data flows one way: adapter files -> factored modules -> per-module metrics -> AnalysisResult ->
+JSON, HTML, MLflow. Nothing downstream recomputes what is here; everything downstream reads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA = "tunelens.analysis/1"
+
+
+@dataclass
+class AdapterInfo:
+    """What adapter_config.json says, as the analysis understood it."""
+
+    peft_type: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    target_modules: list[str] | str | None
+    base_model_name_or_path: str | None
+    task_type: str | None = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModuleMetrics:
+    """One analysed module, or one part (.q/.k/.v/.gate/.up) of a fused projection.
+
+    `shape` is [out, in] in Linear orientation whatever fan_in_fan_out says. `kind` is "lora",
+    "embedding" (lora_embedding_A/B), "dora" (effective ΔW, needs the base) or "dense"
+    (modules_to_save: full tensor, ΔW = saved - base).
+    """
+
+    name: str
+    layer: int | None
+    component: str
+    group: str  # "attention" | "mlp" | "embedding" | "other"
+    shape: list[int]
+    rank: int
+    scale: float
+    fro: float
+    spectral: float
+    singular_values: list[float]
+    effective_rank: float
+    stable_rank: float
+    energy_rank_90: int
+    energy_rank_99: int
+    rank_utilisation: float
+    mean: float
+    std: float
+    min: float
+    max: float
+    relative_fro: float | None = None
+    amplification: float | None = None
+    intruder_dimensions: int | None = None
+    kind: str = "lora"
+    nonfinite: int = 0  # NaN/Inf entries found in this module's tensors
+
+
+@dataclass
+class LayerProfile:
+    """Seed 003's S_ℓ: the sum over components of ‖ΔW‖_F in one layer, and its parts."""
+
+    layer: int
+    fro_sum: float
+    components: dict[str, float]
+    groups: dict[str, float]
+
+
+@dataclass
+class TopNeuron:
+    """A row of ΔW (an output neuron) that moved most: shift = ‖ΔW[index, :]‖₂."""
+
+    layer: int | None
+    component: str
+    index: int
+    shift: float
+    module: str
+
+
+@dataclass
+class Histogram:
+    """Distribution of ΔW's entries over all analysed modules.
+
+    mean/std/min/max are exact (from the factors); counts are exact when `exact`, otherwise
+    estimated from `sample_size` sampled entries, with `share_within_one_std_error` the standard
+    error of that share.
+    """
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    bin_edges: list[float]
+    counts: list[int]
+    exact: bool
+    share_within_one_std: float
+    sample_size: int | None = None
+    share_within_one_std_error: float | None = None
+    skewness: float | None = None
+    excess_kurtosis: float | None = None
+
+
+@dataclass
+class Heatmap:
+    """Block means of ΔW for one module on a grid of at most heatmap_size cells per side."""
+
+    module: str
+    rows: int
+    cols: int
+    values: list[list[float]]
+
+
+@dataclass
+class Summary:
+    """The headline numbers of an adapter."""
+
+    trainable_params: int
+    base_params: int | None
+    trainable_share: float | None
+    layers_modified: list[int]
+    num_layers: int | None
+    mean_delta_fro: float
+    max_delta_fro: float
+    group_fro: dict[str, float]
+    mean_rank_utilisation: float
+    nonfinite_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AnalysisResult:
+    """Everything `tunelens analyze` found; `to_json()` is analysis.json."""
+
+    adapter: AdapterInfo
+    summary: Summary
+    modules: list[ModuleMetrics]
+    layers: list[LayerProfile]
+    top_neurons: list[TopNeuron]
+    histogram: Histogram
+    heatmaps: list[Heatmap]
+    narrative: list[str]
+    glossary: dict[str, str]
+    base_model: str | None = None  # the local base directory used, if any
+    needs_base: list[str] = field(default_factory=list)  # metrics skipped for want of a base
+    warnings: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(dataclasses.asdict(self))
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/Inf become null: analysis.json stays strict JSON even for a broken adapter."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -24,3 +24,32 @@ def llama_adapter(llama_base, tmp_path_factory) -> Path:
     return make_lora_adapter(llama_base, tmp_path_factory.mktemp("llama-adapter"), r=8,
                              lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                             "gate_proj", "up_proj", "down_proj"])
+
+
+# --- MLflow servers (HOOKS) -------------------------------------------------------------------
+from mlflow_server import MlflowServer, postgres_available, postgres_database  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> MlflowServer:
+    """A real `mlflow server` (sqlite backend, local artifacts) for the whole test session."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-sqlite"), allow_loopback_webhooks=True) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def postgres_database_uri() -> str:
+    """A fresh PostgreSQL database on 127.0.0.1:5432 for this session, dropped afterwards."""
+    if not postgres_available():
+        pytest.fail("PostgreSQL is not running on 127.0.0.1:5432; start it with "
+                    "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`")
+    with postgres_database() as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def postgres_mlflow_server(postgres_database_uri, tmp_path_factory) -> MlflowServer:
+    """A real `mlflow server` on a fresh PostgreSQL database for the whole test session."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-postgres"), postgres_database_uri,
+                      allow_loopback_webhooks=True) as srv:
+        yield srv

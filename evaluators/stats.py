@@ -1,0 +1,315 @@
+"""Paired statistics for a side-by-side evaluation: the same rows, scored for two models.
+
+Exact match is compared with the exact McNemar test (only the rows where the two models disagree
+carry information), every difference gets a paired bootstrap interval (rows resampled jointly, so
+the pairing is kept), and a power note says when the test set is too small to decide.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Callable, Literal
+
+import numpy as np
+
+from tunelens.config import load_config
+from tunelens.errors import TunelensError
+
+# Bootstrap index matrices are drawn in blocks of at most this many entries (bounded memory).
+_BOOTSTRAP_BLOCK_ENTRIES = 4_000_000
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """One model's per-row scores on the evaluation rows (row i is the same prompt for every model)."""
+
+    label: str
+    exact_match: np.ndarray  # bool per row
+    words: np.ndarray  # int per row: words in the output
+    latency_ms: np.ndarray  # float per row: time to produce the output
+    peak_memory_gib: float | None = None
+    weights_gib: float | None = None
+    adapter_mib: float | None = None
+
+    def __post_init__(self):
+        arrays = {"exact_match": np.asarray(self.exact_match, dtype=bool),
+                  "words": np.asarray(self.words, dtype=np.int64),
+                  "latency_ms": np.asarray(self.latency_ms, dtype=np.float64)}
+        lengths = {name: a.shape for name, a in arrays.items()}
+        if any(a.ndim != 1 for a in arrays.values()) or len(set(lengths.values())) != 1:
+            raise TunelensError(f"scores of {self.label!r} must be 1-D arrays of one length per row, "
+                                f"got shapes {lengths}")
+        if arrays["exact_match"].size == 0:
+            raise TunelensError(f"scores of {self.label!r} have no rows: evaluate at least one row")
+        if not np.all(np.isfinite(arrays["latency_ms"])) or np.any(arrays["latency_ms"] < 0):
+            raise TunelensError(f"latencies of {self.label!r} must be finite and >= 0 ms")
+        for name, array in arrays.items():
+            object.__setattr__(self, name, array)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.exact_match.size)
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """Exact McNemar test: under H0 each discordant row favours either model with probability 1/2."""
+
+    base_only: int  # rows the base got right and the other model wrong
+    other_only: int  # rows the other model got right and the base wrong
+    p_value: float  # two-sided
+
+    @property
+    def n_discordant(self) -> int:
+        return self.base_only + self.other_only
+
+    def significant(self, alpha: float) -> bool:
+        return self.p_value < alpha
+
+
+@dataclass(frozen=True)
+class ConfidenceInterval:
+    """A point estimate with its percentile bootstrap interval."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+
+    def describe(self, fmt: str = "+.3f") -> str:
+        return (f"{self.estimate:{fmt}} ({self.level:.0%} CI {self.low:{fmt}} to "
+                f"{self.high:{fmt}})")
+
+
+@dataclass(frozen=True)
+class PowerNote:
+    """How much this test set can detect, in exact-match share of rows."""
+
+    min_discordant: int  # fewest discordant rows for which any split can reach p < alpha
+    min_detectable_gain: float | None  # smallest significant gain with these rows and discordant rows
+    rows_needed: int | None  # rows to detect the observed difference with `power` at the same rates
+    power: float
+
+
+@dataclass(frozen=True)
+class MemoryComparison:
+    base_gib: float | None
+    other_gib: float | None
+    source: str  # "peak", "weights" or "not measured": both models are compared on the same basis
+
+    @property
+    def ratio(self) -> float | None:
+        if self.base_gib is None or self.other_gib is None or self.base_gib <= 0:
+            return None
+        return self.other_gib / self.base_gib
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """`other` against `base` on the same rows: deltas are other - base, ratios other / base."""
+
+    base_label: str
+    other_label: str
+    n_rows: int
+    alpha: float
+    exact_match_base: float
+    exact_match_other: float
+    exact_match_delta: ConfidenceInterval
+    mcnemar: McNemarResult
+    mean_words_base: float
+    mean_words_other: float
+    mean_words_delta: ConfidenceInterval
+    latency_p50_ratio: ConfidenceInterval
+    latency_p95_ratio: ConfidenceInterval
+    memory: MemoryComparison
+    power: PowerNote
+    warning: str | None  # set when the test set is too small to decide the exact-match question
+
+    @property
+    def too_small(self) -> bool:
+        return self.warning is not None
+
+    def metrics(self, prefix: str = "delta/") -> dict[str, float]:
+        """Flat metrics for `mlflow.log_metrics`; `verdict.metric_thresholds` uses the same names."""
+        values = {
+            "exact_match": self.exact_match_delta.estimate,
+            "exact_match_ci_low": self.exact_match_delta.low,
+            "exact_match_ci_high": self.exact_match_delta.high,
+            "mcnemar_p_value": self.mcnemar.p_value,
+            "discordant_rows": self.mcnemar.n_discordant,
+            "mean_words": self.mean_words_delta.estimate,
+            "mean_words_ci_low": self.mean_words_delta.low,
+            "mean_words_ci_high": self.mean_words_delta.high,
+            "latency_ms_p50_ratio": self.latency_p50_ratio.estimate,
+            "latency_ms_p95_ratio": self.latency_p95_ratio.estimate,
+            "latency_ms_p95_ratio_ci_low": self.latency_p95_ratio.low,
+            "latency_ms_p95_ratio_ci_high": self.latency_p95_ratio.high,
+        }
+        if self.memory.other_gib is not None:
+            values["memory_gib"] = self.memory.other_gib
+        if self.memory.ratio is not None:
+            values["memory_ratio"] = self.memory.ratio
+        return {f"{prefix}{name}": float(value) for name, value in values.items()}
+
+
+def _two_sided_binomial_half(k: int, n: int) -> float:
+    """Two-sided exact p of k successes in n trials at p=1/2: min(1, 2·P(X ≤ min(k, n-k)))."""
+    tail, term = 0, 1  # term = C(n, i), exact integers
+    for i in range(min(k, n - k) + 1):
+        tail += term
+        term = term * (n - i) // (i + 1)
+    return min(1.0, 2 * tail / (1 << n))
+
+
+def mcnemar_exact(base_correct, other_correct) -> McNemarResult:
+    """Exact McNemar: p = min(1, 2·Σ_{i≤min(b,c)} C(b+c, i) / 2^(b+c)), b and c the discordant counts."""
+    base_correct = np.asarray(base_correct, dtype=bool)
+    other_correct = np.asarray(other_correct, dtype=bool)
+    if base_correct.shape != other_correct.shape:
+        raise TunelensError(f"paired exact match needs the same rows: {base_correct.shape} vs "
+                            f"{other_correct.shape}")
+    b = int(np.count_nonzero(base_correct & ~other_correct))
+    c = int(np.count_nonzero(other_correct & ~base_correct))
+    return McNemarResult(base_only=b, other_only=c, p_value=_two_sided_binomial_half(b, b + c))
+
+
+def _bootstrap_indices(n_rows: int, n_resamples: int, seed: int):
+    """Row indices of each resample, in blocks; the same seed gives the same resamples."""
+    rng = np.random.default_rng(seed)
+    block = max(1, _BOOTSTRAP_BLOCK_ENTRIES // n_rows)
+    for start in range(0, n_resamples, block):
+        yield rng.integers(0, n_rows, size=(min(block, n_resamples - start), n_rows))
+
+
+def paired_bootstrap(base, other, statistic: Callable = np.mean, *, n_resamples: int,
+                     level: float, seed: int,
+                     combine: Literal["difference", "ratio"] = "difference") -> ConfidenceInterval:
+    """Percentile CI of stat(other) - stat(base) (or the ratio), resampling rows of both together.
+
+    `statistic(values, axis=...)` must reduce along an axis, like np.mean or np.median.
+    """
+    base = np.asarray(base, dtype=np.float64)
+    other = np.asarray(other, dtype=np.float64)
+    if base.shape != other.shape or base.ndim != 1 or base.size == 0:
+        raise TunelensError(f"paired bootstrap needs two non-empty arrays of one length, got "
+                            f"{base.shape} and {other.shape}")
+    if not 0 < level < 1 or n_resamples < 1:
+        raise TunelensError(f"bootstrap needs 0 < level < 1 and n_resamples >= 1 (got {level}, "
+                            f"{n_resamples})")
+
+    def combined(b, o):
+        if combine == "difference":
+            return o - b
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return o / b
+
+    estimate = float(combined(statistic(base, axis=0), statistic(other, axis=0)))
+    resampled = np.concatenate([
+        combined(statistic(base[idx], axis=1), statistic(other[idx], axis=1))
+        for idx in _bootstrap_indices(base.size, n_resamples, seed)])
+    tail = (1 - level) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    return ConfidenceInterval(estimate=estimate, low=float(low), high=float(high), level=level)
+
+
+def _p95(values, axis):
+    return np.percentile(values, 95, axis=axis)
+
+
+def _power_note(n_rows: int, mcnemar: McNemarResult, alpha: float, power: float) -> PowerNote:
+    """Limits of the McNemar test here, and rows needed for the observed difference (Connor 1987)."""
+    # 2·(1/2)^D < alpha is the smallest p any split of D discordant rows can give.
+    min_discordant = math.ceil(math.log2(2 / alpha) - 1e-12)
+    n_disc = mcnemar.n_discordant
+    min_gain = None
+    if n_disc >= min_discordant:
+        # largest lower tail m with 2·P(X ≤ m) < alpha; the split other_only = D - m is the most
+        # even one that is still significant
+        tail, term, whole = 0, 1, 1 << n_disc
+        for m in range(n_disc // 2 + 1):
+            tail += term
+            if 2 * tail / whole >= alpha:
+                break
+            min_gain = (n_disc - 2 * m) / n_rows
+            term = term * (n_disc - m) // (m + 1)
+    rows_needed = None
+    diff = abs(mcnemar.other_only - mcnemar.base_only) / n_rows
+    if diff > 0:
+        # n = (z_{1-α/2}·√ψ + z_{power}·√(ψ - δ²))² / δ², ψ the discordant share, δ the difference
+        share = n_disc / n_rows
+        z = NormalDist()
+        top = z.inv_cdf(1 - alpha / 2) * math.sqrt(share) + z.inv_cdf(power) * math.sqrt(
+            max(share - diff ** 2, 0.0))
+        rows_needed = math.ceil(top ** 2 / diff ** 2)
+    return PowerNote(min_discordant=min_discordant, min_detectable_gain=min_gain,
+                     rows_needed=rows_needed, power=power)
+
+
+def _too_small_warning(n_rows: int, mcnemar: McNemarResult, note: PowerNote, alpha: float,
+                       min_rows: int) -> str | None:
+    if mcnemar.significant(alpha):
+        return None
+    problems = []
+    if n_rows < min_rows:
+        problems.append(f"only {n_rows} rows (verdict.min_rows is {min_rows})")
+    if 0 < mcnemar.n_discordant < note.min_discordant:
+        problems.append(f"only {mcnemar.n_discordant} rows where the models disagree on exact "
+                        f"match: no split of them can reach p < {alpha:g} (needs at least "
+                        f"{note.min_discordant})")
+    if note.rows_needed is not None and note.rows_needed > n_rows:
+        diff = (mcnemar.other_only - mcnemar.base_only) / n_rows
+        problems.append(f"detecting the observed exact-match difference of {diff * 100:+.1f} points "
+                        f"with {note.power:.0%} power needs about {note.rows_needed} rows")
+    if not problems:
+        return None
+    detectable = ("" if note.min_detectable_gain is None else
+                  f"; with these rows the smallest significant gain is "
+                  f"{note.min_detectable_gain * 100:+.1f} points")
+    return "too small to decide: " + "; ".join(problems) + detectable
+
+
+def _memory(base: ModelScores, other: ModelScores) -> MemoryComparison:
+    """Both measured peaks if there are two, else both weights (+ adapter) sizes: never a mix."""
+    if base.peak_memory_gib is not None and other.peak_memory_gib is not None:
+        return MemoryComparison(float(base.peak_memory_gib), float(other.peak_memory_gib), "peak")
+    if base.weights_gib is not None and other.weights_gib is not None:
+        return MemoryComparison(*(float(s.weights_gib) + (s.adapter_mib or 0.0) / 1024
+                                  for s in (base, other)), "weights")
+    return MemoryComparison(None, None, "not measured")
+
+
+def verdict_settings(config: dict | None) -> dict:
+    """The `verdict:` section of a load_config() dict (the packaged defaults when None)."""
+    return (config if config is not None else load_config())["verdict"]
+
+
+def compare_paired(base: ModelScores, other: ModelScores, config: dict | None = None
+                   ) -> PairedComparison:
+    """Every paired difference of `other` against `base`, with CIs, McNemar and a power note."""
+    if base.n_rows != other.n_rows:
+        raise TunelensError(f"{base.label} has {base.n_rows} rows and {other.label} "
+                            f"{other.n_rows}: a paired comparison needs the same rows in the same "
+                            f"order")
+    settings = verdict_settings(config)
+    alpha = float(settings["alpha"])
+    boot = dict(n_resamples=int(settings["bootstrap_resamples"]),
+                level=float(settings["confidence_level"]), seed=int(settings["seed"]))
+    mcnemar = mcnemar_exact(base.exact_match, other.exact_match)
+    note = _power_note(base.n_rows, mcnemar, alpha, float(settings["power"]))
+    return PairedComparison(
+        base_label=base.label, other_label=other.label, n_rows=base.n_rows, alpha=alpha,
+        exact_match_base=float(base.exact_match.mean()),
+        exact_match_other=float(other.exact_match.mean()),
+        exact_match_delta=paired_bootstrap(base.exact_match, other.exact_match, **boot),
+        mcnemar=mcnemar,
+        mean_words_base=float(base.words.mean()), mean_words_other=float(other.words.mean()),
+        mean_words_delta=paired_bootstrap(base.words, other.words, **boot),
+        latency_p50_ratio=paired_bootstrap(base.latency_ms, other.latency_ms, np.median,
+                                           combine="ratio", **boot),
+        latency_p95_ratio=paired_bootstrap(base.latency_ms, other.latency_ms, _p95,
+                                           combine="ratio", **boot),
+        memory=_memory(base, other),
+        power=note,
+        warning=_too_small_warning(base.n_rows, mcnemar, note, alpha, int(settings["min_rows"])),
+    )

@@ -1,0 +1,183 @@
+"""The verdict policy: every rule's pass / fail / undecided branch, on comparisons of real score arrays."""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.models.evaluation import EvaluationResult
+from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+from test_stats import paired_rows
+from tunelens.config import load_config
+from tunelens.evaluators.stats import ModelScores, compare_paired
+from tunelens.evaluators.verdict import Decision, decide, metric_thresholds
+
+WEIGHTS = dict(weights_gib=6.0)
+WITH_ADAPTER = dict(weights_gib=6.0, adapter_mib=40.0)
+
+
+def pair(both, base_only, other_only, neither, *, base_words=None, other_words=None,
+         base_latency=None, other_latency=None, base_memory=WEIGHTS, other_memory=WITH_ADAPTER,
+         config=None):
+    """Compare two models whose exact match follows the 2x2 table; other scores default to equal."""
+    base_exact, other_exact = paired_rows(both, base_only, other_only, neither)
+    n = base_exact.size
+    words = np.arange(n) % 7 + 5
+    latency = np.linspace(100.0, 200.0, n)
+    base = ModelScores("base", base_exact, words if base_words is None else base_words,
+                       latency if base_latency is None else base_latency, **base_memory)
+    other = ModelScores("v2", other_exact, words if other_words is None else other_words,
+                        latency if other_latency is None else other_latency, **other_memory)
+    return compare_paired(base, other, config)
+
+
+def rule(verdict, name):
+    return next(r for r in verdict.rules if r.name == name)
+
+
+def user_config(tmp_path, text):
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_seed_004_significant_gain_on_ten_rows_promotes():
+    rng = np.random.default_rng(0)
+    comparison = pair(1, 0, 6, 3, base_words=rng.integers(35, 55, 10),
+                      other_words=rng.integers(12, 20, 10),
+                      base_latency=rng.uniform(1900, 2500, 10), other_latency=rng.uniform(450, 700, 10))
+    verdict = decide(comparison)
+    assert verdict.decision is Decision.PROMOTE
+    exact = rule(verdict, "exact_match")
+    assert exact.passed is True and "significant gain" in exact.detail
+    assert exact.observed == pytest.approx(0.6) and exact.threshold == -0.02
+    assert all(r.passed is True for r in verdict.rules)
+    assert {r.name for r in verdict.rules} == {"exact_match", "latency_p95_ratio", "memory_ratio",
+                                              "mean_words"}
+    assert verdict.reasons.startswith("PROMOTE v2 vs base on 10 rows")
+    assert "\n" not in verdict.reasons
+
+
+def test_non_inferior_on_enough_rows_promotes_without_a_significant_gain():
+    verdict = decide(pair(100, 1, 1, 98))
+    exact = rule(verdict, "exact_match")
+    assert exact.passed is True and "non-inferior" in exact.detail
+    assert verdict.decision is Decision.PROMOTE
+
+
+def test_too_few_rows_is_inconclusive_with_the_power_note():
+    comparison = pair(2, 1, 2, 3)
+    verdict = decide(comparison)
+    assert verdict.decision is Decision.INCONCLUSIVE
+    assert rule(verdict, "exact_match").passed is None
+    assert "fewer than verdict.min_rows=30" in rule(verdict, "exact_match").detail
+    assert verdict.warnings == [comparison.warning]
+    assert "needs at least 6" in verdict.reasons
+
+
+def test_interval_straddling_the_margin_is_inconclusive_and_a_wider_margin_promotes(tmp_path):
+    verdict = decide(pair(40, 5, 3, 52))
+    assert verdict.decision is Decision.INCONCLUSIVE
+    assert "reaches below -0.02" in rule(verdict, "exact_match").detail
+    lenient = user_config(tmp_path, "verdict:\n  noninferiority_margin: 0.1\n")
+    assert decide(pair(40, 5, 3, 52, config=lenient), lenient).decision is Decision.PROMOTE
+
+
+def test_significant_loss_rejects():
+    verdict = decide(pair(20, 12, 2, 6))
+    exact = rule(verdict, "exact_match")
+    assert exact.passed is False and "significant loss" in exact.detail
+    assert verdict.decision is Decision.REJECT
+    assert verdict.reasons.split(" | ")[1].startswith("exact_match FAIL")
+
+
+def test_slower_beyond_the_latency_limit_rejects_even_when_exact_match_is_undecided():
+    latency = np.linspace(100.0, 200.0, 8)
+    verdict = decide(pair(2, 1, 2, 3, base_latency=latency, other_latency=1.5 * latency))
+    latency_rule = rule(verdict, "latency_p95_ratio")
+    assert latency_rule.passed is False
+    assert latency_rule.observed == pytest.approx(1.5) and latency_rule.threshold == 1.2
+    assert rule(verdict, "exact_match").passed is None
+    assert verdict.decision is Decision.REJECT
+
+
+def test_p95_resting_on_three_slow_rows_is_undecided():
+    latency = np.linspace(100.0, 200.0, 40)
+    slow = latency.copy()
+    slow[:3] = 400.0
+    verdict = decide(pair(20, 0, 0, 20, base_latency=latency, other_latency=slow))
+    latency_rule = rule(verdict, "latency_p95_ratio")
+    assert latency_rule.observed > 1.2 and latency_rule.passed is None
+    assert "CI reaches below" in latency_rule.detail
+    assert verdict.decision is Decision.INCONCLUSIVE
+
+
+def test_wordier_outputs_reject_and_the_rule_can_be_switched_off(tmp_path):
+    words = np.arange(200) % 7 + 5
+    comparison = pair(100, 1, 1, 98, base_words=words, other_words=words + 3)
+    assert rule(decide(comparison), "mean_words").passed is False
+    assert decide(comparison).decision is Decision.REJECT
+    off = user_config(tmp_path, "verdict:\n  max_mean_words_increase: null\n")
+    verdict = decide(comparison, off)
+    assert "mean_words" not in {r.name for r in verdict.rules}
+    assert verdict.decision is Decision.PROMOTE
+
+
+def test_memory_over_budget_rejects_and_unmeasured_memory_is_undecided(tmp_path):
+    heavy = decide(pair(100, 1, 1, 98, base_memory=dict(peak_memory_gib=6.5),
+                        other_memory=dict(peak_memory_gib=9.0)))
+    assert rule(heavy, "memory_ratio").passed is False
+    assert heavy.decision is Decision.REJECT
+    unmeasured = decide(pair(100, 1, 1, 98, base_memory={}, other_memory={}))
+    assert rule(unmeasured, "memory_ratio").passed is None
+    assert "not measured" in rule(unmeasured, "memory_ratio").detail
+    assert unmeasured.decision is Decision.INCONCLUSIVE
+    budget = user_config(tmp_path, "verdict:\n  max_memory_gib: 6.0\n")
+    over = decide(pair(100, 1, 1, 98, config=budget), budget)
+    assert rule(over, "memory_gib").passed is False  # 6.0 GiB + a 40 MiB adapter
+    assert over.decision is Decision.REJECT
+
+
+def test_verdict_to_dict_lists_every_rule_with_its_status():
+    data = decide(pair(2, 1, 2, 3)).to_dict()
+    assert data["decision"] == "INCONCLUSIVE"
+    assert {r["name"]: r["status"] for r in data["rules"]}["exact_match"] == "undecided"
+
+
+def evaluation(comparison, prefix="delta/"):
+    return EvaluationResult(metrics=comparison.metrics(prefix), artifacts={}, run_id="test")
+
+
+def test_metric_thresholds_pass_with_mlflow_validate_for_a_promoted_comparison():
+    comparison = pair(100, 1, 1, 98)
+    assert decide(comparison).decision is Decision.PROMOTE
+    thresholds = metric_thresholds()
+    assert set(thresholds) == {"delta/exact_match_ci_low", "delta/latency_ms_p95_ratio",
+                               "delta/memory_ratio", "delta/mean_words"}
+    mlflow.validate_evaluation_results(thresholds, evaluation(comparison))
+    # a baseline (here: the previous evaluation) is accepted; absolute thresholds never use it
+    previous = evaluation(pair(50, 1, 0, 49))
+    mlflow.validate_evaluation_results(thresholds, evaluation(comparison), previous)
+
+
+def test_metric_thresholds_fail_with_mlflow_validate_on_the_rules_decide_fails():
+    latency = np.linspace(100.0, 200.0, 200)
+    words = np.arange(200) % 7 + 5
+    comparison = pair(100, 1, 1, 98, base_latency=latency, other_latency=1.5 * latency,
+                      base_words=words, other_words=words + 3)
+    assert decide(comparison).decision is Decision.REJECT
+    with pytest.raises(ModelValidationFailedException) as failure:
+        mlflow.validate_evaluation_results(metric_thresholds(), evaluation(comparison))
+    message = str(failure.value)
+    assert "delta/latency_ms_p95_ratio" in message and "delta/mean_words" in message
+    assert "delta/exact_match_ci_low" not in message
+
+
+def test_metric_thresholds_follow_the_prefix_and_name_missing_metrics():
+    comparison = pair(20, 12, 2, 6, base_memory={}, other_memory={})
+    thresholds = metric_thresholds(prefix="delta/production/")
+    with pytest.raises(ModelValidationFailedException) as failure:
+        mlflow.validate_evaluation_results(thresholds, evaluation(comparison, "delta/production/"))
+    message = str(failure.value)
+    assert "delta/production/exact_match_ci_low" in message  # a real loss: the CI is below -0.02
+    assert "delta/production/memory_ratio was missing" in message  # unmeasured memory is not a pass

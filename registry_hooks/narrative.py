@@ -1,0 +1,444 @@
+"""Plain-English reading of an AnalysisResult, in the voice of a hand-written adapter report.
+
+Every sentence is computed from the numbers in the result: nothing here is a canned verdict. The
+report places each section's sentences beside its chart; `narrate()` is all of them in order.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from statistics import fmean
+
+from .result import AnalysisResult, ModuleMetrics
+
+NORMAL_SHARE_WITHIN_ONE_STD = 0.6827  # P(|x - μ| < σ) for a normal distribution
+DRIFT_MEAN_OVER_STD = 0.1  # |mean| / std above this reads as the whole delta leaning one way
+HEAVY_TAIL_KURTOSIS = 1.0  # excess kurtosis above this: tails clearly heavier than a normal's
+EVEN_SPREAD_RATIO = 1.5  # most/least changed layer below this: learning spread evenly
+CONCENTRATED_RATIO = 3.0  # above this: a few layers did most of the work
+TREND_CORRELATION = 0.5  # |Pearson r| of layer index vs change above this: a depth trend
+TOP_NEURONS_READ = 10
+
+# Attention roles by the last segment of a component path (after a fused projection's part
+# suffix): Llama/Mistral/Qwen/Gemma/Phi-3 *_proj, GPT-2 c_attn.q/k/v + c_proj, NeoX/Falcon dense.
+_ATTENTION_ROLES = {
+    "q_proj": "Q", "q": "Q", "query": "Q", "k_proj": "K", "k": "K", "key": "K",
+    "v_proj": "V", "v": "V", "value": "V", "o_proj": "O", "out_proj": "O", "c_proj": "O",
+    "dense": "O", "o": "O", "qkv_proj": "QKV", "c_attn": "QKV", "query_key_value": "QKV",
+    "Wqkv": "QKV",
+}
+ROLE_NAMES = {"Q": "Query (Q)", "K": "Key (K)", "V": "Value (V)", "O": "Output (O)",
+              "QKV": "fused Q/K/V"}
+ROLE_ORDER = ("Q", "K", "V", "O", "QKV")
+
+SECTION_TITLES = {
+    "summary": "Overall footprint",
+    "layers": "Where the change landed",
+    "qkvo": "Inside attention: Q / K / V / O",
+    "rank": "How much of the rank was used",
+    "histogram": "Shape of the change",
+    "neurons": "Where specialisation concentrated",
+    "base": "Compared with the base weights",
+    "health": "Problems found",
+}
+
+GLOSSARY: dict[str, str] = {
+    "Adapter": "A small add-on file that changes how a large language model behaves without "
+               "touching the original model's weights, like a lens attached to a camera.",
+    "Base model": "The original, pre-trained model the adapter was trained on top of.",
+    "Weight": "A number inside the model that multiplies an input; a layer holds matrices of them.",
+    "ΔW (delta W)": "The change an adapter makes to one weight matrix: the fine-tuned weights "
+                    "minus the base weights. For LoRA, ΔW = scale · B · A.",
+    "LoRA": "Low-Rank Adaptation: instead of rewriting a weight matrix W, train two thin matrices "
+            "B (out × r) and A (r × in) whose product is the change. The base stays frozen.",
+    "Rank (r)": "How many independent directions of change LoRA can learn per matrix: the inner "
+                "width of B and A. ΔW can never have more than r non-zero singular values.",
+    "Alpha (α) and scale": "LoRA multiplies B·A by scale = α / r (α / √r with rsLoRA). Higher "
+                           "α means the adapter's change is applied more strongly.",
+    "rsLoRA": "Rank-stabilised LoRA: scale = α / √r, so larger ranks are not damped as much.",
+    "DoRA": "Weight-Decomposed LoRA: also learns a per-output magnitude vector, so its real "
+            "change can only be computed together with the base weights.",
+    "Layer": "One of the stacked processing stages (transformer blocks) of the model. Each "
+             "transforms the text representation a little further.",
+    "Component": "A weight matrix inside a layer, such as self_attn.q_proj or mlp.down_proj.",
+    "Attention": "The mechanism that decides which earlier words matter for the current one. "
+                 "Its matrices are Q, K, V and O.",
+    "Q / K / V / O": "Query: what the current word is looking for. Key: what each word offers. "
+                     "Value: the information a word contributes. Output: how the attended "
+                     "information is combined and written back.",
+    "MLP": "The feed-forward part of each layer (gate/up/down or fc/proj): where much of a "
+           "model's stored knowledge is thought to live.",
+    "Neuron": "One output unit of a weight matrix: one row of W (and of ΔW).",
+    "Parameter": "One trainable number. The trainable share is adapter parameters divided by "
+                 "the base model's parameters.",
+    "Frobenius norm": "‖ΔW‖_F = √(Σ ΔW_ij²): one number for the total size of a change, like "
+                      "the distance all of a matrix's weights moved together.",
+    "Spectral norm": "‖ΔW‖₂ = σ₁, the largest singular value: the most the change can stretch "
+                     "any single input direction.",
+    "Singular values": "σ₁ ≥ σ₂ ≥ … ≥ 0: how strongly each independent direction of a change "
+                       "acts. A LoRA delta has at most r of them.",
+    "Effective rank": "exp of the entropy of the normalised singular values (Roy & Vetterli): "
+                      "how many directions effectively carry the change. r if all are equal, "
+                      "about 1 if one dominates.",
+    "Stable rank": "‖ΔW‖_F² / ‖ΔW‖₂²: a robust count of the strong directions; never more "
+                   "than the rank.",
+    "Energy rank": "The fewest directions that hold 90% (or 99%) of Σσᵢ², the change's energy.",
+    "Rank utilisation": "Effective rank divided by the configured rank r: near 100% means the "
+                        "adapter spreads its change over all r directions, low values mean a few "
+                        "directions do all the work and a smaller r would likely do.",
+    "Relative change": "‖ΔW‖_F / ‖W‖_F: the size of the change compared with the base matrix "
+                       "it modifies. Needs the base model.",
+    "Amplification factor": "From the LoRA paper: ‖ΔW‖_F / ‖Uᵀ W V‖_F, with U, V the top-r "
+                            "singular directions of ΔW. Large values mean the adapter boosts "
+                            "directions the base weights barely used. Needs the base model.",
+    "Intruder dimensions": "Top singular vectors of the fine-tuned W+ΔW that look like none of "
+                           "the base W's (max |cos| < 0.5; Shuttleworth et al. 2024): new "
+                           "directions the fine-tune invented. Needs the base model.",
+    "Top shifted neuron": "A row of ΔW with a large L2 norm: an output unit whose incoming "
+                          "weights the adapter changed most.",
+    "Heatmap": "A grid coloured by value. Here each cell is the mean of a block of ΔW: red = "
+               "connections strengthened, blue = weakened, white = unchanged.",
+    "Histogram": "Counts of ΔW's entries by value, pooled over every analysed matrix.",
+    "Standard deviation (std)": "The typical distance of ΔW's entries from their mean.",
+    "Drift": "A histogram whose centre sits far from zero relative to its width: the adapter "
+             "shifts weights one way overall, rather than adjusting some up and some down.",
+    "Heavy tails": "More extreme values than a bell curve of the same width would have "
+                   "(positive excess kurtosis): a small set of entries carries large changes.",
+    "Excess kurtosis": "A tail-weight measure: 0 for a normal distribution, positive when "
+                       "extreme values are more common than under a normal.",
+    "modules_to_save": "Whole matrices (often the output head or embeddings) that were fully "
+                       "trained and saved alongside the LoRA factors.",
+}
+
+
+def attention_role(module: ModuleMetrics) -> str | None:
+    """Q, K, V, O (or QKV for an unsplit fused projection) for an attention module, else None."""
+    if module.group != "attention":
+        return None
+    return _ATTENTION_ROLES.get(module.component.rsplit(".", 1)[-1])
+
+
+def _group(name: str) -> str:
+    return {"mlp": "MLP"}.get(name, name)
+
+
+def fmt(x: float | None) -> str:
+    """A number as a person would write it: 3 significant figures, thousands separators."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if x == 0:
+        return "0"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 0.001:
+        return f"{x:.3g}"
+    return f"{x:.2e}"
+
+
+def pct(share: float, digits: int = 1) -> str:
+    """0.0123 -> '1.2%'; tiny shares keep enough digits to not read as zero."""
+    value = share * 100
+    if 0 < abs(value) < 0.1:
+        return f"{value:.2g}%"
+    return f"{value:.{digits}f}%"
+
+
+def _layer_range(layers: list[int]) -> str:
+    """[0,1,2,5] -> 'layers 0–2 and 5'."""
+    if not layers:
+        return "no layers"
+    runs: list[tuple[int, int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], layer)
+        else:
+            runs.append((layer, layer))
+    parts = [f"{a}" if a == b else f"{a}–{b}" for a, b in runs]
+    joined = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return ("layer " if len(layers) == 1 else "layers ") + joined
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson correlation; 0 when either side is constant."""
+    mx, my = fmean(xs), fmean(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+
+
+def component_means(result: AnalysisResult) -> dict[str, float]:
+    """Mean ‖ΔW‖_F per component over the layers that have it."""
+    per: dict[str, list[float]] = defaultdict(list)
+    for layer in result.layers:
+        for component, fro in layer.components.items():
+            per[component].append(fro)
+    return {c: fmean(v) for c, v in per.items() if v}
+
+
+def role_totals(result: AnalysisResult) -> dict[str, float]:
+    """Σ ‖ΔW‖_F over all layers for each attention role present (Q, K, V, O, QKV)."""
+    totals: dict[str, float] = defaultdict(float)
+    for module in result.modules:
+        role = attention_role(module)
+        if role and math.isfinite(module.fro):
+            totals[role] += module.fro
+    return {r: totals[r] for r in ROLE_ORDER if r in totals}
+
+
+def _summary(result: AnalysisResult) -> list[str]:
+    s, a = result.summary, result.adapter
+    out = []
+    params = f"{s.trainable_params:,}"
+    if s.trainable_share is not None and s.base_params:
+        out.append(f"The adapter trains {params} parameters: {pct(s.trainable_share, 3)} of the "
+                   f"base model's {s.base_params:,}. The base model itself is untouched; the "
+                   f"adapter is a small set of adjustments applied on top of it.")
+    else:
+        out.append(f"The adapter trains {params} parameters. Its share of the base model is "
+                   f"unknown because no base model was given.")
+    if s.layers_modified:
+        of = f" of {s.num_layers}" if s.num_layers else ""
+        out.append(f"It modifies {len(s.layers_modified)}{of} layers ({_layer_range(s.layers_modified)}) "
+                   f"with LoRA rank {a.r} and α {fmt(a.lora_alpha)}"
+                   f"{' (rsLoRA scaling)' if a.use_rslora else ''}{' using DoRA' if a.use_dora else ''}.")
+    lora = [m for m in result.modules if math.isfinite(m.fro)]
+    if lora:
+        out.append(f"The average size of change per modified matrix is ‖ΔW‖_F = "
+                   f"{fmt(s.mean_delta_fro)}, the largest {fmt(s.max_delta_fro)}.")
+    return out
+
+
+def _layers(result: AnalysisResult) -> list[str]:
+    layers = [l for l in result.layers if math.isfinite(l.fro_sum)]
+    out: list[str] = []
+    if len(layers) >= 2:
+        most = max(layers, key=lambda l: l.fro_sum)
+        least = min(layers, key=lambda l: l.fro_sum)
+        sentence = (f"The most-changed layer is layer {most.layer} (summed ‖ΔW‖_F "
+                    f"{fmt(most.fro_sum)}) and the least-changed is layer {least.layer} "
+                    f"({fmt(least.fro_sum)})")
+        if least.fro_sum > 0:
+            ratio = most.fro_sum / least.fro_sum
+            if ratio < EVEN_SPREAD_RATIO:
+                reading = ("a narrow spread: every trained layer took a similar share of the "
+                           "learning, none did all the work")
+            elif ratio < CONCENTRATED_RATIO:
+                reading = ("a moderate spread: some layers took on noticeably more of the new "
+                           "task than others")
+            else:
+                reading = ("a wide spread: the learning is concentrated in a few layers, which "
+                           "are the ones to inspect or to target when re-tuning")
+            sentence += f": a {ratio:.1f}× range, {reading}."
+        else:
+            sentence += "; that layer did not change at all."
+        out.append(sentence)
+        r = _pearson([float(l.layer) for l in layers], [l.fro_sum for l in layers])
+        if r > TREND_CORRELATION:
+            out.append(f"Change grows with depth (correlation {r:.2f} between layer index and "
+                       f"size of change): the later layers specialised most for the new task.")
+        elif r < -TREND_CORRELATION:
+            out.append(f"Change shrinks with depth (correlation {r:.2f} between layer index and "
+                       f"size of change): the earlier layers were adjusted most.")
+    elif len(layers) == 1:
+        out.append(f"Only layer {layers[0].layer} was changed (summed ‖ΔW‖_F "
+                   f"{fmt(layers[0].fro_sum)}).")
+    groups = {g: v for g, v in result.summary.group_fro.items() if v and math.isfinite(v)}
+    total = sum(groups.values())
+    if len(groups) >= 2 and total > 0:
+        ranked = sorted(groups.items(), key=lambda kv: -kv[1])
+        parts = ", ".join(f"{_group(g)} {pct(v / total, 0)}" for g, v in ranked)
+        out.append(f"By group, the change (sum of ‖ΔW‖_F) splits {parts}: {_group(ranked[0][0])} "
+                   f"carries {ranked[0][1] / ranked[1][1]:.1f}× as much as {_group(ranked[1][0])}.")
+    elif len(groups) == 1:
+        out.append(f"All of the change is in the {_group(next(iter(groups)))} group.")
+    means = component_means(result)
+    if len(means) >= 2:
+        ranked = sorted(means.items(), key=lambda kv: -kv[1])
+        (top, top_v), (low, low_v) = ranked[0], ranked[-1]
+        ratio = f", {top_v / low_v:.1f}× as much as" if low_v > 0 else " against"
+        out.append(f"Per layer, {top} changed most on average (‖ΔW‖_F {fmt(top_v)}){ratio} "
+                   f"{low}, the least-changed component ({fmt(low_v)}).")
+    return out
+
+
+def _qkvo(result: AnalysisResult) -> list[str]:
+    totals = role_totals(result)
+    total = sum(totals.values())
+    if len(totals) < 2 or total <= 0:
+        return []
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    parts = ", ".join(f"{ROLE_NAMES[r]} {pct(v / total, 0)}" for r, v in ranked)
+    out = [f"Within attention the change splits {parts}: {ROLE_NAMES[ranked[0][0]]} absorbed the "
+           f"most, {ROLE_NAMES[ranked[-1][0]]} the least."]
+    if {"Q", "K", "V", "O"} <= totals.keys():
+        qk = (totals["Q"] + totals["K"]) / total
+        if qk > 0.55:
+            out.append(f"Query and Key together hold {pct(qk, 0)}: the adapter mainly changed "
+                       f"what the model pays attention to, a pattern usually read as learning "
+                       f"where to look in the input.")
+        elif qk < 0.45:
+            out.append(f"Value and Output together hold {pct(1 - qk, 0)}: the adapter mainly "
+                       f"changed what attended information is passed on and how it is "
+                       f"combined, a pattern usually read as learning a new style or format "
+                       f"of expression.")
+        else:
+            out.append("Query/Key (where to look) and Value/Output (what to pass on) changed "
+                       "by similar amounts: attention was adjusted in a balanced way.")
+    return out
+
+
+def _rank(result: AnalysisResult) -> list[str]:
+    mods = [m for m in result.modules if m.rank > 0 and m.kind in ("lora", "embedding")
+            and math.isfinite(m.effective_rank)]
+    if not mods:
+        return []
+    util = fmean(m.rank_utilisation for m in mods)
+    eff = fmean(m.effective_rank for m in mods)
+    e90 = fmean(m.energy_rank_90 for m in mods)
+    ranks = sorted({m.rank for m in mods})
+    r_text = f"r = {ranks[0]}" if len(ranks) == 1 else f"r = {ranks[0]}–{ranks[-1]}"
+    out = [f"On average a module uses {pct(util, 0)} of its rank ({r_text}): effective rank "
+           f"{eff:.1f}, and {e90:.1f} directions hold 90% of the change's energy."]
+    if util >= 0.8:
+        out.append("The change is spread over nearly all available directions. That is what "
+                   "a freshly initialised or under-trained adapter looks like, and it can also "
+                   "mean the task wanted more capacity: a higher rank may help if quality "
+                   "falls short.")
+    elif util <= 0.35:
+        out.append("A few directions carry most of the change: the adapter has spare "
+                   "capacity, and a smaller rank would likely learn the same thing.")
+    else:
+        out.append("The singular values fall off in steps rather than all being equal or one "
+                   "dominating: the usual healthy pattern, with the rank neither wasted nor "
+                   "exhausted.")
+    return out
+
+
+def _histogram(result: AnalysisResult) -> list[str]:
+    h = result.histogram
+    if not (math.isfinite(h.std) and h.std > 0):
+        return []
+    out: list[str] = []
+    drift = h.mean / h.std
+    if abs(drift) > DRIFT_MEAN_OVER_STD:
+        out.append(f"The entries of ΔW are not centred on zero: the mean {fmt(h.mean)} is "
+                   f"{abs(drift):.2f} standard deviations {'above' if drift > 0 else 'below'} "
+                   f"zero. That is drift: the adapter pushes weights "
+                   f"{'up' if drift > 0 else 'down'} overall rather than adjusting some up and "
+                   f"some down, worth checking for an over-aggressive learning rate.")
+    else:
+        out.append(f"The entries of ΔW are centred on zero (mean {fmt(h.mean)}, only "
+                   f"{abs(drift):.3f} standard deviations from it; std {fmt(h.std)}): increases "
+                   f"and decreases balance out, with no overall drift.")
+    share = h.share_within_one_std
+    est = ""
+    if not h.exact and h.sample_size:
+        err = f" ± {pct(h.share_within_one_std_error)}" if h.share_within_one_std_error else ""
+        est = f" (estimated from {h.sample_size:,} sampled entries{err})"
+    kurt = h.excess_kurtosis
+    heavy = (kurt is not None and kurt > HEAVY_TAIL_KURTOSIS) or (
+        kurt is None and share > NORMAL_SHARE_WITHIN_ONE_STD + 0.03)
+    compare = ("more than" if share > NORMAL_SHARE_WITHIN_ONE_STD + 0.01 else
+               "fewer than" if share < NORMAL_SHARE_WITHIN_ONE_STD - 0.01 else "about the same as")
+    sentence = (f"{pct(share)} of the entries lie within one standard deviation of the mean"
+                f"{est}, {compare} the 68.3% of a normal distribution")
+    if heavy:
+        sentence += (f"{f' (excess kurtosis {kurt:.1f})' if kurt is not None else ''}: a tall "
+                     f"narrow peak with heavy tails. Most connections barely moved and the real "
+                     f"learning sits in a small number of large entries.")
+    elif kurt is not None and kurt < -HEAVY_TAIL_KURTOSIS:
+        sentence += (f" (excess kurtosis {kurt:.1f}): a flat, wide distribution with few "
+                     f"extremes, as if many connections moved by similar amounts.")
+    else:
+        sentence += (f"{f' (excess kurtosis {kurt:.1f})' if kurt is not None else ''}: a "
+                     f"bell-shaped spread without unusual tails.")
+    out.append(sentence)
+    if h.min < 0 < h.max:
+        lopsided = max(-h.min, h.max) / min(-h.min, h.max)
+        if lopsided < 1.5:
+            out.append(f"The most extreme decrease ({fmt(h.min)}) and increase (+{fmt(h.max)}) "
+                       f"are roughly symmetric.")
+        else:
+            bigger = "decrease" if -h.min > h.max else "increase"
+            out.append(f"The extremes are lopsided: the largest {bigger} is {lopsided:.1f}× the "
+                       f"largest {'increase' if bigger == 'decrease' else 'decrease'} "
+                       f"(min {fmt(h.min)}, max {fmt(h.max)}).")
+    return out
+
+
+def _neurons(result: AnalysisResult) -> list[str]:
+    top = result.top_neurons[:TOP_NEURONS_READ]
+    if not top:
+        return []
+    first = top[0]
+    where = f"layer {first.layer} " if first.layer is not None else ""
+    out = [f"The most-shifted neuron is row {first.index} of {where}{first.component} (shift "
+           f"{fmt(first.shift)}, the L2 norm of that row of ΔW)."]
+    if len(top) >= 3:
+        layer, n = Counter(t.layer for t in top).most_common(1)[0]
+        if layer is not None and n >= max(3, len(top) // 3):
+            out.append(f"Layer {layer} holds {n} of the top {len(top)}: a focal point of the "
+                       f"specialisation.")
+        component, k = Counter(t.component for t in top).most_common(1)[0]
+        if k > len(top) / 2:
+            out.append(f"{k} of the top {len(top)} are in {component}.")
+    return out
+
+
+def _base(result: AnalysisResult) -> list[str]:
+    out: list[str] = []
+    rel = [m for m in result.modules if m.relative_fro is not None and math.isfinite(m.relative_fro)]
+    if rel:
+        top = max(rel, key=lambda m: m.relative_fro)
+        out.append(f"Compared with the base weights, the change is {pct(fmean(m.relative_fro for m in rel), 2)} "
+                   f"of ‖W‖_F on average; the largest relative change is "
+                   f"{pct(top.relative_fro, 2)} in {top.name}.")
+    amp = [m for m in result.modules if m.amplification is not None and math.isfinite(m.amplification)]
+    if amp:
+        top = max(amp, key=lambda m: m.amplification)
+        out.append(f"The amplification factor averages {fmean(m.amplification for m in amp):.1f} "
+                   f"(highest {top.amplification:.1f} in {top.name}): the adapter amplifies "
+                   f"directions the base weights barely used.")
+    intr = [m for m in result.modules if m.intruder_dimensions is not None]
+    if intr:
+        with_intruders = [m for m in intr if m.intruder_dimensions > 0]
+        if with_intruders:
+            out.append(f"{len(with_intruders)} of {len(intr)} modules have intruder dimensions "
+                       f"(new singular directions unlike any of the base's), "
+                       f"{sum(m.intruder_dimensions for m in intr)} in all: the fine-tune "
+                       f"invented directions rather than only re-weighting existing ones.")
+        else:
+            out.append(f"None of the {len(intr)} checked modules has intruder dimensions: the "
+                       f"fine-tune re-weighted directions the base already had.")
+    if result.needs_base:
+        out.append(f"Skipped because no base model was given: {', '.join(result.needs_base)}. "
+                   f"Pass the base model directory (--base) to compute them.")
+    return out
+
+
+def _health(result: AnalysisResult) -> list[str]:
+    bad = result.summary.nonfinite_modules or [m.name for m in result.modules if m.nonfinite]
+    if not bad:
+        return []
+    count = sum(m.nonfinite for m in result.modules)
+    listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    modules = "1 module contains" if len(bad) == 1 else f"{len(bad)} modules contain"
+    return [f"Warning: {modules} NaN or Inf values"
+            f"{f' ({count:,} entries)' if count else ''}: {listed}. Their metrics are unreliable "
+            f"and the adapter will corrupt the model's outputs; retrain or check the export."]
+
+
+def narrate_sections(result: AnalysisResult) -> dict[str, list[str]]:
+    """The narrative by report section (keys of SECTION_TITLES), empty sections left out."""
+    sections = {
+        "health": _health(result), "summary": _summary(result), "layers": _layers(result),
+        "qkvo": _qkvo(result), "rank": _rank(result), "histogram": _histogram(result),
+        "neurons": _neurons(result), "base": _base(result),
+    }
+    return {k: v for k, v in sections.items() if v}
+
+
+def narrate(result: AnalysisResult) -> list[str]:
+    """Plain-English sentences derived from the result's numbers, most important first."""
+    return [s for sentences in narrate_sections(result).values() for s in sentences]

@@ -1,0 +1,176 @@
+"""The narrative names what the numbers say: checked on adapters with a known, planted answer."""
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from dense_result import dense_result, llama_like_result, lora_delta
+from tunelens.registry_hooks.narrative import GLOSSARY, narrate, narrate_sections
+
+
+def _sentence(sentences: list[str], needle: str) -> str:
+    hits = [s for s in sentences if needle in s]
+    assert hits, f"no sentence contains {needle!r}:\n" + "\n".join(sentences)
+    return hits[0]
+
+
+def test_most_and_least_changed_layer_and_their_ratio():
+    result = llama_like_result(layer_magnitudes=(1.0, 3.0, 0.5, 2.0), base_params=10_000_000)
+    per_layer = defaultdict(float)
+    for m in result.modules:  # recomputed from the modules, not read from result.layers
+        per_layer[m.layer] += m.fro
+    ratio = per_layer[1] / per_layer[2]
+    assert 4 < ratio < 9  # the planted 3.0 / 0.5, up to the random factors
+    sentence = _sentence(narrate(result), "most-changed layer")
+    assert re.search(r"most-changed layer is layer 1\b", sentence)
+    assert re.search(r"least-changed is layer 2\b", sentence)
+    assert f"{ratio:.1f}× range" in sentence
+    assert "wide spread" in sentence
+
+
+def test_even_layers_read_as_even_and_depth_trend_is_named():
+    even = narrate(llama_like_result(layer_magnitudes=(1.0, 1.05, 1.0, 1.02)))
+    assert "narrow spread" in _sentence(even, "most-changed layer")
+    growing = narrate(llama_like_result(layer_magnitudes=(1.0, 2.0, 3.0, 4.0)))
+    assert "grows with depth" in _sentence(growing, "depth")
+    shrinking = narrate(llama_like_result(layer_magnitudes=(4.0, 3.0, 2.0, 1.0)))
+    assert "shrinks with depth" in _sentence(shrinking, "depth")
+
+
+def test_dominant_group_and_component():
+    result = llama_like_result(role_magnitudes={"mlp.down_proj": 6.0, "mlp.up_proj": 3.0,
+                                                "mlp.gate_proj": 3.0})
+    sentences = narrate(result)
+    group = _sentence(sentences, "By group")
+    attention, mlp = result.summary.group_fro["attention"], result.summary.group_fro["mlp"]
+    assert re.search(r"splits MLP \d+%, attention \d+%", group)
+    assert f"{mlp / attention:.1f}× as much as attention" in group
+    component = _sentence(sentences, "changed most on average")
+    assert component.startswith("Per layer, mlp.down_proj changed most")
+
+
+@pytest.mark.parametrize("boost, reading", [
+    ({"self_attn.v_proj": 5.0, "self_attn.o_proj": 5.0}, "Value and Output together hold"),
+    ({"self_attn.q_proj": 5.0, "self_attn.k_proj": 5.0}, "Query and Key together hold"),
+])
+def test_qkvo_balance_names_the_dominant_pair(boost, reading):
+    result = llama_like_result(role_magnitudes=boost)
+    sentences = narrate_sections(result)["qkvo"]
+    assert reading in " ".join(sentences)
+    top_role = "Value (V)" if "self_attn.v_proj" in boost else "Query (Q)"
+    top_role_alt = "Output (O)" if "self_attn.v_proj" in boost else "Key (K)"
+    first = sentences[0]
+    assert re.search(rf"({re.escape(top_role)}|{re.escape(top_role_alt)}) absorbed the most", first)
+
+
+def test_drift_is_reported_when_the_mean_sits_away_from_zero():
+    rng = np.random.default_rng(1)
+    deltas = [(layer, "self_attn.q_proj", lora_delta(rng, 32, 32, 4, 2.0) + 0.8)
+              for layer in range(3)]
+    result = dense_result(deltas, r=4, alpha=8, num_layers=3)
+    text = " ".join(narrate_sections(result)["histogram"])
+    drift = result.histogram.mean / result.histogram.std
+    assert drift > 0.1
+    assert f"{drift:.2f} standard deviations above zero" in text and "drift" in text
+
+
+def test_centred_histogram_has_no_drift_and_heavy_tails_are_named():
+    result = llama_like_result()
+    h = result.histogram
+    text = " ".join(narrate_sections(result)["histogram"])
+    assert "no overall drift" in text
+    assert h.excess_kurtosis > 1  # products of Gaussian factors are heavy-tailed
+    assert f"{h.share_within_one_std * 100:.1f}% of the entries lie within one standard" in text
+    assert "heavy tails" in text and "more than the 68.3%" in text
+
+
+def test_gaussian_dense_delta_reads_as_bell_shaped():
+    rng = np.random.default_rng(2)
+    deltas = [(0, "self_attn.q_proj", rng.normal(size=(200, 200)))]
+    result = dense_result(deltas, r=200, alpha=200, num_layers=1)
+    text = " ".join(narrate_sections(result)["histogram"])
+    assert abs(result.histogram.excess_kurtosis) < 0.2
+    assert "bell-shaped" in text and "about the same as the 68.3%" in text
+
+
+def test_rank_utilisation_low_when_one_direction_dominates():
+    rng = np.random.default_rng(3)
+    weights = np.array([50.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01])
+
+    def dominated(out_dim, in_dim):
+        u, _ = np.linalg.qr(rng.normal(size=(out_dim, 8)))
+        v, _ = np.linalg.qr(rng.normal(size=(in_dim, 8)))
+        return (u * weights) @ v.T
+
+    result = dense_result([(l, "self_attn.q_proj", dominated(48, 48)) for l in range(2)],
+                          r=8, alpha=16, num_layers=2)
+    text = " ".join(narrate_sections(result)["rank"])
+    util = np.mean([m.rank_utilisation for m in result.modules])
+    assert util < 0.35
+    assert f"uses {util * 100:.0f}% of its rank (r = 8)" in text
+    assert "a smaller rank would likely" in text
+    high = " ".join(narrate_sections(llama_like_result())["rank"])
+    assert "nearly all available directions" in high
+
+
+def test_trainable_share_and_missing_base():
+    with_base = narrate_sections(llama_like_result(base_params=1_000_000))["summary"][0]
+    assert "32,768 parameters: 3.277% of the base model's 1,000,000" in with_base
+    result = llama_like_result()
+    without = narrate_sections(result)
+    assert "share of the base model is unknown" in without["summary"][0]
+    skipped = without["base"][-1]
+    assert "relative change, amplification factor, intruder dimensions" in skipped
+    assert "--base" in skipped
+
+
+def test_base_metrics_are_read_when_present():
+    result = llama_like_result()
+    for i, m in enumerate(result.modules):
+        m.relative_fro = 0.01 * (i + 1)
+        m.intruder_dimensions = 1 if i == 3 else 0
+    result.needs_base = []
+    text = " ".join(narrate_sections(result)["base"])
+    top = result.modules[-1]
+    assert f"largest relative change is {top.relative_fro * 100:.2f}% in {top.name}" in text
+    assert f"1 of {len(result.modules)} modules have intruder dimensions" in text
+    assert "--base" not in text
+
+
+def test_nonfinite_weights_come_first_and_name_the_module():
+    result = llama_like_result()
+    broken = result.modules[5]
+    broken.nonfinite = 7
+    result.summary.nonfinite_modules = [broken.name]
+    first = narrate(result)[0]
+    assert first.startswith("Warning: 1 module contains NaN or Inf values (7 entries)")
+    assert broken.name in first
+
+
+def test_top_neuron_is_named():
+    result = llama_like_result(layer_magnitudes=(1.0, 5.0, 1.0))
+    top = result.top_neurons[0]
+    text = " ".join(narrate_sections(result)["neurons"])
+    assert f"row {top.index} of layer {top.layer} {top.component}" in text
+    assert "Layer 1 holds" in text
+
+
+def test_every_sentence_is_finished_and_free_of_nan():
+    for result in (llama_like_result(), llama_like_result(layer_magnitudes=(2.0,))):
+        for sentence in narrate(result):
+            assert sentence.endswith("."), sentence
+            assert "nan" not in sentence.lower().replace("nan or inf", ""), sentence
+
+
+def test_glossary_covers_every_term_the_report_uses():
+    terms = " ".join(GLOSSARY).lower()
+    for term in ("δw", "lora", "rank", "alpha", "scale", "frobenius", "spectral norm",
+                 "singular values", "effective rank", "stable rank", "energy rank",
+                 "rank utilisation", "relative change", "amplification", "intruder",
+                 "top shifted neuron", "heatmap", "drift", "kurtosis"):
+        assert term in terms, term
+    assert all(len(v) > 40 and v.endswith(".") for v in GLOSSARY.values())

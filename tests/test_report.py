@@ -1,0 +1,165 @@
+"""write_analysis: analysis.json, a self-contained report.html that really renders, valid PNGs."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dense_result import llama_like_result
+from tunelens.registry_hooks.outputs import write_analysis
+from tunelens.registry_hooks.report import DATA_ELEMENT_ID, render_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _Scan(HTMLParser):
+    """Collects URL-bearing attributes and the embedded data script's text."""
+
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+        self.data: list[str] = []
+        self._in_data = False
+        self.script_srcs = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("src", "href", "action", "srcset", "poster", "data"):
+            if attrs.get(key):
+                self.urls.append(attrs[key])
+        if tag == "script" and "src" in attrs:
+            self.script_srcs += 1
+        self._in_data = tag == "script" and attrs.get("id") == DATA_ELEMENT_ID
+
+    def handle_endtag(self, tag):
+        self._in_data = False
+
+    def handle_data(self, data):
+        if self._in_data:
+            self.data.append(data)
+
+
+def _scan(html: str) -> _Scan:
+    scan = _Scan()
+    scan.feed(html)
+    return scan
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    result = llama_like_result(layer_magnitudes=(1.0, 3.0, 0.5, 2.0), base_params=10_000_000)
+    return result, write_analysis(result, tmp_path_factory.mktemp("analysis"))
+
+
+def test_files_land_where_the_contract_says(written):
+    result, files = written
+    out = files.json_path.parent
+    assert files.json_path == out / "analysis.json" and files.html_path == out / "report.html"
+    assert all(p.parent == out / "charts" and p.suffix == ".png" for p in files.chart_paths)
+    assert json.loads(files.json_path.read_text()) == result.to_dict()
+
+
+def test_report_is_self_contained(written):
+    _, files = written
+    html = files.html_path.read_text()
+    scan = _scan(html)
+    assert scan.script_srcs == 0
+    assert all(url.startswith("#") for url in scan.urls), scan.urls
+    assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:)?//", html, re.I)
+    for forbidden in ("@import", "url(http", "url(//", "fetch(", "XMLHttpRequest", "localStorage",
+                      "sessionStorage", "indexedDB", "document.cookie", "<link", "<iframe"):
+        assert forbidden not in html, forbidden
+
+
+def test_embedded_json_parses_back_to_the_result(written):
+    result, files = written
+    scan = _scan(files.html_path.read_text())
+    payload = json.loads("".join(scan.data))
+    assert payload["result"] == result.to_dict()
+    assert [s for lines in payload["sections"].values() for s in lines] == result.narrative
+    assert payload["roles"]["model.layers.0.self_attn.k_proj"] == "K"
+    assert "model.layers.0.mlp.up_proj" not in payload["roles"]
+
+
+def test_hostile_names_cannot_break_out_of_the_data_script():
+    result = llama_like_result(layer_magnitudes=(1.0, 2.0))
+    result.adapter.base_model_name_or_path = "</script><script>alert(1)</script><!--"
+    html = render_report(result)
+    assert "<script>alert(1)" not in html
+    payload = json.loads("".join(_scan(html).data))
+    assert payload["result"]["adapter"]["base_model_name_or_path"] == "</script><script>alert(1)</script><!--"
+
+
+def test_every_chart_is_a_real_image(written):
+    _, files = written
+    names = {p.name for p in files.chart_paths}
+    assert {"layers_by_component.png", "qkvo_stacked.png", "group_shares.png", "histogram.png",
+            "singular_values.png", "heatmaps.png", "top_neurons.png"} <= names
+    for path in files.chart_paths:
+        assert path.stat().st_size > 8_000, path
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) >= 200, (path, image.size)
+            pixels = np.asarray(image.convert("L"), dtype=float)
+        # Not a blank canvas: a fair share of pixels carry ink.
+        assert (pixels < 200).mean() > 0.01, path
+
+
+def test_charts_without_data_are_left_out(tmp_path):
+    result = llama_like_result(layer_magnitudes=(1.0,))
+    for m in result.modules:
+        m.group = "mlp"  # no attention: no Q/K/V/O chart
+    result.heatmaps = []
+    files = write_analysis(result, tmp_path)
+    names = {p.name for p in files.chart_paths}
+    assert "qkvo_stacked.png" not in names and "heatmaps.png" not in names
+    assert "histogram.png" in names
+
+
+def _rendered_dom(html_path: Path) -> str:
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom",
+             html_path.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_a_real_browser(written):
+    result, files = written
+    dom = _rendered_dom(files.html_path)
+    assert 'data-rendered="true"' in dom  # the script ran to its last line without an error
+    layer_chart = dom.split('id="layer-chart"', 1)[1].split("</svg>", 1)[0]
+    bars = sum(len(layer.components) for layer in result.layers)
+    assert layer_chart.count('class="bar"') == bars
+    qkvo_chart = dom.split('id="qkvo-chart"', 1)[1].split("</svg>", 1)[0]
+    assert qkvo_chart.count('class="bar"') == 4 * len(result.layers)
+    picker = dom.split('id="layer-picker"', 1)[1].split("</select>", 1)[0]
+    assert picker.count("<option") == len(result.layers)
+    # The picker opens on the most-changed layer, with a heatmap canvas per module.
+    most = max(result.layers, key=lambda l: l.fro_sum)
+    detail = dom.split('id="layer-detail"', 1)[1].split("<details", 1)[0]
+    in_layer = [m.name for m in result.modules if m.layer == most.layer]
+    for name in in_layer:
+        assert f'data-module="{name}"' in detail
+    assert detail.count('<canvas class="heat"') == len(in_layer)
+    neurons = dom.split('id="neuron-table"', 1)[1].split("</table>", 1)[0]
+    assert neurons.count("<tr>") == len(result.top_neurons) + 1
+    modules = dom.split('id="module-table"', 1)[1].split("</table>", 1)[0]
+    assert modules.count("<tr>") == len(result.modules) + 1
+    glossary = dom.split('id="glossary-list"', 1)[1].split("</dl>", 1)[0]
+    assert glossary.count("<dt>") == len(result.glossary)
+    assert "most-changed layer is layer 1" in dom

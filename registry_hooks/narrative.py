@@ -198,13 +198,17 @@ def _summary(result: AnalysisResult) -> list[str]:
         out.append(f"The adapter trains {params} parameters. Its share of the base model is "
                    f"unknown because no base model was given.")
     if s.layers_modified:
-        of = f" of {s.num_layers}" if s.num_layers else ""
-        out.append(f"It modifies {len(s.layers_modified)}{of} layers ({_layer_range(s.layers_modified)}) "
-                   f"with LoRA rank {a.r} and α {fmt(a.lora_alpha)}"
-                   f"{' (rsLoRA scaling)' if a.use_rslora else ''}{' using DoRA' if a.use_dora else ''}.")
-    lora = [m for m in result.modules if math.isfinite(m.fro)]
-    if lora:
-        out.append(f"The average size of change per modified matrix is ‖ΔW‖_F = "
+        count = len(s.layers_modified)
+        of = (f"{count} of {s.num_layers} layers" if s.num_layers else
+              f"{count} layer{'s' if count != 1 else ''}")
+        out.append(f"It modifies {of} ({_layer_range(s.layers_modified)}) with LoRA rank {a.r} "
+                   f"and α {fmt(a.lora_alpha)}{' (rsLoRA scaling)' if a.use_rslora else ''}"
+                   f"{' using DoRA' if a.use_dora else ''}.")
+    # The engine averages S_ℓ = Σ_components ‖ΔW‖_F over modified layers, or over modules when
+    # nothing sits in a numbered layer.
+    unit = "modified layer (summed over its matrices)" if result.layers else "modified matrix"
+    if math.isfinite(s.mean_delta_fro) and s.mean_delta_fro > 0:
+        out.append(f"The average size of change per {unit} is ‖ΔW‖_F = "
                    f"{fmt(s.mean_delta_fro)}, the largest {fmt(s.max_delta_fro)}.")
     return out
 

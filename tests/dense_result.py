@@ -68,7 +68,7 @@ def dense_result(deltas, *, r: int, alpha: float, num_layers: int, base_params=N
     layers = [LayerProfile(l, sum(c.values()), c, dict(per_layer_group[l]))
               for l, c in sorted(per_layer.items())]
     trainable = sum(r * (d.shape[0] + d.shape[1]) for _, _, d in deltas)
-    fros = [m.fro for m in modules]
+    fros = [l.fro_sum for l in layers]  # the engine's mean/max ΔW: over layers' S_ℓ
     result = AnalysisResult(
         adapter=AdapterInfo("LORA", r, alpha, False, False, list({c.split(".")[-1]: 0 for _, c, _ in deltas}),
                             "tiny-llama"),

@@ -27,7 +27,9 @@
     const raw = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
     const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => (hi - lo) / s <= n) || 10 * mag;
     const ticks = [];
-    for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
+    // From the last step at or below lo to the first at or above hi, so bars never overflow.
+    const end = Math.ceil(hi / step - 1e-9) * step;
+    for (let t = Math.floor(lo / step + 1e-9) * step; t <= end + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
     return ticks;
   }
 
@@ -45,7 +47,7 @@
   // ---- bar chart (grouped or stacked) as an SVG string ----
   function barChart(opts) {
     const W = opts.width || 1100, H = opts.height || 360;
-    const m = {l: 70, r: 16, t: 14, b: opts.xLabel ? 48 : 30};
+    const m = {l: 84, r: 16, t: 14, b: opts.xLabel ? 48 : 30};
     const cats = opts.categories, series = opts.series;
     const iw = W - m.l - m.r, ih = H - m.t - m.b;
     let max = 0;
@@ -118,10 +120,15 @@
       S.trainable_share !== null && S.trainable_share !== undefined ? pct(S.trainable_share, 3) + " of the base's " + S.base_params.toLocaleString("en-US") : "share unknown (no base given)"],
     [`${lm.length}${S.num_layers ? " / " + S.num_layers : ""}`, "Layers modified",
       lm.length ? (lm.length === 1 ? "layer " + lm[0] : `layers ${lm[0]}–${lm[lm.length - 1]}`) : "none"],
-    [fmt(S.mean_delta_fro), "Mean ‖ΔW‖_F per module", "max " + fmt(S.max_delta_fro)],
+    [fmt(S.mean_delta_fro), R.layers.length ? "Mean ΔW per layer" : "Mean ΔW per module",
+      (R.layers.length ? "Σ‖ΔW‖_F over a layer's matrices · " : "‖ΔW‖_F · ") + "max " + fmt(S.max_delta_fro)],
     [`r ${a.r}`, "LoRA config", `α ${fmt(a.lora_alpha)}${a.use_rslora ? ", rsLoRA" : ""}${a.use_dora ? ", DoRA" : ""} · scale ${fmt(a.use_rslora ? a.lora_alpha / Math.sqrt(a.r) : a.lora_alpha / a.r)}`],
     [pct(S.mean_rank_utilisation, 0), "Mean rank utilisation", "effective rank ÷ r"],
   ];
+  const findings = [];
+  (DATA.sections.health || []).forEach((l) => findings.push(`<li class="bad">${esc(l)}</li>`));
+  ["layers", "qkvo", "histogram", "rank"].forEach((key) => { if (DATA.sections[key]) findings.push(`<li>${esc(DATA.sections[key][0])}</li>`); });
+  if (findings.length) $("#findings").innerHTML = findings.join(""); else $("#findings-card").style.display = "none";
   $("#cards").innerHTML = cards.map(([v, k, d]) => `<div class="stat"><div class="v">${esc(v)}</div><div class="k">${esc(k)}</div><div class="d">${esc(d)}</div></div>`).join("");
 
   // ---- group shares: one stacked horizontal bar ----
@@ -146,13 +153,53 @@
   R.modules.forEach((mod) => { if (mod.layer !== null && !components.includes(mod.component)) components.push(mod.component); });
   const compSeries = components.map((c, i) => ({name: c, colour: PALETTE[i % PALETTE.length],
     values: layers.map((l) => (c in l.components ? l.components[c] : null))}));
+  // Grid view: one cell per (component, layer), coloured by a chosen per-module metric.
+  const GRID_METRICS = [["fro", "‖ΔW‖_F", fmt], ["spectral", "spectral norm σ₁", fmt],
+    ["rank_utilisation", "rank utilisation", (v) => pct(v, 0)], ["effective_rank", "effective rank", fmt]];
+  if (R.modules.some((mod) => mod.relative_fro !== null && mod.relative_fro !== undefined)) GRID_METRICS.splice(1, 0, ["relative_fro", "relative change ‖ΔW‖/‖W‖", (v) => pct(v, 2)]);
+  $("#grid-metric").innerHTML = GRID_METRICS.map(([k, label]) => `<option value="${k}">${esc(label)}</option>`).join("");
+  function viridis(t) {  // perceptually uniform and colour-blind safe; t in [0, 1]
+    const stops = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+    const u = Math.max(0, Math.min(1, t)) * (stops.length - 1), i = Math.min(Math.floor(u), stops.length - 2), f = u - i;
+    return "rgb(" + stops[i].map((c, k) => Math.round(c + (stops[i + 1][k] - c) * f)).join(",") + ")";
+  }
+  function gridChart(metric) {
+    const [key, label, show] = GRID_METRICS.find(([k]) => k === metric);
+    const byCell = {};
+    R.modules.forEach((mod) => { if (mod.layer !== null) byCell[mod.component + "@" + mod.layer] = mod; });
+    const vals = Object.values(byCell).map((mod) => mod[key]).filter((v) => v !== null && v !== undefined);
+    const lo = Math.min(...vals), hi = Math.max(...vals);
+    const labelW = Math.min(220, 12 + 7 * Math.max(...components.map((c) => c.length))), W = 1100;
+    const cw = (W - labelW - 10) / Math.max(layers.length, 1), ch = 26, H = 30 + ch * components.length + 50;
+    let s = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="layer by component grid">`;
+    components.forEach((c, r) => {
+      s += `<text x="${labelW - 8}" y="${14 + r * ch + ch / 2 + 4}" text-anchor="end">${esc(c)}</text>`;
+      layers.forEach((l, i) => {
+        const mod = byCell[c + "@" + l.layer], v = mod ? mod[key] : null;
+        const x = labelW + i * cw, y = 14 + r * ch;
+        if (v === null || v === undefined) s += `<rect x="${x}" y="${y}" width="${cw - 1}" height="${ch - 1}" fill="#f0f2f6" data-tip="layer ${l.layer} · ${esc(c)}: not modified"/>`;
+        else s += `<rect class="cell" x="${x}" y="${y}" width="${cw - 1}" height="${ch - 1}" fill="${viridis(hi > lo ? (v - lo) / (hi - lo) : 0.5)}" data-tip="layer ${l.layer} · ${esc(c)}: ${esc(label)} ${esc(show(v))}"/>`;
+      });
+    });
+    const every = Math.ceil(layers.length / 40), yb = 14 + ch * components.length;
+    layers.forEach((l, i) => { if (i % every === 0) s += `<text x="${labelW + (i + 0.5) * cw}" y="${yb + 16}" text-anchor="middle">${l.layer}</text>`; });
+    s += `<text x="${labelW + (W - labelW) / 2}" y="${yb + 34}" text-anchor="middle" font-weight="600">Layer</text>`;
+    for (let k = 0; k < 50; k++) s += `<rect x="${W - 270 + k * 4}" y="${H - 12}" width="4" height="10" fill="${viridis(k / 49)}"/>`;
+    s += `<text x="${W - 276}" y="${H - 3}" text-anchor="end">${esc(label)}: ${esc(show(lo))}</text><text x="${W - 66}" y="${H - 3}">${esc(show(hi))}</text>`;
+    return s + "</svg>";
+  }
   function drawLayers() {
-    const stacked = $("#layer-mode").value === "stacked";
-    $("#layer-chart").innerHTML = layers.length ? barChart({categories: layers.map((l) => l.layer), series: compSeries,
-      stacked, catName: "layer", xLabel: "Layer", yLabel: "‖ΔW‖_F (Frobenius norm)", label: "per-layer change by component"})
-      : `<p class="hint">No per-layer modules in this adapter.</p>`;
+    const mode = $("#layer-mode").value;
+    $("#grid-metric-label").hidden = mode !== "grid";
+    $("#layer-legend").style.display = mode === "grid" ? "none" : "";
+    if (!layers.length) { $("#layer-chart").innerHTML = `<p class="hint">No per-layer modules in this adapter.</p>`; return; }
+    $("#layer-chart").innerHTML = mode === "grid" ? gridChart($("#grid-metric").value) : barChart({categories: layers.map((l) => l.layer), series: compSeries,
+      stacked: mode === "stacked", catName: "layer", xLabel: "Layer", yLabel: "‖ΔW‖_F (Frobenius norm)", label: "per-layer change by component"});
   }
   $("#layer-mode").addEventListener("change", drawLayers);
+  $("#grid-metric").addEventListener("change", drawLayers);
+  // Many layers × components make grouped bars too thin to read: open on the grid then.
+  if (layers.length * components.length > 160) $("#layer-mode").value = "grid";
   drawLayers();
   legend($("#layer-legend"), compSeries);
 
@@ -266,7 +313,7 @@
   function drawHist() {
     const log = $("#hist-log").checked, edges = H.bin_edges, counts = H.counts;
     if (!counts || !counts.length) { $("#hist-chart").innerHTML = `<p class="hint">No histogram.</p>`; return; }
-    const W = 1100, Ht = 320, m = {l: 70, r: 16, t: 14, b: 46}, iw = W - m.l - m.r, ih = Ht - m.t - m.b;
+    const W = 1100, Ht = 320, m = {l: 84, r: 16, t: 14, b: 46}, iw = W - m.l - m.r, ih = Ht - m.t - m.b;
     const lo = edges[0], hi = edges[edges.length - 1], x = (v) => m.l + (v - lo) / (hi - lo || 1) * iw;
     const tr = (c) => (log ? Math.log10(1 + c) : c), cmax = Math.max(...counts.map(tr), 1e-9);
     const y = (c) => m.t + ih - tr(c) / cmax * ih;

@@ -1,0 +1,175 @@
+"""Move a registry alias to a version only on a PROMOTE verdict, and undo it.
+
+The alias's earlier holders are kept, oldest first, in the registered-model tag
+`tunelens.alias.<alias>.previous` (e.g. "3,5"); `rollback` moves the alias back to the last of
+them and drops it from the list, so repeated rollbacks walk back through the promotions. With no
+earlier holder recorded, rollback refuses and changes nothing: the alias is never deleted by tunelens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from tunelens.errors import TunelensError
+from tunelens.evaluators.verdict import REASONS_TAG, VERDICT_TAG, Decision
+
+# Shown in the refusal so the user sees why without opening the UI; the full text is in the tag.
+_REASONS_SHOWN = 400
+
+
+class PromotionRefused(TunelensError):
+    """The verdict (or the recorded history) does not allow the move; nothing was changed."""
+
+    exit_code = 1
+
+
+def history_tag(alias: str) -> str:
+    return f"tunelens.alias.{alias}.previous"
+
+
+def promotion_tag(alias: str, field: str) -> str:
+    """Version tags describing the promotion to `alias`: replaced, forced, reason."""
+    return f"tunelens.promotion.{alias}.{field}"
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    name: str
+    alias: str
+    version: str
+    previous: str | None  # the version that held the alias before, None if nobody did
+    changed: bool  # False when the version already held the alias
+    forced: bool
+    verdict: str | None
+
+    def describe(self) -> str:
+        if not self.changed:
+            return f"{self.name}@{self.alias} is already version {self.version}: nothing changed"
+        was = f"was version {self.previous}" if self.previous else "new alias"
+        forced = f", forced over verdict {self.verdict or 'none'}" if self.forced else ""
+        return f"{self.name}@{self.alias} -> version {self.version} ({was}{forced})"
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    name: str
+    alias: str
+    restored: str
+    replaced: str | None
+    skipped: list[str]  # recorded holders passed over: deleted versions or the current holder
+
+    def describe(self) -> str:
+        was = f"was version {self.replaced}" if self.replaced else "alias was unset"
+        skipped = f"; skipped {', '.join(self.skipped)}" if self.skipped else ""
+        return f"{self.name}@{self.alias} rolled back to version {self.restored} ({was}{skipped})"
+
+
+def _missing(exc: MlflowException) -> bool:
+    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def _registered_model(client, name: str):
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if _missing(exc):
+            raise TunelensError(f"registered model {name!r} not found at {client.tracking_uri}: "
+                                f"check the name and --tracking-uri") from None
+        raise
+
+
+def _version_exists(client, name: str, version: str) -> bool:
+    try:
+        client.get_model_version(name, version)
+        return True
+    except MlflowException as exc:
+        if _missing(exc):
+            return False
+        raise
+
+
+def _history(model, alias: str) -> list[str]:
+    value = model.tags.get(history_tag(alias), "")
+    return [v for v in value.split(",") if v.strip()]
+
+
+def _write_history(client, name: str, alias: str, history: list[str]) -> None:
+    if history:
+        client.set_registered_model_tag(name, history_tag(alias), ",".join(history))
+    else:
+        client.delete_registered_model_tag(name, history_tag(alias))
+
+
+def promote(client, name: str, version, alias: str = "production", *, force: bool = False,
+            reason: str | None = None) -> PromotionResult:
+    """Point `name@alias` at `version` if its tag tunelens.verdict is PROMOTE (or force + reason)."""
+    version = str(version)
+    reason = (reason or "").strip() or None
+    if force and not reason:
+        raise TunelensError("--force needs --reason TEXT: say why the verdict is overridden (the "
+                            "reason is recorded on the version)")
+    model = _registered_model(client, name)
+    try:
+        model_version = client.get_model_version(name, version)
+    except MlflowException as exc:
+        if _missing(exc):
+            raise TunelensError(f"{name} has no version {version}: check the version number "
+                                f"(`tunelens promote NAME VERSION`)") from None
+        raise
+    verdict = model_version.tags.get(VERDICT_TAG)
+    if verdict != Decision.PROMOTE and not force:
+        reasons = model_version.tags.get(REASONS_TAG, "")
+        shown = reasons[:_REASONS_SHOWN] + ("..." if len(reasons) > _REASONS_SHOWN else "")
+        raise PromotionRefused(
+            f"{name} version {version} has verdict {verdict or 'none (never evaluated)'}, not "
+            f"PROMOTE, so {name}@{alias} is unchanged"
+            + (f" (reasons: {shown})" if shown else "")
+            + f". Evaluate it with `tunelens evaluate models:/{name}/{version} --data FILE`, or "
+              f"override with --force --reason TEXT")
+    previous = model.aliases.get(alias)
+    previous = None if previous is None else str(previous)
+    if previous == version:
+        return PromotionResult(name, alias, version, previous, changed=False, forced=force,
+                               verdict=verdict)
+    history = _history(model, alias)
+    if previous is not None:
+        # recorded before the alias moves: a failure in between must not lose the way back
+        _write_history(client, name, alias, history + [previous])
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except Exception:
+        if previous is not None:
+            _write_history(client, name, alias, history)
+        raise
+    client.set_model_version_tag(name, version, promotion_tag(alias, "replaced"), previous or "none")
+    client.set_model_version_tag(name, version, promotion_tag(alias, "forced"), str(force).lower())
+    if reason:
+        client.set_model_version_tag(name, version, promotion_tag(alias, "reason"), reason)
+    elif promotion_tag(alias, "reason") in model_version.tags:  # a stale reason of an older force
+        client.delete_model_version_tag(name, version, promotion_tag(alias, "reason"))
+    return PromotionResult(name, alias, version, previous, changed=True, forced=force,
+                           verdict=verdict)
+
+
+def rollback(client, name: str, alias: str = "production") -> RollbackResult:
+    """Point `name@alias` back at its last recorded earlier holder; refuse if there is none."""
+    model = _registered_model(client, name)
+    current = model.aliases.get(alias)
+    current = None if current is None else str(current)
+    history = _history(model, alias)
+    skipped = []
+    while history:
+        candidate = history.pop()
+        if candidate != current and _version_exists(client, name, candidate):
+            break
+        skipped.append(candidate)
+    else:
+        holder = f"it stays on version {current}" if current else "it is unset"
+        detail = f" (recorded holders {', '.join(skipped)} are deleted or current)" if skipped else ""
+        raise PromotionRefused(f"{name}@{alias} has no earlier holder recorded by `tunelens "
+                               f"promote`{detail}: nothing to roll back to, {holder}")
+    client.set_registered_model_alias(name, alias, candidate)
+    _write_history(client, name, alias, history)
+    return RollbackResult(name, alias, candidate, current, skipped)

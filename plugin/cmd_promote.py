@@ -1,0 +1,55 @@
+"""`tunelens promote NAME VERSION`: move an alias to a version whose verdict is PROMOTE."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from tunelens.config import load_config
+from tunelens.errors import TunelensError
+
+HELP = ("point a registry alias (default: production) at a model version, only if its "
+        "tunelens.verdict tag is PROMOTE; exit 1 and change nothing otherwise")
+
+
+def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
+    """--alias and --tracking-uri, shared with `tunelens rollback`."""
+    parser.add_argument("--alias", help="the alias to move (default: conf promotion.alias, "
+                        "'production')")
+    parser.add_argument("--tracking-uri", metavar="URI", help="the MLflow tracking/registry server "
+                        "(default: $MLFLOW_TRACKING_URI)")
+
+
+@contextlib.contextmanager
+def registry_client(args: argparse.Namespace):
+    """An MlflowClient for --tracking-uri; MLflow's own errors come out as one clear line."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield MlflowClient(tracking_uri=args.tracking_uri)
+    except MlflowException as exc:
+        raise TunelensError(f"MLflow refused the request: {exc.message.splitlines()[0]}") from None
+
+
+def alias_for(args: argparse.Namespace) -> str:
+    return args.alias or load_config(args.config)["promotion"]["alias"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="registered model name")
+    parser.add_argument("version", help="model version number")
+    add_registry_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="promote whatever the verdict; needs "
+                        "--reason")
+    parser.add_argument("--reason", metavar="TEXT", help="why the verdict is overridden; recorded "
+                        "in the version's tag tunelens.promotion.<alias>.reason")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunelens.evaluators.promotion import promote
+
+    with registry_client(args) as client:
+        result = promote(client, args.name, args.version, alias_for(args), force=args.force,
+                         reason=args.reason)
+    print(result.describe())
+    return 0

@@ -1,0 +1,168 @@
+"""Promotion and rollback against a real `mlflow server`, through the `tunelens` command."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+
+from tunelens.errors import TunelensError
+from tunelens.evaluators.promotion import (PromotionRefused, history_tag, promote, promotion_tag,
+                                           rollback)
+from tunelens.evaluators.verdict import REASONS_TAG, VERDICT_TAG
+
+
+@pytest.fixture()
+def client(mlflow_server) -> MlflowClient:
+    return MlflowClient(mlflow_server.url)
+
+
+@pytest.fixture()
+def registered(client, tmp_path):
+    """register(verdict) -> version number: a real run artifact registered as a new version."""
+    name = f"grammar-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    experiment = client.create_experiment(f"exp-{name}")
+
+    def register(verdict: str | None, reasons: str | None = None) -> str:
+        run = client.create_run(experiment)
+        adapter = tmp_path / "model"
+        adapter.mkdir(exist_ok=True)
+        (adapter / "adapter_config.json").write_text('{"r": 8}')
+        client.log_artifacts(run.info.run_id, str(adapter), "model")
+        client.set_terminated(run.info.run_id)
+        tags = {}
+        if verdict:
+            tags[VERDICT_TAG] = verdict
+        if reasons:
+            tags[REASONS_TAG] = reasons
+        return client.create_model_version(name, f"{run.info.artifact_uri}/model",
+                                           run_id=run.info.run_id, tags=tags).version
+
+    register.name = name
+    return register
+
+
+def tunelens(server, *args):
+    return subprocess.run([sys.executable, "-m", "tunelens.plugin.cli", *args,
+                           "--tracking-uri", server.url], capture_output=True, text=True, timeout=120)
+
+
+def state(client, name, version=None, alias="production"):
+    """Everything promotion may touch: the aliases, the model's tags, a version's tags."""
+    model = client.get_registered_model(name)
+    tags = client.get_model_version(name, version).tags if version else {}
+    return dict(model.aliases), dict(model.tags), tags
+
+
+def test_cli_refuses_a_version_whose_verdict_is_not_promote(mlflow_server, client, registered):
+    name = registered.name
+    good = registered("PROMOTE")
+    promote(client, name, good)
+    rejected = registered("REJECT", "REJECT v2 vs base on 64 rows | latency_p95_ratio FAIL: ...")
+    before = state(client, name, rejected)
+    out = tunelens(mlflow_server, "promote", name, rejected)
+    assert out.returncode == 1, out.stderr
+    assert "verdict REJECT, not PROMOTE" in out.stderr and "latency_p95_ratio FAIL" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert state(client, name, rejected) == before
+    assert before[0] == {"production": good}
+
+    never = registered(None)
+    out = tunelens(mlflow_server, "promote", name, never)
+    assert out.returncode == 1 and "none (never evaluated)" in out.stderr
+    inconclusive = registered("INCONCLUSIVE")
+    with pytest.raises(PromotionRefused, match="verdict INCONCLUSIVE"):
+        promote(client, name, inconclusive)
+    assert client.get_registered_model(name).aliases == {"production": good}
+
+
+def test_cli_promotes_records_the_previous_holder_and_rollback_restores_it(
+        mlflow_server, client, registered):
+    name = registered.name
+    first, second = registered("PROMOTE"), registered("PROMOTE")
+    out = tunelens(mlflow_server, "promote", name, first)
+    assert out.returncode == 0, out.stderr
+    assert f"{name}@production -> version {first} (new alias)" in out.stdout
+    aliases, model_tags, tags = state(client, name, first)
+    assert aliases == {"production": first} and history_tag("production") not in model_tags
+    assert tags[promotion_tag("production", "replaced")] == "none"
+
+    out = tunelens(mlflow_server, "promote", name, second)
+    assert out.returncode == 0, out.stderr
+    aliases, model_tags, tags = state(client, name, second)
+    assert aliases == {"production": second}
+    assert model_tags[history_tag("production")] == first
+    assert tags[promotion_tag("production", "replaced")] == first
+    assert tags[promotion_tag("production", "forced")] == "false"
+
+    out = tunelens(mlflow_server, "rollback", name)
+    assert out.returncode == 0, out.stderr
+    assert f"rolled back to version {first} (was version {second})" in out.stdout
+    aliases, model_tags, _ = state(client, name)
+    assert aliases == {"production": first} and history_tag("production") not in model_tags
+
+    out = tunelens(mlflow_server, "rollback", name)  # nothing earlier recorded
+    assert out.returncode == 1 and "nothing to roll back to" in out.stderr
+    assert client.get_registered_model(name).aliases == {"production": first}
+
+
+def test_force_needs_a_reason_and_records_it(mlflow_server, client, registered):
+    name = registered.name
+    champion, rejected = registered("PROMOTE"), registered("REJECT")
+    promote(client, name, champion)
+    before = state(client, name, rejected)
+    out = tunelens(mlflow_server, "promote", name, rejected, "--force")
+    assert out.returncode == 2 and "--force needs --reason" in out.stderr
+    out = tunelens(mlflow_server, "promote", name, rejected, "--force", "--reason", "   ")
+    assert out.returncode == 2
+    assert state(client, name, rejected) == before
+
+    out = tunelens(mlflow_server, "promote", name, rejected, "--force", "--reason",
+                   "hotfix for ticket 42: base model outage")
+    assert out.returncode == 0, out.stderr
+    assert "forced over verdict REJECT" in out.stdout
+    aliases, model_tags, tags = state(client, name, rejected)
+    assert aliases == {"production": rejected}
+    assert tags[promotion_tag("production", "forced")] == "true"
+    assert tags[promotion_tag("production", "reason")] == "hotfix for ticket 42: base model outage"
+    assert model_tags[history_tag("production")] == champion
+    assert rollback(client, name).restored == champion
+
+
+def test_rollback_walks_back_skipping_deleted_versions(client, registered):
+    name = registered.name
+    v1, v2, v3, v4 = (registered("PROMOTE") for _ in range(4))
+    for version in (v1, v2, v3, v4):
+        promote(client, name, version)
+    assert client.get_registered_model(name).tags[history_tag("production")] == f"{v1},{v2},{v3}"
+    assert rollback(client, name).restored == v3
+    client.delete_model_version(name, v2)
+    result = rollback(client, name)
+    assert (result.restored, result.replaced, result.skipped) == (v1, v3, [v2])
+    assert client.get_registered_model(name).aliases == {"production": v1}
+    with pytest.raises(PromotionRefused, match="nothing to roll back to, it stays on version"):
+        rollback(client, name)
+
+
+def test_aliases_are_independent_and_repeating_a_promotion_changes_nothing(client, registered):
+    name = registered.name
+    v1, v2 = registered("PROMOTE"), registered("PROMOTE")
+    promote(client, name, v1)
+    promote(client, name, v2, alias="staging")
+    again = promote(client, name, v1)
+    assert not again.changed and "nothing changed" in again.describe()
+    model = client.get_registered_model(name)
+    assert model.aliases == {"production": v1, "staging": v2}
+    assert not any(key.startswith("tunelens.alias.") for key in model.tags)
+    with pytest.raises(PromotionRefused, match="staging has no earlier holder"):
+        rollback(client, name, "staging")
+
+
+def test_unknown_model_or_version_is_one_clear_error(mlflow_server, client, registered):
+    out = tunelens(mlflow_server, "promote", "no-such-model", "1")
+    assert out.returncode == 2 and "registered model 'no-such-model' not found" in out.stderr
+    with pytest.raises(TunelensError, match="has no version 99"):
+        promote(client, registered.name, 99)

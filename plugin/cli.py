@@ -18,6 +18,9 @@ from tunelens.errors import TunelensError
 SUBCOMMANDS = {
     "promote": "cmd_promote",
     "rollback": "cmd_rollback",
+    "server": "cmd_server",
+    "hooks": "cmd_hooks",
+    "log-adapter": "cmd_log_adapter",
 }
 
 

@@ -1,0 +1,53 @@
+"""`tunelens hooks`: the hook service and worker against an MLflow server that already runs."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from tunelens.config import load_config
+
+HELP = ("run only the tunelens hook service (webhook receiver, worker, reconciling scan) against "
+        "an existing MLflow server")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", required=True, metavar="URI",
+                        help="the MLflow server, e.g. http://127.0.0.1:5000")
+    parser.add_argument("--host", help="webhook receiver address (default: conf hooks.host)")
+    parser.add_argument("--port", type=int, help="webhook receiver port (default: conf "
+                        "hooks.port; 0 = any free port)")
+    parser.add_argument("--public-url", metavar="URL", help="URL the MLflow server posts "
+                        "deliveries to (default: http://HOST:PORT/webhook)")
+    parser.add_argument("--no-webhook", action="store_true", help="do not create or update the "
+                        "MLflow webhook; rely on the reconciling scan only")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunelens.registry_hooks.service import HookService
+
+    configure_logging()
+    config = load_config(args.config)
+    for key, value in (("host", args.host), ("port", args.port), ("public_url", args.public_url)):
+        if value is not None:
+            config["hooks"][key] = value
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    service = HookService(args.tracking_uri, config, register_webhook=not args.no_webhook).start()
+    print(f"tunelens hooks: watching {args.tracking_uri}; webhooks on {service.webhook_url}",
+          file=sys.stderr, flush=True)
+    try:
+        while not stopped.wait(1):
+            pass
+    finally:
+        service.stop()
+    print("tunelens hooks: stopped", file=sys.stderr, flush=True)
+    return 0

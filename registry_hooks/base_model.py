@@ -1,0 +1,120 @@
+"""Which local base model goes with a registered adapter version (issue 4 item 5's order).
+
+1. tag `tunelens.base_model` on the version, then on the registered model (a local directory, or
+   a hub id looked up in conf.yaml's hooks.base_models);
+2. conf.yaml's hooks.base_models map, for the hub id the model names (MLmodel's
+   source_model_name, then the adapter's base_model_name_or_path);
+3. the transformers flavor's `local_base_model_path` in MLmodel;
+4. the adapter's `base_model_name_or_path`, when it is a local directory.
+Nothing is downloaded. No base found -> path None and `tried` says what was looked at.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from mlflow import MlflowClient
+
+BASE_MODEL_TAG = "tunelens.base_model"
+
+
+@dataclass
+class BaseModelResolution:
+    """The local base directory (or None), where it came from, and every candidate looked at."""
+
+    path: Path | None
+    source: str
+    tried: list[str] = field(default_factory=list)
+
+
+def _local_dir(value: str | None) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_dir() else None
+
+
+def _read_model_dir(model_dir: Path | None) -> tuple[dict, dict]:
+    """(transformers flavor of MLmodel, adapter_config.json) found under model_dir, else empty."""
+    if model_dir is None:
+        return {}, {}
+    from tunelens.registry_hooks.loading import find_adapter_dir
+
+    model_dir = Path(model_dir)
+    flavor, adapter = {}, {}
+    mlmodel = model_dir / "MLmodel"
+    if mlmodel.is_file():
+        try:
+            flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get(
+                "transformers", {}) or {}
+        except yaml.YAMLError:
+            flavor = {}
+    adapter_dir = find_adapter_dir(model_dir)
+    if adapter_dir is not None:
+        try:
+            adapter = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            adapter = {}
+    return flavor, adapter if isinstance(adapter, dict) else {}
+
+
+def resolve_base_model(client: MlflowClient, name: str, version: str | int, config: dict | None,
+                       model_dir: Path | None = None) -> BaseModelResolution:
+    """The version's local base model, by the documented order; path None if none is found."""
+    hub_map = {str(k): str(v) for k, v in ((config or {}).get("hooks", {}).get("base_models")
+                                           or {}).items()}
+    tried: list[str] = []
+
+    def candidate(value: str | None, where: str) -> Path | None:
+        if not value:
+            return None
+        local = _local_dir(value)
+        if local is not None:
+            return local
+        mapped = _local_dir(hub_map.get(value))
+        if mapped is not None:
+            return mapped
+        if value in hub_map:
+            tried.append(f"{where} {value!r} maps to {hub_map[value]!r}, which is not a directory")
+        else:
+            tried.append(f"{where} {value!r} is neither a local directory nor in hooks.base_models")
+        return None
+
+    version_tags = client.get_model_version(name, str(version)).tags
+    for where, tags in (("version tag", version_tags),
+                        ("registered model tag", client.get_registered_model(name).tags)):
+        found = candidate(tags.get(BASE_MODEL_TAG), f"{where} {BASE_MODEL_TAG}")
+        if found is not None:
+            return BaseModelResolution(found, f"{where} {BASE_MODEL_TAG}", tried)
+        if BASE_MODEL_TAG not in tags:
+            tried.append(f"no {where} {BASE_MODEL_TAG}")
+
+    flavor, adapter = _read_model_dir(model_dir)
+    for where, hub_id in (("MLmodel source_model_name", flavor.get("source_model_name")),
+                          ("adapter base_model_name_or_path",
+                           adapter.get("base_model_name_or_path"))):
+        if hub_id and hub_id in hub_map:
+            found = _local_dir(hub_map[hub_id])
+            if found is not None:
+                return BaseModelResolution(found, f"hooks.base_models[{hub_id!r}] ({where})", tried)
+            tried.append(f"hooks.base_models[{hub_id!r}] = {hub_map[hub_id]!r} is not a directory")
+    if hub_map:
+        tried.append("hooks.base_models has no entry for the model's hub id")
+    else:
+        tried.append("hooks.base_models is empty")
+
+    local_base = flavor.get("local_base_model_path")
+    if _local_dir(local_base) is not None:
+        return BaseModelResolution(_local_dir(local_base), "MLmodel local_base_model_path", tried)
+    tried.append(f"MLmodel local_base_model_path {local_base!r} is not a local directory"
+                 if local_base else "no MLmodel local_base_model_path")
+
+    name_or_path = adapter.get("base_model_name_or_path")
+    if _local_dir(name_or_path) is not None:
+        return BaseModelResolution(_local_dir(name_or_path), "adapter base_model_name_or_path",
+                                   tried)
+    tried.append(f"adapter base_model_name_or_path {name_or_path!r} is not a local directory"
+                 if name_or_path else "no adapter base_model_name_or_path")
+    return BaseModelResolution(None, "none", tried)

@@ -1,0 +1,72 @@
+"""`tunelens.log_adapter`: log a PEFT LoRA adapter as a proper MLflow transformers model, registered.
+
+mlflow.transformers stores only the adapter (peft/ folder) when it is given the local base via
+`base_model_path`; without it a local base is saved broken (LoRA-injected keys, mlflow #23761).
+So a local base directory is required: the argument, or the adapter's base_model_name_or_path
+when that is a local directory.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelens.errors import TunelensError
+
+# log_model would otherwise infer (and pin torchvision when torch is present).
+PIP_REQUIREMENTS = ["mlflow", "torch", "transformers", "peft", "safetensors"]
+
+
+@dataclass
+class LoggedAdapter:
+    model_uri: str
+    run_id: str | None
+    registered_model_name: str | None
+    version: int | None
+
+
+def _base_dir(adapter_dir: Path, base: str | Path | None) -> Path:
+    if base is not None:
+        path = Path(base).expanduser()
+        if not (path / "config.json").is_file():
+            raise TunelensError(f"base model {path} is not a local transformers model directory "
+                                f"(no config.json); pass the directory the adapter was trained on")
+        return path
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    if recorded and (Path(recorded).expanduser() / "config.json").is_file():
+        return Path(recorded).expanduser()
+    raise TunelensError(f"the adapter names base model {recorded!r}, which is not a local "
+                        f"directory; pass base=<local base model dir> (--base)")
+
+
+def log_adapter(adapter_dir: str | Path, base: str | Path | None = None, *,
+                registered_model_name: str | None = None, name: str = "model",
+                task: str = "text-generation", tracking_uri: str | None = None) -> LoggedAdapter:
+    """Log `adapter_dir` on `base` with mlflow.transformers (adapter only) and register it."""
+    import mlflow
+
+    from .loading import find_adapter_dir
+
+    found = find_adapter_dir(Path(adapter_dir).expanduser())
+    if found is None:
+        raise TunelensError(f"{adapter_dir} holds no adapter_config.json (directly or in peft/); "
+                            f"pass a PEFT adapter directory saved with save_pretrained")
+    adapter = Path(found)
+    base_dir = _base_dir(adapter, base)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_name=f"log adapter {adapter.name}") as run:
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer}, name=name, task=task,
+            base_model_path=str(base_dir), registered_model_name=registered_model_name,
+            pip_requirements=PIP_REQUIREMENTS)
+    return LoggedAdapter(info.model_uri, run.info.run_id, registered_model_name,
+                         info.registered_model_version)

@@ -1,0 +1,89 @@
+"""The hook service: webhook receiver + worker + reconciling scan against one MLflow server.
+
+`tunelens hooks --tracking-uri URI` runs it alone; `tunelens server` runs it beside an embedded
+MLflow server. It creates or updates its MLflow webhook (model_version.created) with a secret
+generated at each start, so only this process can verify deliveries.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tunelens.errors import TunelensError
+
+from .webhook import WebhookReceiver
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_EVENTS = ["model_version.created"]
+SECRET_ENV = "TUNELENS_WEBHOOK_SECRET"
+
+
+def ensure_webhook(client: MlflowClient, name: str, url: str, secret: str) -> str:
+    """Create the named webhook, or point the existing one at `url` with `secret`; its id."""
+    token = None
+    while True:
+        page = client.list_webhooks(max_results=100, page_token=token)
+        for hook in page:
+            if hook.name == name:
+                client.update_webhook(hook.webhook_id, url=url, events=WEBHOOK_EVENTS,
+                                      secret=secret, status="ACTIVE")
+                return hook.webhook_id
+        token = page.token
+        if not token:
+            break
+    return client.create_webhook(name, url, WEBHOOK_EVENTS, secret=secret, status="ACTIVE",
+                                 description="tunelens: analyse every registered LoRA version"
+                                 ).webhook_id
+
+
+class HookService:
+    """Receiver, worker and scan; start() returns once deliveries can be received."""
+
+    def __init__(self, tracking_uri: str, config: dict, *, register_webhook: bool = True):
+        self.tracking_uri = tracking_uri
+        self.config = config
+        hooks = config["hooks"]
+        # A fixed secret (several hook services behind one URL) comes from the environment, never
+        # from a settings file; otherwise each start generates one and updates the webhook.
+        self.secret = os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32)
+        self.worker = Worker(tracking_uri, config)
+        self.receiver = WebhookReceiver(hooks["host"], int(hooks["port"]), self.secret,
+                                        self.worker.enqueue,
+                                        max_body_bytes=int(hooks["max_body_bytes"]),
+                                        max_age=float(hooks["max_age_seconds"]))
+        self.register_webhook = register_webhook
+        self.webhook_id: str | None = None
+
+    @property
+    def webhook_url(self) -> str:
+        hooks = self.config["hooks"]
+        return hooks.get("public_url") or f"http://{hooks['host']}:{self.receiver.port}/webhook"
+
+    def start(self) -> "HookService":
+        self.receiver.start()
+        if self.register_webhook:
+            try:
+                self.webhook_id = ensure_webhook(MlflowClient(self.tracking_uri),
+                                                 self.config["hooks"]["webhook_name"],
+                                                 self.webhook_url, self.secret)
+            except MlflowException as exc:
+                # A file store or an old server has no webhooks: the scan still finds everything.
+                log.warning("no MLflow webhook (%s); relying on the scan every %s s",
+                            exc.message.splitlines()[0], self.config["hooks"]["poll_interval"])
+            except OSError as exc:
+                self.receiver.stop()
+                raise TunelensError(f"cannot reach MLflow at {self.tracking_uri} ({exc}); "
+                                    f"check --tracking-uri") from None
+        self.worker.start()
+        log.info("tunelens hooks: receiving on %s, worker %s", self.webhook_url, self.worker.owner)
+        return self
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self.worker.stop()

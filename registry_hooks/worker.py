@@ -1,0 +1,285 @@
+"""The worker: takes (name, version) from any trigger and brings the version to a final status.
+
+Triggers (webhook receiver, reconciling scan, registry-store plugin via the scan) only enqueue.
+Every job goes: claim (state.try_claim, atomic) -> status running under a lease renewed while it
+works -> detect -> resolve the base -> analyse -> write the files -> one MLflow run -> tags and
+description -> status done. A killed worker's lease expires and the next scan resumes the job as a
+new attempt; runs of earlier attempts are deleted first, so each version keeps exactly one run.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tunelens.errors import TunelensError
+
+from . import state
+from .base_model import resolve_base_model
+from .detection import detect_adapter
+from .mlflow_logging import (analysis_runs, description_section, experiment_id,
+                             log_analysis_run, top_layer, with_section)
+
+log = logging.getLogger(__name__)
+
+SKIP_REASON = "tunelens.analysis.reason"
+EVAL_DATASET_TAG = "tunelens.eval_dataset"
+_MAX_ERROR = 500
+
+
+@dataclass
+class JobOutcome:
+    name: str
+    version: str
+    status: str | None  # a final status, or None when another worker owns the job
+    detail: str = ""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one readable line for the version's error tag."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, TunelensError):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR - 1] + "…"
+
+
+class LeaseLost(Exception):
+    """Another worker took the job over (this one was too slow to renew its lease)."""
+
+
+class _Heartbeat:
+    """Renews the lease every lease/3 s while a job runs; notes if another worker took over."""
+
+    def __init__(self, client: MlflowClient, name: str, version: str, lease: state.Lease,
+                 lease_seconds: float):
+        self.client, self.name, self.version = client, name, version
+        self.lease, self.lease_seconds = lease, lease_seconds
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"tunelens-lease-{name}-{version}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                self.check()
+                self.lease = state.Lease(self.lease.attempt, self.lease.owner,
+                                         time.time() + self.lease_seconds)
+                self.client.set_model_version_tag(self.name, self.version, state.LEASE,
+                                                  self.lease.render())
+            except LeaseLost:
+                return
+            except MlflowException as exc:  # a blip: the next beat tries again
+                log.warning("lease renewal for %s v%s failed: %s", self.name, self.version, exc)
+
+    def check(self) -> None:
+        tags = self.client.get_model_version(self.name, self.version).tags
+        current = state.Lease.parse(tags.get(state.LEASE))
+        if current is None or (current.attempt, current.owner) != (self.lease.attempt,
+                                                                     self.lease.owner):
+            self.lost = True
+            raise LeaseLost(f"{self.name} v{self.version}: lease taken over by {current}")
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class Worker:
+    """Processes queued versions on `threads` threads; enqueue() never blocks."""
+
+    def __init__(self, tracking_uri: str, config: dict, *, threads: int | None = None):
+        self.tracking_uri = tracking_uri
+        self.config = config
+        hooks = config["hooks"]
+        self.lease_seconds = float(hooks["lease_seconds"])
+        self.poll_interval = float(hooks["poll_interval"])
+        self.experiment_name = hooks["experiment"]
+        self.threads = threads or int(hooks["workers"])
+        self.owner = state.worker_id()
+        self._inbox: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._pending: set[tuple[str, str]] = set()
+        self._pending_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.outcomes: list[JobOutcome] = []
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    # --- intake ---------------------------------------------------------------------------------
+    def enqueue(self, name: str, version: str) -> None:
+        """Hand a version to the worker; returns at once (the webhook answers right after)."""
+        self._inbox.put((name, str(version)))
+
+    def _intake(self) -> None:
+        """Marks inbox items queued in MLflow, then passes each version on once."""
+        client = self.client()
+        while not self._stop.is_set():
+            try:
+                key = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            with self._pending_lock:
+                if key in self._pending:
+                    continue
+                self._pending.add(key)
+            try:
+                state.mark_queued(client, *key)
+            except MlflowException as exc:
+                log.warning("could not mark %s v%s queued: %s", *key, exc)
+            self._jobs.put(key)
+
+    def scan(self) -> list[tuple[str, str]]:
+        """Versions with no final status (none, queued, or running under an expired lease)."""
+        client, found, token = self.client(), [], None
+        now = time.time()
+        while True:
+            page = client.search_model_versions(max_results=1000, page_token=token)
+            found += [(mv.name, str(mv.version)) for mv in page
+                      if state.VersionState.of(mv.tags).needs_work(now)]
+            token = page.token
+            if not token:
+                return found
+
+    def _scanner(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for key in self.scan():
+                    self.enqueue(*key)
+            except Exception as exc:  # noqa: BLE001 - the server may be restarting; scan again
+                log.warning("reconciling scan failed: %s", one_line(exc))
+            self._stop.wait(self.poll_interval)
+
+    def _work(self) -> None:
+        while True:
+            key = self._jobs.get()
+            if key is None:
+                return
+            try:
+                self.outcomes.append(self.process(*key))
+            except Exception as exc:  # noqa: BLE001 - never let one job stop the worker
+                log.error("job %s v%s: %s", *key, one_line(exc))
+            finally:
+                with self._pending_lock:
+                    self._pending.discard(key)
+
+    def start(self) -> "Worker":
+        targets = [self._intake, self._scanner] + [self._work] * self.threads
+        for i, target in enumerate(targets):
+            thread = threading.Thread(target=target, daemon=True, name=f"tunelens-worker-{i}")
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop taking jobs; a job still running is left to its lease and resumed later."""
+        self._stop.set()
+        for _ in range(self.threads):
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # --- one job --------------------------------------------------------------------------------
+    def process(self, name: str, version: str) -> JobOutcome:
+        """Bring one version to done/skipped/failed, unless another worker holds it."""
+        client = self.client()
+        current = state.VersionState.of(client.get_model_version(name, version).tags)
+        if not current.needs_work():
+            return JobOutcome(name, version, None, f"status {current.status}")
+        attempt = current.next_attempt
+        if not state.try_claim(client, name, version, attempt):
+            return JobOutcome(name, version, None, f"attempt {attempt} claimed by another worker")
+        lease = state.Lease(attempt, self.owner, time.time() + self.lease_seconds)
+        client.set_model_version_tag(name, version, state.LEASE, lease.render())
+        client.set_model_version_tag(name, version, state.STATUS, state.RUNNING)
+        log.info("analysing %s v%s (attempt %d)", name, version, attempt)
+        try:
+            with _Heartbeat(client, name, version, lease, self.lease_seconds) as beat, \
+                    tempfile.TemporaryDirectory(prefix="tunelens-hook-") as tmp:
+                return self._analyse(client, name, version, attempt, beat, Path(tmp))
+        except LeaseLost as exc:
+            return JobOutcome(name, version, None, str(exc))
+        except Exception as exc:  # noqa: BLE001 - any failure becomes a readable status
+            error = one_line(exc)
+            log.warning("analysis of %s v%s failed: %s", name, version, error)
+            self._finish(client, name, version, state.FAILED, {state.ERROR: error})
+            return JobOutcome(name, version, state.FAILED, error)
+
+    def _analyse(self, client: MlflowClient, name: str, version: str, attempt: int,
+                 beat: _Heartbeat, tmp: Path) -> JobOutcome:
+        from .analysis import analyze_adapter
+        from .outputs import write_analysis
+
+        detection = detect_adapter(client, name, version, tmp / "model")
+        if not detection.is_lora:
+            beat.check()
+            self._finish(client, name, version, state.SKIPPED,
+                         {SKIP_REASON: detection.skip_reason})
+            return JobOutcome(name, version, state.SKIPPED, detection.skip_reason)
+        base = resolve_base_model(client, name, version, self.config, detection.model_dir)
+        result = analyze_adapter(detection.adapter_dir, base=base.path, config=self.config,
+                                 progress=False)
+        files = write_analysis(result, tmp / "out")
+        experiment = experiment_id(client, self.experiment_name)
+        beat.check()
+        for stale in analysis_runs(client, experiment, name, version):
+            client.delete_run(stale.info.run_id)  # left by a killed attempt
+        run_id = log_analysis_run(client, experiment, name, version, result, files, base, attempt)
+        try:
+            beat.check()
+        except LeaseLost:
+            client.delete_run(run_id)
+            raise
+        summary = result.summary
+        layer = top_layer(result)
+        description = with_section(client.get_model_version(name, version).description,
+                                   description_section(result, experiment, run_id, base))
+        client.update_model_version(name, version, description=description)
+        self._finish(client, name, version, state.DONE, {
+            state.RUN_ID: run_id,
+            "tunelens.trainable_params": str(summary.trainable_params),
+            "tunelens.layers_modified": str(len(summary.layers_modified)),
+            "tunelens.top_layer": "" if layer is None else str(layer),
+            "tunelens.mean_delta_fro": f"{summary.mean_delta_fro:.6g}"})
+        self.after_analysis(client, name, version, base)
+        return JobOutcome(name, version, state.DONE, run_id)
+
+    def _finish(self, client: MlflowClient, name: str, version: str, status: str,
+                tags: dict[str, str]) -> None:
+        """Write the outcome's tags, then the final status last (it is what readers wait for)."""
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        if status != state.FAILED and state.ERROR in client.get_model_version(name, version).tags:
+            client.delete_model_version_tag(name, version, state.ERROR)
+        client.set_model_version_tag(name, version, state.STATUS, status)
+
+    # --- issue 5 item 7: evaluate on registration (the evaluator is tunelens.evaluators') ---------
+    def after_analysis(self, client: MlflowClient, name: str, version: str, base) -> None:
+        """Hook point run after `done`: evaluate when conf enables it and the model names a dataset."""
+        if not self.config["hooks"].get("evaluate_on_registration"):
+            return
+        dataset = client.get_registered_model(name).tags.get(EVAL_DATASET_TAG)
+        if dataset:
+            evaluate_registered_version(client, name, version, dataset, base, self.config)
+
+
+def evaluate_registered_version(client: MlflowClient, name: str, version: str, dataset: str,
+                                base, config: dict) -> None:
+    """The seam for the evaluator: it writes its own tags (tunelens.verdict, ...) on the version."""
+    from tunelens.evaluators.run import evaluate_version
+
+    evaluate_version(f"models:/{name}/{version}", dataset, base=base.path, config=config)

@@ -66,6 +66,7 @@ class ModuleMetrics:
     intruder_dimensions: int | None = None
     kind: str = "lora"
     nonfinite: int = 0  # NaN/Inf entries found in this module's tensors
+    bias_delta_norm: float | None = None  # ‖scale·lora_B.bias‖₂ when the adapter trains a LoRA bias
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Histogram:
     share_within_one_std_error: float | None = None
     skewness: float | None = None
     excess_kurtosis: float | None = None
+    total_entries: int | None = None  # entries of ΔW over all analysed modules (the population)
 
 
 @dataclass
@@ -124,7 +126,12 @@ class Heatmap:
 
 @dataclass
 class Summary:
-    """The headline numbers of an adapter."""
+    """The headline numbers of an adapter.
+
+    mean_delta_fro / max_delta_fro are over the modified layers' S_ℓ = Σ ‖ΔW‖_F (seed 000's "mean ΔW
+    magnitude"), or over modules when no module sits in a numbered layer. trainable_share is
+    trainable_params / base_params; mean_rank_utilisation averages effective_rank / max rank.
+    """
 
     trainable_params: int
     base_params: int | None
@@ -161,6 +168,30 @@ class AnalysisResult:
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AnalysisResult":
+        """The inverse of to_dict (analysis.json read back); nulls stay None, unknown keys are
+        ignored so newer files still load."""
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"not a {SCHEMA} document (schema: {data.get('schema')!r})")
+        return cls(**{
+            **_fields(cls, data),
+            "adapter": AdapterInfo(**_fields(AdapterInfo, data["adapter"])),
+            "summary": Summary(**_fields(Summary, data["summary"])),
+            "modules": [ModuleMetrics(**_fields(ModuleMetrics, m)) for m in data["modules"]],
+            "layers": [LayerProfile(**_fields(LayerProfile, layer)) for layer in data["layers"]],
+            "top_neurons": [TopNeuron(**_fields(TopNeuron, t)) for t in data["top_neurons"]],
+            "histogram": Histogram(**_fields(Histogram, data["histogram"])),
+            "heatmaps": [Heatmap(**_fields(Heatmap, h)) for h in data.get("heatmaps", [])],
+        })
+
+
+def _fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+    """The keys `cls` knows; a null in a plain `float` field was a NaN/Inf and becomes NaN again."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    return {k: (math.nan if v is None and types[k] == "float" else v)
+            for k, v in data.items() if k in types}
 
 
 def _json_safe(value: Any) -> Any:

@@ -1,0 +1,329 @@
+"""analyze_adapter: an adapter directory (and optionally its base) in, an AnalysisResult out.
+
+Modules are read and analysed one at a time (progress bar on stderr); fused projections are split
+into parts; then the adapter-wide aggregates: layers, groups, top neurons, the value histogram.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import lora_math
+from . import metrics as M
+from .loading import AdapterContents, AnalysisInputError, BaseModel, LoraModule, open_adapter
+from .naming import fused_split, parse_module_path
+from .result import (AdapterInfo, AnalysisResult, Histogram, LayerProfile, Summary, TopNeuron)
+
+__all__ = ["analyze_adapter", "AnalysisInputError"]
+
+
+@dataclass
+class _Part:
+    """One unit of analysis: a whole module or one row range of a fused one."""
+
+    name: str
+    rows: slice | None  # rows of the module's ΔW, None = all
+    shape: tuple[int, int]
+
+
+def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
+                    config: dict | None = None, progress: bool = True) -> AnalysisResult:
+    """Analyse a PEFT LoRA adapter (or an MLflow model dir with peft/) against an optional base."""
+    settings = M.AnalysisSettings.from_config(config)
+    device = settings.torch_device()
+    contents = open_adapter(adapter)
+    base_model = BaseModel(base) if base else None
+    warnings, needs_base = list(contents.warnings), []
+    plans = _plan_parts(contents, base_model, needs_base)
+
+    total_entries = sum(p.shape[0] * p.shape[1] for parts in plans.values() for p in parts)
+    exact_histogram = total_entries <= settings.histogram_exact_max_entries
+    generator = torch.Generator().manual_seed(settings.seed)
+    quotas = _sample_quotas(plans, total_entries, settings, generator) if not exact_histogram else {}
+
+    analyses: list[M.ModuleAnalysis] = []
+    samples: list[torch.Tensor] = []
+    work = len(contents.modules) + len(contents.saved)
+    with torch.no_grad(), settings.torch_threads(), tqdm(total=work, desc="tunelens analyze", unit="module", file=sys.stderr,
+                               disable=not progress, leave=False) as bar:
+        for module in contents.modules:
+            for analysis in _analyse_module(module, plans[module.name], contents, base_model,
+                                            settings, device, warnings):
+                analyses.append(analysis)
+                _keep_entries(analysis, exact_histogram, quotas, samples, generator)
+            bar.update()
+        for saved in contents.saved:
+            analysis = _analyse_saved(saved, contents, base_model, settings, device, warnings)
+            if analysis is not None:
+                analyses.append(analysis)
+                _keep_entries(analysis, exact_histogram, quotas, samples, generator)
+            bar.update()
+
+    _note_missing_base(contents, base_model, needs_base)
+    finite = [a for a in analyses if a.metrics.nonfinite == 0]
+    for a in analyses:
+        if a.metrics.nonfinite:
+            warnings.append(f"{a.metrics.name}: {a.metrics.nonfinite} NaN/Inf values in its "
+                            "tensors; left out of every aggregate")
+    result = AnalysisResult(
+        adapter=_adapter_info(contents),
+        summary=_summary(contents, base_model, analyses, finite),
+        modules=[a.metrics for a in analyses],
+        layers=_layers(finite),
+        top_neurons=_top_neurons(finite, settings.top_neurons),
+        histogram=_histogram(finite, exact_histogram, samples, settings),
+        heatmaps=[a.heatmap for a in finite if a.heatmap is not None],
+        narrative=[], glossary={},
+        base_model=str(base_model.path) if base_model else None,
+        needs_base=needs_base, warnings=warnings)
+    _narrate(result)
+    return result
+
+
+def _narrate(result: AnalysisResult) -> None:
+    from .narrative import GLOSSARY, narrate
+
+    result.narrative = narrate(result)
+    result.glossary = dict(GLOSSARY)
+
+
+def _plan_parts(contents: AdapterContents, base_model: BaseModel | None,
+                needs_base: list[str]) -> dict[str, list[_Part]]:
+    """Split fused projections; a Phi-3 qkv_proj without the base config stays whole."""
+    base_config = base_model.attention_config if base_model else None
+    plans, unsplit = {}, []
+    for module in contents.modules:
+        m, n = module.shape
+        try:
+            split = fused_split(module.name, m, base_config) if module.kind == "lora" else None
+        except ValueError as exc:
+            raise AnalysisInputError(str(exc)) from None
+        if split is None or split.needs_base_config:
+            if split is not None:
+                unsplit.append(module.name)
+            plans[module.name] = [_Part(module.name, None, (m, n))]
+        else:
+            plans[module.name] = [_Part(f"{module.name}.{suffix}", slice(start, stop),
+                                        (stop - start, n)) for suffix, start, stop in split.parts]
+    if unsplit:
+        needs_base.append(f"Q/K/V split of {len(unsplit)} fused qkv_proj modules (sizes come from "
+                          "the base config.json; analysed unsplit)")
+    return plans
+
+
+def _sample_quotas(plans, total_entries: int, settings, generator) -> dict[str, int]:
+    """Entries to sample per part, proportional to its size (one multinomial draw, seeded)."""
+    parts = [p for ps in plans.values() for p in ps]
+    if not parts or total_entries == 0:
+        return {}
+    weights = torch.tensor([p.shape[0] * p.shape[1] for p in parts], dtype=torch.float64)
+    counts = torch.multinomial(weights, settings.histogram_sample_entries, replacement=True,
+                               generator=generator).bincount(minlength=len(parts))
+    return {p.name: int(c) for p, c in zip(parts, counts)}
+
+
+def _keep_entries(analysis, exact: bool, quotas, samples, generator) -> None:
+    """Exact histogram: keep the factors for the second pass. Sampled: draw this part's share now."""
+    if analysis.entries is None or analysis.metrics.nonfinite:
+        return
+    if not exact:
+        count = quotas.get(analysis.metrics.name, 0)
+        if count:
+            samples.append(analysis.entries.sample(count, generator).cpu())
+        analysis.entries = _Population(analysis.entries.numel)
+
+
+@dataclass
+class _Population:
+    """A part's entry count once its sample is drawn (its factors are released)."""
+
+    numel: int
+
+
+def _analyse_module(module: LoraModule, parts: list[_Part], contents, base_model, settings,
+                    device, warnings):
+    left, right = module.factors(contents.tensors, device)
+    bias = module.optional(contents.tensors, "bias", device)
+    magnitude = module.optional(contents.tensors, "magnitude", device)
+    bad = M.count_nonfinite(left, right, bias, magnitude)
+    base = _base_weight(base_model, module.name, module.shape, module.fan_in_fan_out, device,
+                        warnings)
+    dense = None
+    if magnitude is not None and base is not None:
+        dense = lora_math.dora_delta(base, left, right, module.scale, magnitude) if not bad else None
+    for part in parts:
+        rows = part.rows or slice(None)
+        where = parse_module_path(part.name)
+        kind = "dora" if magnitude is not None and base is not None else module.kind
+        if bad:
+            yield M.nonfinite_module(part.name, where, list(part.shape), module.rank, module.scale,
+                                     kind, bad)
+            continue
+        part_base = base[rows] if base is not None else None
+        if dense is not None:
+            analysis = M.dense_module(part.name, where, dense[rows], module.rank, "dora", settings,
+                                      part_base, module.scale)
+        else:
+            analysis = M.factored_module(part.name, where, left[rows], right, module.scale,
+                                         module.rank, module.kind, settings, part_base)
+        if bias is not None:
+            analysis.metrics.bias_delta_norm = abs(module.scale) * float(bias[rows].norm())
+        yield analysis
+
+
+def _analyse_saved(saved, contents, base_model, settings, device, warnings):
+    """A full saved weight (modules_to_save): a dense ΔW = saved − base when the base is given."""
+    if base_model is None or len(saved.shape) != 2:
+        return None
+    module_name = saved.name[:-len(".weight")] if saved.name.endswith(".weight") else saved.name
+    base = _base_weight(base_model, module_name, tuple(saved.shape), False, device, warnings)
+    if base is None:
+        return None
+    tuned = contents.tensors.get(saved.key).to(device=device, dtype=torch.float64)
+    where = parse_module_path(module_name)
+    bad = M.count_nonfinite(tuned)
+    if bad:
+        return M.nonfinite_module(module_name, where, saved.shape, min(saved.shape), 1.0, "dense",
+                                  bad)
+    delta = tuned - base
+    return M.dense_module(module_name, where, delta, min(saved.shape), "dense", settings, base)
+
+
+def _base_weight(base_model, module_name, shape, transposed, device, warnings):
+    if base_model is None:
+        return None
+    weight = base_model.weight(f"{module_name}.weight", tuple(shape), transposed, device)
+    if weight is None:
+        warnings.append(f"{module_name}: the base model has no {module_name}.weight; base "
+                        "metrics skipped for it")
+    return weight
+
+
+def _note_missing_base(contents: AdapterContents, base_model, needs_base: list[str]) -> None:
+    if base_model is not None:
+        return
+    needs_base.append("relative change ‖ΔW‖/‖W‖, amplification factor and intruder dimensions")
+    dora = [m.name for m in contents.modules if "magnitude" in m.keys]
+    if dora:
+        needs_base.append(f"DoRA's effective ΔW for {len(dora)} modules (their LoRA direction "
+                          "s·B·A is analysed; the magnitude vector needs the base weights)")
+    weights = [s.name for s in contents.saved if len(s.shape) == 2]
+    if weights:
+        needs_base.append(f"ΔW of the full weights saved in the adapter (modules_to_save): "
+                          f"{', '.join(weights[:5])}{' …' if len(weights) > 5 else ''}")
+
+
+def _adapter_info(contents: AdapterContents) -> AdapterInfo:
+    c = contents.config
+    return AdapterInfo(peft_type=c.peft_type, r=c.r, lora_alpha=c.lora_alpha,
+                       use_rslora=c.use_rslora, use_dora=c.use_dora,
+                       target_modules=c.target_modules,
+                       base_model_name_or_path=c.base_model_name_or_path, task_type=c.task_type,
+                       fan_in_fan_out=c.fan_in_fan_out, bias=c.bias,
+                       modules_to_save=c.modules_to_save, rank_pattern=c.rank_pattern,
+                       alpha_pattern=c.alpha_pattern)
+
+
+def _layers(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
+    """Seed 003's S_ℓ = Σ_components ‖ΔW‖_F per layer, with its components and groups."""
+    by_layer: dict[int, LayerProfile] = {}
+    for a in finite:
+        m = a.metrics
+        if m.layer is None:
+            continue
+        profile = by_layer.setdefault(m.layer, LayerProfile(m.layer, 0.0, {}, {}))
+        profile.fro_sum += m.fro
+        profile.components[m.component] = profile.components.get(m.component, 0.0) + m.fro
+        profile.groups[m.group] = profile.groups.get(m.group, 0.0) + m.fro
+    return [by_layer[k] for k in sorted(by_layer)]
+
+
+def _summary(contents, base_model, analyses, finite) -> Summary:
+    layers = _layers(finite)
+    magnitudes = [p.fro_sum for p in layers] or [a.metrics.fro for a in finite]
+    group_fro: dict[str, float] = defaultdict(float)
+    for a in finite:
+        group_fro[a.metrics.group] += a.metrics.fro
+    utilisation = [a.metrics.rank_utilisation for a in finite]
+    base_params = base_model.params if base_model else None
+    return Summary(
+        trainable_params=contents.trainable_params, base_params=base_params,
+        trainable_share=contents.trainable_params / base_params if base_params else None,
+        layers_modified=sorted({a.metrics.layer for a in analyses if a.metrics.layer is not None}),
+        num_layers=base_model.num_layers if base_model else None,
+        mean_delta_fro=sum(magnitudes) / len(magnitudes) if magnitudes else math.nan,
+        max_delta_fro=max(magnitudes) if magnitudes else math.nan,
+        group_fro=dict(group_fro),
+        mean_rank_utilisation=sum(utilisation) / len(utilisation) if utilisation else math.nan,
+        nonfinite_modules=[a.metrics.name for a in analyses if a.metrics.nonfinite])
+
+
+def _top_neurons(finite: list[M.ModuleAnalysis], k: int) -> list[TopNeuron]:
+    candidates = ((shift, a.metrics, index) for a in finite for index, shift in a.top_rows)
+    best = heapq.nlargest(k, candidates, key=lambda c: c[0])
+    return [TopNeuron(m.layer, m.component, index, shift, m.name) for shift, m, index in best]
+
+
+def _histogram(finite: list[M.ModuleAnalysis], exact: bool, samples: list[torch.Tensor],
+               settings) -> Histogram:
+    """Adapter-wide value distribution: mean/std/min/max exact; counts exact or from the sample."""
+    count = sum(a.entries.numel for a in finite if a.entries is not None)
+    if count == 0:
+        return Histogram(math.nan, math.nan, math.nan, math.nan, [], [], exact, math.nan,
+                         total_entries=0)
+    total = sum(a.entry_sum for a in finite)
+    squares = sum(a.metrics.fro ** 2 for a in finite)
+    mean = total / count
+    std = math.sqrt(max(squares / count - mean * mean, 0.0))
+    low = min(a.metrics.min for a in finite)
+    high = max(a.metrics.max for a in finite)
+    bins = settings.histogram_bins
+    if exact:
+        counts = torch.zeros(bins, dtype=torch.int64)
+        moments = torch.zeros(3, dtype=torch.float64)
+        for a in finite:
+            for tile in a.entries.tiles():
+                # clamp: a tile's rounding may differ from the extremes' by an ulp
+                tile = tile.reshape(-1).cpu().clamp(low, high)
+                counts += _bin_counts(tile, low, high, bins)
+                moments += _central_moments(tile, mean, std)
+        within, third, fourth = moments.tolist()
+        share, share_error, sample_size, n = within / count, None, None, count
+    else:
+        values = torch.cat(samples) if samples else torch.zeros(0, dtype=torch.float64)
+        n = values.numel()
+        counts = _bin_counts(values, low, high, bins)
+        within, third, fourth = _central_moments(values, mean, std).tolist()
+        share = within / n if n else math.nan
+        share_error = math.sqrt(share * (1 - share) / n) if n else None
+        sample_size = n
+    skewness = third / n / std ** 3 if std > 0 and n else None
+    kurtosis = fourth / n / std ** 4 - 3 if std > 0 and n else None
+    return Histogram(mean=mean, std=std, min=low, max=high, bin_edges=torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist(),
+                     counts=[int(c) for c in counts], exact=exact, share_within_one_std=share,
+                     sample_size=sample_size, share_within_one_std_error=share_error,
+                     skewness=skewness, excess_kurtosis=kurtosis, total_entries=count)
+
+
+def _bin_counts(values: torch.Tensor, low: float, high: float, bins: int) -> torch.Tensor:
+    """numpy.histogram's counts on `bins` equal bins over [low, high], the last bin closed."""
+    if high <= low:
+        counts = torch.zeros(bins, dtype=torch.int64)
+        counts[0] = values.numel()
+        return counts
+    return torch.histogram(values, bins, range=(low, high))[0].round().long()
+
+
+def _central_moments(values: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """[#{|x−μ| <= σ}, Σ(x−μ)³, Σ(x−μ)⁴] over `values`."""
+    centred = values - mean
+    squared = centred * centred
+    return torch.stack([(squared <= std * std).sum().to(torch.float64), (squared * centred).sum(),
+                        (squared * squared).sum()])

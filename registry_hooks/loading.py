@@ -1,0 +1,365 @@
+"""Reading adapters and base models without loading a model: headers first, one tensor at a time.
+
+An adapter is a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors, or
+adapter_model.bin read only through torch.load(weights_only=True)), or an MLflow transformers model
+directory holding one under peft/. Every LoRA module stays factored (L, R, scale); shapes are checked
+against each other and the config before any math runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tunelens.errors import TunelensError
+
+from .lora_math import lora_scale
+from .naming import strip_peft_prefix
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+# PEFT's saved key suffixes (an adapter name such as `.default` may sit before `.weight`).
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
+                       r"lora_magnitude_vector)(?:\.default)?(?:\.(?P<param>weight|bias))?$")
+_SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
+
+
+class AnalysisInputError(TunelensError):
+    """An adapter or base model that cannot be analysed; the message says what and what to do."""
+
+
+def find_adapter_dir(path: str | Path) -> Path | None:
+    """The directory holding adapter_config.json: `path` itself or its peft/ folder (MLflow model)."""
+    path = Path(path)
+    for candidate in (path, path / "peft"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    return None
+
+
+def get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern p with
+    re.match(rf"(.*\\.)?({p})$", key) wins; no match gives the key itself."""
+    for pattern in pattern_keys:
+        if re.match(rf"(.*\.)?({pattern})$", key_to_match):
+            return pattern
+    return key_to_match
+
+
+@dataclass
+class AdapterConfig:
+    """adapter_config.json as the analysis uses it."""
+
+    raw: dict
+    peft_type: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    fan_in_fan_out: bool
+    target_modules: list[str] | str | None
+    modules_to_save: list[str] | None
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    base_model_name_or_path: str | None
+    task_type: str | None
+    bias: str
+    lora_bias: bool
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """r and alpha for one module path, with rank_pattern / alpha_pattern applied like PEFT."""
+        r = self.rank_pattern.get(get_pattern_key(self.rank_pattern, module_name), self.r)
+        alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern, module_name),
+                                       self.lora_alpha)
+        return int(r), float(alpha)
+
+
+def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
+    """Parse and check adapter_config.json; AnalysisInputError names what is wrong."""
+    path = adapter_dir / CONFIG_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AnalysisInputError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); "
+                                 "re-save the adapter with PEFT") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnalysisInputError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise AnalysisInputError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    peft_type = str(raw.get("peft_type") or "")
+    if not peft_type:
+        raise AnalysisInputError(f"{path} has no peft_type: is this a PEFT adapter?")
+    if peft_type.upper() != "LORA":
+        raise AnalysisInputError(f"the adapter in {adapter_dir} is a {peft_type} adapter; tunelens "
+                                 "analyses LoRA adapters only (peft_type LORA)")
+    r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AnalysisInputError(f"{path}: r must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AnalysisInputError(f"{path}: lora_alpha must be a number, got {alpha!r}")
+    for pattern_name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(raw.get(pattern_name) or {}, dict):
+            raise AnalysisInputError(f"{path}: {pattern_name} must be an object of module pattern "
+                                     "-> value")
+    return AdapterConfig(
+        raw=raw, peft_type="LORA", r=r, lora_alpha=float(alpha),
+        use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out")), target_modules=raw.get("target_modules"),
+        modules_to_save=raw.get("modules_to_save"), rank_pattern=dict(raw.get("rank_pattern") or {}),
+        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        base_model_name_or_path=raw.get("base_model_name_or_path"), task_type=raw.get("task_type"),
+        bias=str(raw.get("bias") or "none"), lora_bias=bool(raw.get("lora_bias")))
+
+
+class TensorFile:
+    """The adapter's weight file: header (names, shapes) now, tensors one by one on request."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tensors: dict[str, torch.Tensor] | None = None
+        try:
+            if path.suffix == ".safetensors":
+                self._handle = safe_open(str(path), framework="pt")
+                self._shapes = {k: list(self._handle.get_slice(k).get_shape())
+                                for k in self._handle.keys()}
+            else:
+                # Never unpickle arbitrary objects: weights_only refuses anything but tensors.
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(loaded, dict) or not all(
+                        isinstance(v, torch.Tensor) for v in loaded.values()):
+                    raise ValueError("it does not hold a flat name -> tensor mapping")
+                self._tensors = loaded
+                self._shapes = {k: list(v.shape) for k, v in loaded.items()}
+        except Exception as exc:  # the readers raise many types; all mean "unreadable file"
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AnalysisInputError(f"{path} is truncated, corrupt or not a weights file "
+                                     f"({detail[:200]}); re-save the adapter") from None
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> list[int]:
+        return self._shapes[key]
+
+    def numel(self, key: str) -> int:
+        return math.prod(self._shapes[key])
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._tensors[key] if self._tensors is not None else self._handle.get_tensor(key)
+        except Exception as exc:
+            raise AnalysisInputError(f"{self.path}: cannot read tensor {key} ({exc}); the file is "
+                                     "truncated or corrupt") from None
+
+
+@dataclass
+class LoraModule:
+    """One LoRA-adapted module, factored: ΔW = scale·L·R in Linear orientation [out, in]."""
+
+    name: str  # module path without `base_model.model.`
+    kind: str  # "lora" (Linear / Conv1D) or "embedding"
+    rank: int
+    alpha: float
+    scale: float
+    shape: tuple[int, int]  # ΔW [out, in] (embedding: the weight's [vocab, dim])
+    keys: dict[str, str]  # "A", "B", optional "bias", "magnitude" -> tensor name in the file
+    fan_in_fan_out: bool = False
+
+    def factors(self, tensors: TensorFile, device: torch.device, dtype=torch.float64):
+        """(L, R) as float64 on `device`: (lora_B, lora_A), or (lora_embedding_Aᵀ, lora_embedding_Bᵀ)."""
+        a = tensors.get(self.keys["A"]).to(device=device, dtype=dtype)
+        b = tensors.get(self.keys["B"]).to(device=device, dtype=dtype)
+        return (a.T, b.T) if self.kind == "embedding" else (b, a)
+
+    def optional(self, tensors: TensorFile, part: str, device: torch.device, dtype=torch.float64):
+        key = self.keys.get(part)
+        return None if key is None else tensors.get(key).to(device=device, dtype=dtype)
+
+
+@dataclass
+class SavedTensor:
+    """A full tensor saved in the adapter (modules_to_save, trained biases): ΔW needs the base."""
+
+    name: str  # parameter path without `base_model.model.`, e.g. `score.weight`
+    key: str
+    shape: list[int]
+
+
+@dataclass
+class AdapterContents:
+    """An opened, checked adapter: its config, factored modules and full tensors, nothing loaded."""
+
+    directory: Path
+    config: AdapterConfig
+    tensors: TensorFile
+    modules: list[LoraModule]
+    saved: list[SavedTensor]
+    trainable_params: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def open_adapter(path: str | Path) -> AdapterContents:
+    """Find, parse and check an adapter; raises AnalysisInputError with one line on bad input."""
+    path = Path(path)
+    if not path.exists():
+        raise AnalysisInputError(f"{path} does not exist")
+    adapter_dir = find_adapter_dir(path)
+    if adapter_dir is None:
+        raise AnalysisInputError(f"no {CONFIG_NAME} in {path} (nor in {path / 'peft'}): pass a PEFT "
+                                 "LoRA adapter directory or an MLflow model directory with peft/")
+    config = read_adapter_config(adapter_dir)
+    weights = adapter_dir / SAFETENSORS_NAME
+    if not weights.is_file():
+        weights = adapter_dir / BIN_NAME
+    if not weights.is_file():
+        raise AnalysisInputError(f"{adapter_dir} has {CONFIG_NAME} but neither {SAFETENSORS_NAME} "
+                                 f"nor {BIN_NAME}")
+    tensors = TensorFile(weights)
+    modules, saved, warnings, ignored = _collect(tensors, config, weights)
+    if not modules and not saved:
+        raise AnalysisInputError(f"{weights} holds no LoRA tensors (lora_A/lora_B): nothing to "
+                                 "analyse")
+    trainable = sum(tensors.numel(k) for k in tensors.keys() if k not in ignored)
+    return AdapterContents(adapter_dir, config, tensors, modules, saved, trainable, warnings)
+
+
+def _collect(tensors: TensorFile, config: AdapterConfig, weights: Path):
+    grouped: dict[str, dict[str, str]] = {}
+    saved, warnings, ignored = [], [], set()
+    for key in tensors.keys():
+        name = strip_peft_prefix(key)
+        match = _LORA_KEY.match(name)
+        if match:
+            part = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
+                    "lora_magnitude_vector": "magnitude"}[match["kind"]]
+            if match["kind"] == "lora_B" and match["param"] == "bias":
+                part = "bias"
+            entry = grouped.setdefault(match["module"], {})
+            entry[part] = key
+            entry["_embedding"] = entry.get("_embedding") or ("embedding" in match["kind"])
+        elif ".base_layer." in name:
+            # PEFT saves the base embedding beside an embedding LoRA: a copy, not trained weights.
+            ignored.add(key)
+        else:
+            saved.append(SavedTensor(_SAVED_WRAPPER.sub("", name), key, tensors.shape(key)))
+    if ignored:
+        count = sum(tensors.numel(k) for k in ignored)
+        warnings.append(f"{len(ignored)} base-layer copies in the adapter file ({count:,} values) "
+                        "are not counted as trainable parameters")
+    modules = []
+    for name, keys in sorted(grouped.items()):
+        module = _check_module(name, keys, tensors, config, weights, warnings)
+        if module is not None:
+            modules.append(module)
+    return modules, saved, warnings, ignored
+
+
+def _check_module(name, keys, tensors, config, weights, warnings) -> LoraModule | None:
+    embedding = keys.pop("_embedding")
+    for needed in ("A", "B"):
+        if needed not in keys:
+            other = "B" if needed == "A" else "A"
+            raise AnalysisInputError(f"{weights}: module {name} has lora_{other} but no "
+                                     f"lora_{needed}; the adapter file is incomplete")
+    a_shape, b_shape = tensors.shape(keys["A"]), tensors.shape(keys["B"])
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        warnings.append(f"{name}: LoRA on a {len(a_shape)}-D (convolution) weight is not analysed")
+        return None
+    r, alpha = config.rank_and_alpha(name)
+    # Linear/Conv1D: A [r, in], B [out, r]. Embedding: A [r, vocab], B [dim, r].
+    rank_a, rank_b = a_shape[0], b_shape[1]
+    if rank_a != rank_b:
+        raise AnalysisInputError(f"{weights}: module {name} has lora_A {a_shape} and lora_B {b_shape}, "
+                                 f"whose ranks ({rank_a} vs {rank_b}) contradict each other")
+    if rank_a != r:
+        raise AnalysisInputError(f"{weights}: module {name} has rank {rank_a} but "
+                                 f"adapter_config.json says r={r} for it (r / rank_pattern)")
+    shape = (a_shape[1], b_shape[0]) if embedding else (b_shape[0], a_shape[1])
+    out_features = b_shape[0]
+    for part, expected in (("bias", out_features), ("magnitude", out_features)):
+        if part in keys and tensors.shape(keys[part]) != [expected]:
+            raise AnalysisInputError(f"{weights}: module {name} has a {part} of shape "
+                                     f"{tensors.shape(keys[part])}, expected [{expected}]")
+    return LoraModule(name=name, kind="embedding" if embedding else "lora", rank=r, alpha=alpha,
+                      scale=lora_scale(alpha, r, config.use_rslora), shape=shape, keys=keys,
+                      fan_in_fan_out=config.fan_in_fan_out and not embedding)
+
+
+class BaseModel:
+    """A local base model directory: config.json and (sharded) safetensors, read one tensor a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise AnalysisInputError(f"base model directory {self.path} does not exist")
+        config_path = self.path / "config.json"
+        try:
+            self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AnalysisInputError(f"cannot read {config_path}: {exc}") from None
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise AnalysisInputError(f"base model directory {self.path} has no *.safetensors "
+                                     "weights (only safetensors base models are read)")
+        self._handles, self._shapes, self._file_of = {}, {}, {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as exc:
+                raise AnalysisInputError(f"base weights {file} are truncated or corrupt "
+                                         f"({str(exc)[:200]})") from None
+            self._handles[file] = handle
+            for key in handle.keys():
+                self._shapes[key] = list(handle.get_slice(key).get_shape())
+                self._file_of[key] = file
+        self.params = sum(math.prod(s) for s in self._shapes.values())
+
+    @property
+    def num_layers(self) -> int | None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(self.config.get(key), int):
+                return self.config[key]
+        text = self.config.get("text_config")
+        return text.get("num_hidden_layers") if isinstance(text, dict) else None
+
+    @property
+    def attention_config(self) -> dict:
+        """The config holding head counts (multimodal models nest it under text_config)."""
+        text = self.config.get("text_config")
+        return text if isinstance(text, dict) and "num_attention_heads" in text else self.config
+
+    def find(self, parameter: str) -> str | None:
+        """The base key for an adapter parameter path, allowing for a prefix either side
+        (`transformer.h.0...` in a GPT2ForSequenceClassification adapter vs `h.0...` in gpt2)."""
+        parts = parameter.split(".")
+        for start in range(len(parts) - 1):
+            tail = ".".join(parts[start:])
+            if tail in self._shapes:
+                return tail
+            hits = [k for k in self._shapes if k.endswith("." + tail)]
+            if len(hits) == 1:
+                return hits[0]
+        return None
+
+    def weight(self, parameter: str, expected: tuple[int, ...], transposed: bool, device,
+               dtype=torch.float64) -> torch.Tensor | None:
+        """The base tensor for `parameter` in Linear orientation, checked against `expected`;
+        None when the base has no such tensor. Conv1D (fan_in_fan_out) weights are stored [in, out]."""
+        key = self.find(parameter)
+        if key is None:
+            return None
+        stored = self._shapes[key]
+        oriented = stored[::-1] if transposed and len(stored) == 2 else stored
+        if list(oriented) != list(expected):
+            raise AnalysisInputError(f"base weight {key} has shape {stored} but the adapter needs "
+                                     f"{list(expected)}{' (transposed, Conv1D)' if transposed else ''}: "
+                                     f"is {self.path} the model this adapter was trained on?")
+        tensor = self._handles[self._file_of[key]].get_tensor(key).to(device=device, dtype=dtype)
+        return tensor.T if transposed and tensor.ndim == 2 else tensor

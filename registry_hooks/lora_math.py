@@ -1,0 +1,174 @@
+"""Weight math over factored LoRA deltas: ΔW = s·L·R with L (m×r), R (r×n), never materialised.
+
+L is lora_B and R is lora_A for a Linear or Conv1D module (ΔW in Linear orientation [out, in]); for an
+embedding L = lora_embedding_Aᵀ and R = lora_embedding_Bᵀ (ΔW in the weight's [vocab, dim]). Pure
+functions over torch tensors; callers pass float64 for accuracy. No MLflow, no files.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Relative slack on the |ΔW_ij| bound so a float64 rounding tie never skips the true extreme.
+_BOUND_SLACK = 1e-12
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's LoraLayer.update_layer)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def factored_svd(left: torch.Tensor, right: torch.Tensor, scale: float):
+    """ΔW = s·L·R = U·diag(S)·Vᵀ: L = Q_L·R_L, Rᵀ = Q_R·R_R (thin QR), SVD of the core s·R_L·R_Rᵀ."""
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.T)
+    core = scale * (r_left @ r_right.T)
+    u_core, singular, vh_core = torch.linalg.svd(core, full_matrices=False)
+    return q_left @ u_core, singular, q_right @ vh_core.T
+
+
+def balanced_factors(u: torch.Tensor, singular: torch.Tensor, v: torch.Tensor):
+    """X = U·√S, Y = V·√S so that ΔW = X·Yᵀ with the two sides' row norms balanced."""
+    root = singular.clamp_min(0).sqrt()
+    return u * root, v * root
+
+
+def frobenius(singular: torch.Tensor) -> float:
+    """‖ΔW‖_F = sqrt(Σ σ_i²)."""
+    return float(singular.square().sum().sqrt())
+
+
+def effective_rank(singular: torch.Tensor) -> float:
+    """exp(−Σ p_i·ln p_i) with p_i = σ_i / Σσ (Roy & Vetterli 2007); 0 for ΔW = 0."""
+    total = singular.sum()
+    if not total > 0:
+        return 0.0
+    p = singular[singular > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def stable_rank(singular: torch.Tensor) -> float:
+    """‖ΔW‖_F² / ‖ΔW‖_2² = Σσ_i² / σ_1²; 0 for ΔW = 0."""
+    top = singular.max() if singular.numel() else torch.tensor(0.0)
+    return float(singular.square().sum() / top.square()) if top > 0 else 0.0
+
+
+def energy_rank(singular: torch.Tensor, fraction: float) -> int:
+    """Smallest k with Σ_{i<=k} σ_i² >= fraction·Σ σ_i² (σ descending); 0 for ΔW = 0."""
+    energy = singular.square()
+    total = energy.sum()
+    if not total > 0:
+        return 0
+    cumulative = energy.cumsum(0) / total
+    return int((cumulative < fraction - 1e-12).sum()) + 1
+
+
+def row_norms(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """‖ΔW_i,:‖₂ = |s|·sqrt(l_iᵀ (R·Rᵀ) l_i) for every row i."""
+    gram = right @ right.T
+    return abs(scale) * ((left @ gram) * left).sum(dim=1).clamp_min(0).sqrt()
+
+
+def block_edges(size: int, blocks: int) -> torch.Tensor:
+    """Integer boundaries splitting `size` indices into min(size, blocks) nearly equal blocks."""
+    count = min(size, blocks)
+    return torch.div(torch.arange(count + 1) * size, count, rounding_mode="floor")
+
+
+def pooled_rows(matrix: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows of `matrix` within each block [edges[k], edges[k+1])."""
+    sums = torch.cumsum(torch.cat([matrix.new_zeros(1, matrix.shape[1]), matrix]), dim=0)
+    counts = (edges[1:] - edges[:-1]).to(matrix.dtype).unsqueeze(1)
+    return (sums[edges[1:]] - sums[edges[:-1]]) / counts
+
+
+def block_means(left: torch.Tensor, right: torch.Tensor, scale: float, blocks: int) -> torch.Tensor:
+    """Block means of ΔW on a ≤blocks×blocks grid: s·(row-pooled L)·(column-pooled R), exact."""
+    row_edges, col_edges = block_edges(left.shape[0], blocks), block_edges(right.shape[1], blocks)
+    return scale * pooled_rows(left, row_edges) @ pooled_rows(right.T, col_edges).T
+
+
+def block_means_dense(delta: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Block means of a dense ΔW on a ≤blocks×blocks grid."""
+    row_edges, col_edges = block_edges(delta.shape[0], blocks), block_edges(delta.shape[1], blocks)
+    return pooled_rows(pooled_rows(delta, row_edges).T, col_edges).T
+
+
+def entry_sum(left: torch.Tensor, right: torch.Tensor, scale: float) -> float:
+    """Σ_ij ΔW_ij = s·(1ᵀL)·(R·1); the mean is this over m·n."""
+    return float(scale * (left.sum(dim=0) @ right.sum(dim=1)))
+
+
+def extreme_entries(x: torch.Tensor, y: torch.Tensor, row_tile: int = 256, seed_rows: int = 64):
+    """Exact (min, max) of ΔW = X·Yᵀ, evaluating only entries whose bound ‖x_i‖·‖y_j‖ can beat them.
+
+    Rows and columns are sorted by norm; the largest rows and columns give a first min/max, then each
+    tile of rows is multiplied only with the prefix of columns where |ΔW_ij| <= ‖x_i‖·‖y_j‖ could
+    still exceed min(max, −min). Returns (min, max, entries evaluated).
+    """
+    x_norms, y_norms = x.norm(dim=1), y.norm(dim=1)
+    x_norms, row_order = x_norms.sort(descending=True)
+    y_norms, col_order = y_norms.sort(descending=True)
+    xs, ys = x[row_order], y[col_order]
+    seed_tiles = (xs[:seed_rows] @ ys.T, xs @ ys[:seed_rows].T)
+    high = max(float(t.max()) for t in seed_tiles)
+    low = min(float(t.min()) for t in seed_tiles)
+    evaluated = sum(t.numel() for t in seed_tiles)
+    # Columns sorted descending: the ones a row of norm ρ still needs are a prefix, found by search.
+    ascending_y = y_norms.flip(0).contiguous()
+    for start in range(0, xs.shape[0], row_tile):
+        threshold = min(high, -low)
+        if threshold <= 0:
+            needed = ys.shape[0]
+        else:
+            limit = torch.tensor([threshold / (float(x_norms[start]) * (1 + _BOUND_SLACK))
+                                  if x_norms[start] > 0 else math.inf], dtype=ascending_y.dtype)
+            needed = ys.shape[0] - int(torch.searchsorted(ascending_y, limit, right=True))
+        if needed == 0:
+            break
+        tile = xs[start:start + row_tile] @ ys[:needed].T
+        high, low = max(high, float(tile.max())), min(low, float(tile.min()))
+        evaluated += tile.numel()
+    return low, high, evaluated
+
+
+def entry_tiles(x: torch.Tensor, y: torch.Tensor, max_entries: int = 1 << 18):
+    """Every entry of ΔW = X·Yᵀ, tile by tile (rows), for an exact pass such as a histogram."""
+    rows = max(1, max_entries // max(1, y.shape[0]))
+    for start in range(0, x.shape[0], rows):
+        yield x[start:start + rows] @ y.T
+
+
+def sample_entries(x: torch.Tensor, y: torch.Tensor, count: int, generator: torch.Generator):
+    """`count` entries ΔW_ij = x_i·y_j at uniformly random (i, j), with replacement."""
+    rows = torch.randint(0, x.shape[0], (count,), generator=generator).to(x.device)
+    cols = torch.randint(0, y.shape[0], (count,), generator=generator).to(x.device)
+    return (x[rows] * y[cols]).sum(dim=1)
+
+
+def amplification_factor(u: torch.Tensor, v: torch.Tensor, singular: torch.Tensor,
+                         base: torch.Tensor) -> float:
+    """‖ΔW‖_F / ‖Uᵀ·W·V‖_F with U, V ΔW's top-r singular vectors (Hu et al. 2021, §7.3)."""
+    keep = singular > 0
+    projected = u[:, keep].T @ base @ v[:, keep]
+    denominator = float(projected.norm())
+    return frobenius(singular) / denominator if denominator > 0 else math.inf
+
+
+def intruder_dimensions(base: torch.Tensor, tuned: torch.Tensor, top_k: int, threshold: float) -> int:
+    """How many of the top-k left singular vectors of W+ΔW have max_j |cos(·, u_j(W))| < threshold.
+
+    Shuttleworth et al. 2024 ("LoRA vs full fine-tuning: an illusion of equivalence").
+    """
+    base_u = torch.linalg.svd(base, full_matrices=False)[0]
+    tuned_u = torch.linalg.svd(tuned, full_matrices=False)[0][:, :top_k]
+    best_cos = (tuned_u.T @ base_u).abs().max(dim=1).values
+    return int((best_cos < threshold).sum())
+
+
+def dora_delta(base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
+               magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's effective ΔW = m / ‖W + s·L·R‖_row ⊙ (W + s·L·R) − W (row norms over inputs)."""
+    merged = base + scale * (left @ right)
+    return (magnitude / merged.norm(dim=1)).unsqueeze(1) * merged - base

@@ -1,0 +1,192 @@
+"""Per-module metrics: one factored (or dense) ΔW in, a ModuleMetrics record and its extras out.
+
+Factored modules never become m×n matrices here, except tile by tile for the exact min/max (only the
+tiles the |ΔW_ij| <= ‖x_i‖·‖y_j‖ bound cannot rule out) and for an exact histogram.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from . import lora_math
+from .naming import ModulePath
+from .result import Heatmap, ModuleMetrics
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """conf.yaml's `analysis:` section, typed."""
+
+    top_neurons: int = 20
+    heatmap_size: int = 64
+    histogram_bins: int = 80
+    histogram_exact_max_entries: int = 50_000_000
+    histogram_sample_entries: int = 2_000_000
+    intruder_top_k: int = 10
+    intruder_cos_threshold: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = 1
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "AnalysisSettings":
+        section = (config or {}).get("analysis") or {}
+        known = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @contextmanager
+    def torch_threads(self):
+        """torch's CPU threads for the analysis, restored afterwards (None: torch's default)."""
+        previous = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+    def torch_device(self) -> torch.device:
+        """"auto": CUDA when torch sees a GPU, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class FactoredEntries:
+    """ΔW's entries as X·Yᵀ (balanced SVD factors): exact extremes, tiles and samples."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+        self.numel = x.shape[0] * y.shape[0]
+
+    def extremes(self) -> tuple[float, float]:
+        low, high, _ = lora_math.extreme_entries(self.x, self.y)
+        return low, high
+
+    def tiles(self):
+        return lora_math.entry_tiles(self.x, self.y)
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        return lora_math.sample_entries(self.x, self.y, count, generator)
+
+
+class DenseEntries:
+    """A materialised ΔW (DoRA's effective delta, modules_to_save): same interface."""
+
+    def __init__(self, delta: torch.Tensor):
+        self.delta = delta
+        self.numel = delta.numel()
+
+    def extremes(self) -> tuple[float, float]:
+        return float(self.delta.min()), float(self.delta.max())
+
+    def tiles(self):
+        yield self.delta
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        flat = torch.randint(0, self.numel, (count,), generator=generator).to(self.delta.device)
+        return self.delta.reshape(-1)[flat]
+
+
+@dataclass
+class ModuleAnalysis:
+    """A module's record plus what the adapter-wide aggregates need from it."""
+
+    metrics: ModuleMetrics
+    heatmap: Heatmap | None = None
+    top_rows: list[tuple[int, float]] = field(default_factory=list)  # (row, ‖ΔW_row‖), largest first
+    entries: FactoredEntries | DenseEntries | None = None
+    entry_sum: float = 0.0  # Σ ΔW_ij, for the adapter-wide mean
+
+
+def _spectrum_metrics(singular: torch.Tensor, max_rank: int) -> dict:
+    eff = lora_math.effective_rank(singular)
+    return dict(fro=lora_math.frobenius(singular),
+                spectral=float(singular.max()) if singular.numel() else 0.0,
+                singular_values=[float(s) for s in singular],
+                effective_rank=eff, stable_rank=lora_math.stable_rank(singular),
+                energy_rank_90=lora_math.energy_rank(singular, 0.90),
+                energy_rank_99=lora_math.energy_rank(singular, 0.99),
+                rank_utilisation=eff / max_rank if max_rank else 0.0)
+
+
+def _top_rows(norms: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    values, rows = norms.topk(min(k, norms.numel()))
+    return [(int(i), float(v)) for i, v in zip(rows, values)]
+
+
+def _base_metrics(fro: float, base: torch.Tensor | None, tuned_delta, settings, u=None, v=None,
+                  singular=None) -> dict:
+    """relative_fro, amplification and intruder dimensions; all None without the base weight."""
+    if base is None:
+        return {}
+    base_fro = float(base.norm())
+    out = {"relative_fro": fro / base_fro if base_fro > 0 else math.inf}
+    if u is not None:
+        out["amplification"] = lora_math.amplification_factor(u, v, singular, base)
+    out["intruder_dimensions"] = lora_math.intruder_dimensions(
+        base, base + tuned_delta(), settings.intruder_top_k, settings.intruder_cos_threshold)
+    return out
+
+
+def factored_module(name: str, where: ModulePath, left: torch.Tensor, right: torch.Tensor,
+                    scale: float, rank: int, kind: str, settings: AnalysisSettings,
+                    base: torch.Tensor | None = None) -> ModuleAnalysis:
+    """Every metric of ΔW = scale·L·R from the factors (the base, when given, is W in [out, in])."""
+    m, n = left.shape[0], right.shape[1]
+    u, singular, v = lora_math.factored_svd(left, right, scale)
+    spectrum = _spectrum_metrics(singular, min(rank, m, n))
+    total = lora_math.entry_sum(left, right, scale)
+    mean = total / (m * n)
+    variance = max(spectrum["fro"] ** 2 / (m * n) - mean * mean, 0.0)
+    x, y = lora_math.balanced_factors(u, singular, v)
+    entries = FactoredEntries(x, y)
+    low, high = entries.extremes()
+    extra = _base_metrics(spectrum["fro"], base, lambda: scale * (left @ right), settings,
+                          u, v, singular)
+    metrics = ModuleMetrics(name=name, layer=where.layer, component=where.component,
+                            group=where.group, shape=[m, n], rank=rank, scale=scale, mean=mean,
+                            std=math.sqrt(variance), min=low, max=high, kind=kind,
+                            **spectrum, **extra)
+    heat = lora_math.block_means(left, right, scale, settings.heatmap_size)
+    return ModuleAnalysis(metrics, Heatmap(name, heat.shape[0], heat.shape[1], heat.tolist()),
+                          _top_rows(lora_math.row_norms(left, right, scale), settings.top_neurons),
+                          entries, total)
+
+
+def dense_module(name: str, where: ModulePath, delta: torch.Tensor, rank: int, kind: str,
+                 settings: AnalysisSettings, base: torch.Tensor | None = None,
+                 scale: float = 1.0) -> ModuleAnalysis:
+    """Every metric of a materialised ΔW (DoRA's effective delta, a modules_to_save weight)."""
+    m, n = delta.shape
+    singular = torch.linalg.svdvals(delta)
+    spectrum = _spectrum_metrics(singular, min(m, n))
+    extra = _base_metrics(spectrum["fro"], base, lambda: delta, settings)
+    metrics = ModuleMetrics(name=name, layer=where.layer, component=where.component,
+                            group=where.group, shape=[m, n], rank=rank, scale=scale,
+                            mean=float(delta.mean()), std=float(delta.std(correction=0)),
+                            min=float(delta.min()), max=float(delta.max()), kind=kind,
+                            **spectrum, **extra)
+    heat = lora_math.block_means_dense(delta, settings.heatmap_size)
+    return ModuleAnalysis(metrics, Heatmap(name, heat.shape[0], heat.shape[1], heat.tolist()),
+                          _top_rows(delta.norm(dim=1), settings.top_neurons),
+                          DenseEntries(delta), float(delta.sum()))
+
+
+def nonfinite_module(name: str, where: ModulePath, shape: list[int], rank: int, scale: float,
+                     kind: str, nonfinite: int) -> ModuleAnalysis:
+    """A module whose tensors hold NaN/Inf: recorded with its count, left out of every aggregate."""
+    nan = math.nan
+    return ModuleAnalysis(ModuleMetrics(
+        name=name, layer=where.layer, component=where.component, group=where.group, shape=shape,
+        rank=rank, scale=scale, fro=nan, spectral=nan, singular_values=[], effective_rank=nan,
+        stable_rank=nan, energy_rank_90=0, energy_rank_99=0, rank_utilisation=nan, mean=nan,
+        std=nan, min=nan, max=nan, kind=kind, nonfinite=nonfinite))
+
+
+def count_nonfinite(*tensors: torch.Tensor | None) -> int:
+    """NaN and ±Inf entries across the given tensors."""
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t is not None)

@@ -166,3 +166,14 @@ def test_unknown_model_or_version_is_one_clear_error(mlflow_server, client, regi
     assert out.returncode == 2 and "registered model 'no-such-model' not found" in out.stderr
     with pytest.raises(TunelensError, match="has no version 99"):
         promote(client, registered.name, 99)
+
+
+def test_an_alias_mlflow_refuses_is_one_line_and_changes_nothing(mlflow_server, client, registered):
+    name = registered.name
+    version = registered("PROMOTE")
+    promote(client, name, version, alias="champion")
+    before = state(client, name, version)
+    out = tunelens(mlflow_server, "promote", name, version, "--alias", "latest")  # reserved
+    assert out.returncode == 2 and out.stderr.startswith("tunelens promote: error: MLflow refused")
+    assert "Traceback" not in out.stderr
+    assert state(client, name, version) == before

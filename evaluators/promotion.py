@@ -153,6 +153,17 @@ def promote(client, name: str, version, alias: str = "production", *, force: boo
                            verdict=verdict)
 
 
+def auto_promote(client, name: str, version, config: dict) -> PromotionResult | None:
+    """The hook worker's step after an evaluation: promote when promotion.auto_promote is on and
+    the version's verdict is PROMOTE; None (nothing changed) otherwise."""
+    settings = config["promotion"]
+    if not settings["auto_promote"]:
+        return None
+    if client.get_model_version(name, str(version)).tags.get(VERDICT_TAG) != Decision.PROMOTE:
+        return None
+    return promote(client, name, version, settings["alias"])
+
+
 def rollback(client, name: str, alias: str = "production") -> RollbackResult:
     """Point `name@alias` back at its last recorded earlier holder; refuse if there is none."""
     model = _registered_model(client, name)

@@ -8,9 +8,10 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
+from tunelens.config import load_config
 from tunelens.errors import TunelensError
-from tunelens.evaluators.promotion import (PromotionRefused, history_tag, promote, promotion_tag,
-                                           rollback)
+from tunelens.evaluators.promotion import (PromotionRefused, auto_promote, history_tag, promote,
+                                           promotion_tag, rollback)
 from tunelens.evaluators.verdict import REASONS_TAG, VERDICT_TAG
 
 
@@ -177,3 +178,20 @@ def test_an_alias_mlflow_refuses_is_one_line_and_changes_nothing(mlflow_server, 
     assert out.returncode == 2 and out.stderr.startswith("tunelens promote: error: MLflow refused")
     assert "Traceback" not in out.stderr
     assert state(client, name, version) == before
+
+
+def test_auto_promote_follows_the_switch_and_the_verdict(client, registered, tmp_path):
+    name = registered.name
+    champion, rejected, better = registered("PROMOTE"), registered("REJECT"), registered("PROMOTE")
+    off = load_config()
+    assert off["promotion"]["auto_promote"] is False
+    assert auto_promote(client, name, champion, off) is None
+    assert client.get_registered_model(name).aliases == {}
+    policy = tmp_path / "auto.yaml"
+    policy.write_text("promotion:\n  auto_promote: true\n  alias: live\n")
+    on = load_config(policy)
+    assert auto_promote(client, name, champion, on).changed
+    assert auto_promote(client, name, rejected, on) is None
+    assert client.get_registered_model(name).aliases == {"live": champion}
+    assert auto_promote(client, name, better, on).previous == champion
+    assert rollback(client, name, "live").restored == champion

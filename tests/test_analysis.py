@@ -1,0 +1,337 @@
+"""analyze_adapter against dense references: PEFT's own get_delta_weight / merge on tiny models.
+
+Every config variant (alpha/r, rsLoRA, rank_pattern/alpha_pattern, fan_in_fan_out, embedding LoRA,
+LoRA bias, DoRA, modules_to_save, fused splits) is built as a real PEFT adapter on a tiny model made
+from a config, and every metric is compared with the same quantity computed on the dense ΔW.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from factories import make_lora_adapter, save_tiny_model
+from safetensors.torch import load_file, save_file
+
+from tunelens.registry_hooks.analysis import analyze_adapter
+from tunelens.registry_hooks.naming import strip_peft_prefix
+from tunelens.registry_hooks.result import AnalysisResult
+
+ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY = {"analysis": {"heatmap_size": 8, "top_neurons": 15, "histogram_bins": 30}}
+
+
+@pytest.fixture(scope="module")
+def phi3_base(tmp_path_factory) -> Path:
+    """Phi-3 with fused qkv_proj (4 heads, 2 KV heads, head_dim 16) and gate_up_proj."""
+    from transformers import Phi3Config
+
+    config = Phi3Config(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    return save_tiny_model(config, tmp_path_factory.mktemp("phi3-base"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_base(tmp_path_factory) -> Path:
+    """GPT-2 (Conv1D weights stored [in, out]) with fused c_attn."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=120, n_embd=48, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=1, eos_token_id=2)
+    return save_tiny_model(config, tmp_path_factory.mktemp("gpt2-base"))
+
+
+def peft_deltas(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """Dense ΔW per module in Linear orientation [out, in], from PEFT itself in float64.
+
+    LoRA and embedding modules: get_delta_weight. DoRA and modules_to_save: merge_and_unload()
+    minus the base weights (the only way PEFT exposes their effective change).
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ("default" in module.lora_A
+                                              or "default" in module.lora_embedding_A):
+            delta = module.get_delta_weight("default")
+            deltas[strip_peft_prefix(name)] = delta.T if module.fan_in_fan_out else delta
+    config = model.peft_config["default"]
+    if not (config.use_dora or config.modules_to_save):
+        return deltas
+    merged = model.merge_and_unload().state_dict()
+    fan_in_fan_out = config.fan_in_fan_out
+    for key, weight in merged.items():
+        name = key[:-len(".weight")]
+        if key.endswith(".weight") and weight.ndim == 2 and (
+                name not in deltas or config.use_dora):
+            change = weight - before[key]
+            if change.abs().max() > 0:
+                conv1d = fan_in_fan_out and "c_" in name
+                deltas[name] = change.T if conv1d else change
+    return deltas
+
+
+def split_reference(deltas: dict[str, torch.Tensor], splits: dict[str, list[int]]):
+    """Fused modules cut into their parts (suffix -> rows) the way the analysis should."""
+    out = {}
+    for name, delta in deltas.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in splits:
+            suffixes, sizes = splits[leaf]
+            for suffix, part in zip(suffixes, torch.split(delta, sizes)):
+                out[f"{name}.{suffix}"] = part
+        else:
+            out[name] = delta
+    return out
+
+
+def assert_matches_dense(result: AnalysisResult, reference: dict[str, torch.Tensor],
+                         exact_histogram: bool = True, heatmap_size: int = 8) -> None:
+    """Every metric of every module against the dense ΔW."""
+    by_name = {m.name: m for m in result.modules}
+    assert set(by_name) == set(reference)
+    heatmaps = {h.module: h for h in result.heatmaps}
+    for name, delta in reference.items():
+        m = by_name[name]
+        dense = delta.numpy()
+        singular = np.linalg.svd(dense, compute_uv=False)
+        tol = 1e-9 * max(singular[0], 1e-30)
+        assert m.shape == list(dense.shape), name
+        assert m.fro == pytest.approx(np.linalg.norm(dense), rel=1e-9), name
+        assert m.spectral == pytest.approx(singular[0], rel=1e-9), name
+        k = len(m.singular_values)
+        np.testing.assert_allclose(m.singular_values, singular[:k], rtol=1e-8, atol=tol)
+        assert np.all(singular[k:] <= tol * 10), f"{name}: rank above the reported values"
+        assert m.mean == pytest.approx(dense.mean(), abs=1e-12 + 1e-9 * abs(dense).max())
+        assert m.std == pytest.approx(dense.std(), rel=1e-7)
+        assert m.min == pytest.approx(dense.min(), rel=1e-9)
+        assert m.max == pytest.approx(dense.max(), rel=1e-9)
+        rows = [i * dense.shape[0] // min(dense.shape[0], heatmap_size)
+                for i in range(min(dense.shape[0], heatmap_size) + 1)]
+        cols = [j * dense.shape[1] // min(dense.shape[1], heatmap_size)
+                for j in range(min(dense.shape[1], heatmap_size) + 1)]
+        blocks = [[dense[rows[i]:rows[i + 1], cols[j]:cols[j + 1]].mean()
+                   for j in range(len(cols) - 1)] for i in range(len(rows) - 1)]
+        np.testing.assert_allclose(heatmaps[name].values, blocks, atol=1e-12 + 1e-9 * abs(dense).max())
+    # Top neurons: the largest row norms over every module, same order and values.
+    shifts = sorted(((float(np.linalg.norm(row)), name, i) for name, d in reference.items()
+                     for i, row in enumerate(d.numpy())), reverse=True)[: len(result.top_neurons)]
+    assert [(t.module, t.index) for t in result.top_neurons] == [(n, i) for _, n, i in shifts]
+    np.testing.assert_allclose([t.shift for t in result.top_neurons], [s for s, _, _ in shifts],
+                               rtol=1e-9)
+    # Histogram pooled over all modules.
+    entries = np.concatenate([d.numpy().reshape(-1) for d in reference.values()])
+    h = result.histogram
+    assert h.total_entries == entries.size
+    assert (h.mean, h.std) == (pytest.approx(entries.mean(), abs=1e-12 + 1e-9 * abs(entries).max()),
+                               pytest.approx(entries.std(), rel=1e-7))
+    assert (h.min, h.max) == (pytest.approx(entries.min(), rel=1e-9),
+                              pytest.approx(entries.max(), rel=1e-9))
+    assert h.exact == exact_histogram
+    if exact_histogram:
+        counts, _ = np.histogram(entries, bins=len(h.counts), range=(h.min, h.max))
+        assert np.abs(np.array(h.counts) - counts).sum() <= 2  # edge rounding at most
+        assert sum(h.counts) == entries.size
+        within = np.mean(np.abs(entries - entries.mean()) <= entries.std())
+        assert h.share_within_one_std == pytest.approx(within, abs=2 / entries.size)
+        centred = entries - entries.mean()
+        assert h.excess_kurtosis == pytest.approx((centred ** 4).mean() / entries.std() ** 4 - 3,
+                                                  rel=1e-6)
+    # Per-layer S_ℓ = Σ components' ‖ΔW‖_F.
+    for layer in result.layers:
+        members = [m for m in result.modules if m.layer == layer.layer]
+        assert layer.fro_sum == pytest.approx(sum(m.fro for m in members), rel=1e-12)
+        assert set(layer.components) == {m.component for m in members}
+
+
+def test_llama_all_projections_adapter_only(llama_base, llama_adapter):
+    result = analyze_adapter(llama_adapter, config=TINY, progress=False)
+    assert_matches_dense(result, peft_deltas(llama_base, llama_adapter))
+    assert result.adapter.r == 8 and result.adapter.lora_alpha == 16
+    assert {m.scale for m in result.modules} == {2.0}
+    assert result.summary.layers_modified == [0, 1]
+    assert result.summary.base_params is None and result.summary.trainable_share is None
+    assert any("relative change" in n for n in result.needs_base)
+    assert all(m.relative_fro is None for m in result.modules)
+    assert {m.group for m in result.modules} == {"attention", "mlp"}
+    q = next(m for m in result.modules if m.name == "model.layers.0.self_attn.q_proj")
+    assert (q.layer, q.component, q.rank) == (0, "self_attn.q_proj", 8)
+    assert result.narrative and result.glossary
+    # trainable params: every tensor in the adapter file.
+    file = load_file(llama_adapter / "adapter_model.safetensors")
+    assert result.summary.trainable_params == sum(t.numel() for t in file.values())
+
+
+def test_llama_with_base_adds_relative_change_amplification_and_intruders(llama_base,
+                                                                          llama_adapter):
+    result = analyze_adapter(llama_adapter, llama_base, config=TINY, progress=False)
+    deltas = peft_deltas(llama_base, llama_adapter)
+    assert_matches_dense(result, deltas)
+    base = load_file(llama_base / "model.safetensors")
+    assert result.summary.base_params == sum(t.numel() for t in base.values())
+    assert result.summary.num_layers == 2
+    assert result.needs_base == []
+    for m in result.modules:
+        w = base[m.name + ".weight"].double().numpy()
+        d = deltas[m.name].numpy()
+        assert m.relative_fro == pytest.approx(np.linalg.norm(d) / np.linalg.norm(w), rel=1e-9)
+        u, s, vh = np.linalg.svd(d)
+        r = 8
+        amp = np.linalg.norm(d) / np.linalg.norm(u[:, :r].T @ w @ vh[:r].T)
+        assert m.amplification == pytest.approx(amp, rel=1e-6)
+        bu = np.linalg.svd(w, full_matrices=False)[0]
+        tu = np.linalg.svd(w + d, full_matrices=False)[0][:, :10]
+        assert m.intruder_dimensions == int((np.abs(tu.T @ bu).max(axis=1) < 0.5).sum())
+
+
+def test_rslora_rank_pattern_and_alpha_pattern(llama_base, tmp_path):
+    adapter = make_lora_adapter(
+        llama_base, tmp_path / "a", r=4, lora_alpha=8, use_rslora=True, target_modules=ALL_LLAMA,
+        rank_pattern={"q_proj": 2, "layers.1.self_attn.v_proj": 6},
+        alpha_pattern={"down_proj": 3, r"layers\.0\.mlp\.up_proj": 20})
+    result = analyze_adapter(adapter, config=TINY, progress=False)
+    assert_matches_dense(result, peft_deltas(llama_base, adapter))
+    by_name = {m.name: m for m in result.modules}
+    assert by_name["model.layers.0.self_attn.q_proj"].rank == 2
+    assert by_name["model.layers.1.self_attn.v_proj"].rank == 6
+    assert by_name["model.layers.0.self_attn.v_proj"].rank == 4
+    assert by_name["model.layers.1.mlp.down_proj"].scale == pytest.approx(3 / 2)
+    assert by_name["model.layers.0.mlp.up_proj"].scale == pytest.approx(20 / 2)
+    assert by_name["model.layers.1.mlp.up_proj"].scale == pytest.approx(8 / 2)
+
+
+def test_embedding_lora(llama_base, tmp_path):
+    adapter = make_lora_adapter(llama_base, tmp_path / "a", r=4, lora_alpha=8,
+                                target_modules=["embed_tokens", "o_proj"])
+    result = analyze_adapter(adapter, config=TINY, progress=False)
+    assert_matches_dense(result, peft_deltas(llama_base, adapter))
+    emb = next(m for m in result.modules if m.name == "model.embed_tokens")
+    assert (emb.kind, emb.group, emb.layer, emb.shape) == ("embedding", "embedding", None,
+                                                          [500, 128])
+    # PEFT stores a copy of the base embedding beside an embedding LoRA: not trainable.
+    file = load_file(adapter / "adapter_model.safetensors")
+    copies = [k for k in file if ".base_layer." in k]
+    assert copies and any("not counted" in w for w in result.warnings)
+    assert result.summary.trainable_params == sum(
+        t.numel() for k, t in file.items() if k not in copies)
+
+
+def test_lora_bias(gpt2_base, tmp_path):
+    adapter = make_lora_adapter(gpt2_base, tmp_path / "a", r=4, lora_alpha=8, lora_bias=True,
+                                fan_in_fan_out=True, target_modules=["c_fc", "c_proj"])
+    result = analyze_adapter(adapter, gpt2_base, config=TINY, progress=False)
+    assert_matches_dense(result, peft_deltas(gpt2_base, adapter))
+    file = load_file(adapter / "adapter_model.safetensors")
+    for m in result.modules:
+        bias = file[f"base_model.model.{m.name}.lora_B.bias"].double()
+        assert bias.norm() > 0
+        assert m.bias_delta_norm == pytest.approx(m.scale * float(bias.norm()), rel=1e-9)
+
+
+def test_dora_with_base_is_the_effective_delta_and_without_it_the_direction(llama_base, tmp_path):
+    adapter = make_lora_adapter(llama_base, tmp_path / "a", r=4, lora_alpha=8, use_dora=True,
+                                target_modules=["q_proj", "down_proj"])
+    deltas = peft_deltas(llama_base, adapter)  # merge_and_unload: DoRA's effective ΔW
+    with_base = analyze_adapter(adapter, llama_base, config=TINY, progress=False)
+    assert {m.kind for m in with_base.modules} == {"dora"}
+    assert_matches_dense(with_base, deltas)
+    alone = analyze_adapter(adapter, config=TINY, progress=False)
+    assert {m.kind for m in alone.modules} == {"lora"}
+    assert any("DoRA" in n for n in alone.needs_base)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        llama_base, dtype=torch.float64), adapter)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    direction = q.get_delta_weight("default")
+    m = next(m for m in alone.modules if m.name == "model.layers.0.self_attn.q_proj")
+    assert m.fro == pytest.approx(float(direction.norm()), rel=1e-9)
+
+
+def test_modules_to_save_dense_delta_with_base_counted_without(llama_base, tmp_path):
+    adapter = make_lora_adapter(llama_base, tmp_path / "a", r=4, lora_alpha=8,
+                                target_modules=["q_proj"], modules_to_save=["lm_head"])
+    # Train the saved head a little so its ΔW is not zero.
+    file = load_file(adapter / "adapter_model.safetensors")
+    file["base_model.model.lm_head.weight"] += 0.01 * torch.randn_like(
+        file["base_model.model.lm_head.weight"], generator=torch.Generator().manual_seed(1))
+    save_file(file, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    with_base = analyze_adapter(adapter, llama_base, config=TINY, progress=False)
+    deltas = peft_deltas(llama_base, adapter)
+    assert "lm_head" in deltas
+    assert_matches_dense(with_base, deltas)
+    head = next(m for m in with_base.modules if m.name == "lm_head")
+    assert (head.kind, head.group, head.shape) == ("dense", "embedding", [500, 128])
+    alone = analyze_adapter(adapter, config=TINY, progress=False)
+    assert [m.name for m in alone.modules] == ["model.layers.0.self_attn.q_proj",
+                                               "model.layers.1.self_attn.q_proj"]
+    assert any("lm_head.weight" in n for n in alone.needs_base)
+    assert alone.summary.trainable_params == sum(t.numel() for t in file.values())
+
+
+def test_phi3_fused_qkv_and_gate_up_split_with_base_config(phi3_base, tmp_path):
+    adapter = make_lora_adapter(phi3_base, tmp_path / "a", r=4, lora_alpha=8,
+                                target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    result = analyze_adapter(adapter, phi3_base, config=TINY, progress=False)
+    splits = {"qkv_proj": (["q", "k", "v"], [64, 32, 32]), "gate_up_proj": (["gate", "up"], [96, 96])}
+    reference = split_reference(peft_deltas(phi3_base, adapter), splits)
+    assert_matches_dense(result, reference)
+    names = {m.name for m in result.modules}
+    assert {"model.layers.0.self_attn.qkv_proj.k", "model.layers.1.mlp.gate_up_proj.up"} <= names
+    k = next(m for m in result.modules if m.name == "model.layers.0.self_attn.qkv_proj.k")
+    assert (k.component, k.group, k.shape) == ("self_attn.qkv_proj.k", "attention", [32, 64])
+    base = load_file(phi3_base / "model.safetensors")
+    w = base["model.layers.0.self_attn.qkv_proj.weight"][64:96].double()
+    assert k.relative_fro == pytest.approx(
+        float(reference[k.name].norm() / w.norm()), rel=1e-9)
+    # Without the base config, qkv_proj cannot be split: analysed whole, and said so.
+    alone = analyze_adapter(adapter, config=TINY, progress=False)
+    assert "model.layers.0.self_attn.qkv_proj" in {m.name for m in alone.modules}
+    assert "model.layers.0.mlp.gate_up_proj.gate" in {m.name for m in alone.modules}
+    assert any("qkv_proj" in n for n in alone.needs_base)
+    assert_matches_dense(alone, split_reference(peft_deltas(phi3_base, adapter),
+                                                {"gate_up_proj": splits["gate_up_proj"]}))
+
+
+def test_gpt2_fan_in_fan_out_conv1d_and_c_attn_split(gpt2_base, tmp_path):
+    adapter = make_lora_adapter(gpt2_base, tmp_path / "a", r=4, lora_alpha=16, fan_in_fan_out=True,
+                                target_modules=["c_attn", "c_proj", "c_fc"])
+    reference = split_reference(peft_deltas(gpt2_base, adapter),
+                                {"c_attn": (["q", "k", "v"], [48, 48, 48])})
+    result = analyze_adapter(adapter, gpt2_base, config=TINY, progress=False)
+    assert_matches_dense(result, reference)
+    by_name = {m.name: m for m in result.modules}
+    assert by_name["transformer.h.0.attn.c_attn.v"].shape == [48, 48]
+    assert by_name["transformer.h.1.mlp.c_fc"].shape == [192, 48]  # [out, in], not Conv1D's
+    assert (by_name["transformer.h.1.mlp.c_proj"].group,
+            by_name["transformer.h.1.attn.c_proj"].group) == ("mlp", "attention")
+    assert all(m.relative_fro is not None for m in result.modules)
+
+
+def test_nonfinite_weights_are_reported_not_fatal(llama_adapter, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_adapter, broken)
+    file = load_file(broken / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"
+    file[key][0, 0] = math.nan
+    file[key][1, 1] = math.inf
+    save_file(file, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    result = analyze_adapter(broken, config=TINY, progress=False)
+    bad = next(m for m in result.modules if m.name == "model.layers.1.mlp.up_proj")
+    assert bad.nonfinite == 2 and math.isnan(bad.fro)
+    assert result.summary.nonfinite_modules == ["model.layers.1.mlp.up_proj"]
+    assert any("NaN/Inf" in w for w in result.warnings)
+    assert math.isfinite(result.summary.max_delta_fro) and math.isfinite(result.histogram.std)
+    data = result.to_dict()
+    assert next(m for m in data["modules"] if m["name"] == bad.name)["fro"] is None
+    again = AnalysisResult.from_dict(data)
+    assert math.isnan(next(m for m in again.modules if m.name == bad.name).fro)

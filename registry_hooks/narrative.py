@@ -332,14 +332,16 @@ def _histogram(result: AnalysisResult) -> list[str]:
                    f"{'up' if drift > 0 else 'down'} overall rather than adjusting some up and "
                    f"some down, worth checking for an over-aggressive learning rate.")
     else:
-        out.append(f"The entries of ΔW are centred on zero (mean {fmt(h.mean)}, only "
-                   f"{abs(drift):.3f} standard deviations from it; std {fmt(h.std)}): increases "
-                   f"and decreases balance out, with no overall drift.")
+        distance = "less than 0.001" if abs(drift) < 0.001 else f"only {abs(drift):.3f}"
+        out.append(f"The entries of ΔW are centred on zero (mean {fmt(h.mean)}, {distance} "
+                   f"standard deviations from it; std {fmt(h.std)}): increases and decreases "
+                   f"balance out, with no overall drift.")
     share = h.share_within_one_std
     est = ""
     if not h.exact and h.sample_size:
         err = f" ± {pct(h.share_within_one_std_error)}" if h.share_within_one_std_error else ""
-        est = f" (estimated from {h.sample_size:,} sampled entries{err})"
+        population = f" of {h.total_entries:,}" if h.total_entries else ""
+        est = f" (estimated from {h.sample_size:,} sampled entries{population}{err})"
     kurt = h.excess_kurtosis
     heavy = (kurt is not None and kurt > HEAVY_TAIL_KURTOSIS) or (
         kurt is None and share > NORMAL_SHARE_WITHIN_ONE_STD + 0.03)
@@ -416,7 +418,7 @@ def _base(result: AnalysisResult) -> list[str]:
             out.append(f"None of the {len(intr)} checked modules has intruder dimensions: the "
                        f"fine-tune re-weighted directions the base already had.")
     if result.needs_base:
-        out.append(f"Skipped because no base model was given: {', '.join(result.needs_base)}. "
+        out.append(f"Skipped because no base model was given: {'; '.join(result.needs_base)}. "
                    f"Pass the base model directory (--base) to compute them.")
     return out
 

@@ -6,9 +6,12 @@ drawn by templates/report.js from the embedded result.
 """
 from __future__ import annotations
 
+import base64
 import json
-from importlib import resources
 from html import escape
+from importlib import resources
+
+import numpy as np
 
 from .narrative import GLOSSARY, SECTION_TITLES, attention_role, narrate_sections
 from .result import AnalysisResult
@@ -25,10 +28,24 @@ def embedded_json(payload: dict) -> str:
     return json.dumps(payload, allow_nan=False, ensure_ascii=False).replace("<", "\\u003c")
 
 
+def encode_heatmap(values: list[list[float | None]]) -> str:
+    """Block means as base64 little-endian float32 (None -> NaN): a quarter of the JSON text."""
+    array = np.array([[np.nan if v is None else v for v in row] for row in values], dtype="<f4")
+    return base64.b64encode(array.tobytes()).decode("ascii")
+
+
 def report_payload(result: AnalysisResult) -> dict:
-    """What the page's script reads: the result itself plus the narrative by section."""
+    """What the page's script reads: the result plus the narrative by section.
+
+    Heatmaps are 98% of an analysis.json (a 64×64 grid per module); the page carries them as
+    float32 (HEATMAP_ENCODING), which a colour scale cannot tell from float64, so an adapter of a
+    few hundred modules stays a few megabytes.
+    """
+    data = result.to_dict()
+    data["heatmaps"] = [{"module": h["module"], "rows": h["rows"], "cols": h["cols"],
+                         "f32": encode_heatmap(h["values"])} for h in data["heatmaps"]]
     return {
-        "result": result.to_dict(),
+        "result": data,
         "sections": narrate_sections(result),
         "section_titles": SECTION_TITLES,
         "glossary": GLOSSARY,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dense_result import dense_result, llama_like_result, lora_delta
-from tunelens.registry_hooks.narrative import GLOSSARY, narrate, narrate_sections
+from tunelens.registry_hooks.narrative import GLOSSARY, fmt, narrate, narrate_sections
 
 
 def _sentence(sentences: list[str], needle: str) -> str:
@@ -124,7 +124,7 @@ def test_trainable_share_and_missing_base():
     without = narrate_sections(result)
     assert "share of the base model is unknown" in without["summary"][0]
     skipped = without["base"][-1]
-    assert "relative change, amplification factor, intruder dimensions" in skipped
+    assert "relative change; amplification factor; intruder dimensions" in skipped
     assert "--base" in skipped
 
 
@@ -174,3 +174,62 @@ def test_glossary_covers_every_term_the_report_uses():
                  "top shifted neuron", "heatmap", "drift", "kurtosis"):
         assert term in terms, term
     assert all(len(v) > 40 and v.endswith(".") for v in GLOSSARY.values())
+
+
+# ---- on the real engine: a real PEFT adapter whose layer 1 was scaled up after training ----
+
+def _planted_adapter(llama_base, out_dir, layer_factor: float):
+    """A real PEFT adapter with layer 1's lora_B multiplied by `layer_factor`."""
+    from safetensors.torch import load_file, save_file
+    from factories import make_lora_adapter
+
+    adapter = make_lora_adapter(llama_base, out_dir, r=8, lora_alpha=16,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                "gate_proj", "up_proj", "down_proj"])
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    for key in tensors:
+        if ".layers.1." in key and "lora_B" in key:
+            tensors[key] = tensors[key] * layer_factor
+    save_file(tensors, path)
+    return adapter, tensors
+
+
+def _dense_layer_sums(tensors, scale: float) -> dict[int, float]:
+    """Σ over a layer's modules of ‖s·B·A‖_F, from materialised ΔW (the slow reference)."""
+    sums: dict[int, float] = defaultdict(float)
+    for key, a in tensors.items():
+        if "lora_A" not in key:
+            continue
+        b = tensors[key.replace("lora_A", "lora_B")]
+        layer = int(re.search(r"\.layers\.(\d+)\.", key).group(1))
+        sums[layer] += float((scale * b.double() @ a.double()).norm())
+    return sums
+
+
+def test_engine_narrative_names_the_planted_layer_and_ratio(llama_base, tmp_path):
+    from tunelens.registry_hooks.analysis import analyze_adapter
+
+    adapter, tensors = _planted_adapter(llama_base, tmp_path / "adapter", layer_factor=4.0)
+    result = analyze_adapter(adapter, progress=False)
+    sums = _dense_layer_sums(tensors, scale=16 / 8)
+    ratio = sums[1] / sums[0]
+    assert ratio > 3
+    assert result.narrative == narrate(result)
+    sentence = _sentence(result.narrative, "most-changed layer")
+    assert "most-changed layer is layer 1 " in sentence and "least-changed is layer 0 " in sentence
+    assert f"{ratio:.1f}× range" in sentence
+    assert f"(summed ‖ΔW‖_F {fmt(sums[1])})" in sentence
+    assert "wide spread" in sentence
+
+
+def test_engine_narrative_with_base_reports_share_and_relative_change(llama_base, llama_adapter):
+    from tunelens.registry_hooks.analysis import analyze_adapter
+
+    result = analyze_adapter(llama_adapter, llama_base, progress=False)
+    sections = narrate_sections(result)
+    assert result.summary.base_params and result.summary.trainable_share
+    assert f"{result.summary.base_params:,}" in sections["summary"][0]
+    assert "base" in sections and "--base" not in " ".join(sections["base"])
+    top = max(result.modules, key=lambda m: m.relative_fro)
+    assert top.name in " ".join(sections["base"])

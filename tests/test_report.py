@@ -1,6 +1,8 @@
 """write_analysis: analysis.json, a self-contained report.html that really renders, valid PNGs."""
 from __future__ import annotations
 
+import base64
+import html
 import json
 import re
 import shutil
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 
 from dense_result import llama_like_result
+from tunelens.registry_hooks.narrative import attention_role
 from tunelens.registry_hooks.outputs import write_analysis
 from tunelens.registry_hooks.report import DATA_ELEMENT_ID, render_report
 
@@ -53,9 +56,31 @@ def _scan(html: str) -> _Scan:
     return scan
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    result = llama_like_result(layer_magnitudes=(1.0, 3.0, 0.5, 2.0), base_params=10_000_000)
+FIXTURE_ADAPTERS = Path("/work/shared/fixtures/adapters")
+REPO_ADAPTERS = Path(__file__).parent / "data" / "adapters"
+
+
+def _fixture_adapter(name: str) -> Path:
+    """A real third-party adapter: the repo's copy, else the shared one."""
+    for root in (REPO_ADAPTERS, FIXTURE_ADAPTERS):
+        if (root / name / "adapter_config.json").exists():
+            return root / name
+    pytest.skip(f"fixture adapter {name} not found")
+
+
+@pytest.fixture(scope="module", params=["dense", "llama-engine-with-base", "gpt2-third-party"])
+def written(request, tmp_path_factory):
+    """(result, files) for a dense reference result and for two real engine runs."""
+    if request.param == "dense":
+        result = llama_like_result(layer_magnitudes=(1.0, 3.0, 0.5, 2.0), base_params=10_000_000)
+    else:
+        from tunelens.registry_hooks.analysis import analyze_adapter
+
+        if request.param == "llama-engine-with-base":
+            base = request.getfixturevalue("llama_base")
+            result = analyze_adapter(request.getfixturevalue("llama_adapter"), base, progress=False)
+        else:
+            result = analyze_adapter(_fixture_adapter("gpt2-causal-c_attn-c_proj"), progress=False)
     return result, write_analysis(result, tmp_path_factory.mktemp("analysis"))
 
 
@@ -83,10 +108,22 @@ def test_embedded_json_parses_back_to_the_result(written):
     result, files = written
     scan = _scan(files.html_path.read_text())
     payload = json.loads("".join(scan.data))
-    assert payload["result"] == result.to_dict()
+    expected = result.to_dict()
+    embedded_heatmaps = payload["result"].pop("heatmaps")
+    heatmaps = expected.pop("heatmaps")
+    assert payload["result"] == expected
+    # Heatmaps ride as base64 float32: equal to the result's values at float32 precision.
+    assert [h["module"] for h in embedded_heatmaps] == [h["module"] for h in heatmaps]
+    for embedded, original in zip(embedded_heatmaps, heatmaps):
+        decoded = np.frombuffer(base64.b64decode(embedded["f32"]), dtype="<f4")
+        assert decoded.shape == (original["rows"] * original["cols"],)
+        np.testing.assert_array_equal(decoded, np.asarray(original["values"], dtype="<f4").ravel())
     assert [s for lines in payload["sections"].values() for s in lines] == result.narrative
-    assert payload["roles"]["model.layers.0.self_attn.k_proj"] == "K"
-    assert "model.layers.0.mlp.up_proj" not in payload["roles"]
+    roles = {m.name: payload["roles"].get(m.name) for m in result.modules}
+    for name, role in roles.items():
+        expected_role = {"q": "Q", "k": "K", "v": "V", "o": "O", "c": "O"}.get(
+            name.rsplit(".", 1)[-1][0]) if ".mlp." not in name else None
+        assert role == expected_role, (name, role)
 
 
 def test_hostile_names_cannot_break_out_of_the_data_script():
@@ -146,9 +183,10 @@ def test_report_renders_in_a_real_browser(written):
     bars = sum(len(layer.components) for layer in result.layers)
     assert layer_chart.count('class="bar"') == bars
     qkvo_chart = dom.split('id="qkvo-chart"', 1)[1].split("</svg>", 1)[0]
-    assert qkvo_chart.count('class="bar"') == 4 * len(result.layers)
+    roles = {(m.layer, attention_role(m)) for m in result.modules if attention_role(m)}
+    assert qkvo_chart.count('class="bar"') == len(roles) == 4 * len(result.layers)
     picker = dom.split('id="layer-picker"', 1)[1].split("</select>", 1)[0]
-    assert picker.count("<option") == len(result.layers)
+    assert picker.count("<option") == len({m.layer for m in result.modules})
     # The picker opens on the most-changed layer, with a heatmap canvas per module.
     most = max(result.layers, key=lambda l: l.fro_sum)
     detail = dom.split('id="layer-detail"', 1)[1].split("<details", 1)[0]
@@ -162,4 +200,31 @@ def test_report_renders_in_a_real_browser(written):
     assert modules.count("<tr>") == len(result.modules) + 1
     glossary = dom.split('id="glossary-list"', 1)[1].split("</dl>", 1)[0]
     assert glossary.count("<dt>") == len(result.glossary)
-    assert "most-changed layer is layer 1" in dom
+    for sentence in result.narrative:
+        assert html.escape(sentence, quote=False) in dom, sentence
+
+
+def test_nan_weights_are_reported_not_a_crash(llama_base, tmp_path):
+    """A real adapter with NaN in one lora_B: strict JSON, charts, and a page that names it."""
+    from safetensors.torch import load_file, save_file
+    from factories import make_lora_adapter
+    from tunelens.registry_hooks.analysis import analyze_adapter
+
+    adapter = make_lora_adapter(llama_base, tmp_path / "adapter", r=4, lora_alpha=8,
+                                target_modules=["q_proj", "v_proj"])
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if ".layers.1." in k and "v_proj.lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, path)
+    result = analyze_adapter(adapter, progress=False)
+    files = write_analysis(result, tmp_path / "out")
+    json.loads(files.json_path.read_text())  # strict JSON: NaN became null
+    broken = [m.name for m in result.modules if m.nonfinite]
+    assert broken and broken[0].endswith("layers.1.self_attn.v_proj")
+    assert broken[0] in result.narrative[0] and result.narrative[0].startswith("Warning")
+    assert files.chart_paths
+    if CHROMIUM:
+        dom = _rendered_dom(files.html_path)
+        assert 'data-rendered="true"' in dom
+        assert "NaN/Inf weights found" in dom.split('id="alerts"', 1)[1].split("</div>", 1)[0]

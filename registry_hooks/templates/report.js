@@ -29,7 +29,7 @@
     const ticks = [];
     // From the last step at or below lo to the first at or above hi, so bars never overflow.
     const end = Math.ceil(hi / step - 1e-9) * step;
-    for (let t = Math.floor(lo / step + 1e-9) * step; t <= end + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
+    for (let t = Math.floor(lo / step + 1e-9) * step; t <= end + step * 1e-9; t += step) ticks.push(Math.abs(t) < step * 1e-6 ? 0 : +t.toPrecision(12));
     return ticks;
   }
 
@@ -224,8 +224,18 @@
   }
 
   // ---- layer picker: heatmap + singular-value spectrum per module ----
+  // Heatmaps travel as base64 float32 (report.py encode_heatmap); NaN marks a non-finite block.
+  function decodeF32(b64) {
+    const bin = atob(b64), bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    return new Float32Array(bytes.buffer);
+  }
   const heatmaps = {};
-  (R.heatmaps || []).forEach((h) => { heatmaps[h.module] = h; });
+  (R.heatmaps || []).forEach((h) => {
+    const flat = decodeF32(h.f32), values = [];
+    for (let i = 0; i < h.rows; i++) values.push(Array.from(flat.subarray(i * h.cols, (i + 1) * h.cols), (v) => (Number.isNaN(v) ? null : v)));
+    heatmaps[h.module] = {module: h.module, rows: h.rows, cols: h.cols, values};
+  });
   const pickLayers = [...new Set(R.modules.map((mod) => mod.layer))].sort((p, q) => (p === null) - (q === null) || p - q);
   const picker = $("#layer-picker");
   picker.innerHTML = pickLayers.map((l) => {
@@ -383,6 +393,9 @@
   ];
   if (R.modules.some((mod) => mod.relative_fro !== null && mod.relative_fro !== undefined)) modCols.push({key: "relative_fro", title: "Relative change", num: true, fmt: (v) => (v === null ? "—" : pct(v, 2))});
   if (R.modules.some((mod) => mod.intruder_dimensions !== null && mod.intruder_dimensions !== undefined)) modCols.push({key: "intruder_dimensions", title: "Intruders", num: true});
-  table($("#module-table"), modCols, R.modules.map((mod) => Object.assign({shape_text: mod.shape.join("×")}, mod)));
+  // Model order: by layer (modules outside the layer stack last), then as the engine listed them.
+  const inModelOrder = R.modules.map((mod, i) => [mod, i]).sort(([p, i], [q, j]) =>
+    ((p.layer === null) - (q.layer === null)) || ((p.layer || 0) - (q.layer || 0)) || (i - j)).map(([mod]) => mod);
+  table($("#module-table"), modCols, inModelOrder.map((mod) => Object.assign({shape_text: mod.shape.join("×")}, mod)));
   document.body.setAttribute("data-rendered", "true");
 })();

@@ -16,6 +16,7 @@ from tunelens.errors import TunelensError
 
 # name -> module under tunelens.plugin holding HELP / add_arguments / run
 SUBCOMMANDS = {
+    "evaluate": "cmd_evaluate",
     "analyze": "cmd_analyze",
     "promote": "cmd_promote",
     "rollback": "cmd_rollback",

@@ -1,0 +1,339 @@
+"""Generation backends: one vLLM engine for the base plus every adapter, or transformers+PEFT.
+
+Both take the same token ids (tokenised once by the caller) and decode their outputs the same way,
+so a difference between two models is the models', not the backends'.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from tqdm.auto import tqdm
+
+from tunelens.errors import TunelensError
+
+from .prompts import GenerationSettings, cut_at_stop
+
+log = logging.getLogger(__name__)
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model of the comparison: the base (adapter_dir None) or the base plus one adapter."""
+
+    label: str
+    adapter_dir: Path | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One model's answer to one prompt. latency: request start to last token; ttft NaN if unknown."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    latency_ms: float
+    ttft_ms: float = math.nan
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """All of one model's generations, timed in a phase of their own."""
+
+    label: str
+    generations: tuple[Generation, ...]
+    wall_s: float
+    peak_rss_gib: float  # whole process tree: this process and the engine's children
+    peak_device_gib: float | None  # GPU memory in use on the device (all processes), if a GPU
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(g.n_tokens for g in self.generations) / self.wall_s if self.wall_s else math.nan
+
+
+class MemorySampler:
+    """Peak RSS of this process and all its children (vLLM's engine lives there), sampled."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak_rss = 0
+        self.peak_device: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        root = psutil.Process()
+        rss = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                rss += proc.memory_info().rss
+            except psutil.Error:  # a child that exited between listing and reading
+                pass
+        self.peak_rss = max(self.peak_rss, rss)
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            self.peak_device = max(self.peak_device or 0, total - free)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "MemorySampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+@contextmanager
+def timed_phase(label: str):
+    """Wall time and memory peak of one model's phase; yields a dict the caller fills."""
+    record: dict = {}
+    with MemorySampler() as sampler:
+        start = time.perf_counter()
+        yield record
+        record["wall_s"] = time.perf_counter() - start
+    record["peak_rss_gib"] = sampler.peak_rss / GIB
+    record["peak_device_gib"] = None if sampler.peak_device is None else sampler.peak_device / GIB
+
+
+def decode(tokenizer, token_ids, stop: tuple[str, ...]) -> str:
+    """The text both backends report: special tokens skipped, cut at the first stop string."""
+    return cut_at_stop(tokenizer.decode(list(token_ids), skip_special_tokens=True), stop)[0]
+
+
+def adapter_config(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TunelensError(f"{path} cannot be read as a PEFT adapter config: {exc}") from None
+
+
+def vllm_refusal(adapter_dir: Path) -> str | None:
+    """Why vLLM would refuse this adapter (modules_to_save, DoRA, not LoRA), or None."""
+    config = adapter_config(adapter_dir)
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        return f"it is a {config.get('peft_type')} adapter, not LoRA"
+    if config.get("modules_to_save"):
+        return f"it trains whole modules (modules_to_save={config['modules_to_save']})"
+    if config.get("use_dora"):
+        return "it is a DoRA adapter"
+    return None
+
+
+def adapter_rank(adapter_dir: Path) -> int:
+    """The largest LoRA rank in the adapter (r, or a larger one from rank_pattern)."""
+    config = adapter_config(adapter_dir)
+    return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def vllm_max_lora_rank(ranks: list[int], configured: int | None) -> int:
+    """The smallest rank vLLM supports that is >= every adapter's rank (and the configured one)."""
+    wanted = max([*ranks, configured or 1])
+    for supported in VLLM_LORA_RANKS:
+        if supported >= wanted:
+            return supported
+    raise TunelensError(f"LoRA rank {wanted} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}): "
+                        "use --backend transformers")
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # a broken install counts as absent; the reason is logged by the caller
+        return False
+    return True
+
+
+class VllmBackend:
+    """ONE engine holding the base; every adapter is a LoRARequest on it (base never loaded twice)."""
+
+    name = "vllm"
+
+    def __init__(self, base_dir: Path, adapters: list[Path], options: dict, *, seed: int = 0,
+                 max_model_len: int):
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        memory_share = options["gpu_memory_utilization"]
+        self.engine_options = dict(
+            # bfloat16 (vLLM's "auto" for most checkpoints) kills the CPU worker (SIGILL) here.
+            model=str(base_dir), tokenizer=str(base_dir),
+            dtype="float32" if on_cpu and options["dtype"] == "auto" else options["dtype"],
+            max_model_len=max_model_len, seed=seed,
+            gpu_memory_utilization=memory_share if memory_share is not None else (0.1 if on_cpu else 0.9),
+            tensor_parallel_size=int(options["tensor_parallel_size"]),
+            enforce_eager=bool(options["enforce_eager"] or on_cpu),
+            enable_lora=bool(adapters), disable_log_stats=False)
+        if adapters:
+            self.engine_options.update(
+                max_lora_rank=vllm_max_lora_rank([adapter_rank(a) for a in adapters],
+                                                 options["max_lora_rank"]),
+                max_loras=len(adapters))
+        try:
+            self.llm = LLM(**self.engine_options)
+        except Exception as exc:  # engine start failures come from many layers (OOM, config, CUDA)
+            detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise TunelensError(f"the vLLM engine failed to start ({detail}); most often not "
+                                "enough memory for the weights plus KV cache: free memory, adjust "
+                                "evaluation.vllm.gpu_memory_utilization or max_model_len, or use "
+                                "--backend transformers") from None
+        self._lora_ids: dict[Path, int] = {}
+
+    def generate(self, candidate: Candidate, prompt_ids: list[list[int]], tokenizer,
+                 settings: GenerationSettings) -> Phase:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        lora = None
+        if candidate.adapter_dir is not None:
+            lora_id = self._lora_ids.setdefault(candidate.adapter_dir, len(self._lora_ids) + 1)
+            lora = LoRARequest(candidate.label, lora_id, str(candidate.adapter_dir))
+        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                seed=settings.seed, max_tokens=settings.max_new_tokens,
+                                stop=list(settings.stop) or None)
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        with timed_phase(candidate.label) as record:
+            try:
+                outputs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=True)
+            except Exception as exc:
+                raise TunelensError(f"vLLM could not generate with {candidate.label} "
+                                    f"({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})"
+                                    "; check that the adapter was trained on this base") from None
+        generations = []
+        for out in outputs:
+            completion, stats = out.outputs[0], out.metrics
+            if stats is not None and stats.last_token_ts:
+                # queued -> last token on the engine's monotonic clock; TTFT on the frontend's.
+                latency = (stats.last_token_ts - stats.queued_ts) * 1e3
+                ttft = stats.first_token_latency * 1e3
+            else:
+                latency, ttft = record["wall_s"] * 1e3 / len(outputs), math.nan
+            generations.append(Generation(decode(tokenizer, completion.token_ids, settings.stop),
+                                          tuple(completion.token_ids), latency, ttft))
+        return Phase(candidate.label, tuple(generations), record["wall_s"],
+                     record["peak_rss_gib"], record["peak_device_gib"])
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(
+            getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del self.llm
+
+
+def _torch_setup(options: dict):
+    import torch
+
+    device = options["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = options["dtype"]
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+class TransformersBackend:
+    """The base loaded once with transformers; adapters attached with PEFT, one active at a time."""
+
+    name = "transformers"
+
+    def __init__(self, base_dir: Path, options: dict):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device, dtype = _torch_setup(options)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(self.device)
+        except (OSError, ValueError) as exc:
+            raise TunelensError(f"cannot load the base model {base_dir}: "
+                                f"{str(exc).splitlines()[0]}") from None
+        self.model.eval()
+        self._torch = torch
+        self._adapters: dict[str, Path] = {}
+        with torch.inference_mode():  # first-call setup would otherwise be billed to the base
+            self.model.generate(input_ids=torch.ones(1, 2, dtype=torch.long, device=self.device),
+                                max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+    def _activate(self, candidate: Candidate):
+        """Context in which the model is `candidate`: adapters disabled for the base."""
+        from contextlib import nullcontext
+
+        from peft import PeftModel
+
+        if candidate.adapter_dir is None:
+            return self.model.disable_adapter() if isinstance(self.model, PeftModel) else nullcontext()
+        try:
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, candidate.adapter_dir,
+                                                       adapter_name=candidate.label)
+            elif candidate.label not in self._adapters:
+                self.model.load_adapter(candidate.adapter_dir, adapter_name=candidate.label)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise TunelensError(f"adapter {candidate.adapter_dir} does not fit the base model: "
+                                f"{str(exc).splitlines()[0]}") from None
+        self._adapters[candidate.label] = candidate.adapter_dir
+        self.model.set_adapter(candidate.label)
+        self.model.to(self.device)
+        return nullcontext()
+
+    def generate(self, candidate: Candidate, prompt_ids: list[list[int]], tokenizer,
+                 settings: GenerationSettings) -> Phase:
+        torch = self._torch
+        context = self._activate(candidate)
+        sampling = {"do_sample": False} if settings.greedy else {
+            "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+        if settings.stop:
+            sampling.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        generations = []
+        with context, torch.inference_mode(), timed_phase(candidate.label) as record:
+            torch.manual_seed(settings.seed)
+            for ids in tqdm(prompt_ids, desc=f"generate {candidate.label}", leave=False):
+                start = time.perf_counter()
+                output = self.model.generate(
+                    input_ids=torch.tensor([ids], device=self.device),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+                    max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id
+                    if tokenizer.pad_token_id is not None else tokenizer.eos_token_id, **sampling)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                latency = (time.perf_counter() - start) * 1e3
+                new = [int(t) for t in output[0, len(ids):]]
+                generations.append(Generation(decode(tokenizer, new, settings.stop), tuple(new),
+                                              latency))
+        device_peak = (torch.cuda.max_memory_allocated() / GIB if self.device.type == "cuda"
+                       else record["peak_device_gib"])
+        return Phase(candidate.label, tuple(generations), record["wall_s"],
+                     record["peak_rss_gib"], device_peak)
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()

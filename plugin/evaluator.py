@@ -1,0 +1,62 @@
+"""`evaluators=["tunelens"]` for mlflow.models.evaluate: a thin door into evaluate_version.
+
+MLflow loads a `model=` URI as pyfunc before any evaluator runs; tunelens must load the base once,
+in its own engine. So the model goes in the evaluator config and `model` stays None:
+
+    mlflow.models.evaluate(model=None, data=df, model_type="text", targets="targets",
+                           evaluators=["tunelens"],
+                           evaluator_config={"tunelens": {"model_uri": "models:/NAME/3"}})
+
+Config keys: model_uri (required), base, against, backend, max_new_tokens, config (a conf file).
+"""
+from __future__ import annotations
+
+from mlflow.models.evaluation import ModelEvaluator
+from mlflow.models.evaluation.artifacts import JsonEvaluationArtifact, TextEvaluationArtifact
+from mlflow.models.evaluation.base import EvaluationResult
+
+from tunelens.config import load_config
+from tunelens.errors import TunelensError
+
+CONFIG_KEYS = {"model_uri", "base", "against", "backend", "max_new_tokens", "config"}
+
+
+class TunelensEvaluator(ModelEvaluator):
+    """Base vs fine-tuned side by side on one engine, with a verdict on the model version."""
+
+    @classmethod
+    def can_evaluate(cls, *, model_type, evaluator_config, **kwargs) -> bool:
+        # Only when invited: evaluators=None must never start an engine uninvited.
+        return isinstance(evaluator_config, dict) and "model_uri" in evaluator_config
+
+    def evaluate(self, *, model_type, dataset, run_id, evaluator_config, model=None,
+                 extra_metrics=None, custom_artifacts=None, predictions=None, **kwargs):
+        from tunelens.evaluators.run import REPORT_FILE, TABLE_FILE, VERDICT_FILE, evaluate_version
+
+        unknown = set(evaluator_config) - CONFIG_KEYS
+        if unknown:
+            raise TunelensError(f"unknown tunelens evaluator_config key(s) {sorted(unknown)}; "
+                                f"valid: {sorted(CONFIG_KEYS)}")
+        if model is not None:
+            raise TunelensError("pass model=None and the version as evaluator_config "
+                                "{'tunelens': {'model_uri': 'models:/NAME/VERSION'}}: a model= "
+                                "argument makes MLflow load it as pyfunc before tunelens runs")
+        config = load_config(evaluator_config.get("config"))
+        frame = dataset.features_data.copy()
+        if dataset.has_targets:
+            frame[config["evaluation"]["targets_column"]] = list(dataset.labels_data)
+        outcome = evaluate_version(evaluator_config["model_uri"], frame,
+                                   base=evaluator_config.get("base"),
+                                   against=tuple(evaluator_config.get("against") or ()),
+                                   backend=evaluator_config.get("backend"),
+                                   max_new_tokens=evaluator_config.get("max_new_tokens"),
+                                   config=config, run_id=run_id)
+        from mlflow import MlflowClient
+
+        artifact_uri = MlflowClient().get_run(run_id).info.artifact_uri
+        artifacts = {
+            "tunelens_table": JsonEvaluationArtifact(f"{artifact_uri}/{TABLE_FILE}"),
+            "tunelens_report": TextEvaluationArtifact(f"{artifact_uri}/{REPORT_FILE}"),
+            "tunelens_verdict": JsonEvaluationArtifact(f"{artifact_uri}/{VERDICT_FILE}"),
+        }
+        return EvaluationResult(metrics=outcome.metrics, artifacts=artifacts, run_id=run_id)

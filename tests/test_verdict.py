@@ -15,6 +15,8 @@ from tunelens.evaluators.verdict import Decision, decide, metric_thresholds
 
 WEIGHTS = dict(weights_gib=6.0)
 WITH_ADAPTER = dict(weights_gib=6.0, adapter_mib=40.0)
+# 1000 rows, the models disagree on 2 of them, one each way: non-inferior within 2 points
+CLOSE_ON_1000_ROWS = (500, 1, 1, 498)
 
 
 def pair(both, base_only, other_only, neither, *, base_words=None, other_words=None,
@@ -60,10 +62,22 @@ def test_seed_004_significant_gain_on_ten_rows_promotes():
 
 
 def test_non_inferior_on_enough_rows_promotes_without_a_significant_gain():
-    verdict = decide(pair(100, 1, 1, 98))
+    verdict = decide(pair(*CLOSE_ON_1000_ROWS))
     exact = rule(verdict, "exact_match")
     assert exact.passed is True and "non-inferior" in exact.detail
     assert verdict.decision is Decision.PROMOTE
+    assert verdict.warnings == []
+
+
+def test_models_that_never_disagree_on_few_rows_are_not_called_non_inferior():
+    """Zero discordant rows in 30: the bootstrap says [0, 0], the score interval -0.11 to +0.11."""
+    comparison = pair(15, 0, 0, 15)
+    assert (comparison.exact_match_delta.low, comparison.exact_match_delta.high) == (0, 0)
+    verdict = decide(comparison)
+    assert rule(verdict, "exact_match").passed is None
+    assert verdict.decision is Decision.INCONCLUSIVE
+    assert "only 0 rows where the models disagree" in verdict.warnings[0]
+    assert decide(pair(300, 0, 0, 300)).decision is Decision.PROMOTE  # -0.006 on 600 rows
 
 
 def test_too_few_rows_is_inconclusive_with_the_power_note():
@@ -71,7 +85,7 @@ def test_too_few_rows_is_inconclusive_with_the_power_note():
     verdict = decide(comparison)
     assert verdict.decision is Decision.INCONCLUSIVE
     assert rule(verdict, "exact_match").passed is None
-    assert "fewer than verdict.min_rows=30" in rule(verdict, "exact_match").detail
+    assert "CIs reach below -0.02" in rule(verdict, "exact_match").detail
     assert verdict.warnings == [comparison.warning]
     assert "needs at least 6" in verdict.reasons
 
@@ -79,7 +93,7 @@ def test_too_few_rows_is_inconclusive_with_the_power_note():
 def test_interval_straddling_the_margin_is_inconclusive_and_a_wider_margin_promotes(tmp_path):
     verdict = decide(pair(40, 5, 3, 52))
     assert verdict.decision is Decision.INCONCLUSIVE
-    assert "reaches below -0.02" in rule(verdict, "exact_match").detail
+    assert "CIs reach below -0.02" in rule(verdict, "exact_match").detail
     lenient = user_config(tmp_path, "verdict:\n  noninferiority_margin: 0.1\n")
     assert decide(pair(40, 5, 3, 52, config=lenient), lenient).decision is Decision.PROMOTE
 
@@ -114,8 +128,8 @@ def test_p95_resting_on_three_slow_rows_is_undecided():
 
 
 def test_wordier_outputs_reject_and_the_rule_can_be_switched_off(tmp_path):
-    words = np.arange(200) % 7 + 5
-    comparison = pair(100, 1, 1, 98, base_words=words, other_words=words + 3)
+    words = np.arange(1000) % 7 + 5
+    comparison = pair(*CLOSE_ON_1000_ROWS, base_words=words, other_words=words + 3)
     assert rule(decide(comparison), "mean_words").passed is False
     assert decide(comparison).decision is Decision.REJECT
     off = user_config(tmp_path, "verdict:\n  max_mean_words_increase: null\n")
@@ -125,16 +139,16 @@ def test_wordier_outputs_reject_and_the_rule_can_be_switched_off(tmp_path):
 
 
 def test_memory_over_budget_rejects_and_unmeasured_memory_is_undecided(tmp_path):
-    heavy = decide(pair(100, 1, 1, 98, base_memory=dict(peak_memory_gib=6.5),
+    heavy = decide(pair(*CLOSE_ON_1000_ROWS, base_memory=dict(peak_memory_gib=6.5),
                         other_memory=dict(peak_memory_gib=9.0)))
     assert rule(heavy, "memory_ratio").passed is False
     assert heavy.decision is Decision.REJECT
-    unmeasured = decide(pair(100, 1, 1, 98, base_memory={}, other_memory={}))
+    unmeasured = decide(pair(*CLOSE_ON_1000_ROWS, base_memory={}, other_memory={}))
     assert rule(unmeasured, "memory_ratio").passed is None
     assert "not measured" in rule(unmeasured, "memory_ratio").detail
     assert unmeasured.decision is Decision.INCONCLUSIVE
     budget = user_config(tmp_path, "verdict:\n  max_memory_gib: 6.0\n")
-    over = decide(pair(100, 1, 1, 98, config=budget), budget)
+    over = decide(pair(*CLOSE_ON_1000_ROWS, config=budget), budget)
     assert rule(over, "memory_gib").passed is False  # 6.0 GiB + a 40 MiB adapter
     assert over.decision is Decision.REJECT
 
@@ -150,11 +164,12 @@ def evaluation(comparison, prefix="delta/"):
 
 
 def test_metric_thresholds_pass_with_mlflow_validate_for_a_promoted_comparison():
-    comparison = pair(100, 1, 1, 98)
+    comparison = pair(*CLOSE_ON_1000_ROWS)
     assert decide(comparison).decision is Decision.PROMOTE
     thresholds = metric_thresholds()
-    assert set(thresholds) == {"delta/exact_match_ci_low", "delta/latency_ms_p95_ratio",
-                               "delta/memory_ratio", "delta/mean_words"}
+    assert set(thresholds) == {"delta/exact_match_ci_low", "delta/exact_match_score_ci_low",
+                               "delta/latency_ms_p95_ratio", "delta/memory_ratio",
+                               "delta/mean_words"}
     mlflow.validate_evaluation_results(thresholds, evaluation(comparison))
     # a baseline (here: the previous evaluation) is accepted; absolute thresholds never use it
     previous = evaluation(pair(50, 1, 0, 49))
@@ -162,16 +177,16 @@ def test_metric_thresholds_pass_with_mlflow_validate_for_a_promoted_comparison()
 
 
 def test_metric_thresholds_fail_with_mlflow_validate_on_the_rules_decide_fails():
-    latency = np.linspace(100.0, 200.0, 200)
-    words = np.arange(200) % 7 + 5
-    comparison = pair(100, 1, 1, 98, base_latency=latency, other_latency=1.5 * latency,
+    latency = np.linspace(100.0, 200.0, 1000)
+    words = np.arange(1000) % 7 + 5
+    comparison = pair(*CLOSE_ON_1000_ROWS, base_latency=latency, other_latency=1.5 * latency,
                       base_words=words, other_words=words + 3)
     assert decide(comparison).decision is Decision.REJECT
     with pytest.raises(ModelValidationFailedException) as failure:
         mlflow.validate_evaluation_results(metric_thresholds(), evaluation(comparison))
     message = str(failure.value)
     assert "delta/latency_ms_p95_ratio" in message and "delta/mean_words" in message
-    assert "delta/exact_match_ci_low" not in message
+    assert "exact_match" not in message
 
 
 def test_metric_thresholds_follow_the_prefix_and_name_missing_metrics():

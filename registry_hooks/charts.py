@@ -19,6 +19,7 @@ from .result import AnalysisResult, ModuleMetrics
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
              "#000000", "#999999"]
 ROLE_COLOURS = {"Q": "#0072B2", "K": "#E69F00", "V": "#009E73", "O": "#CC79A7", "QKV": "#56B4E9"}
+GROUP_COLOURS = {"attention": "#0072B2", "mlp": "#E69F00", "embedding": "#009E73", "other": "#999999"}
 TOP_MODULES = 6  # modules shown in the spectra and heatmap grids: the largest ‖ΔW‖_F
 DPI = 110
 
@@ -114,10 +115,11 @@ def group_shares(result: AnalysisResult, path: Path) -> Path | None:
     fig = _figure(7.5, 0.6 * len(names) + 1.3)
     ax = fig.add_subplot()
     shares = [groups[g] / total for g in names]
-    bars = ax.barh(names, shares, color=[OKABE_ITO[i % len(OKABE_ITO)] for i in range(len(names))])
+    bars = ax.barh(names, shares, color=[GROUP_COLOURS.get(g, "#999999") for g in names])
     ax.bar_label(bars, [f"{s * 100:.1f}%  (Σ {fmt(groups[g])})" for s, g in zip(shares, names)],
                  padding=4, fontsize=9)
-    ax.set_xlim(0, 1.25)
+    ax.set_xlim(0, 1.3)  # room for the labels
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.xaxis.set_major_formatter(lambda v, _: f"{v * 100:.0f}%")
     _style(ax, "Share of the change by group", "share of Σ ‖ΔW‖_F")
     ax.grid(axis="x", color="#e3e6ec", linewidth=0.8)
@@ -158,10 +160,13 @@ def histogram(result: AnalysisResult, path: Path) -> Path | None:
     ax.stairs(h.counts, edges, fill=True, color="#0072B2", label="ΔW entries")
     ax.axvline(0.0, color="#1d2330", linestyle="--", linewidth=1, label="zero")
     ax.axvline(h.mean, color="#D55E00", linewidth=1.8, label=f"mean {fmt(h.mean)}")
-    if max(h.counts) > 50 * max(1, float(np.median([c for c in h.counts if c] or [1]))):
+    # A tall peak hides the tails on a linear axis: switch to log when it dwarfs a typical bin.
+    log = max(h.counts) > 50 * max(1, float(np.median([c for c in h.counts if c] or [1])))
+    if log:
         ax.set_yscale("log")
     source = "exact" if h.exact else f"sampled: {h.sample_size or 0:,} entries"
-    _style(ax, f"Distribution of ΔW entries ({source})", "ΔW entry value", "count")
+    _style(ax, f"Distribution of ΔW entries ({source})", "ΔW entry value",
+           "count (log scale)" if log else "count")
     ax.legend(fontsize=9, frameon=False)
     return _save(fig, path)
 

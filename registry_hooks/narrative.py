@@ -17,6 +17,9 @@ HEAVY_TAIL_KURTOSIS = 1.0  # excess kurtosis above this: tails clearly heavier t
 EVEN_SPREAD_RATIO = 1.5  # most/least changed layer below this: learning spread evenly
 CONCENTRATED_RATIO = 3.0  # above this: a few layers did most of the work
 TREND_CORRELATION = 0.5  # |Pearson r| of layer index vs change above this: a depth trend
+TREND_MIN_RATIO = 1.2  # ...and only when the layers differ this much (no trend in noise)
+SAME_SIZE_RATIO = 1.1  # two sizes within this factor read as "about as much"
+AMPLIFICATION_HIGH = 2.0  # above: ΔW boosts directions W barely emphasised (LoRA paper, §7)
 TOP_NEURONS_READ = 10
 
 # Attention roles by the last segment of a component path (after a fused projection's part
@@ -213,6 +216,12 @@ def _summary(result: AnalysisResult) -> list[str]:
     return out
 
 
+def _times(big: float, small: float) -> str:
+    """'2.5× as much as' or 'about as much as' for two positive sizes."""
+    ratio = big / small if small > 0 else math.inf
+    return "about as much as" if ratio < SAME_SIZE_RATIO else f"{ratio:.1f}× as much as"
+
+
 def _layers(result: AnalysisResult) -> list[str]:
     layers = [l for l in result.layers if math.isfinite(l.fro_sum)]
     out: list[str] = []
@@ -238,7 +247,9 @@ def _layers(result: AnalysisResult) -> list[str]:
             sentence += "; that layer did not change at all."
         out.append(sentence)
         r = _pearson([float(l.layer) for l in layers], [l.fro_sum for l in layers])
-        if r > TREND_CORRELATION:
+        if least.fro_sum > 0 and most.fro_sum / least.fro_sum < TREND_MIN_RATIO:
+            pass  # layers this alike have no depth trend worth a sentence
+        elif r > TREND_CORRELATION:
             out.append(f"Change grows with depth (correlation {r:.2f} between layer index and "
                        f"size of change): the later layers specialised most for the new task.")
         elif r < -TREND_CORRELATION:
@@ -253,16 +264,15 @@ def _layers(result: AnalysisResult) -> list[str]:
         ranked = sorted(groups.items(), key=lambda kv: -kv[1])
         parts = ", ".join(f"{_group(g)} {pct(v / total, 0)}" for g, v in ranked)
         out.append(f"By group, the change (sum of ‖ΔW‖_F) splits {parts}: {_group(ranked[0][0])} "
-                   f"carries {ranked[0][1] / ranked[1][1]:.1f}× as much as {_group(ranked[1][0])}.")
+                   f"carries {_times(ranked[0][1], ranked[1][1])} {_group(ranked[1][0])}.")
     elif len(groups) == 1:
         out.append(f"All of the change is in the {_group(next(iter(groups)))} group.")
     means = component_means(result)
     if len(means) >= 2:
         ranked = sorted(means.items(), key=lambda kv: -kv[1])
         (top, top_v), (low, low_v) = ranked[0], ranked[-1]
-        ratio = f", {top_v / low_v:.1f}× as much as" if low_v > 0 else " against"
-        out.append(f"Per layer, {top} changed most on average (‖ΔW‖_F {fmt(top_v)}){ratio} "
-                   f"{low}, the least-changed component ({fmt(low_v)}).")
+        out.append(f"Per layer, {top} changed most on average (‖ΔW‖_F {fmt(top_v)}), "
+                   f"{_times(top_v, low_v)} {low}, the least-changed component ({fmt(low_v)}).")
     return out
 
 
@@ -273,9 +283,12 @@ def _qkvo(result: AnalysisResult) -> list[str]:
         return []
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])
     parts = ", ".join(f"{ROLE_NAMES[r]} {pct(v / total, 0)}" for r, v in ranked)
-    out = [f"Within attention the change splits {parts}: {ROLE_NAMES[ranked[0][0]]} absorbed the "
-           f"most, {ROLE_NAMES[ranked[-1][0]]} the least."]
-    if {"Q", "K", "V", "O"} <= totals.keys():
+    if ranked[-1][1] > 0 and ranked[0][1] / ranked[-1][1] < SAME_SIZE_RATIO:
+        out = [f"Within attention the change splits {parts}: evenly, no component stands out."]
+    else:
+        out = [f"Within attention the change splits {parts}: {ROLE_NAMES[ranked[0][0]]} absorbed "
+               f"the most, {ROLE_NAMES[ranked[-1][0]]} the least."]
+    if {"Q", "K", "V", "O"} <= totals.keys() and len(out) == 1 and "evenly" not in out[0]:
         qk = (totals["Q"] + totals["K"]) / total
         if qk > 0.55:
             out.append(f"Query and Key together hold {pct(qk, 0)}: the adapter mainly changed "
@@ -383,7 +396,8 @@ def _neurons(result: AnalysisResult) -> list[str]:
            f"{fmt(first.shift)}, the L2 norm of that row of ΔW)."]
     if len(top) >= 3:
         layer, n = Counter(t.layer for t in top).most_common(1)[0]
-        if layer is not None and n >= max(3, len(top) // 3):
+        fair_share = len(top) / max(len(result.layers), 1)  # if neurons spread evenly
+        if layer is not None and n >= max(3, 2 * fair_share):
             out.append(f"Layer {layer} holds {n} of the top {len(top)}: a focal point of the "
                        f"specialisation.")
         component, k = Counter(t.component for t in top).most_common(1)[0]
@@ -397,15 +411,24 @@ def _base(result: AnalysisResult) -> list[str]:
     rel = [m for m in result.modules if m.relative_fro is not None and math.isfinite(m.relative_fro)]
     if rel:
         top = max(rel, key=lambda m: m.relative_fro)
-        out.append(f"Compared with the base weights, the change is {pct(fmean(m.relative_fro for m in rel), 2)} "
-                   f"of ‖W‖_F on average; the largest relative change is "
+        mean_rel = fmean(m.relative_fro for m in rel)
+        reading = ("a light touch on the base weights" if mean_rel < 0.01 else
+                   "a moderate adjustment of the base weights" if mean_rel < 0.1 else
+                   "a large change: the adapter rewrites a sizeable part of these matrices "
+                   "rather than nudging them")
+        out.append(f"Compared with the base weights, the change is {pct(mean_rel, 2)} of ‖W‖_F "
+                   f"on average ({reading}); the largest relative change is "
                    f"{pct(top.relative_fro, 2)} in {top.name}.")
     amp = [m for m in result.modules if m.amplification is not None and math.isfinite(m.amplification)]
     if amp:
         top = max(amp, key=lambda m: m.amplification)
-        out.append(f"The amplification factor averages {fmean(m.amplification for m in amp):.1f} "
-                   f"(highest {top.amplification:.1f} in {top.name}): the adapter amplifies "
-                   f"directions the base weights barely used.")
+        mean_amp = fmean(m.amplification for m in amp)
+        reading = ("the adapter amplifies directions the base weights had not emphasised, "
+                   "rather than repeating what the base already does strongly"
+                   if mean_amp > AMPLIFICATION_HIGH else
+                   "the adapter mostly reinforces directions the base weights already emphasise")
+        out.append(f"The amplification factor averages {mean_amp:.1f} (highest "
+                   f"{top.amplification:.1f} in {top.name}): {reading}.")
     intr = [m for m in result.modules if m.intruder_dimensions is not None]
     if intr:
         with_intruders = [m for m in intr if m.intruder_dimensions > 0]

@@ -7,6 +7,7 @@
   const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
                    "#000000", "#999999"];
   const ROLE_COLOURS = {Q: "#0072B2", K: "#E69F00", V: "#009E73", O: "#CC79A7", QKV: "#56B4E9"};
+  const GROUP_COLOURS = {attention: "#0072B2", mlp: "#E69F00", embedding: "#009E73", other: "#999999"};
   const $ = (sel) => document.querySelector(sel);
 
   function esc(s) {
@@ -138,7 +139,7 @@
     let x = 0, s = `<svg viewBox="0 0 1100 44" role="img" aria-label="group shares">`;
     groups.forEach(([g, v], i) => {
       const w = (v / gtotal) * 1100;
-      s += `<rect x="${x}" y="0" width="${w}" height="44" fill="${PALETTE[i % PALETTE.length]}" data-tip="${esc(g)}: Σ‖ΔW‖_F ${esc(fmt(v))} (${pct(v / gtotal)})"/>`;
+      s += `<rect x="${x}" y="0" width="${w}" height="44" fill="${GROUP_COLOURS[g] || PALETTE[(i + 4) % PALETTE.length]}" data-tip="${esc(g)}: Σ‖ΔW‖_F ${esc(fmt(v))} (${pct(v / gtotal)})"/>`;
       if (w > 90) s += `<text x="${x + 10}" y="27" style="fill:#fff;font-size:15px;font-weight:600">${esc(g)} ${pct(v / gtotal, 0)}</text>`;
       x += w;
     });
@@ -385,14 +386,18 @@
     {key: "shift", title: "Shift ‖ΔW[i,:]‖₂", num: true, html: (r) => `<span class="bar" style="width:${Math.round(80 * r.shift / maxShift)}px"></span>${esc(fmt(r.shift))}`},
   ], R.top_neurons.map((t, i) => Object.assign({rank: i + 1}, t)));
   const modCols = [
-    {key: "name", title: "Module"}, {key: "layer", title: "Layer", num: true}, {key: "group", title: "Group"},
+    {key: "layer", title: "Layer", num: true},
+    {key: "component", title: "Component", html: (r) => `<span data-tip="${esc(r.name)}">${esc(r.component)}</span>`},
+    {key: "group", title: "Group"},
     {key: "shape_text", title: "Shape"}, {key: "rank", title: "r", num: true},
     {key: "fro", title: "‖ΔW‖_F", num: true, fmt}, {key: "spectral", title: "σ₁", num: true, fmt},
     {key: "effective_rank", title: "Eff. rank", num: true, fmt}, {key: "stable_rank", title: "Stable rank", num: true, fmt},
-    {key: "rank_utilisation", title: "Utilisation", num: true, fmt: (v) => pct(v, 0)},
+    {key: "rank_utilisation", title: "Util.", num: true, fmt: (v) => pct(v, 0)},
   ];
-  if (R.modules.some((mod) => mod.relative_fro !== null && mod.relative_fro !== undefined)) modCols.push({key: "relative_fro", title: "Relative change", num: true, fmt: (v) => (v === null ? "—" : pct(v, 2))});
+  if (R.modules.some((mod) => mod.relative_fro !== null && mod.relative_fro !== undefined)) modCols.push({key: "relative_fro", title: "Rel. change", num: true, fmt: (v) => (v === null ? "—" : pct(v, 2))});
+  if (R.modules.some((mod) => mod.amplification !== null && mod.amplification !== undefined)) modCols.push({key: "amplification", title: "Amplif.", num: true, fmt});
   if (R.modules.some((mod) => mod.intruder_dimensions !== null && mod.intruder_dimensions !== undefined)) modCols.push({key: "intruder_dimensions", title: "Intruders", num: true});
+  if (R.modules.some((mod) => mod.nonfinite)) modCols.push({key: "nonfinite", title: "NaN/Inf", num: true});
   // Model order: by layer (modules outside the layer stack last), then as the engine listed them.
   const inModelOrder = R.modules.map((mod, i) => [mod, i]).sort(([p, i], [q, j]) =>
     ((p.layer === null) - (q.layer === null)) || ((p.layer || 0) - (q.layer || 0)) || (i - j)).map(([mod]) => mod);

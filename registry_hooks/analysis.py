@@ -41,6 +41,8 @@ def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
     contents = open_adapter(adapter)
     base_model = BaseModel(base) if base else None
     warnings, needs_base = list(contents.warnings), []
+    if base_model is not None:
+        _check_base_shapes(contents, base_model)
     plans = _plan_parts(contents, base_model, needs_base)
 
     total_entries = sum(p.shape[0] * p.shape[1] for parts in plans.values() for p in parts)
@@ -92,6 +94,15 @@ def _narrate(result: AnalysisResult) -> None:
 
     result.narrative = narrate(result)
     result.glossary = dict(GLOSSARY)
+
+
+def _check_base_shapes(contents: AdapterContents, base_model: BaseModel) -> None:
+    """Fail on a mismatching base before any work starts, from the headers alone."""
+    for module in contents.modules:
+        base_model.check(f"{module.name}.weight", module.shape, module.fan_in_fan_out)
+    for saved in contents.saved:
+        if len(saved.shape) == 2:
+            base_model.check(saved.name, tuple(saved.shape), False)
 
 
 def _plan_parts(contents: AdapterContents, base_model: BaseModel | None,

@@ -348,10 +348,9 @@ class BaseModel:
                 return hits[0]
         return None
 
-    def weight(self, parameter: str, expected: tuple[int, ...], transposed: bool, device,
-               dtype=torch.float64) -> torch.Tensor | None:
-        """The base tensor for `parameter` in Linear orientation, checked against `expected`;
-        None when the base has no such tensor. Conv1D (fan_in_fan_out) weights are stored [in, out]."""
+    def check(self, parameter: str, expected: tuple[int, ...], transposed: bool) -> str | None:
+        """The base key for `parameter` after checking its shape (Linear orientation) against
+        `expected`; None when the base has no such tensor. Conv1D weights are stored [in, out]."""
         key = self.find(parameter)
         if key is None:
             return None
@@ -361,5 +360,13 @@ class BaseModel:
             raise AnalysisInputError(f"base weight {key} has shape {stored} but the adapter needs "
                                      f"{list(expected)}{' (transposed, Conv1D)' if transposed else ''}: "
                                      f"is {self.path} the model this adapter was trained on?")
+        return key
+
+    def weight(self, parameter: str, expected: tuple[int, ...], transposed: bool, device,
+               dtype=torch.float64) -> torch.Tensor | None:
+        """The checked base tensor for `parameter` in Linear orientation, or None (see check)."""
+        key = self.check(parameter, expected, transposed)
+        if key is None:
+            return None
         tensor = self._handles[self._file_of[key]].get_tensor(key).to(device=device, dtype=dtype)
         return tensor.T if transposed and tensor.ndim == 2 else tensor

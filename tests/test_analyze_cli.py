@@ -1,0 +1,150 @@
+"""`tunelens analyze` as a user runs it: a subprocess, its files, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelens.registry_hooks.result import SCHEMA, AnalysisResult
+
+REAL = Path(__file__).parent / "data" / "adapters"
+
+
+def tunelens(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "tunelens.plugin.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("tunelens analyze: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_analyze_writes_json_report_and_charts(tmp_path, llama_adapter, llama_base):
+    out = tmp_path / "out"
+    proc = tunelens("analyze", str(llama_adapter), "--base", str(llama_base), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "analysis.json").read_text())
+    assert data["schema"] == SCHEMA
+    assert set(data["adapter"]) >= {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora",
+                                    "target_modules", "base_model_name_or_path"}
+    assert set(data["summary"]) >= {"trainable_params", "base_params", "layers_modified",
+                                    "mean_delta_fro", "max_delta_fro"}
+    assert data["summary"]["base_params"] > data["summary"]["trainable_params"] > 0
+    module = data["modules"][0]
+    assert set(module) >= {"name", "layer", "component", "group", "shape", "rank", "scale", "fro",
+                           "spectral", "singular_values", "effective_rank", "stable_rank",
+                           "relative_fro"}
+    assert not module["name"].startswith("base_model.model.")
+    assert module["relative_fro"] > 0
+    assert set(data["layers"][0]) >= {"layer", "fro_sum", "components"}
+    shifts = [t["shift"] for t in data["top_neurons"]]
+    assert shifts == sorted(shifts, reverse=True)
+    assert set(data["top_neurons"][0]) >= {"layer", "component", "index", "shift"}
+    assert set(data["histogram"]) >= {"mean", "std", "min", "max", "bin_edges", "counts", "exact"}
+    assert data["narrative"] and all(isinstance(s, str) for s in data["narrative"])
+    assert AnalysisResult.from_dict(data).to_dict() == data
+    assert (out / "report.html").stat().st_size > 1000
+    assert list((out / "charts").glob("*.png"))
+
+
+def test_analyze_real_adapter_without_base_and_progress_bar(tmp_path):
+    proc = tunelens("analyze", str(REAL / "gpt2-seqcls-c_attn"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert "tunelens analyze" in proc.stderr  # tqdm's bar, on stderr
+    data = json.loads((tmp_path / "o" / "analysis.json").read_text())
+    assert data["modules"][0]["name"] == "transformer.h.0.attn.c_attn.q"
+    assert data["summary"]["base_params"] is None
+
+
+@pytest.fixture()
+def adapter_copy(tmp_path, llama_adapter) -> Path:
+    target = tmp_path / "adapter"
+    shutil.copytree(llama_adapter, target)
+    return target
+
+
+def test_missing_adapter_config(tmp_path):
+    assert_one_line_error(tunelens("analyze", str(tmp_path)), "no adapter_config.json")
+
+
+def test_missing_directory(tmp_path):
+    assert_one_line_error(tunelens("analyze", str(tmp_path / "nope")), "does not exist")
+
+
+def test_invalid_adapter_config_json(adapter_copy):
+    (adapter_copy / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,')
+    assert_one_line_error(tunelens("analyze", str(adapter_copy)), "not valid JSON")
+
+
+def test_non_lora_peft_type_is_named(adapter_copy):
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    config["peft_type"] = "IA3"
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    assert_one_line_error(tunelens("analyze", str(adapter_copy)), "IA3 adapter", "LoRA")
+
+
+def test_truncated_safetensors(adapter_copy):
+    weights = adapter_copy / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_one_line_error(tunelens("analyze", str(adapter_copy)), "truncated, corrupt")
+
+
+def test_garbage_safetensors(adapter_copy):
+    (adapter_copy / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    assert_one_line_error(tunelens("analyze", str(adapter_copy)), "truncated, corrupt")
+
+
+def _rewrite(adapter: Path, change) -> None:
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_and_b_ranks_contradicting_each_other(adapter_copy):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    _rewrite(adapter_copy, lambda t: t.update({key: torch.zeros(128, 4)}))
+    assert_one_line_error(tunelens("analyze", str(adapter_copy)), "contradict each other",
+                          "model.layers.0.self_attn.q_proj")
+
+
+def test_rank_contradicting_the_config(adapter_copy):
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    config["r"] = 16
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    assert_one_line_error(tunelens("analyze", str(adapter_copy)), "r=16")
+
+
+def test_lora_a_without_b(adapter_copy):
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    _rewrite(adapter_copy, lambda t: t.pop(key))
+    assert_one_line_error(tunelens("analyze", str(adapter_copy)), "no lora_B")
+
+
+def test_base_with_mismatching_shapes(adapter_copy, tmp_path):
+    import sys as _sys
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from factories import tiny_llama
+
+    other_base = tiny_llama(tmp_path / "other-base", hidden=64, heads=1, intermediate=128)
+    assert_one_line_error(tunelens("analyze", str(adapter_copy), "--base", str(other_base)),
+                          "has shape", "is", "the model this adapter was trained on")
+
+
+def test_base_directory_without_weights(adapter_copy, tmp_path):
+    (tmp_path / "empty-base").mkdir()
+    assert_one_line_error(tunelens("analyze", str(adapter_copy), "--base",
+                                   str(tmp_path / "empty-base")), "no *.safetensors")

@@ -72,8 +72,9 @@ def test_cli_refuses_a_version_whose_verdict_is_not_promote(mlflow_server, clien
     assert before[0] == {"production": good}
 
     never = registered(None)
-    out = tunelens(mlflow_server, "promote", name, never)
-    assert out.returncode == 1 and "none (never evaluated)" in out.stderr
+    with pytest.raises(PromotionRefused, match=r"none \(never evaluated\)") as refused:
+        promote(client, name, never)
+    assert refused.value.exit_code == 1
     inconclusive = registered("INCONCLUSIVE")
     with pytest.raises(PromotionRefused, match="verdict INCONCLUSIVE"):
         promote(client, name, inconclusive)
@@ -84,9 +85,8 @@ def test_cli_promotes_records_the_previous_holder_and_rollback_restores_it(
         mlflow_server, client, registered):
     name = registered.name
     first, second = registered("PROMOTE"), registered("PROMOTE")
-    out = tunelens(mlflow_server, "promote", name, first)
-    assert out.returncode == 0, out.stderr
-    assert f"{name}@production -> version {first} (new alias)" in out.stdout
+    assert f"{name}@production -> version {first} (new alias)" in promote(client, name,
+                                                                          first).describe()
     aliases, model_tags, tags = state(client, name, first)
     assert aliases == {"production": first} and history_tag("production") not in model_tags
     assert tags[promotion_tag("production", "replaced")] == "none"
@@ -117,8 +117,8 @@ def test_force_needs_a_reason_and_records_it(mlflow_server, client, registered):
     before = state(client, name, rejected)
     out = tunelens(mlflow_server, "promote", name, rejected, "--force")
     assert out.returncode == 2 and "--force needs --reason" in out.stderr
-    out = tunelens(mlflow_server, "promote", name, rejected, "--force", "--reason", "   ")
-    assert out.returncode == 2
+    with pytest.raises(TunelensError, match="--force needs --reason"):
+        promote(client, name, rejected, force=True, reason="   ")
     assert state(client, name, rejected) == before
 
     out = tunelens(mlflow_server, "promote", name, rejected, "--force", "--reason",

@@ -1,8 +1,9 @@
 """Paired statistics for a side-by-side evaluation: the same rows, scored for two models.
 
 Exact match is compared with the exact McNemar test (only the rows where the two models disagree
-carry information), every difference gets a paired bootstrap interval (rows resampled jointly, so
-the pairing is kept), and a power note says when the test set is too small to decide.
+carry information) and, besides the bootstrap, Tango's score interval (sound when the models rarely
+disagree); every difference gets a paired bootstrap interval (rows resampled jointly, so the pairing
+is kept), and a power note says when the test set is too small to decide.
 """
 from __future__ import annotations
 

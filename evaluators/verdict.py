@@ -2,7 +2,8 @@
 
 Each rule is tri-state: passed (True), failed with confidence (False), or undecided on this test set
 (None). Any failed rule gives REJECT; otherwise any undecided rule gives INCONCLUSIVE; otherwise
-PROMOTE. So INCONCLUSIVE always means "more rows could change the answer", REJECT never does.
+PROMOTE. So INCONCLUSIVE always means "more rows (or a missing measurement) could change the
+answer", and REJECT never does.
 """
 from __future__ import annotations
 

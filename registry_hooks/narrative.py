@@ -125,6 +125,29 @@ def _group(name: str) -> str:
     return {"mlp": "MLP"}.get(name, name)
 
 
+_GROUP_ORDER = {"embedding": 0, "attention": 1, "mlp": 2, "other": 3}
+# Within a group: attention's Q, K, V, O (fused QKV first), then the MLP's gate/up/fc before down.
+_LEAF_ORDER = {"qkv_proj": 0, "c_attn": 0, "query_key_value": 0, "Wqkv": 0, "q_proj": 1, "q": 1,
+               "query": 1, "k_proj": 2, "k": 2, "key": 2, "v_proj": 3, "v": 3, "value": 3,
+               "o_proj": 4, "out_proj": 4, "o": 4, "dense": 4, "gate_up_proj": 5, "gate_proj": 6,
+               "gate": 6, "w1": 6, "up_proj": 7, "up": 7, "w3": 7, "c_fc": 7, "fc1": 7,
+               "dense_h_to_4h": 7, "down_proj": 8, "w2": 8, "fc2": 8, "dense_4h_to_h": 8}
+
+
+def component_order(result: AnalysisResult) -> list[str]:
+    """Components of the layer stack in reading order: attention Q, K, V, O, then the MLP."""
+    groups = {m.component: m.group for m in result.modules if m.layer is not None}
+
+    def key(component: str) -> tuple:
+        # A fused part (attn.c_attn.q) sorts by its part; GPT-2's c_proj is attention's O or the
+        # MLP's down projection depending on where it sits.
+        leaf, group = component.rsplit(".", 1)[-1], groups[component]
+        rank = _LEAF_ORDER.get(leaf, (8 if group == "mlp" else 4) if leaf == "c_proj" else 9)
+        return _GROUP_ORDER.get(group, 3), rank, component
+
+    return sorted(groups, key=key)
+
+
 def fmt(x: float | None) -> str:
     """A number as a person would write it: 3 significant figures, thousands separators."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):

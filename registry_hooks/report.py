@@ -13,7 +13,8 @@ from importlib import resources
 
 import numpy as np
 
-from .narrative import GLOSSARY, SECTION_TITLES, attention_role, narrate_sections
+from .narrative import (GLOSSARY, SECTION_TITLES, attention_role, component_order,
+                        narrate_sections)
 from .result import AnalysisResult
 
 DATA_ELEMENT_ID = "tunelens-data"
@@ -34,14 +35,14 @@ def encode_heatmap(values: list[list[float | None]]) -> str:
     return base64.b64encode(array.tobytes()).decode("ascii")
 
 
-def report_payload(result: AnalysisResult) -> dict:
+def report_payload(result: AnalysisResult, data: dict | None = None) -> dict:
     """What the page's script reads: the result plus the narrative by section.
 
     Heatmaps are 98% of an analysis.json (a 64×64 grid per module); the page carries them as
     float32 (HEATMAP_ENCODING), which a colour scale cannot tell from float64, so an adapter of a
     few hundred modules stays a few megabytes.
     """
-    data = result.to_dict()
+    data = dict(result.to_dict() if data is None else data)
     data["heatmaps"] = [{"module": h["module"], "rows": h["rows"], "cols": h["cols"],
                          "f32": encode_heatmap(h["values"])} for h in data["heatmaps"]]
     return {
@@ -50,16 +51,17 @@ def report_payload(result: AnalysisResult) -> dict:
         "section_titles": SECTION_TITLES,
         "glossary": GLOSSARY,
         "roles": {m.name: role for m in result.modules if (role := attention_role(m))},
+        "components": component_order(result),
     }
 
 
-def render_report(result: AnalysisResult) -> str:
-    """The full report.html text for `result`."""
+def render_report(result: AnalysisResult, data: dict | None = None) -> str:
+    """The full report.html text for `result` (`data`: its to_dict(), when already at hand)."""
     title = "tunelens · " + (result.adapter.base_model_name_or_path or "LoRA adapter") + " adapter"
     page = _template("report.html")
     # One pass over fixed markers, in an order where no inserted text can contain a later marker.
     for marker, text in (("__CSS__", _template("report.css")), ("__JS__", _template("report.js")),
                          ("__TITLE__", escape(title)),
-                         ("__DATA__", embedded_json(report_payload(result)))):
+                         ("__DATA__", embedded_json(report_payload(result, data)))):
         page = page.replace(marker, text, 1)
     return page

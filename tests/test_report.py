@@ -89,7 +89,7 @@ def test_files_land_where_the_contract_says(written):
     out = files.json_path.parent
     assert files.json_path == out / "analysis.json" and files.html_path == out / "report.html"
     assert all(p.parent == out / "charts" and p.suffix == ".png" for p in files.chart_paths)
-    assert json.loads(files.json_path.read_text()) == result.to_dict()
+    assert files.json_path.read_text() == result.to_json()
 
 
 def test_report_is_self_contained(written):

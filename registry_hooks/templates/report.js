@@ -150,8 +150,7 @@
   }
 
   // ---- per-layer bars by component ----
-  const components = [];
-  R.modules.forEach((mod) => { if (mod.layer !== null && !components.includes(mod.component)) components.push(mod.component); });
+  const components = DATA.components;  // reading order: attention Q, K, V, O, then the MLP
   const compSeries = components.map((c, i) => ({name: c, colour: PALETTE[i % PALETTE.length],
     values: layers.map((l) => (c in l.components ? l.components[c] : null))}));
   // Grid view: one cell per (component, layer), coloured by a chosen per-module metric.
@@ -281,7 +280,8 @@
       cum += v * v;
       const h = v / top * ih;
       s += `<rect x="${m.l + i * bw + bw * 0.12}" y="${m.t + ih - h}" width="${bw * 0.76}" height="${h}" fill="#0072B2" data-tip="σ${i + 1} = ${esc(fmt(v))} · cumulative energy ${pct(energy ? cum / energy : 0)}"/>`;
-      if (vals.length <= 16 || i % Math.ceil(vals.length / 16) === 0) s += `<text x="${m.l + (i + 0.5) * bw}" y="${H - 8}" text-anchor="middle" font-size="10">${i + 1}</text>`;
+      const labelEvery = vals.length <= 10 ? 1 : Math.ceil(vals.length / 8);
+      if (i === 0 || (i + 1) % labelEvery === 0) s += `<text x="${m.l + (i + 0.5) * bw}" y="${H - 8}" text-anchor="middle" font-size="10">${i + 1}</text>`;
     });
     return s + `<line x1="${m.l}" x2="${W - m.r}" y1="${m.t + ih}" y2="${m.t + ih}" stroke="#8a93a3"/></svg>`;
   }

@@ -494,3 +494,39 @@ def narrate_sections(result: AnalysisResult) -> dict[str, list[str]]:
 def narrate(result: AnalysisResult) -> list[str]:
     """Plain-English sentences derived from the result's numbers, most important first."""
     return [s for sentences in narrate_sections(result).values() for s in sentences]
+
+
+def narrate_layer(result: AnalysisResult, layer: int | None) -> list[str]:
+    """What one layer's profile says: its rank among layers, its largest module, its spectra."""
+    modules = [m for m in result.modules if m.layer == layer and math.isfinite(m.fro)]
+    if not modules:
+        return []
+    out: list[str] = []
+    profiles = sorted((l for l in result.layers if math.isfinite(l.fro_sum)),
+                      key=lambda l: -l.fro_sum)
+    mine = next((l for l in profiles if l.layer == layer), None)
+    if mine is not None and len(profiles) >= 2:
+        place = profiles.index(mine) + 1
+        least = profiles[-1].fro_sum
+        standing = ("the most-changed" if place == 1 else "the least-changed"
+                    if place == len(profiles) else f"number {place} by size of change")
+        versus = (f", {mine.fro_sum / least:.1f}× the least-changed layer" if least > 0 and
+                  place < len(profiles) else "")
+        out.append(f"Layer {layer} is {standing} of {len(profiles)} layers (summed ‖ΔW‖_F "
+                   f"{fmt(mine.fro_sum)}{versus}).")
+    total = sum(m.fro for m in modules)
+    top = max(modules, key=lambda m: m.fro)
+    if len(modules) >= 2 and total > 0:
+        out.append(f"Its largest change is in {top.component} ({pct(top.fro / total, 0)} of the "
+                   f"layer's summed ‖ΔW‖_F).")
+    lora = [m for m in modules if m.rank > 0 and m.singular_values and math.isfinite(m.effective_rank)]
+    if lora:
+        util = fmean(m.rank_utilisation for m in lora)
+        first_share = {m.component: m.singular_values[0] ** 2 / sum(s * s for s in m.singular_values)
+                       for m in lora if sum(s * s for s in m.singular_values) > 0}
+        if first_share:
+            peaked = max(first_share, key=first_share.get)
+            out.append(f"Its modules use {pct(util, 0)} of their rank on average; the most "
+                       f"concentrated is {peaked}, whose strongest direction holds "
+                       f"{pct(first_share[peaked], 0)} of its change's energy.")
+    return out

@@ -14,7 +14,7 @@ from importlib import resources
 import numpy as np
 
 from .narrative import (GLOSSARY, SECTION_TITLES, attention_role, component_order,
-                        narrate_sections)
+                        narrate_layer, narrate_sections)
 from .result import AnalysisResult
 
 DATA_ELEMENT_ID = "tunelens-data"
@@ -52,6 +52,9 @@ def report_payload(result: AnalysisResult, data: dict | None = None) -> dict:
         "glossary": GLOSSARY,
         "roles": {m.name: role for m in result.modules if (role := attention_role(m))},
         "components": component_order(result),
+        # Keyed by str(layer) ("null" for modules outside the layer stack), as JSON keys must be.
+        "layer_stories": {json.dumps(layer): narrate_layer(result, layer)
+                          for layer in {m.layer for m in result.modules}},
     }
 
 

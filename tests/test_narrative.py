@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dense_result import dense_result, llama_like_result, lora_delta
-from tunelens.registry_hooks.narrative import GLOSSARY, fmt, narrate, narrate_sections
+from tunelens.registry_hooks.narrative import (GLOSSARY, component_order, fmt, narrate,
+                                               narrate_layer, narrate_sections)
 
 
 def _sentence(sentences: list[str], needle: str) -> str:
@@ -233,3 +234,24 @@ def test_engine_narrative_with_base_reports_share_and_relative_change(llama_base
     assert "base" in sections and "--base" not in " ".join(sections["base"])
     top = max(result.modules, key=lambda m: m.relative_fro)
     assert top.name in " ".join(sections["base"])
+
+
+def test_layer_story_places_the_layer_and_names_its_largest_module():
+    result = llama_like_result(layer_magnitudes=(1.0, 3.0, 0.5, 2.0),
+                               role_magnitudes={"mlp.down_proj": 4.0})
+    top = narrate_layer(result, 1)
+    assert top[0].startswith("Layer 1 is the most-changed of 4 layers")
+    sums = {l.layer: l.fro_sum for l in result.layers}
+    assert f"{sums[1] / sums[2]:.1f}× the least-changed layer" in top[0]
+    assert top[1].startswith("Its largest change is in mlp.down_proj")
+    assert narrate_layer(result, 2)[0].startswith("Layer 2 is the least-changed of 4 layers")
+    assert narrate_layer(result, 3)[0].startswith("Layer 3 is number 2 by size of change")
+    assert narrate_layer(result, 99) == []
+
+
+def test_components_read_in_model_order():
+    result = llama_like_result(layer_magnitudes=(1.0,))
+    result.modules.reverse()  # engine order must not matter
+    assert component_order(result) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                       "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                       "mlp.down_proj"]

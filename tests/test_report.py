@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from dense_result import llama_like_result
-from tunelens.registry_hooks.narrative import attention_role
+from tunelens.registry_hooks.narrative import attention_role, narrate_layer
 from tunelens.registry_hooks.outputs import write_analysis
 from tunelens.registry_hooks.report import DATA_ELEMENT_ID, render_report
 
@@ -194,6 +194,9 @@ def test_report_renders_in_a_real_browser(written):
     for name in in_layer:
         assert f'data-module="{name}"' in detail
     assert detail.count('<canvas class="heat"') == len(in_layer)
+    story = dom.split('id="layer-story"', 1)[1].split("</div>", 1)[0]
+    for sentence in narrate_layer(result, most.layer):
+        assert html.escape(sentence, quote=False) in story, sentence
     neurons = dom.split('id="neuron-table"', 1)[1].split("</table>", 1)[0]
     assert neurons.count("<tr>") == len(result.top_neurons) + 1
     modules = dom.split('id="module-table"', 1)[1].split("</table>", 1)[0]

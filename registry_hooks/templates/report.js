@@ -291,6 +291,8 @@
     const el = $("#layer-detail");
     el.innerHTML = "";
     $("#layer-picker-info").textContent = `${mods.length} module(s) in this layer · largest first`;
+    const story = DATA.layer_stories[JSON.stringify(layer)] || [];
+    $("#layer-story").innerHTML = story.length ? `<h4>What this layer's profile means</h4>` + story.map((l) => `<p>${esc(l)}</p>`).join("") : "";
     mods.slice().sort((p, q) => (q.fro || 0) - (p.fro || 0)).forEach((mod) => {
       const div = document.createElement("div");
       div.className = "mod";

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 SKIP_REASON = "tunelens.analysis.reason"
 EVAL_DATASET_TAG = "tunelens.eval_dataset"
 _MAX_ERROR = 500
+# A job hit by server/network trouble this many times is marked failed instead of retried again.
+MAX_ATTEMPTS = 5
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
+                   "DEADLINE_EXCEEDED"}
 
 
 @dataclass
@@ -48,6 +52,15 @@ def one_line(exc: BaseException) -> str:
     if not isinstance(exc, TunelensError):
         text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR - 1] + "…"
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure of the MLflow server or the network, worth retrying, not a bad adapter."""
+    import requests
+
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, MlflowException) and exc.error_code in TRANSIENT_CODES
 
 
 class LeaseLost(Exception):
@@ -215,6 +228,11 @@ class Worker:
             return JobOutcome(name, version, None, str(exc))
         except Exception as exc:  # noqa: BLE001 - any failure becomes a readable status
             error = one_line(exc)
+            if _transient(exc) and attempt < MAX_ATTEMPTS:
+                # The server or network, not the adapter: leave the lease to expire and retry.
+                log.warning("analysis of %s v%s interrupted (%s); retried after the lease",
+                            name, version, error)
+                return JobOutcome(name, version, None, error)
             log.warning("analysis of %s v%s failed: %s", name, version, error)
             self._finish(client, name, version, state.FAILED, {state.ERROR: error})
             return JobOutcome(name, version, state.FAILED, error)

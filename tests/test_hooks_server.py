@@ -1,0 +1,120 @@
+"""`tunelens server` (embedded MLflow + hooks) and the registry-store plugin, as real processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from hooks_support import REPO, HooksProcess, register, wait_status, write_config
+from mlflow_server import MlflowServer, free_port, postgres_database
+from tunelens.registry_hooks.embedded import KEY_FILE
+from tunelens.registry_hooks.state import STATUS
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+class ServerProcess:
+    def __init__(self, data_dir, config, log_path):
+        self.port = free_port()
+        self.log_path = log_path
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               "PYTHONUNBUFFERED": "1"}
+        env.pop("TUNELENS_WEBHOOK_SECRET", None)
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tunelens.plugin.cli", "--config", str(config), "server",
+                 "--port", str(self.port), "--data-dir", str(data_dir)],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "MLflow UI and API on" not in log_path.read_text(errors="replace"):
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log_tail()
+            time.sleep(0.2)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self):
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+
+def test_embedded_server_analyses_logged_adapters_and_restarts_cleanly(tmp_path, llama_base,
+                                                                        llama_adapter):
+    import tunelens
+
+    data_dir = tmp_path / "data"
+    config = write_config(tmp_path / "conf.yaml", poll_interval=3600)
+    server = ServerProcess(data_dir, config, tmp_path / "server.log")
+    try:
+        client = MlflowClient(server.url)
+        hooks = [h for h in client.list_webhooks() if h.name == "tunelens-analysis"]
+        assert len(hooks) == 1 and hooks[0].url.startswith("http://127.0.0.1:")
+        key = (data_dir / KEY_FILE).read_text()
+        assert oct((data_dir / KEY_FILE).stat().st_mode & 0o777) == "0o600"
+
+        logged = tunelens.log_adapter(llama_adapter, base=llama_base,
+                                      registered_model_name="served", tracking_uri=server.url)
+        tags = wait_status(client, "served", str(logged.version))
+        assert tags[STATUS] == "done", server.log_tail()
+        run = client.get_run(tags["tunelens.analysis.run_id"])
+        assert run.data.params["base_model_path"] == str(llama_base)
+        assert run.data.params["base_model_source"] == "MLmodel local_base_model_path"
+    finally:
+        assert server.terminate() == 0, server.log_tail()
+    assert "tunelens server: stopped" in server.log_tail()
+    assert not _answers(server.url)  # the MLflow child went with it
+
+    server = ServerProcess(data_dir, config, tmp_path / "server2.log")
+    try:
+        client = MlflowClient(server.url)
+        assert (data_dir / KEY_FILE).read_text() == key
+        hooks = [h for h in client.list_webhooks() if h.name == "tunelens-analysis"]
+        assert len(hooks) == 1 and hooks[0].url.endswith(f"/webhook")
+        version = register(client, "served", llama_adapter)  # a webhook after the restart
+        assert wait_status(client, "served", version)[STATUS] == "done", server.log_tail()
+        assert wait_status(client, "served", str(logged.version))[STATUS] == "done"
+    finally:
+        assert server.terminate() == 0, server.log_tail()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_registry_store_plugin_enqueues_inside_the_request(backend, tmp_path, llama_adapter,
+                                                          request):
+    with_db = postgres_database("tunelens_plugin") if backend == "postgresql" else None
+    if with_db:
+        request.getfixturevalue("postgres_database_uri")
+        uri = with_db.__enter__()
+        registry = "tunelens+postgresql://" + uri.split("://", 1)[1]
+    else:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        registry = "tunelens+" + uri
+    try:
+        with MlflowServer(tmp_path / "mlflow", uri, args=["--registry-store-uri", registry]) as srv:
+            client = MlflowClient(srv.url)
+            version = register(client, "plugged", llama_adapter)
+            # queued in the same insert as the version, with no hook service running at all
+            assert client.get_model_version("plugged", version).tags[STATUS] == "queued"
+            hooks = HooksProcess(srv.url, write_config(tmp_path / "conf.yaml"),
+                                 tmp_path / "hooks.log", secret="x", webhook=False)
+            try:
+                assert wait_status(client, "plugged", version)[STATUS] == "done", hooks.log_tail()
+            finally:
+                assert hooks.stop() == 0
+    finally:
+        if with_db:
+            with_db.__exit__(None, None, None)

@@ -121,7 +121,7 @@ def group_shares(result: AnalysisResult, path: Path) -> Path | None:
     """Horizontal bars: each group's share of the summed ‖ΔW‖_F."""
     groups = {g: v for g, v in result.summary.group_fro.items() if v and math.isfinite(v)}
     total = sum(groups.values())
-    if total <= 0:
+    if len(groups) < 2 or total <= 0:  # one group is 100%: nothing to compare
         return None
     names = sorted(groups, key=lambda g: groups[g])
     fig = _figure(7.5, 0.55 * len(names) + 1.4, left=1.1)

@@ -155,10 +155,12 @@ def test_charts_without_data_are_left_out(tmp_path):
     result = llama_like_result(layer_magnitudes=(1.0,))
     for m in result.modules:
         m.group = "mlp"  # no attention: no Q/K/V/O chart
+    result.summary.group_fro = {"mlp": sum(m.fro for m in result.modules)}
     result.heatmaps = []
     files = write_analysis(result, tmp_path)
     names = {p.name for p in files.chart_paths}
     assert "qkvo_stacked.png" not in names and "heatmaps.png" not in names
+    assert "group_shares.png" not in names  # a single group is 100%: nothing to compare
     assert "histogram.png" in names
 
 

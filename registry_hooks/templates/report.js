@@ -135,7 +135,7 @@
   // ---- group shares: one stacked horizontal bar ----
   const groups = Object.entries(S.group_fro || {}).filter(([, v]) => v > 0);
   const gtotal = groups.reduce((s, [, v]) => s + v, 0);
-  if (gtotal > 0) {
+  if (groups.length >= 2 && gtotal > 0) {
     let x = 0, s = `<svg viewBox="0 0 1100 44" role="img" aria-label="group shares">`;
     groups.forEach(([g, v], i) => {
       const w = (v / gtotal) * 1100;

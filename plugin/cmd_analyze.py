@@ -8,24 +8,51 @@ HELP = "analyse a LoRA adapter's weight changes: analysis.json, report.html and 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", metavar="ADAPTER",
-                        help="PEFT LoRA adapter directory, or an MLflow model directory with peft/")
+    parser.add_argument("adapter", metavar="ADAPTER", nargs="?",
+                        help="PEFT LoRA adapter directory, or an MLflow model directory with peft/; "
+                             "a full fine-tuned model directory with --base diffs the full weights")
+    parser.add_argument("--checkpoints", metavar="PATH", nargs="+",
+                        help="training evolution instead: a folder of PEFT checkpoint-* folders, or "
+                             "adapter directories in training order (e.g. initial and final)")
     parser.add_argument("--base", metavar="DIR",
                         help="local base model directory (config.json + safetensors): adds relative "
                              "change, amplification, intruder dimensions, DoRA and modules_to_save ΔW")
     parser.add_argument("--out", metavar="DIR", default="tunelens-analysis",
                         help="output folder (default: %(default)s)")
+    parser.add_argument("--retune", action="store_true",
+                        help="also write PEFT LoraConfig JSON files re-tuning only the top-1 "
+                             "(soloist) and top-3 (ensemble) layers, attention and MLP, to OUT/retune")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
     from tunelens.config import load_config
     from tunelens.registry_hooks.analysis import analyze_adapter
+    from tunelens.registry_hooks import checkpoints, full_diff
     from tunelens.registry_hooks.outputs import write_analysis
 
-    result = analyze_adapter(args.adapter, args.base, config=load_config(args.config),
-                             progress=not args.no_progress)
-    files = write_analysis(result, args.out)
+    config, progress = load_config(args.config), not args.no_progress
+    if args.checkpoints:  # issue 3: training evolution (FULLDIFF helper's module)
+        result = checkpoints.analyze_checkpoints(args.checkpoints, args.base, config=config,
+                                                 progress=progress)
+        files = checkpoints.write_checkpoints(result, args.out)
+    elif args.adapter is None:
+        raise full_diff.AnalysisInputError("give an ADAPTER directory (or a fine-tuned model "
+                                           "directory with --base), or --checkpoints PATH")
+    elif full_diff.is_full_model_dir(args.adapter):  # issue 3: full fine-tune diff
+        if not args.base:
+            raise full_diff.AnalysisInputError(f"{args.adapter} is a full model directory, not an "
+                                               "adapter: pass --base BASE_DIR to diff its weights")
+        result = full_diff.diff_models(args.adapter, args.base, config=config, progress=progress)
+        files = full_diff.write_full_diff(result, args.out)
+    else:
+        result = analyze_adapter(args.adapter, args.base, config=config, progress=progress)
+        files = write_analysis(result, args.out)
+    if args.retune:  # issue 3 (FULLDIFF helper's module)
+        from tunelens.registry_hooks.retune import write_retune_configs
+
+        retune = write_retune_configs(result, files.html_path.parent / "retune")
+        print(f"wrote {len(retune)} LoraConfig files to {files.html_path.parent / 'retune'}")
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{len(result.modules)} modules analysed; wrote {files.json_path}, {files.html_path} and "

@@ -321,6 +321,21 @@ class BaseModel:
                 self._file_of[key] = file
         self.params = sum(math.prod(s) for s in self._shapes.values())
 
+    def keys(self) -> list[str]:
+        """Every tensor name across the (sharded) safetensors files."""
+        return list(self._shapes)
+
+    def shape(self, key: str) -> list[int]:
+        return self._shapes[key]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One tensor as stored (dtype and orientation), read from its shard (full diffs, issue 3)."""
+        try:
+            return self._handles[self._file_of[key]].get_tensor(key)
+        except Exception as exc:
+            raise AnalysisInputError(f"{self._file_of[key]}: cannot read tensor {key} ({exc}); "
+                                     "the file is truncated or corrupt") from None
+
     @property
     def num_layers(self) -> int | None:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):

@@ -162,6 +162,9 @@ class AnalysisResult:
     needs_base: list[str] = field(default_factory=list)  # metrics skipped for want of a base
     warnings: list[str] = field(default_factory=list)
     schema: str = SCHEMA
+    # Optional sections (docs/analysis-json.md): a full fine-tune diff, a training evolution.
+    full_diff: dict[str, Any] | None = None
+    checkpoints: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe(dataclasses.asdict(self))

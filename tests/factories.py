@@ -64,3 +64,69 @@ def make_lora_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, **lora_kw
     model.save_pretrained(out_dir)
     # base_model_name_or_path is what PEFT recorded; keep it pointing at the local base.
     return Path(out_dir)
+
+
+def train_lora_checkpoints(base_dir: Path, out_dir: Path, *, steps: int = 6, save_every: int = 2,
+                           lr: float = 1e-2, seed: int = 0, **lora_kwargs) -> Path:
+    """Real LoRA training (AdamW on CORPUS) saving checkpoint-0 (PEFT's init, B = 0) and then
+    checkpoint-<step> every `save_every` steps, as Trainer's output_dir would hold them."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora_kwargs.setdefault("task_type", "CAUSAL_LM")
+    model = get_peft_model(base, LoraConfig(**lora_kwargs))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    batch = tokenizer(CORPUS[:8], return_tensors="pt", padding=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir / "checkpoint-0")
+    for step in range(1, steps + 1):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % save_every == 0:
+            model.save_pretrained(out_dir / f"checkpoint-{step}")
+    return out_dir
+
+
+def perturbed_copy(model_dir: Path, out_dir: Path, scales: dict[str, float], *, seed: int = 0,
+                   dtype: torch.dtype | None = None, shards: int = 1) -> Path:
+    """A "fine-tuned" full model: model_dir's config and weights with W += scale·N(0, 1) noise on
+    every tensor whose name contains a key of `scales`; optionally cast and split into shards
+    (model.safetensors.index.json), as a full SFT checkpoint is saved."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in Path(model_dir).iterdir():
+        if item.is_file() and not item.name.endswith(".safetensors") and item.name != \
+                "model.safetensors.index.json":
+            shutil.copy(item, out_dir / item.name)
+    tensors = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in tensors.items():
+        for key, scale in scales.items():
+            if key in name:
+                noise = torch.randn(tensor.shape, generator=generator)
+                tensor = (tensor.float() + scale * noise).to(tensor.dtype)
+        tensors[name] = tensor.to(dtype) if dtype is not None else tensor
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+        return out_dir
+    weight_map = {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n].contiguous() for n in names[i::shards]}
+        save_file(part, out_dir / shard, metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": weight_map}))
+    return out_dir

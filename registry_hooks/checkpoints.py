@@ -1,0 +1,256 @@
+"""Training evolution over LoRA checkpoints (seed 001): how A, B and ΔW moved from step to step.
+
+The input is a folder of PEFT `checkpoint-*` folders (Trainer's output_dir), or adapter directories
+in training order (at least two: e.g. the initial and the final adapter). The final checkpoint gets
+the full adapter analysis; the evolution goes into analysis.json's `checkpoints` section, a GIF of
+the per-layer profile over steps and its frames as PNG.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import lora_math
+from .analysis import analyze_adapter
+from .loading import AdapterContents, AnalysisInputError, find_adapter_dir, open_adapter
+from .metrics import AnalysisSettings
+from .naming import parse_module_path
+from .result import AnalysisResult
+
+_STEP = re.compile(r"checkpoint-(\d+)$")
+STAT_NAMES = ("mean", "var", "abs_mean", "abs_var")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One training state: a label, its adapter directory and its step (None when unknown)."""
+
+    label: str
+    path: Path
+    step: int | None
+
+
+def find_checkpoints(paths: list[str | Path]) -> list[Checkpoint]:
+    """One folder of checkpoint-* folders (by step), or adapter directories in the given order."""
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.exists():
+            raise AnalysisInputError(f"{p} does not exist")
+    if len(paths) == 1 and find_adapter_dir(paths[0]) is None:
+        folders = [d for d in paths[0].iterdir() if d.is_dir() and _STEP.search(d.name)]
+        if len(folders) < 2:
+            raise AnalysisInputError(f"{paths[0]} holds {len(folders)} checkpoint-* folders; the "
+                                     "evolution needs at least two (or pass adapter directories)")
+        paths = sorted(folders, key=lambda d: int(_STEP.search(d.name).group(1)))
+    if len(paths) < 2:
+        raise AnalysisInputError("the evolution needs at least two checkpoints: pass a folder of "
+                                 "checkpoint-* folders, or an initial and a final adapter")
+    found = []
+    for p in paths:
+        adapter = find_adapter_dir(p)
+        if adapter is None:
+            raise AnalysisInputError(f"{p} holds no adapter_config.json (nor peft/): not a PEFT "
+                                     "checkpoint")
+        step = _STEP.search(p.name)
+        found.append(Checkpoint(p.name, adapter, int(step.group(1)) if step else None))
+    return found
+
+
+def change_stats(delta: torch.Tensor) -> dict[str, float]:
+    """Seed 001's change of one matrix: mean(Δ), var(Δ), mean(|Δ|), var(|Δ|) (population var)."""
+    magnitude = delta.abs()
+    return {"mean": float(delta.mean()), "var": float(delta.var(correction=0)),
+            "abs_mean": float(magnitude.mean()), "abs_var": float(magnitude.var(correction=0))}
+
+
+def subspace_similarity(u_first: torch.Tensor, u_second: torch.Tensor) -> float:
+    """‖U₁ᵀU₂‖_F² / min(r₁, r₂) for orthonormal bases U₁, U₂ (Hu et al. 2021's φ): 1 = same span."""
+    smaller = min(u_first.shape[1], u_second.shape[1])
+    if smaller == 0:
+        return math.nan
+    return float((u_first.T @ u_second).square().sum()) / smaller
+
+
+def column_space(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """Orthonormal basis of ΔW = s·L·R's column space (left singular vectors with σ > 0)."""
+    u, singular, _ = lora_math.factored_svd(left, right, scale)
+    keep = singular > singular.max() * 1e-10 if singular.numel() and singular.max() > 0 else \
+        torch.zeros_like(singular, dtype=torch.bool)
+    return u[:, keep]
+
+
+def _open_all(checkpoints: list[Checkpoint]) -> list[AdapterContents]:
+    """Open every checkpoint and check they hold the same modules with the same shapes."""
+    opened = [open_adapter(c.path) for c in checkpoints]
+    first = {m.name: m for m in opened[0].modules}
+    for checkpoint, contents in zip(checkpoints[1:], opened[1:]):
+        other = {m.name: m for m in contents.modules}
+        differ = sorted(set(first) ^ set(other))
+        if differ:
+            name = differ[0]
+            has, lacks = ((checkpoints[0].label, checkpoint.label) if name in first
+                          else (checkpoint.label, checkpoints[0].label))
+            raise AnalysisInputError(f"checkpoints differ: module {name} is in {has} but not in "
+                                     f"{lacks}")
+        for name, module in first.items():
+            if other[name].shape != module.shape or other[name].rank != module.rank:
+                raise AnalysisInputError(
+                    f"checkpoints differ: module {name} is {list(module.shape)} rank {module.rank} "
+                    f"in {checkpoints[0].label} but {list(other[name].shape)} rank "
+                    f"{other[name].rank} in {checkpoint.label}")
+    return opened
+
+
+def checkpoint_evolution(paths: list[str | Path], *, config: dict | None = None,
+                         progress: bool = True) -> dict:
+    """analysis.json's `checkpoints` section: per module and per layer, every checkpoint."""
+    settings = AnalysisSettings.from_config(config)
+    checkpoints = find_checkpoints(paths)
+    opened = _open_all(checkpoints)
+    modules = []
+    with torch.no_grad(), settings.torch_threads(), tqdm(
+            total=len(opened[0].modules), desc="tunelens checkpoints", unit="module",
+            file=sys.stderr, disable=not progress, leave=False) as bar:
+        for module in opened[0].modules:
+            modules.append(_module_evolution(module.name, opened))
+            bar.update()
+    pairs = [{"from": checkpoints[i].label, "to": checkpoints[i + 1].label,
+              **_mean_min([m["subspace_similarity"][i] for m in modules])}
+             for i in range(len(checkpoints) - 1)]
+    return {"checkpoints": [{"label": c.label, "path": str(c.path), "step": c.step}
+                            for c in checkpoints],
+            "reference": checkpoints[0].label, "modules": modules,
+            "layers": _layer_evolution(modules, len(checkpoints)), "subspace_similarity": pairs}
+
+
+def _module_evolution(name: str, opened: list[AdapterContents]) -> dict:
+    states = []
+    for contents in opened:
+        module = next(m for m in contents.modules if m.name == name)
+        a = contents.tensors.get(module.keys["A"]).double()
+        b = contents.tensors.get(module.keys["B"]).double()
+        left, right = module.factors(contents.tensors, torch.device("cpu"))
+        states.append((a, b, left, right, module.scale))
+    a0, b0 = states[0][0], states[0][1]
+    spaces = [column_space(left, right, scale) for _, _, left, right, scale in states]
+    where = parse_module_path(name)
+    return {
+        "name": name, "layer": where.layer, "component": where.component, "group": where.group,
+        "A": [change_stats(a - a0) for a, *_ in states],
+        "B": [change_stats(b - b0) for _, b, *_ in states],
+        "delta_fro": [lora_math.frobenius(lora_math.factored_svd(left, right, scale)[1])
+                      for _, _, left, right, scale in states],
+        "subspace_similarity": [subspace_similarity(spaces[i], spaces[i + 1])
+                                for i in range(len(spaces) - 1)],
+    }
+
+
+def _mean_min(values: list[float]) -> dict:
+    finite = [v for v in values if math.isfinite(v)]
+    return {"mean": sum(finite) / len(finite) if finite else None,
+            "min": min(finite) if finite else None, "modules": len(finite)}
+
+
+def _layer_evolution(modules: list[dict], count: int) -> list[dict]:
+    """Per layer and checkpoint: A's and B's change stats averaged over its matrices (seed 001) and
+    S_ℓ = Σ ‖ΔW‖_F."""
+    layers: dict[int, list[dict]] = {}
+    for m in modules:
+        if m["layer"] is not None:
+            layers.setdefault(m["layer"], []).append(m)
+    out = []
+    for layer in sorted(layers):
+        members = layers[layer]
+        record = {"layer": layer, "delta_fro": [sum(m["delta_fro"][i] for m in members)
+                                                for i in range(count)]}
+        for matrix in ("A", "B"):
+            record[matrix] = {stat: [sum(m[matrix][i][stat] for m in members) / len(members)
+                                     for i in range(count)] for stat in STAT_NAMES}
+        out.append(record)
+    return out
+
+
+def analyze_checkpoints(paths: list[str | Path], base: str | Path | None = None, *,
+                        config: dict | None = None, progress: bool = True) -> AnalysisResult:
+    """The final checkpoint's full analysis with the evolution attached as `checkpoints`."""
+    section = checkpoint_evolution(paths, config=config, progress=progress)
+    result = analyze_adapter(section["checkpoints"][-1]["path"], base, config=config,
+                             progress=progress)
+    result.checkpoints = section
+    steps = section["subspace_similarity"]
+    if steps and steps[-1]["mean"] is not None:
+        result.narrative.append(
+            f"Between the last two checkpoints ({steps[-1]['from']} → {steps[-1]['to']}) ΔW's "
+            f"column spaces overlap {steps[-1]['mean']:.2f} on average (1 = the same subspace): "
+            + ("training had settled on its directions." if steps[-1]["mean"] > 0.9 else
+               "the directions were still moving."))
+    return result
+
+
+def write_checkpoints(result: AnalysisResult, out_dir: str | Path):
+    """write_analysis's files plus the per-layer profile over steps: PNG frames and an animated GIF."""
+    from .outputs import write_analysis
+    from .report_sections import append_section, html_table, section_html
+
+    files = write_analysis(result, out_dir)
+    chart_dir = files.html_path.parent / "charts"
+    frames = render_frames(result.checkpoints, chart_dir / "checkpoints")
+    gif = frames_to_gif(frames, chart_dir / "checkpoints_profile.gif")
+    rows = [[p["from"], p["to"], p["mean"], p["min"]] for p in result.checkpoints["subspace_similarity"]]
+    table = html_table(["from", "to", "mean subspace similarity", "min"], rows)
+    append_section(files.html_path, section_html(
+        "Training evolution", [f"{len(frames)} checkpoints; changes are measured from "
+                               f"{result.checkpoints['reference']}."], [gif], [table]))
+    files.chart_paths.extend([*frames, gif])
+    return files
+
+
+def render_frames(section: dict, out_dir: Path) -> list[Path]:
+    """One PNG per checkpoint: per-layer mean |Δ| of A and B, and S_ℓ, on fixed axes."""
+    from .report_sections import figure, save_png
+
+    layers = [r["layer"] for r in section["layers"]]
+    series = {"A": [r["A"]["abs_mean"] for r in section["layers"]],
+              "B": [r["B"]["abs_mean"] for r in section["layers"]],
+              "S": [r["delta_fro"] for r in section["layers"]]}
+    top = {k: max((max(v) for v in vals), default=0.0) or 1.0 for k, vals in series.items()}
+    paths = []
+    for i, checkpoint in enumerate(section["checkpoints"]):
+        fig = figure(9, 3.4)
+        left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        width = 0.4
+        left.bar([x - width / 2 for x in layers], [v[i] for v in series["A"]], width,
+                 label="lora_A", color="#0072B2")
+        left.bar([x + width / 2 for x in layers], [v[i] for v in series["B"]], width,
+                 label="lora_B", color="#E69F00")
+        left.set_ylim(0, max(top["A"], top["B"]) * 1.05)
+        left.set_xlabel("layer")
+        left.set_ylabel(f"mean |Δ| since {section['reference']}")
+        left.legend(loc="upper left", fontsize=8)
+        right.bar(layers, [v[i] for v in series["S"]], color="#009E73")
+        right.set_ylim(0, top["S"] * 1.05)
+        right.set_xlabel("layer")
+        right.set_ylabel("S_ℓ = Σ ‖ΔW‖_F")
+        fig.suptitle(f"{checkpoint['label']}" + (f" (step {checkpoint['step']})"
+                                                 if checkpoint["step"] is not None else ""),
+                     x=0.01, ha="left")
+        paths.append(save_png(fig, out_dir / f"frame_{i:03d}.png"))
+    return paths
+
+
+def frames_to_gif(frames: list[Path], path: Path, frame_ms: int = 700) -> Path:
+    """An animated GIF of the PNG frames (Pillow), looping, the last frame held longer."""
+    from PIL import Image
+
+    images = [Image.open(f).convert("RGB") for f in frames]
+    size = images[0].size
+    images = [im if im.size == size else im.resize(size) for im in images]
+    durations = [frame_ms] * (len(images) - 1) + [frame_ms * 3]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+    return path

@@ -1,0 +1,424 @@
+"""Full fine-tune diff: two full model directories in, an AnalysisResult with a `full_diff` section out.
+
+Tensors are streamed one name at a time from (sharded) safetensors, so peak memory stays near two
+tensors of the largest shape; ΔW = W_tuned − W_base is computed in float32 (exact for bf16/fp16
+inputs) and every norm is accumulated in float64. Spectra come from a randomized SVD with power
+iterations (Halko et al. 2011), or an exact SVD where min(m, n) is small.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import lora_math
+from . import metrics as M
+from .analysis import _histogram, _layers, _narrate, _top_neurons
+from .loading import AnalysisInputError, BaseModel
+from .naming import parse_module_path
+from .result import AdapterInfo, AnalysisResult, Heatmap, ModuleMetrics, Summary
+
+# Component leaf -> the matrix type of seed 002's heatmap rows.
+MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+                "up_proj": "up", "down_proj": "down", "c_attn": "qkv", "qkv_proj": "qkv",
+                "query_key_value": "qkv", "dense": "o", "c_proj": "proj", "c_fc": "fc",
+                "gate_up_proj": "gate_up", "dense_h_to_4h": "up", "dense_4h_to_h": "down"}
+TYPE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc", "proj"]
+GRID_METRICS = ("relative_fro", "fro", "spectral", "relative_rank")
+
+
+@dataclass(frozen=True)
+class FullDiffSettings:
+    """conf.yaml's `full_diff:` section, typed."""
+
+    top_singular_values: int = 16
+    oversample: int = 8
+    power_iterations: int = 2
+    exact_max_dim: int = 256
+    rank_rtol: float = 0.01
+    intruder_reference_k: int = 64
+    heatmap_max_entries: int = 64_000_000
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "FullDiffSettings":
+        section = (config or {}).get("full_diff") or {}
+        settings = cls(**{k: v for k, v in section.items() if k in cls.__dataclass_fields__})
+        if settings.power_iterations < 2:
+            raise AnalysisInputError("full_diff.power_iterations must be at least 2 (fewer "
+                                     "misestimate the spectral norm by tens of percent)")
+        return settings
+
+
+@dataclass
+class TensorDiff:
+    """One tensor's change: ‖ΔW‖_F, ‖W‖_F and, for matrices, rank facts the ModuleMetrics lacks."""
+
+    name: str
+    shape: list[int]
+    fro: float
+    base_fro: float
+    relative_fro: float
+    spectral: float | None = None
+    rank: int | None = None  # numerical rank of ΔW: #σ_i > rank_rtol·σ_1; None when only bounded
+    rank_at_least: int | None = None  # set instead of `rank` when the computed σ's are all above
+    relative_rank: float | None = None  # rank / min(m, n)
+    energy_rank_90: int | None = None  # None when the top singular values hold < 90% of ‖ΔW‖_F²
+    spectrum_exact: bool = True
+    intruders_exact: bool = True  # False: counted against W's top intruder_reference_k vectors
+
+
+def randomized_svd(terms: list[torch.Tensor], k: int, oversample: int, power_iterations: int,
+                   generator: torch.Generator):
+    """Top-k (U, S, V) of A = Σ terms: Q = orth((A·Aᵀ)^p·A·Ω), then the SVD of Qᵀ·A (Halko 2011)."""
+    m, n = terms[0].shape
+    width = min(k + oversample, m, n)
+    omega = torch.randn(n, width, generator=generator, dtype=terms[0].dtype).to(terms[0].device)
+
+    def apply(x):
+        return sum(t @ x for t in terms)
+
+    def apply_t(x):
+        return sum(t.T @ x for t in terms)
+
+    q = torch.linalg.qr(apply(omega))[0]
+    for _ in range(power_iterations):
+        q = torch.linalg.qr(apply_t(q))[0]
+        q = torch.linalg.qr(apply(q))[0]
+    small = apply_t(q).T  # Qᵀ·A, width×n
+    u_small, singular, vh = torch.linalg.svd(small, full_matrices=False)
+    return (q @ u_small)[:, :k], singular[:k], vh[:k].T
+
+
+def numerical_rank(singular: torch.Tensor, rtol: float) -> int:
+    """#σ_i > rtol·σ_1: the rank of ΔW that matters at relative tolerance rtol."""
+    if singular.numel() == 0 or not singular[0] > 0:
+        return 0
+    return int((singular > rtol * singular[0]).sum())
+
+
+def partial_energy_rank(top: torch.Tensor, total_energy: float, fraction: float) -> int | None:
+    """Smallest k with Σ_{i<=k} σ_i² >= fraction·‖ΔW‖_F² from the top σ's only; None if they fall short."""
+    if total_energy <= 0:
+        return 0
+    cumulative = top.double().square().cumsum(0) / total_energy
+    reached = (cumulative >= fraction - 1e-12).nonzero()
+    return int(reached[0]) + 1 if reached.numel() else None
+
+
+def top_left_vectors_overlap(tuned_u: torch.Tensor, base_u: torch.Tensor) -> torch.Tensor:
+    """max_j |cos(t_i, u_j)| for every column t_i of tuned_u against the columns of base_u."""
+    return (tuned_u.T @ base_u).abs().max(dim=1).values
+
+
+# --------------------------------------------------------------------------- models and checks
+
+def is_full_model_dir(path: str | Path) -> bool:
+    """A model directory with config.json and safetensors weights but no adapter_config.json."""
+    path = Path(path)
+    return (path.is_dir() and (path / "config.json").is_file()
+            and not (path / "adapter_config.json").is_file()
+            and not (path / "peft" / "adapter_config.json").is_file()
+            and any(path.glob("*.safetensors")))
+
+
+def open_full_model(path: str | Path, role: str) -> BaseModel:
+    """A full model directory opened header-only; one clear line when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AnalysisInputError(f"{role} model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise AnalysisInputError(f"{role} model directory {path} has no config.json")
+    return BaseModel(path)
+
+
+def check_same_architecture(tuned: BaseModel, base: BaseModel) -> None:
+    """Raise on the first difference in architecture, tensor set or tensor shape."""
+    for key in ("model_type", "architectures", "num_hidden_layers", "hidden_size",
+                "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        a, b = tuned.config.get(key), base.config.get(key)
+        if a is not None and b is not None and a != b:
+            raise AnalysisInputError(f"architectures differ: config.json {key} is {a!r} in "
+                                     f"{tuned.path} but {b!r} in {base.path}")
+    tuned_keys, base_keys = set(tuned.keys()), set(base.keys())
+    only = sorted((tuned_keys - base_keys) | (base_keys - tuned_keys))
+    if only:
+        where = tuned.path if only[0] in tuned_keys else base.path
+        raise AnalysisInputError(f"tensor sets differ: {only[0]} is only in {where} "
+                                 f"({len(only)} tensors differ in all)")
+    for key in sorted(tuned_keys):
+        if tuned.shape(key) != base.shape(key):
+            raise AnalysisInputError(f"tensor shapes differ: {key} is {tuned.shape(key)} in "
+                                     f"{tuned.path} but {base.shape(key)} in {base.path}")
+
+
+# --------------------------------------------------------------------------- the diff
+
+def diff_models(finetuned: str | Path, base: str | Path, *, config: dict | None = None,
+                progress: bool = True) -> AnalysisResult:
+    """Every tensor's ΔW = W_tuned − W_base between two full model directories, streamed."""
+    settings = M.AnalysisSettings.from_config(config)
+    diff_settings = FullDiffSettings.from_config(config)
+    device = settings.torch_device()
+    tuned_model, base_model = open_full_model(finetuned, "fine-tuned"), open_full_model(base, "base")
+    check_same_architecture(tuned_model, base_model)
+    keys = sorted(base_model.keys(), key=_natural_key)
+    matrices = [k for k in keys if len(base_model.shape(k)) == 2]
+    total_entries = sum(math.prod(base_model.shape(k)) for k in matrices)
+    generator = torch.Generator().manual_seed(settings.seed)
+    analyses, diffs, samples, warnings = [], [], [], []
+    with torch.no_grad(), settings.torch_threads(), tqdm(
+            total=len(keys), desc="tunelens full diff", unit="tensor", file=sys.stderr,
+            disable=not progress, leave=False) as bar:
+        for key in keys:
+            w_base = _load(base_model, key, device)
+            delta = _load(tuned_model, key, device)
+            delta -= w_base  # ΔW in place: never a third full-size tensor
+            bad = M.count_nonfinite(delta)
+            name = key[:-len(".weight")] if key.endswith(".weight") else key
+            if delta.ndim != 2:
+                fro, base_fro = _norm(delta), _norm(w_base)
+                diffs.append(TensorDiff(key, list(delta.shape), fro, base_fro, _ratio(fro, base_fro)))
+            elif bad:
+                analyses.append(M.nonfinite_module(name, parse_module_path(name),
+                                                   list(delta.shape), min(delta.shape), 1.0,
+                                                   "full", bad))
+                warnings.append(f"{name}: {bad} NaN/Inf values in ΔW; left out of every aggregate")
+            else:
+                quota = round(settings.histogram_sample_entries * delta.numel() / total_entries)
+                analysis, diff = _matrix_diff(name, key, w_base, delta, settings, diff_settings,
+                                              generator)
+                if quota:
+                    flat = torch.randint(0, delta.numel(), (quota,), generator=generator)
+                    samples.append(delta.reshape(-1)[flat.to(device)].double().cpu())
+                analyses.append(analysis)
+                diffs.append(diff)
+            del w_base, delta
+            bar.update()
+    return _result(tuned_model, base_model, analyses, diffs, samples, warnings, settings,
+                   diff_settings)
+
+
+def _natural_key(key: str):
+    """Sort `layers.10` after `layers.9`."""
+    return [int(part) if part.isdigit() else part for part in key.split(".")]
+
+
+def _load(model: BaseModel, key: str, device) -> torch.Tensor:
+    return model.tensor(key).to(device=device, dtype=torch.float32)
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else (0.0 if a == 0 else math.inf)
+
+
+def _matrix_diff(name, key, w_base, delta, settings, diff_settings, generator):
+    """ModuleMetrics (kind "full") and the TensorDiff of one weight matrix."""
+    m, n = delta.shape
+    where = parse_module_path(name)
+    fro, base_fro = _norm(delta), _norm(w_base)
+    exact = min(m, n) <= diff_settings.exact_max_dim
+    k = min(diff_settings.top_singular_values, m, n)
+    if exact:
+        singular_all = torch.linalg.svdvals(delta.double())
+        top = singular_all[:k]
+        rank = numerical_rank(singular_all, diff_settings.rank_rtol)
+        rank_at_least = None
+        energy_90 = lora_math.energy_rank(singular_all, 0.90)
+        spectrum = singular_all
+    else:
+        _, top, _ = randomized_svd([delta], k, diff_settings.oversample,
+                                   diff_settings.power_iterations, generator)
+        top = top.double()
+        bounded = numerical_rank(top, diff_settings.rank_rtol) == top.numel()
+        rank = None if bounded else numerical_rank(top, diff_settings.rank_rtol)
+        rank_at_least = top.numel() if bounded else None
+        energy_90 = partial_energy_rank(top, fro * fro, 0.90)
+        spectrum = None
+    intruders = _intruders(w_base, delta, exact, settings, diff_settings, generator)
+    total = float(delta.sum(dtype=torch.float64))
+    mean = total / (m * n)
+    spectral = float(top[0]) if top.numel() else 0.0
+    full_rank = min(m, n)
+    effective = lora_math.effective_rank(spectrum) if spectrum is not None else math.nan
+    metrics = ModuleMetrics(
+        name=name, layer=where.layer, component=where.component, group=where.group, shape=[m, n],
+        rank=full_rank, scale=1.0, fro=fro, spectral=spectral,
+        singular_values=[float(s) for s in top], effective_rank=effective,
+        stable_rank=fro * fro / (spectral * spectral) if spectral > 0 else 0.0,
+        energy_rank_90=_known_or_beyond(energy_90, k),
+        energy_rank_99=_known_or_beyond(lora_math.energy_rank(spectrum, 0.99) if spectrum is not None
+                                        else partial_energy_rank(top, fro * fro, 0.99), k),
+        rank_utilisation=effective / full_rank if spectrum is not None else math.nan,
+        mean=mean, std=math.sqrt(max(fro * fro / (m * n) - mean * mean, 0.0)),
+        min=float(delta.min()), max=float(delta.max()), relative_fro=_ratio(fro, base_fro),
+        intruder_dimensions=intruders, kind="full")
+    heatmap = None
+    if delta.numel() <= diff_settings.heatmap_max_entries:
+        heat = lora_math.block_means_dense(delta, settings.heatmap_size)
+        heatmap = Heatmap(name, heat.shape[0], heat.shape[1], heat.double().tolist())
+    rows = M._top_rows(delta.norm(dim=1), settings.top_neurons)
+    analysis = M.ModuleAnalysis(metrics, heatmap, rows, _Population(m * n), total)
+    diff = TensorDiff(key, [m, n], fro, base_fro, _ratio(fro, base_fro), spectral=spectral,
+                      rank=rank, rank_at_least=rank_at_least,
+                      relative_rank=rank / full_rank if rank is not None else None,
+                      energy_rank_90=energy_90, spectrum_exact=exact, intruders_exact=exact)
+    return analysis, diff
+
+
+def _known_or_beyond(rank: int | None, k: int) -> int:
+    """ModuleMetrics needs an int: an energy rank beyond the k computed σ's is reported as k + 1
+    (TensorDiff.energy_rank_90 says None there)."""
+    return rank if rank is not None else k + 1
+
+
+@dataclass
+class _Population:
+    """The entry count of a matrix whose values were sampled (the histogram's population)."""
+
+    numel: int
+
+
+def _intruders(w_base, delta, exact, settings, diff_settings, generator) -> int:
+    """Intruder dimensions of W+ΔW: exact (full SVDs) when small; else counted against W's top
+    intruder_reference_k left singular vectors, an upper bound on the exact count."""
+    top_k = min(settings.intruder_top_k, *delta.shape)
+    if exact:
+        return lora_math.intruder_dimensions(w_base.double(), (w_base + delta).double(), top_k,
+                                             settings.intruder_cos_threshold)
+    tuned_u = randomized_svd([w_base, delta], top_k, diff_settings.oversample,
+                             diff_settings.power_iterations, generator)[0]
+    base_u = randomized_svd([w_base], min(diff_settings.intruder_reference_k, *delta.shape),
+                            diff_settings.oversample, diff_settings.power_iterations, generator)[0]
+    best = top_left_vectors_overlap(tuned_u, base_u)
+    return int((best < settings.intruder_cos_threshold).sum())
+
+
+def _result(tuned_model, base_model, analyses, diffs, samples, warnings, settings, diff_settings):
+    finite = [a for a in analyses if a.metrics.nonfinite == 0]
+    layers = _layers(finite)
+    magnitudes = [p.fro_sum for p in layers] or [a.metrics.fro for a in finite]
+    group_fro: dict[str, float] = {}
+    for a in finite:
+        group_fro[a.metrics.group] = group_fro.get(a.metrics.group, 0.0) + a.metrics.fro
+    changed = sum(math.prod(d.shape) for d in diffs if d.fro > 0)
+    summary = Summary(
+        trainable_params=changed, base_params=base_model.params,
+        trainable_share=changed / base_model.params if base_model.params else None,
+        layers_modified=sorted({a.metrics.layer for a in analyses if a.metrics.layer is not None
+                                and a.metrics.fro != 0}),
+        num_layers=base_model.num_layers,
+        mean_delta_fro=sum(magnitudes) / len(magnitudes) if magnitudes else math.nan,
+        max_delta_fro=max(magnitudes) if magnitudes else math.nan,
+        group_fro=group_fro, mean_rank_utilisation=math.nan,
+        nonfinite_modules=[a.metrics.name for a in analyses if a.metrics.nonfinite])
+    config = base_model.config
+    adapter = AdapterInfo(peft_type="FULL", r=0, lora_alpha=0.0, use_rslora=False, use_dora=False,
+                          target_modules=None,
+                          base_model_name_or_path=config.get("_name_or_path") or str(base_model.path))
+    result = AnalysisResult(
+        adapter=adapter, summary=summary, modules=[a.metrics for a in analyses], layers=layers,
+        top_neurons=_top_neurons(finite, settings.top_neurons),
+        histogram=_histogram(finite, False, samples, settings),
+        heatmaps=[a.heatmap for a in finite if a.heatmap is not None], narrative=[], glossary={},
+        base_model=str(base_model.path), warnings=warnings,
+        full_diff=_section(tuned_model, base_model, diffs, diff_settings))
+    _narrate(result)  # fills the glossary; the adapter-worded sentences are replaced below
+    result.narrative = full_diff_narrative(result.full_diff)
+    return result
+
+
+def _section(tuned_model, base_model, diffs: list[TensorDiff], diff_settings) -> dict:
+    """analysis.json's `full_diff`: per tensor facts and seed 002's layer × matrix type grid."""
+    matrices = [d for d in diffs if len(d.shape) == 2]
+    base_fro = math.sqrt(sum(d.base_fro ** 2 for d in diffs))
+    delta_fro = math.sqrt(sum(d.fro ** 2 for d in diffs))
+    return {
+        "finetuned_model": str(tuned_model.path), "base_model": str(base_model.path),
+        "settings": asdict(diff_settings),
+        "relative_fro_total": _ratio(delta_fro, base_fro),
+        "tensors_compared": len(diffs),
+        "tensors_unchanged": sum(1 for d in diffs if d.fro == 0),
+        "tensors": [asdict(d) for d in diffs],
+        "grid": layer_type_grid(matrices),
+    }
+
+
+def matrix_type(component: str) -> str:
+    """q/k/v/o/gate/up/down (or the leaf name) of a component path such as `self_attn.q_proj`."""
+    leaf = component.rsplit(".", 1)[-1]
+    return MATRIX_TYPES.get(leaf, leaf)
+
+
+def layer_type_grid(matrices: list[TensorDiff]) -> dict:
+    """Per layer × matrix type values of GRID_METRICS (null where a layer lacks that type)."""
+    cells: dict[tuple[int, str], TensorDiff] = {}
+    for d in matrices:
+        where = parse_module_path(d.name[:-len(".weight")] if d.name.endswith(".weight") else d.name)
+        if where.layer is not None:
+            cells[(where.layer, matrix_type(where.component))] = d
+    layers = sorted({layer for layer, _ in cells})
+    present = {t for _, t in cells}
+    types = [t for t in TYPE_ORDER if t in present] + sorted(present - set(TYPE_ORDER))
+    return {"layers": layers, "matrix_types": types,
+            "metrics": {metric: [[getattr(cells[(layer, t)], metric) if (layer, t) in cells
+                                  else None for t in types] for layer in layers]
+                        for metric in GRID_METRICS}}
+
+
+def full_diff_narrative(section: dict) -> list[str]:
+    """Plain-English sentences from the `full_diff` section's numbers."""
+    lines = [f"Across {section['tensors_compared']} tensors the fine-tune moved the weights by "
+             f"{section['relative_fro_total']:.3%} of the base's norm (‖ΔW‖_F / ‖W‖_F over all "
+             f"tensors); {section['tensors_unchanged']} tensors are bit-for-bit unchanged."]
+    grid = section["grid"]
+    cells = [(value, layer, t) for layer, row in zip(grid["layers"], grid["metrics"]["relative_fro"])
+             for t, value in zip(grid["matrix_types"], row) if value is not None]
+    if cells:
+        top, low = max(cells), min(cells)
+        lines.append(f"The largest relative change is layer {top[1]}'s {top[2]} matrix "
+                     f"({top[0]:.3%}), the smallest layer {low[1]}'s {low[2]} ({low[0]:.3%}).")
+        by_type = {}
+        for value, _, t in cells:
+            by_type.setdefault(t, []).append(value)
+        means = sorted(((sum(v) / len(v), t) for t, v in by_type.items()), reverse=True)
+        lines.append("Mean relative change by matrix type: " +
+                     ", ".join(f"{t} {m:.3%}" for m, t in means) + ".")
+    ranks = [d["relative_rank"] for d in section["tensors"] if d.get("relative_rank") is not None]
+    bounded = sum(1 for d in section["tensors"] if d.get("rank_at_least") is not None)
+    if ranks:
+        lines.append(f"Relative rank of ΔW (σ_i above {section['settings']['rank_rtol']:g}·σ_1, over "
+                     f"min(m, n)): median {sorted(ranks)[len(ranks) // 2]:.3f} over {len(ranks)} "
+                     "matrices; a low value says the update is low-rank, as LoRA assumes.")
+    if bounded:
+        lines.append(f"For {bounded} large matrices all computed singular values exceed that "
+                     "tolerance, so only a lower bound on their rank is known (rank_at_least).")
+    return lines
+
+
+def write_full_diff(result: AnalysisResult, out_dir: str | Path):
+    """write_analysis's files plus the layer × matrix type charts and a report section."""
+    from .outputs import write_analysis
+    from .report_sections import append_section, grid_heatmap, section_html
+
+    files = write_analysis(result, out_dir)
+    grid = result.full_diff["grid"]
+    charts = []
+    if grid["layers"]:
+        charts.append(grid_heatmap(grid["metrics"]["relative_fro"], grid["layers"],
+                                   grid["matrix_types"], "Relative change ‖ΔW‖_F / ‖W‖_F",
+                                   files.html_path.parent / "charts" / "full_diff_relative_change.png",
+                                   "relative change"))
+        charts.append(grid_heatmap(grid["metrics"]["spectral"], grid["layers"], grid["matrix_types"],
+                                   "Spectral norm ‖ΔW‖_2", files.html_path.parent / "charts" /
+                                   "full_diff_spectral_norm.png", "σ_1(ΔW)"))
+    append_section(files.html_path, section_html("Full fine-tune diff", result.narrative, charts))
+    files.chart_paths.extend(charts)
+    return files

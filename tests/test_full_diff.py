@@ -1,0 +1,170 @@
+"""Full fine-tune diffs against dense torch references, on tiny Llama pairs built from configs."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from factories import perturbed_copy
+from tunelens.plugin.cli import main
+from tunelens.registry_hooks import lora_math
+from tunelens.registry_hooks.full_diff import diff_models, randomized_svd, write_full_diff
+from tunelens.registry_hooks.result import AnalysisResult
+
+SCALES = {"layers.1.mlp.down_proj": 0.05, "layers.0.self_attn.q_proj": 0.01,
+          "layers.1.self_attn.v_proj": 0.02}
+
+
+@pytest.fixture(scope="module")
+def pair(llama_base, tmp_path_factory):
+    """(base bf16 single file, fine-tuned bf16 in 3 shards with an index)."""
+    root = tmp_path_factory.mktemp("full-diff")
+    base = perturbed_copy(llama_base, root / "base", {}, dtype=torch.bfloat16)
+    tuned = perturbed_copy(base, root / "tuned", SCALES, seed=1, shards=3)
+    return base, tuned
+
+
+def _dense(base: Path, tuned: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    w = load_file(base / "model.safetensors")
+    t = {}
+    for f in tuned.glob("*.safetensors"):
+        t.update(load_file(f))
+    return {k: (w[k].double(), t[k].double() - w[k].double()) for k in w}
+
+
+def test_exact_metrics_match_dense_reference(pair):
+    base, tuned = pair
+    assert (tuned / "model.safetensors.index.json").is_file()
+    result = diff_models(tuned, base, progress=False)
+    dense = _dense(base, tuned)
+    modules = {m.name + ".weight": m for m in result.modules}
+    diffs = {d["name"]: d for d in result.full_diff["tensors"]}
+    changed = [k for k, (_, d) in dense.items() if d.abs().max() > 0]
+    assert sorted(changed) == sorted(k for k in diffs if diffs[k]["fro"] > 0)
+    for key in changed:
+        w, delta = dense[key]
+        d = diffs[key]
+        assert d["fro"] == pytest.approx(float(delta.norm()), rel=1e-6)
+        assert d["relative_fro"] == pytest.approx(float(delta.norm() / w.norm()), rel=1e-6)
+        if delta.ndim != 2:
+            continue
+        singular = torch.linalg.svdvals(delta)
+        m = modules[key]
+        assert m.spectral == pytest.approx(float(singular[0]), rel=1e-6)
+        assert m.singular_values == pytest.approx(singular[:16].tolist(), rel=1e-6)
+        rank = int((singular > 0.01 * singular[0]).sum())
+        assert d["rank"] == rank and d["relative_rank"] == pytest.approx(rank / min(delta.shape))
+        assert d["energy_rank_90"] == lora_math.energy_rank(singular, 0.9)
+        assert m.intruder_dimensions == lora_math.intruder_dimensions(w, w + delta, 10, 0.5)
+        assert m.min == pytest.approx(float(delta.min())) and m.max == pytest.approx(float(delta.max()))
+    # seed 002's grid: layer × matrix type, relative change where the noise went, 0 elsewhere
+    grid = result.full_diff["grid"]
+    assert grid["layers"] == [0, 1] and grid["matrix_types"] == ["q", "k", "v", "o", "gate", "up", "down"]
+    rel = grid["metrics"]["relative_fro"]
+    assert rel[1][6] == pytest.approx(diffs["model.layers.1.mlp.down_proj.weight"]["relative_fro"])
+    assert rel[0][0] > 0 and rel[1][2] > 0 and rel[0][4] == 0.0
+    assert result.summary.layers_modified == [0, 1]
+    assert result.full_diff["tensors_unchanged"] == len(dense) - len(changed)
+
+
+def test_randomized_path_agrees_with_dense(pair):
+    base, tuned = pair
+    config = {"full_diff": {"exact_max_dim": 0, "top_singular_values": 4}}
+    result = diff_models(tuned, base, config=config, progress=False)
+    dense = _dense(base, tuned)
+    for m in result.modules:
+        w, delta = dense[m.name + ".weight"]
+        if m.fro == 0:
+            continue
+        singular = torch.linalg.svdvals(delta)
+        # isotropic noise has a flat spectrum: the worst case for a randomized SVD
+        assert m.spectral == pytest.approx(float(singular[0]), rel=0.05)
+        assert m.singular_values == pytest.approx(singular[:4].tolist(), rel=0.08)
+    noisy = next(d for d in result.full_diff["tensors"] if d["name"].endswith("down_proj.weight")
+                 and d["fro"] > 0)
+    # isotropic noise is high-rank: 4 values cannot reach 90% energy nor bound the rank
+    assert noisy["energy_rank_90"] is None and noisy["rank"] is None and noisy["rank_at_least"] == 4
+    assert not noisy["spectrum_exact"]
+
+
+def test_randomized_svd_with_power_iterations():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(300, 5, generator=g) @ torch.randn(5, 200, generator=g)
+    a = low + 0.3 * torch.randn(300, 200, generator=g)
+    _, top, _ = randomized_svd([a.double()], 5, 8, 2, g)
+    assert top.tolist() == pytest.approx(torch.linalg.svdvals(a.double())[:5].tolist(), rel=0.01)
+    # the operator form: Σ terms without materialising their sum
+    _, split, _ = randomized_svd([low.double(), (a - low).double()], 5, 8, 2, g)
+    assert split.tolist() == pytest.approx(top.tolist(), rel=0.01)
+
+
+def test_cli_writes_full_diff_outputs_and_round_trips(pair, tmp_path, capsys):
+    base, tuned = pair
+    out = tmp_path / "out"
+    assert main(["analyze", str(tuned), "--base", str(base), "--out", str(out), "--no-progress",
+                 "--retune"]) == 0
+    data = json.loads((out / "analysis.json").read_text())
+    assert data["schema"] == "tunelens.analysis/1" and data["adapter"]["peft_type"] == "FULL"
+    assert data["full_diff"]["grid"]["layers"] == [0, 1]
+    assert AnalysisResult.from_dict(data).full_diff == data["full_diff"]
+    html = (out / "report.html").read_text()
+    assert "Full fine-tune diff" in html and "data:image/png;base64," in html
+    assert (out / "charts" / "full_diff_relative_change.png").stat().st_size > 1000
+    mlp = json.loads((out / "retune" / "soloist_mlp.json").read_text())
+    assert mlp["layers_to_transform"] == [1]
+    assert mlp["target_modules"] == ["down_proj", "gate_proj", "up_proj"]
+
+
+def _one_line_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tunelens analyze: error: "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_bad_inputs_one_line(pair, llama_base, tmp_path, capsys):
+    base, tuned = pair
+    # a different architecture (config.json)
+    other = shutil.copytree(tuned, tmp_path / "deeper")
+    config = json.loads((other / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (other / "config.json").write_text(json.dumps(config))
+    _one_line_error(capsys, ["analyze", str(other), "--base", str(base)], "num_hidden_layers",
+                    "architectures differ")
+    # a tensor missing from the fine-tuned model: the first such name is given
+    from safetensors.torch import save_file
+    missing = perturbed_copy(base, tmp_path / "missing", {})
+    weights = load_file(missing / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, missing / "model.safetensors")
+    _one_line_error(capsys, ["analyze", str(missing), "--base", str(base)],
+                    "model.layers.0.mlp.up_proj.weight", "only in")
+    # a tensor of another shape
+    wrong = perturbed_copy(base, tmp_path / "wrong", {})
+    weights = load_file(wrong / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"][:-1].contiguous()
+    save_file(weights, wrong / "model.safetensors")
+    _one_line_error(capsys, ["analyze", str(wrong), "--base", str(base)], "lm_head.weight",
+                    "shapes differ")
+    # a full model without --base, a missing base, a truncated shard
+    _one_line_error(capsys, ["analyze", str(tuned)], "full model directory", "--base")
+    _one_line_error(capsys, ["analyze", str(tuned), "--base", str(tmp_path / "nope")], "does not exist")
+    broken = shutil.copytree(tuned, tmp_path / "broken")
+    shard = sorted(broken.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    _one_line_error(capsys, ["analyze", str(broken), "--base", str(base)], "corrupt")
+    _one_line_error(capsys, ["analyze"], "--checkpoints")
+    _one_line_error(capsys, ["--config", str(_config(tmp_path, "full_diff:\n  power_iterations: 1\n")),
+                             "analyze", str(tuned), "--base", str(base)], "power_iterations")
+
+
+def _config(tmp_path, text):
+    path = tmp_path / "conf.yaml"
+    path.write_text(text)
+    return path

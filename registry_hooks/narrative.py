@@ -517,9 +517,11 @@ def narrate_layer(result: AnalysisResult, layer: int | None) -> list[str]:
     total = sum(m.fro for m in modules)
     top = max(modules, key=lambda m: m.fro)
     if len(modules) >= 2 and total > 0:
-        out.append(f"Its largest change is in {top.component} ({pct(top.fro / total, 0)} of the "
-                   f"layer's summed ‖ΔW‖_F).")
-    lora = [m for m in modules if m.rank > 0 and m.singular_values and math.isfinite(m.effective_rank)]
+        scope = "the layer's summed ‖ΔW‖_F" if layer is not None else "the change outside the layers"
+        out.append(f"Its largest change is in {top.component} ({pct(top.fro / total, 0)} of "
+                   f"{scope}).")
+    lora = [m for m in modules if m.kind in ("lora", "embedding") and m.rank > 0
+            and m.singular_values and math.isfinite(m.effective_rank)]
     if lora:
         util = fmean(m.rank_utilisation for m in lora)
         first_share = {m.component: m.singular_values[0] ** 2 / sum(s * s for s in m.singular_values)

@@ -269,6 +269,7 @@
     return vmax;
   }
   function spectrum(sv, rank) {
+    if (!sv.length || !(Math.max(...sv) > 0)) return `<div class="nomap">ΔW is zero: this matrix is unchanged</div>`;
     const W = 300, H = 150, m = {l: 42, r: 6, t: 8, b: 24}, iw = W - m.l - m.r, ih = H - m.t - m.b;
     const vals = sv.slice(0, Math.max(rank, 1) * 2 > 64 ? 64 : Math.max(sv.length, 1));
     const max = Math.max(...vals, 1e-30), ticks = niceTicks(0, max, 3), top = ticks[ticks.length - 1];
@@ -308,7 +309,10 @@
         ${h ? '<canvas class="heat"></canvas><div class="cbar"><span class="lo"></span><i></i><span class="hi"></span></div>' : '<div class="nomap">no heatmap stored for this module</div>'}</div>
         <div><div class="pane-title">Singular values σᵢ</div>${spectrum(mod.singular_values || [], mod.rank)}</div></div>`;
       el.appendChild(div);
-      if (h) {
+      if (h && !(mod.fro > 0)) {
+        div.querySelector("canvas").outerHTML = `<div class="nomap">ΔW is zero: this matrix is unchanged</div>`;
+        div.querySelector(".cbar").remove();
+      } else if (h) {
         const vmax = drawHeatmap(div.querySelector("canvas"), h);
         div.querySelector(".cbar .lo").textContent = "−" + fmt(vmax);
         div.querySelector(".cbar .hi").textContent = "+" + fmt(vmax);

@@ -37,14 +37,16 @@ def rank_layers(result: AnalysisResult, group: str) -> list[tuple[int, float]]:
 
 
 def group_targets(result: AnalysisResult, group: str) -> list[str]:
-    """The module names (PEFT target_modules) of `group`'s components, fused parts merged back."""
+    """PEFT target_modules for `group`: its component paths (`self_attn.q_proj`), fused parts merged
+    back (`attn.c_attn.q` -> `attn.c_attn`). Paths, not leaf names: GPT-2's `c_proj` is both an
+    attention and an MLP module, and PEFT matches a target as a suffix of the module path."""
     names = set()
     for m in result.modules:
         if m.group == group and m.layer is not None:
             segments = m.component.split(".")
-            if m.name.rsplit(".", 1)[-1] in _PART_SUFFIXES and len(segments) > 1:
-                segments = segments[:-1]  # `attn.c_attn.q` is a part of module `c_attn`
-            names.add(segments[-1])
+            if segments[-1] in _PART_SUFFIXES and len(segments) > 1:
+                segments = segments[:-1]
+            names.add(".".join(segments))
     return sorted(names)
 
 

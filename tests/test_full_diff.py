@@ -117,7 +117,7 @@ def test_cli_writes_full_diff_outputs_and_round_trips(pair, tmp_path, capsys):
     assert (out / "charts" / "full_diff_relative_change.png").stat().st_size > 1000
     mlp = json.loads((out / "retune" / "soloist_mlp.json").read_text())
     assert mlp["layers_to_transform"] == [1]
-    assert mlp["target_modules"] == ["down_proj", "gate_proj", "up_proj"]
+    assert mlp["target_modules"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
 
 
 def _one_line_error(capsys, argv, *needles):

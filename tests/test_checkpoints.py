@@ -1,0 +1,128 @@
+"""Training evolution over real PEFT checkpoints (a few AdamW steps on a tiny Llama) vs dense math."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from factories import make_lora_adapter, train_lora_checkpoints
+from tunelens.plugin.cli import main
+from tunelens.registry_hooks.checkpoints import checkpoint_evolution, find_checkpoints
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(llama_base, tmp_path_factory):
+    """checkpoint-0 (PEFT init: B = 0), checkpoint-2, checkpoint-4."""
+    return train_lora_checkpoints(llama_base, tmp_path_factory.mktemp("ckpt") / "run", steps=4,
+                                  save_every=2, r=4, lora_alpha=8, target_modules=TARGETS)
+
+
+def _factors(path):
+    weights = load_file(path / "adapter_model.safetensors")
+    out = {}
+    for key, tensor in weights.items():
+        module, kind = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        out.setdefault(module, {})[kind[0]] = tensor.double()
+    return out
+
+
+def _column_space(delta):
+    u, s, _ = torch.linalg.svd(delta, full_matrices=False)
+    return u[:, s > s.max() * 1e-10] if s.max() > 0 else u[:, :0]
+
+
+def test_evolution_matches_dense_reference(run_dir):
+    section = checkpoint_evolution([run_dir], progress=False)
+    labels = [c["label"] for c in section["checkpoints"]]
+    assert labels == ["checkpoint-0", "checkpoint-2", "checkpoint-4"]
+    assert [c["step"] for c in section["checkpoints"]] == [0, 2, 4]
+    states = [_factors(run_dir / label) for label in labels]
+    modules = {m["name"]: m for m in section["modules"]}
+    assert len(modules) == 2 * len(TARGETS)
+    for name, record in modules.items():
+        a0, b0 = states[0][name]["A"], states[0][name]["B"]
+        assert b0.abs().max() == 0  # PEFT's init: the evolution starts from ΔW = 0
+        deltas = [2.0 * s[name]["B"] @ s[name]["A"] for s in states]  # s = alpha / r = 2
+        for i, state in enumerate(states):
+            change = state[name]["B"] - b0
+            assert record["B"][i]["abs_mean"] == pytest.approx(float(change.abs().mean()), abs=1e-12)
+            assert record["B"][i]["var"] == pytest.approx(float(change.var(correction=0)), abs=1e-12)
+            change = state[name]["A"] - a0
+            assert record["A"][i]["mean"] == pytest.approx(float(change.mean()), abs=1e-12)
+            assert record["A"][i]["abs_var"] == pytest.approx(
+                float(change.abs().var(correction=0)), abs=1e-12)
+            assert record["delta_fro"][i] == pytest.approx(float(deltas[i].norm()), rel=1e-9, abs=1e-12)
+        assert record["delta_fro"][2] > record["delta_fro"][1] > 0
+        u1, u2 = _column_space(deltas[1]), _column_space(deltas[2])
+        expected = float((u1.T @ u2).square().sum()) / min(u1.shape[1], u2.shape[1])
+        assert record["subspace_similarity"][1] == pytest.approx(expected, rel=1e-6)
+        assert record["subspace_similarity"][0] != record["subspace_similarity"][0]  # NaN: ΔW₀ = 0
+    # per layer: A/B stats averaged over the layer's matrices, S_ℓ summed
+    layer0 = section["layers"][0]
+    members = [m for m in modules.values() if m["layer"] == 0]
+    assert layer0["B"]["abs_mean"][2] == pytest.approx(
+        sum(m["B"][2]["abs_mean"] for m in members) / len(members))
+    assert layer0["delta_fro"][1] == pytest.approx(sum(m["delta_fro"][1] for m in members))
+    assert section["subspace_similarity"][0]["mean"] is None
+    assert 0 < section["subspace_similarity"][1]["mean"] <= 1 + 1e-9
+
+
+def test_checkpoint_order_is_numeric(run_dir, tmp_path):
+    for step in (2, 10, 9):
+        shutil.copytree(run_dir / "checkpoint-2", tmp_path / f"checkpoint-{step}")
+    (tmp_path / "logs").mkdir()
+    assert [c.step for c in find_checkpoints([tmp_path])] == [2, 9, 10]
+
+
+def test_cli_writes_gif_frames_and_section(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["analyze", "--checkpoints", str(run_dir), "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "analysis.json").read_text())
+    assert [c["label"] for c in data["checkpoints"]["checkpoints"]][-1] == "checkpoint-4"
+    assert data["summary"]["layers_modified"] == [0, 1]  # the final checkpoint's analysis
+    gif = Image.open(out / "charts" / "checkpoints_profile.gif")
+    assert gif.n_frames == 3
+    assert len(list((out / "charts" / "checkpoints").glob("frame_*.png"))) == 3
+    assert "Training evolution" in (out / "report.html").read_text()
+    # an explicit initial + final pair
+    out2 = tmp_path / "pair"
+    assert main(["analyze", "--checkpoints", str(run_dir / "checkpoint-0"),
+                 str(run_dir / "checkpoint-4"), "--out", str(out2), "--no-progress"]) == 0
+    pair = json.loads((out2 / "analysis.json").read_text())["checkpoints"]
+    assert [c["label"] for c in pair["checkpoints"]] == ["checkpoint-0", "checkpoint-4"]
+
+
+def _one_line_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tunelens analyze: error: "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_bad_checkpoint_inputs(run_dir, llama_base, tmp_path, capsys):
+    lonely = tmp_path / "lonely"
+    shutil.copytree(run_dir / "checkpoint-2", lonely / "checkpoint-2")
+    _one_line_error(capsys, ["analyze", "--checkpoints", str(lonely)], "1 checkpoint-*")
+    _one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2")],
+                    "at least two")
+    _one_line_error(capsys, ["analyze", "--checkpoints", str(tmp_path / "nope"), str(run_dir)],
+                    "does not exist")
+    _one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2"), str(tmp_path)],
+                    "not a PEFT checkpoint")
+    other = make_lora_adapter(llama_base, tmp_path / "other", r=4, lora_alpha=8,
+                              target_modules=["q_proj", "k_proj"])
+    capsys.readouterr()  # the factory's loading bar
+    _one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2"), str(other)],
+                    "checkpoints differ", "model.layers.0.mlp.down_proj")
+    wider = make_lora_adapter(llama_base, tmp_path / "wider", r=8, lora_alpha=8,
+                              target_modules=TARGETS)
+    capsys.readouterr()
+    _one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2"), str(wider)],
+                    "checkpoints differ", "rank 4", "rank 8")

@@ -45,16 +45,20 @@ def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
         _check_base_shapes(contents, base_model)
     plans = _plan_parts(contents, base_model, needs_base)
 
+    if base_model is not None:  # full saved weights become dense ΔW parts too
+        plans.update({s.name: [_Part(_module_of(s.name), None, tuple(s.shape))]
+                      for s in contents.saved if len(s.shape) == 2})
     total_entries = sum(p.shape[0] * p.shape[1] for parts in plans.values() for p in parts)
     exact_histogram = total_entries <= settings.histogram_exact_max_entries
     generator = torch.Generator().manual_seed(settings.seed)
-    quotas = _sample_quotas(plans, total_entries, settings, generator) if not exact_histogram else {}
+    quotas = _sample_quotas(plans, total_entries, settings) if not exact_histogram else {}
 
     analyses: list[M.ModuleAnalysis] = []
     samples: list[torch.Tensor] = []
     work = len(contents.modules) + len(contents.saved)
-    with torch.no_grad(), settings.torch_threads(), tqdm(total=work, desc="tunelens analyze", unit="module", file=sys.stderr,
-                               disable=not progress, leave=False) as bar:
+    bar = tqdm(total=work, desc="tunelens analyze", unit="module", file=sys.stderr,
+               disable=not progress, leave=False)
+    with torch.no_grad(), settings.torch_threads(), bar:
         for module in contents.modules:
             for analysis in _analyse_module(module, plans[module.name], contents, base_model,
                                             settings, device, warnings):
@@ -129,15 +133,18 @@ def _plan_parts(contents: AdapterContents, base_model: BaseModel | None,
     return plans
 
 
-def _sample_quotas(plans, total_entries: int, settings, generator) -> dict[str, int]:
-    """Entries to sample per part, proportional to its size (one multinomial draw, seeded)."""
+def _sample_quotas(plans, total_entries: int, settings) -> dict[str, int]:
+    """Entries to sample per part, proportional to its size (stratified: largest remainders)."""
     parts = [p for ps in plans.values() for p in ps]
     if not parts or total_entries == 0:
         return {}
-    weights = torch.tensor([p.shape[0] * p.shape[1] for p in parts], dtype=torch.float64)
-    counts = torch.multinomial(weights, settings.histogram_sample_entries, replacement=True,
-                               generator=generator).bincount(minlength=len(parts))
-    return {p.name: int(c) for p, c in zip(parts, counts)}
+    wanted = [settings.histogram_sample_entries * p.shape[0] * p.shape[1] / total_entries
+              for p in parts]
+    quotas = [math.floor(w) for w in wanted]
+    by_remainder = sorted(range(len(parts)), key=lambda i: quotas[i] - wanted[i])
+    for i in by_remainder[:settings.histogram_sample_entries - sum(quotas)]:
+        quotas[i] += 1
+    return {p.name: q for p, q in zip(parts, quotas)}
 
 
 def _keep_entries(analysis, exact: bool, quotas, samples, generator) -> None:
@@ -193,7 +200,7 @@ def _analyse_saved(saved, contents, base_model, settings, device, warnings):
     """A full saved weight (modules_to_save): a dense ΔW = saved − base when the base is given."""
     if base_model is None or len(saved.shape) != 2:
         return None
-    module_name = saved.name[:-len(".weight")] if saved.name.endswith(".weight") else saved.name
+    module_name = _module_of(saved.name)
     base = _base_weight(base_model, module_name, tuple(saved.shape), False, device, warnings)
     if base is None:
         return None
@@ -205,6 +212,11 @@ def _analyse_saved(saved, contents, base_model, settings, device, warnings):
                                   bad)
     delta = tuned - base
     return M.dense_module(module_name, where, delta, min(saved.shape), "dense", settings, base)
+
+
+def _module_of(parameter: str) -> str:
+    """`lm_head.weight` -> `lm_head`."""
+    return parameter[:-len(".weight")] if parameter.endswith(".weight") else parameter
 
 
 def _base_weight(base_model, module_name, shape, transposed, device, warnings):
@@ -313,6 +325,7 @@ def _histogram(finite: list[M.ModuleAnalysis], exact: bool, samples: list[torch.
         counts = _bin_counts(values, low, high, bins)
         within, third, fourth = _central_moments(values, mean, std).tolist()
         share = within / n if n else math.nan
+        # Simple-random-sampling error; the proportional (stratified) draw can only be tighter.
         share_error = math.sqrt(share * (1 - share) / n) if n else None
         sample_size = n
     skewness = third / n / std ** 3 if std > 0 and n else None

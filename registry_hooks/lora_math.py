@@ -21,11 +21,24 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
 
 def factored_svd(left: torch.Tensor, right: torch.Tensor, scale: float):
     """ΔW = s·L·R = U·diag(S)·Vᵀ: L = Q_L·R_L, Rᵀ = Q_R·R_R (thin QR), SVD of the core s·R_L·R_Rᵀ."""
-    q_left, r_left = torch.linalg.qr(left)
-    q_right, r_right = torch.linalg.qr(right.T)
-    core = scale * (r_left @ r_right.T)
-    u_core, singular, vh_core = torch.linalg.svd(core, full_matrices=False)
-    return q_left @ u_core, singular, q_right @ vh_core.T
+    r_left, r_right = _triangular_factor(left), _triangular_factor(right.T)
+    u_core, singular, vh_core = torch.linalg.svd(scale * (r_left @ r_right.T), full_matrices=False)
+    return (_orthonormal_side(left, r_left, u_core), singular,
+            _orthonormal_side(right.T, r_right, vh_core.T))
+
+
+def _triangular_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """R of the thin QR of a tall factor (Q is never formed: Q·W = M·R⁻¹·W when needed)."""
+    return torch.linalg.qr(matrix, mode="r")[1]
+
+
+def _orthonormal_side(matrix: torch.Tensor, triangular: torch.Tensor, core: torch.Tensor):
+    """Q·core = M·(R⁻¹·core), or through the explicit Q when R is (nearly) singular."""
+    diagonal = triangular.diagonal().abs()
+    square = triangular.shape[0] == triangular.shape[1]
+    if square and diagonal.numel() and diagonal.min() > 1e-8 * diagonal.max():
+        return matrix @ torch.linalg.solve_triangular(triangular, core, upper=True)
+    return torch.linalg.qr(matrix)[0] @ core
 
 
 def balanced_factors(u: torch.Tensor, singular: torch.Tensor, v: torch.Tensor):
@@ -78,9 +91,10 @@ def block_edges(size: int, blocks: int) -> torch.Tensor:
 
 def pooled_rows(matrix: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """Mean of the rows of `matrix` within each block [edges[k], edges[k+1])."""
-    sums = torch.cumsum(torch.cat([matrix.new_zeros(1, matrix.shape[1]), matrix]), dim=0)
-    counts = (edges[1:] - edges[:-1]).to(matrix.dtype).unsqueeze(1)
-    return (sums[edges[1:]] - sums[edges[:-1]]) / counts
+    sizes = edges[1:] - edges[:-1]
+    block_of_row = torch.repeat_interleave(torch.arange(sizes.numel()), sizes).to(matrix.device)
+    sums = matrix.new_zeros(sizes.numel(), matrix.shape[1]).index_add_(0, block_of_row, matrix)
+    return sums / sizes.to(device=matrix.device, dtype=matrix.dtype).unsqueeze(1)
 
 
 def block_means(left: torch.Tensor, right: torch.Tensor, scale: float, blocks: int) -> torch.Tensor:
@@ -100,7 +114,7 @@ def entry_sum(left: torch.Tensor, right: torch.Tensor, scale: float) -> float:
     return float(scale * (left.sum(dim=0) @ right.sum(dim=1)))
 
 
-def extreme_entries(x: torch.Tensor, y: torch.Tensor, row_tile: int = 256, seed_rows: int = 64):
+def extreme_entries(x: torch.Tensor, y: torch.Tensor, row_tile: int = 64, seed_rows: int = 8):
     """Exact (min, max) of ΔW = X·Yᵀ, evaluating only entries whose bound ‖x_i‖·‖y_j‖ can beat them.
 
     Rows and columns are sorted by norm; the largest rows and columns give a first min/max, then each

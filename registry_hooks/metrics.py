@@ -106,16 +106,30 @@ def _spectrum_metrics(singular: torch.Tensor, max_rank: int) -> dict:
     eff = lora_math.effective_rank(singular)
     return dict(fro=lora_math.frobenius(singular),
                 spectral=float(singular.max()) if singular.numel() else 0.0,
-                singular_values=[float(s) for s in singular],
+                singular_values=singular.tolist(),
                 effective_rank=eff, stable_rank=lora_math.stable_rank(singular),
                 energy_rank_90=lora_math.energy_rank(singular, 0.90),
                 energy_rank_99=lora_math.energy_rank(singular, 0.99),
                 rank_utilisation=eff / max_rank if max_rank else 0.0)
 
 
+def _heatmap(name: str, values: torch.Tensor, digits: int = 4) -> Heatmap:
+    """A Heatmap record with values cut to `digits` significant digits: a picture needs no more,
+    and analysis.json for a 224-module adapter shrinks from ~26 MB to a third."""
+    values = values.cpu()
+    magnitude = values.abs().clamp_min(1e-300).log10().floor()
+    power = (digits - 1 - magnitude).clamp(-300, 300)
+    # Divide by an exact power of ten so each value is the double nearest its decimal: short repr.
+    positive = power >= 0
+    scale = torch.pow(10.0, power.abs()).to(values.dtype)
+    rounded = torch.where(positive, (values * scale).round() / scale, (values / scale).round() * scale)
+    rounded = torch.where(values == 0, values, rounded)
+    return Heatmap(name, values.shape[0], values.shape[1], rounded.tolist())
+
+
 def _top_rows(norms: torch.Tensor, k: int) -> list[tuple[int, float]]:
     values, rows = norms.topk(min(k, norms.numel()))
-    return [(int(i), float(v)) for i, v in zip(rows, values)]
+    return list(zip(rows.tolist(), values.tolist()))
 
 
 def _base_metrics(fro: float, base: torch.Tensor | None, tuned_delta, settings, u=None, v=None,
@@ -152,7 +166,7 @@ def factored_module(name: str, where: ModulePath, left: torch.Tensor, right: tor
                             std=math.sqrt(variance), min=low, max=high, kind=kind,
                             **spectrum, **extra)
     heat = lora_math.block_means(left, right, scale, settings.heatmap_size)
-    return ModuleAnalysis(metrics, Heatmap(name, heat.shape[0], heat.shape[1], heat.tolist()),
+    return ModuleAnalysis(metrics, _heatmap(name, heat),
                           _top_rows(lora_math.row_norms(left, right, scale), settings.top_neurons),
                           entries, total)
 
@@ -171,7 +185,7 @@ def dense_module(name: str, where: ModulePath, delta: torch.Tensor, rank: int, k
                             min=float(delta.min()), max=float(delta.max()), kind=kind,
                             **spectrum, **extra)
     heat = lora_math.block_means_dense(delta, settings.heatmap_size)
-    return ModuleAnalysis(metrics, Heatmap(name, heat.shape[0], heat.shape[1], heat.tolist()),
+    return ModuleAnalysis(metrics, _heatmap(name, heat),
                           _top_rows(delta.norm(dim=1), settings.top_neurons),
                           DenseEntries(delta), float(delta.sum()))
 
@@ -188,5 +202,6 @@ def nonfinite_module(name: str, where: ModulePath, shape: list[int], rank: int, 
 
 
 def count_nonfinite(*tensors: torch.Tensor | None) -> int:
-    """NaN and ±Inf entries across the given tensors."""
-    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t is not None)
+    """NaN and ±Inf entries across the given tensors (a finite sum proves there are none)."""
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors
+               if t is not None and not torch.isfinite(t.sum()))

@@ -216,7 +216,13 @@ def _summary(result: AnalysisResult) -> list[str]:
     s, a = result.summary, result.adapter
     out = []
     params = f"{s.trainable_params:,}"
-    if s.trainable_share is not None and s.base_params:
+    if is_full_finetune(result):
+        share = (f": {pct(s.trainable_share, 1)} of the base model's {s.base_params:,}"
+                 if s.trainable_share is not None and s.base_params else "")
+        out.append(f"The fine-tune changed {params} parameters in {len(result.modules)} weight "
+                   f"matrices{share}. Every weight could move, so ΔW is the full difference "
+                   f"between the fine-tuned and the base weights.")
+    elif s.trainable_share is not None and s.base_params:
         out.append(f"The adapter trains {params} parameters: {pct(s.trainable_share, 3)} of the "
                    f"base model's {s.base_params:,}. The base model itself is untouched; the "
                    f"adapter is a small set of adjustments applied on top of it.")
@@ -227,9 +233,10 @@ def _summary(result: AnalysisResult) -> list[str]:
         count = len(s.layers_modified)
         of = (f"{count} of {s.num_layers} layers" if s.num_layers else
               f"{count} layer{'s' if count != 1 else ''}")
-        out.append(f"It modifies {of} ({_layer_range(s.layers_modified)}) with LoRA rank {a.r} "
-                   f"and α {fmt(a.lora_alpha)}{' (rsLoRA scaling)' if a.use_rslora else ''}"
-                   f"{' using DoRA' if a.use_dora else ''}.")
+        config = "" if is_full_finetune(result) else (
+            f" with LoRA rank {a.r} and α {fmt(a.lora_alpha)}"
+            f"{' (rsLoRA scaling)' if a.use_rslora else ''}{' using DoRA' if a.use_dora else ''}")
+        out.append(f"It modifies {of} ({_layer_range(s.layers_modified)}){config}.")
     # The engine averages S_ℓ = Σ_components ‖ΔW‖_F over modified layers, or over modules when
     # nothing sits in a numbered layer.
     unit = "modified layer (summed over its matrices)" if result.layers else "modified matrix"
@@ -240,9 +247,20 @@ def _summary(result: AnalysisResult) -> list[str]:
 
 
 def _times(big: float, small: float) -> str:
-    """'2.5× as much as' or 'about as much as' for two positive sizes."""
-    ratio = big / small if small > 0 else math.inf
+    """'2.5× as much as', 'about as much as', or 'against nothing for' when small is 0."""
+    if small <= 0:
+        return "while nothing changed in"
+    ratio = big / small
     return "about as much as" if ratio < SAME_SIZE_RATIO else f"{ratio:.1f}× as much as"
+
+
+def is_full_finetune(result: AnalysisResult) -> bool:
+    """A full fine-tune diff (full_diff.py) rather than a LoRA adapter."""
+    return result.adapter.peft_type.upper() == "FULL"
+
+
+def _who(result: AnalysisResult) -> str:
+    return "the fine-tune" if is_full_finetune(result) else "the adapter"
 
 
 def _layers(result: AnalysisResult) -> list[str]:
@@ -314,11 +332,11 @@ def _qkvo(result: AnalysisResult) -> list[str]:
     if {"Q", "K", "V", "O"} <= totals.keys() and len(out) == 1 and "evenly" not in out[0]:
         qk = (totals["Q"] + totals["K"]) / total
         if qk > 0.55:
-            out.append(f"Query and Key together hold {pct(qk, 0)}: the adapter mainly changed "
+            out.append(f"Query and Key together hold {pct(qk, 0)}: {_who(result)} mainly changed "
                        f"what the model pays attention to, a pattern usually read as learning "
                        f"where to look in the input.")
         elif qk < 0.45:
-            out.append(f"Value and Output together hold {pct(1 - qk, 0)}: the adapter mainly "
+            out.append(f"Value and Output together hold {pct(1 - qk, 0)}: {_who(result)} mainly "
                        f"changed what attended information is passed on and how it is "
                        f"combined, a pattern usually read as learning a new style or format "
                        f"of expression.")
@@ -364,7 +382,7 @@ def _histogram(result: AnalysisResult) -> list[str]:
     if abs(drift) > DRIFT_MEAN_OVER_STD:
         out.append(f"The entries of ΔW are not centred on zero: the mean {fmt(h.mean)} is "
                    f"{abs(drift):.2f} standard deviations {'above' if drift > 0 else 'below'} "
-                   f"zero. That is drift: the adapter pushes weights "
+                   f"zero. That is drift: {_who(result)} pushes weights "
                    f"{'up' if drift > 0 else 'down'} overall rather than adjusting some up and "
                    f"some down, worth checking for an over-aggressive learning rate.")
     else:
@@ -437,7 +455,7 @@ def _base(result: AnalysisResult) -> list[str]:
         mean_rel = fmean(m.relative_fro for m in rel)
         reading = ("a light touch on the base weights" if mean_rel < 0.01 else
                    "a moderate adjustment of the base weights" if mean_rel < 0.1 else
-                   "a large change: the adapter rewrites a sizeable part of these matrices "
+                   f"a large change: {_who(result)} rewrites a sizeable part of these matrices "
                    "rather than nudging them")
         out.append(f"Compared with the base weights, the change is {pct(mean_rel, 2)} of ‖W‖_F "
                    f"on average ({reading}); the largest relative change is "
@@ -446,10 +464,10 @@ def _base(result: AnalysisResult) -> list[str]:
     if amp:
         top = max(amp, key=lambda m: m.amplification)
         mean_amp = fmean(m.amplification for m in amp)
-        reading = ("the adapter amplifies directions the base weights had not emphasised, "
+        reading = (f"{_who(result)} amplifies directions the base weights had not emphasised, "
                    "rather than repeating what the base already does strongly"
                    if mean_amp > AMPLIFICATION_HIGH else
-                   "the adapter mostly reinforces directions the base weights already emphasise")
+                   f"{_who(result)} mostly reinforces directions the base weights already emphasise")
         out.append(f"The amplification factor averages {mean_amp:.1f} (highest "
                    f"{top.amplification:.1f} in {top.name}): {reading}.")
     intr = [m for m in result.modules if m.intruder_dimensions is not None]
@@ -478,7 +496,7 @@ def _health(result: AnalysisResult) -> list[str]:
     modules = "1 module contains" if len(bad) == 1 else f"{len(bad)} modules contain"
     return [f"Warning: {modules} NaN or Inf values"
             f"{f' ({count:,} entries)' if count else ''}: {listed}. Their metrics are unreliable "
-            f"and the adapter will corrupt the model's outputs; retrain or check the export."]
+            f"and {_who(result)} will corrupt the model's outputs; retrain or check the export."]
 
 
 def narrate_sections(result: AnalysisResult) -> dict[str, list[str]]:

@@ -255,3 +255,25 @@ def test_components_read_in_model_order():
     assert component_order(result) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                        "mlp.down_proj"]
+
+
+def test_full_finetune_diff_is_not_described_as_lora():
+    """full_diff.py reuses the page for a full fine-tune: no LoRA rank, 'the fine-tune' speaks."""
+    result = llama_like_result(base_params=1_000_000, role_magnitudes={"self_attn.q_proj": 6.0,
+                                                                       "self_attn.k_proj": 6.0})
+    result.adapter.peft_type = "FULL"
+    for m in result.modules:
+        m.kind = "full"
+    text = " ".join(narrate(result))
+    assert text.startswith(f"The fine-tune changed {result.summary.trainable_params:,} parameters "
+                           f"in {len(result.modules)} weight matrices")
+    assert "LoRA rank" not in text and "the adapter" not in text.lower()
+    assert "the fine-tune mainly changed what the model pays attention to" in text
+
+
+def test_a_component_that_did_not_move_is_said_so():
+    result = llama_like_result(layer_magnitudes=(1.0, 2.0))
+    for layer in result.layers:
+        layer.components["self_attn.v_proj"] = 0.0
+    sentence = _sentence(narrate(result), "changed most on average")
+    assert "while nothing changed in self_attn.v_proj" in sentence and "inf" not in sentence

@@ -97,8 +97,10 @@
 
   // ---- header, alerts, stories, glossary ----
   const a = R.adapter, S = R.summary;
+  const FULL = String(a.peft_type).toUpperCase() === "FULL";  // a full fine-tune diff, not LoRA
+  if (FULL) $("#title").textContent = "How fine-tuning changed the model";
   $("#subtitle").textContent = [a.base_model_name_or_path ? "Base: " + a.base_model_name_or_path : "Base model not recorded",
-    `${a.peft_type} r=${a.r} α=${fmt(a.lora_alpha)}`, `${R.modules.length} modules analysed`].join("  ·  ");
+    FULL ? "full fine-tune" : `${a.peft_type} r=${a.r} α=${fmt(a.lora_alpha)}`, `${R.modules.length} modules analysed`].join("  ·  ");
   const alerts = [];
   if (S.nonfinite_modules && S.nonfinite_modules.length) alerts.push(`<div class="alert bad"><b>NaN/Inf weights found</b> in ${S.nonfinite_modules.length} module(s): ${esc(S.nonfinite_modules.slice(0, 6).join(", "))}${S.nonfinite_modules.length > 6 ? " …" : ""}. Their metrics are unreliable.</div>`);
   (R.warnings || []).forEach((w) => alerts.push(`<div class="alert note">${esc(w)}</div>`));
@@ -117,15 +119,16 @@
   const layers = R.layers.slice().sort((p, q) => p.layer - q.layer);
   const lm = S.layers_modified || [];
   const cards = [
-    [S.trainable_params.toLocaleString("en-US"), "Trainable parameters",
+    [S.trainable_params.toLocaleString("en-US"), FULL ? "Parameters changed" : "Trainable parameters",
       S.trainable_share !== null && S.trainable_share !== undefined ? pct(S.trainable_share, 3) + " of the base's " + S.base_params.toLocaleString("en-US") : "share unknown (no base given)"],
     [`${lm.length}${S.num_layers ? " / " + S.num_layers : ""}`, "Layers modified",
       lm.length ? (lm.length === 1 ? "layer " + lm[0] : `layers ${lm[0]}–${lm[lm.length - 1]}`) : "none"],
     [fmt(S.mean_delta_fro), R.layers.length ? "Mean ΔW per layer" : "Mean ΔW per module",
       (R.layers.length ? "Σ‖ΔW‖_F over a layer's matrices · " : "‖ΔW‖_F · ") + "max " + fmt(S.max_delta_fro)],
-    [`r ${a.r}`, "LoRA config", `α ${fmt(a.lora_alpha)}${a.use_rslora ? ", rsLoRA" : ""}${a.use_dora ? ", DoRA" : ""} · scale ${fmt(a.use_rslora ? a.lora_alpha / Math.sqrt(a.r) : a.lora_alpha / a.r)}`],
-    [pct(S.mean_rank_utilisation, 0), "Mean rank utilisation", "effective rank ÷ r"],
+    FULL ? ["full", "Fine-tune", "every weight trainable · ΔW = W_tuned − W_base"]
+      : [`r ${a.r}`, "LoRA config", `α ${fmt(a.lora_alpha)}${a.use_rslora ? ", rsLoRA" : ""}${a.use_dora ? ", DoRA" : ""} · scale ${fmt(a.use_rslora ? a.lora_alpha / Math.sqrt(a.r) : a.lora_alpha / a.r)}`],
   ];
+  if (S.mean_rank_utilisation !== null && S.mean_rank_utilisation !== undefined) cards.push([pct(S.mean_rank_utilisation, 0), "Mean rank utilisation", "effective rank ÷ r"]);
   const findings = [];
   (DATA.sections.health || []).forEach((l) => findings.push(`<li class="bad">${esc(l)}</li>`));
   ["layers", "qkvo", "histogram", "rank"].forEach((key) => { if (DATA.sections[key]) findings.push(`<li>${esc(DATA.sections[key][0])}</li>`); });

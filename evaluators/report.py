@@ -14,9 +14,20 @@ td.ok{background:#e8f6e8} td.bad{background:#fbeaea} td.num{text-align:right}
 .verdict{font-size:1.3em;font-weight:bold;padding:.4em .8em;display:inline-block;border-radius:4px}
 .PROMOTE{background:#d4f0d4} .REJECT{background:#f6d0d0} .INCONCLUSIVE{background:#f6ecc8}
 pre{white-space:pre-wrap;margin:0;font-family:inherit} .note{color:#666}
+.bars{display:flex;gap:2em;flex-wrap:wrap} .bars div.chart{min-width:260px}
+.bar{background:#5b8def;height:14px;display:inline-block;vertical-align:middle}
 """
 
+CHARTS = [("exact_match", "exact match (higher is better)", "{:.0%}"),
+          ("mean_words", "words per output (lower is more concise)", "{:.1f}"),
+          ("latency_ms_p95", "p95 latency, ms", "{:.0f}"),
+          ("over_correction_rate", "over-corrections", "{:.0%}")]
+
 SCRIPT = """
+function start(){  // report.html#differences opens with the filter on
+  if(location.hash==='#differences')document.getElementById('diffonly').checked=true;
+  applyFilter();
+}
 function applyFilter(){
   var only=document.getElementById('diffonly').checked, shown=0;
   document.querySelectorAll('#rows tbody tr').forEach(function(tr){
@@ -29,6 +40,20 @@ function applyFilter(){
 def _cell(value, css: str = "") -> str:
     text = html.escape(str(value))
     return f'<td class="{css}"><pre>{text}</pre></td>' if not css else f'<td class="{css}">{text}</td>'
+
+
+def _charts(labels: list[str], metrics: dict[str, float]) -> str:
+    """Seed 004's bar charts, one per metric, drawn with plain CSS widths."""
+    charts = []
+    for metric, title, fmt in CHARTS:
+        values = {label: metrics.get(f"{label}/{metric}") for label in labels}
+        top = max((v for v in values.values() if v is not None), default=0) or 1
+        lines = "".join(
+            f"<tr><td>{html.escape(label)}</td><td><span class=\"bar\" style=\"width:"
+            f"{180 * v / top:.0f}px\"></span> {fmt.format(v)}</td></tr>"
+            for label, v in values.items() if v is not None)
+        charts.append(f'<div class="chart"><b>{html.escape(title)}</b><table>{lines}</table></div>')
+    return '<div class="bars">' + "".join(charts) + "</div>"
 
 
 def render_report(*, title: str, labels: list[str], table: pd.DataFrame,
@@ -60,12 +85,13 @@ def render_report(*, title: str, labels: list[str], table: pd.DataFrame,
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style>
 <script>{SCRIPT}</script></head>
-<body onload="applyFilter()">
+<body onload="start()">
 <h1>{html.escape(title)}</h1>
 <p><span class="verdict {html.escape(decision)}">{html.escape(decision)}</span></p>
 <ul>{rules}</ul>
 <ul class="note">{note_items}</ul>
 <h2>Per model</h2>
+{_charts(labels, metrics)}
 <table><thead><tr><th>model</th>{head}</tr></thead><tbody>{summary}</tbody></table>
 <h2>Side by side</h2>
 <p><label><input type="checkbox" id="diffonly" onchange="applyFilter()"> differences only</label>

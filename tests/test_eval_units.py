@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import tempfile
 
 import pandas as pd
 import pytest
@@ -13,6 +17,7 @@ from tunelens.evaluators.backends import vllm_max_lora_rank, vllm_refusal
 from tunelens.evaluators.datasets import load_dataset
 from tunelens.evaluators.metrics import exact_match, word_edit_distance
 from tunelens.evaluators.prompts import GenerationSettings, build_prompts, cut_at_stop
+from tunelens.evaluators.report import render_report
 from tunelens.evaluators.run import choose_backend
 from tunelens.evaluators.sources import check_adapter_fits, parse_model_uri
 
@@ -176,3 +181,44 @@ def test_plugin_is_registered_and_only_runs_when_invited():
     assert evaluator.can_evaluate(model_type="text", evaluator_config={"model_uri": "models:/m/1"})
     assert not evaluator.can_evaluate(model_type="text", evaluator_config={})
     assert not evaluator.can_evaluate(model_type="classifier", evaluator_config=None)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _small_report() -> str:
+    table = pd.DataFrame({"row": [0, 1, 2], "input": ["a", "b", "c<d"], "target": ["A", "B", "C"],
+                          "base_output": ["A", "x", "C"], "finetuned_output": ["A", "B", "c<d"]})
+    for label in ("base", "finetuned"):
+        table[f"{label}_exact_match"] = table[f"{label}_output"] == table["target"]
+        table[f"{label}_words"] = 1
+        table[f"{label}_latency_ms"] = 5.0
+    metrics = {"base/exact_match": 2 / 3, "finetuned/exact_match": 2 / 3,
+               "base/mean_words": 1.0, "finetuned/mean_words": 1.0}
+    return render_report(title="t", labels=["base", "finetuned"], table=table, metrics=metrics,
+                         verdict_lines=["exact_match: undecided"], decision="INCONCLUSIVE",
+                         notes=["n"])
+
+
+def test_report_is_self_contained_and_marks_differing_rows():
+    page = _small_report()
+    assert "http://" not in page and "https://" not in page and "src=" not in page
+    assert page.count('data-differs="1"') == 2 and page.count('data-differs="0"') == 1
+    assert "c&lt;d" in page and "c<d" not in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_differences_only_filter_hides_equal_rows_in_a_real_browser(tmp_path):
+    path = tmp_path / "report.html"
+    path.write_text(_small_report())
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", f"--user-data-dir={profile}",
+             "--virtual-time-budget=3000", "--dump-dom", path.as_uri() + "#differences"],
+            capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert proc.returncode == 0 and 'id="shown">2<' in dom
+    rows = dom.split('<tbody>')[-1]
+    assert re.search(r'<tr data-differs="0" style="display: none;">', rows)
+    assert len(re.findall(r'<tr data-differs="1"', rows)) == 2 and rows.count("none") == 1

@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "server": "cmd_server",
     "hooks": "cmd_hooks",
     "log-adapter": "cmd_log_adapter",
+    "compare": "cmd_compare",
 }
 
 

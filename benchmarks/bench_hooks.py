@@ -80,6 +80,11 @@ def main() -> int:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
             log.close()
+        # The worker's own per-phase split of each job (download, analysis, report+charts, mlflow).
+        for line in (tmp / "server.log").read_text(errors="replace").splitlines():
+            if " done in " in line:
+                print("worker:", line.split(": ", 1)[-1])
+        print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 
 

@@ -89,7 +89,7 @@ class EmbeddedServer:
                 "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
                 "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
 
-    def start(self, timeout: float = 120) -> "EmbeddedServer":
+    def start(self, timeout: float = 300) -> "EmbeddedServer":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not _port_free(self.host, self.port):
             raise TunelensError(f"port {self.port} on {self.host} is in use; pick another with "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import urllib.error
+import urllib.request
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -65,7 +67,22 @@ class HookService:
         hooks = self.config["hooks"]
         return hooks.get("public_url") or f"http://{hooks['host']}:{self.receiver.port}/webhook"
 
+    def _check_reachable(self) -> None:
+        """Fail in seconds with one line, not after the MLflow client's minutes of retries."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        try:
+            with urllib.request.urlopen(f"{self.tracking_uri.rstrip('/')}/health", timeout=10):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (health may sit behind auth); the API calls will tell
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TunelensError(f"cannot reach MLflow at {self.tracking_uri} ({reason}); check "
+                                f"--tracking-uri and that the server runs") from None
+
     def start(self) -> "HookService":
+        self._check_reachable()
         self.receiver.start()
         if self.register_webhook:
             try:
@@ -76,10 +93,6 @@ class HookService:
                 # A file store or an old server has no webhooks: the scan still finds everything.
                 log.warning("no MLflow webhook (%s); relying on the scan every %s s",
                             exc.message.splitlines()[0], self.config["hooks"]["poll_interval"])
-            except OSError as exc:
-                self.receiver.stop()
-                raise TunelensError(f"cannot reach MLflow at {self.tracking_uri} ({exc}); "
-                                    f"check --tracking-uri") from None
         self.worker.start()
         log.info("tunelens hooks: receiving on %s, worker %s", self.webhook_url, self.worker.owner)
         return self

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SKIP_REASON = "tunelens.analysis.reason"
 EVAL_DATASET_TAG = "tunelens.eval_dataset"
+EVAL_ERROR = "tunelens.eval.error"
 _MAX_ERROR = 500
 # A job hit by server/network trouble this many times is marked failed instead of retried again.
 MAX_ATTEMPTS = 5
@@ -61,6 +62,23 @@ def _transient(exc: BaseException) -> bool:
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
         return True
     return isinstance(exc, MlflowException) and exc.error_code in TRANSIENT_CODES
+
+
+class _PhaseClock:
+    """Seconds spent per phase of a job, for the log line that ends it."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in self.laps.items())
+        return f"{sum(self.laps.values()):.1f} s ({parts})"
 
 
 class LeaseLost(Exception):
@@ -176,6 +194,11 @@ class Worker:
                 log.warning("reconciling scan failed: %s", one_line(exc))
             self._stop.wait(self.poll_interval)
 
+    @staticmethod
+    def _warm_up() -> None:
+        """Import the analysis and chart modules now, not during the first job."""
+        from . import analysis, outputs  # noqa: F401
+
     def _work(self) -> None:
         while True:
             key = self._jobs.get()
@@ -190,7 +213,7 @@ class Worker:
                     self._pending.discard(key)
 
     def start(self) -> "Worker":
-        targets = [self._intake, self._scanner] + [self._work] * self.threads
+        targets = [self._warm_up, self._intake, self._scanner] + [self._work] * self.threads
         for i, target in enumerate(targets):
             thread = threading.Thread(target=target, daemon=True, name=f"tunelens-worker-{i}")
             thread.start()
@@ -242,7 +265,9 @@ class Worker:
         from .analysis import analyze_adapter
         from .outputs import write_analysis
 
+        clock = _PhaseClock()
         detection = detect_adapter(client, name, version, tmp / "model")
+        clock.lap("download")
         if not detection.is_lora:
             beat.check()
             self._finish(client, name, version, state.SKIPPED,
@@ -251,7 +276,9 @@ class Worker:
         base = resolve_base_model(client, name, version, self.config, detection.model_dir)
         result = analyze_adapter(detection.adapter_dir, base=base.path, config=self.config,
                                  progress=False)
+        clock.lap("analysis")
         files = write_analysis(result, tmp / "out")
+        clock.lap("report+charts")
         experiment = experiment_id(client, self.experiment_name)
         beat.check()
         for stale in analysis_runs(client, experiment, name, version):
@@ -273,6 +300,8 @@ class Worker:
             "tunelens.layers_modified": str(len(summary.layers_modified)),
             "tunelens.top_layer": "" if layer is None else str(layer),
             "tunelens.mean_delta_fro": f"{summary.mean_delta_fro:.6g}"})
+        clock.lap("mlflow")
+        log.info("%s v%s done in %s", name, version, clock)
         self.after_analysis(client, name, version, base)
         return JobOutcome(name, version, state.DONE, run_id)
 
@@ -291,8 +320,13 @@ class Worker:
         if not self.config["hooks"].get("evaluate_on_registration"):
             return
         dataset = client.get_registered_model(name).tags.get(EVAL_DATASET_TAG)
-        if dataset:
+        if not dataset:
+            return
+        try:
             evaluate_registered_version(client, name, version, dataset, base, self.config)
+        except Exception as exc:  # noqa: BLE001 - the analysis stays done; say why eval did not
+            log.warning("evaluation of %s v%s failed: %s", name, version, one_line(exc))
+            client.set_model_version_tag(name, version, EVAL_ERROR, one_line(exc))
 
 
 def evaluate_registered_version(client: MlflowClient, name: str, version: str, dataset: str,
@@ -300,4 +334,5 @@ def evaluate_registered_version(client: MlflowClient, name: str, version: str, d
     """The seam for the evaluator: it writes its own tags (tunelens.verdict, ...) on the version."""
     from tunelens.evaluators.run import evaluate_version
 
-    evaluate_version(f"models:/{name}/{version}", dataset, base=base.path, config=config)
+    evaluate_version(f"models:/{name}/{version}", dataset, base=base.path, config=config,
+                     client=client)

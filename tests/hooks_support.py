@@ -36,7 +36,7 @@ def register(client: MlflowClient, name: str, adapter_dir: Path) -> str:
                                            run.info.run_id).version)
 
 
-def wait_status(client: MlflowClient, name: str, version: str, timeout: float = 120,
+def wait_status(client: MlflowClient, name: str, version: str, timeout: float = 240,
                 statuses=FINAL) -> dict[str, str]:
     """The version's tags once its status is in `statuses`; AssertionError on timeout."""
     deadline = time.monotonic() + timeout
@@ -79,7 +79,7 @@ class HooksProcess:
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
                                             stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log_tail()
             if "webhooks on" in self.log_path.read_text(errors="replace"):

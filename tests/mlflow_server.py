@@ -83,7 +83,7 @@ class MlflowServer:
                 self.backend_store_uri, "--artifacts-destination", str(self.artifacts_dir),
                 *self.extra_args]
 
-    def start(self, timeout: float = 90) -> "MlflowServer":
+    def start(self, timeout: float = 240) -> "MlflowServer":
         if self.running:
             return self
         env = {**os.environ, **self.env}
@@ -145,7 +145,7 @@ class MlflowServer:
         self.process.wait(10)
         self.process = None
 
-    def restart(self, timeout: float = 90) -> "MlflowServer":
+    def restart(self, timeout: float = 240) -> "MlflowServer":
         """Stop and start again on the same port, backend, artifacts and webhook key."""
         self.stop()
         return self.start(timeout)

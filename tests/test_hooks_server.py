@@ -36,7 +36,7 @@ class ServerProcess:
                 [sys.executable, "-m", "tunelens.plugin.cli", "--config", str(config), "server",
                  "--port", str(self.port), "--data-dir", str(data_dir)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 360
         while "MLflow UI and API on" not in log_path.read_text(errors="replace"):
             assert self.process.poll() is None and time.monotonic() < deadline, self.log_tail()
             time.sleep(0.2)

@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest tests
 
 demo: install
-	$(VENV)/bin/tunelens analyze tests/data/adapters/gpt2-causal-c_attn-c_proj --out demo-output $(DEMO_FLAGS)
+	$(VENV)/bin/tunelens demo $(DEMO_FLAGS)
 
 bench: install
 	$(PY) benchmarks/bench_analyze.py

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "hooks": "cmd_hooks",
     "log-adapter": "cmd_log_adapter",
     "compare": "cmd_compare",
+    "demo": "cmd_demo",
 }
 
 

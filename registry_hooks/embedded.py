@@ -135,24 +135,30 @@ class EmbeddedServer:
         self.process = None
         self._stopped.set()
 
-    def run(self) -> int:
-        """Start, then serve until Ctrl-C/SIGTERM (or the MLflow server dies); stop cleanly."""
+    def serve_until_stopped(self) -> None:
+        """Block until Ctrl-C/SIGTERM or the MLflow server dies (then raise); the caller stops."""
         def on_signal(signum, _frame):
             self._stopped.set()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.start()
-            print(f"tunelens server: MLflow UI and API on {self.url}; webhooks on "
-                  f"{self.service.webhook_url}; data in {self.data_dir}", file=sys.stderr,
-                  flush=True)
             while not self._stopped.wait(1):
                 if self.process.poll() is not None:
                     raise TunelensError(f"the MLflow server exited ({self.process.returncode}); "
                                         f"see {self.data_dir / 'mlflow-server.log'}")
         finally:
-            self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def run(self) -> int:
+        """Start, then serve until Ctrl-C/SIGTERM (or the MLflow server dies); stop cleanly."""
+        try:
+            self.start()
+            print(f"tunelens server: MLflow UI and API on {self.url}; webhooks on "
+                  f"{self.service.webhook_url}; data in {self.data_dir}", file=sys.stderr,
+                  flush=True)
+            self.serve_until_stopped()
+        finally:
+            self.stop()
         print("tunelens server: stopped", file=sys.stderr, flush=True)
         return 0

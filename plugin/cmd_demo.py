@@ -1,0 +1,27 @@
+"""`tunelens demo`: seed 004's story on the embedded server, generated locally, no GPU needed."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tunelens.config import load_config
+
+HELP = ("train a grammar-correcting LoRA on a tiny local base, register it, watch tunelens analyse, "
+        "evaluate and promote it, then reject a weaker version; serves the MLflow UI until Ctrl-C")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", metavar="DIR", default="tunelens-data",
+                        help="demo models, mlflow.db and artifacts (default: ./tunelens-data; "
+                             "models are built once and reused)")
+    parser.add_argument("--port", type=int, help="MLflow port (default: conf server.port, 5000)")
+    parser.add_argument("--no-serve", dest="serve", action="store_false",
+                        help="exit when the story is done instead of serving the UI")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunelens.demo.story import run_demo
+    from tunelens.plugin.cmd_hooks import configure_logging
+
+    configure_logging()
+    return run_demo(load_config(args.config), Path(args.data_dir), args.port, args.serve)

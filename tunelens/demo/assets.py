@@ -1,0 +1,48 @@
+"""The demo's files: a base model, two adapters and a held-out test set, built once per data dir."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelens.demo.grammar import generate, split
+from tunelens.demo.training import TrainingPlan, build_base, train_adapter
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    """Where the demo's generated model files and test set live."""
+
+    base_dir: Path
+    concise_adapter: Path  # learned to answer with the correction only: the one to promote
+    echo_adapter: Path  # trained on a corrupted set whose targets are the inputs: the one to reject
+    test_set: Path  # JSONL with `inputs` (the prompt) and `targets` (the corrected sentence)
+
+
+def build_assets(data_dir: Path, settings: dict) -> DemoAssets:
+    """Generate data, pre-train the base and train both adapters, or reuse them if `settings` match."""
+    root = Path(data_dir) / "demo-models"
+    assets = DemoAssets(root / "base", root / "adapter-concise", root / "adapter-echo",
+                        root / "grammar-test.jsonl")
+    stamp = root / "settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return assets
+    seed = settings["seed"]
+    train, test = split(generate(settings["examples"], seed), settings["test_share"], seed)
+    build_base(train, assets.base_dir, TrainingPlan(**settings["base_training"]), seed)
+    adapter_plan = TrainingPlan(**settings["adapter_training"])
+    lora = dict(r=settings["lora_rank"], lora_alpha=2 * settings["lora_rank"],
+                target_modules=TARGET_MODULES)
+    train_adapter(assets.base_dir, train, [e.concise_answer() for e in train],
+                  assets.concise_adapter, adapter_plan, seed, **lora)
+    train_adapter(assets.base_dir, train, [f" {e.wrong}" for e in train],
+                  assets.echo_adapter, adapter_plan, seed + 1, **lora)
+    with assets.test_set.open("w") as out:
+        for example in test:
+            out.write(json.dumps({"inputs": example.prompt, "targets": example.right,
+                                  "error_kind": example.kind}) + "\n")
+    stamp.write_text(json.dumps(settings, indent=1))
+    return assets
+

@@ -1,0 +1,130 @@
+"""Seed 004's story, end to end on the embedded server: register, analyse, evaluate, promote.
+
+1. Build (or reuse) the demo base, a concise adapter and an echo adapter (tunelens.demo.assets).
+2. Start `tunelens server` in-process: a real MLflow server, the hook service and its worker.
+3. Register the concise adapter; the hooks analyse it; evaluate it against the base; promote it to
+   `production` when the verdict is PROMOTE.
+4. Register the echo adapter (trained on inputs as targets); evaluate it against the base and the
+   production version: it is concise but corrects nothing, and the verdict says REJECT.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelens.errors import TunelensError
+
+
+@dataclass(frozen=True)
+class DemoVersion:
+    """One registered demo version and what tunelens concluded about it."""
+
+    version: str
+    analysis_status: str
+    analysis_run_id: str | None
+    eval_run_id: str
+    verdict: str
+    reasons: str
+    exact_match: dict[str, float]
+    mean_words: dict[str, float]
+
+
+def say(message: str) -> None:
+    print(f"[tunelens demo] {message}", file=sys.stderr, flush=True)
+
+
+def wait_for_analysis(client, name: str, version: str, timeout_s: float) -> tuple[str, str | None]:
+    """Poll the version's tunelens.analysis.status until the hooks finish it."""
+    from tunelens.registry_hooks import state
+
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        tags = client.get_model_version(name, version).tags
+        status = tags.get(state.STATUS)
+        if status in state.FINAL:
+            if status == state.FAILED:
+                raise TunelensError(f"the analysis of {name} v{version} failed: "
+                                    f"{tags.get(state.ERROR)}")
+            return status, tags.get(state.RUN_ID)
+        time.sleep(0.5)
+    raise TunelensError(f"the analysis of {name} v{version} did not finish in {timeout_s:.0f} s "
+                        f"(status {status!r}); see the server log in the data dir")
+
+
+def register_and_judge(client, assets, adapter: Path, name: str, config: dict,
+                       against: list[str]) -> DemoVersion:
+    """Log + register `adapter`, wait for the automatic analysis, then evaluate it side by side."""
+    from tunelens.evaluators.run import evaluate_version
+    from tunelens.registry_hooks.log_adapter import log_adapter
+
+    logged = log_adapter(adapter, assets.base_dir, registered_model_name=name)
+    version = str(logged.version)
+    say(f"registered {name} v{version} ({adapter.name}); waiting for the automatic analysis")
+    started = time.monotonic()
+    status, analysis_run = wait_for_analysis(client, name, version, timeout_s=600)
+    say(f"analysis {status} in {time.monotonic() - started:.1f} s")
+    say(f"evaluating v{version} against the base{' and ' + ', '.join(against) if against else ''}")
+    outcome = evaluate_version(f"models:/{name}/{version}", str(assets.test_set),
+                               base=assets.base_dir, against=against, config=config, client=client)
+    labels = outcome.labels
+    return DemoVersion(version, status, analysis_run, outcome.run_id,
+                       outcome.verdict.decision.value, outcome.verdict.reasons,
+                       {label: outcome.metrics[f"{label}/exact_match"] for label in labels},
+                       {label: outcome.metrics[f"{label}/mean_words"] for label in labels})
+
+
+def print_version(url: str, name: str, result: DemoVersion, experiment_ids: dict[str, str]) -> None:
+    print(f"\n{name} v{result.version}: {result.verdict}")
+    for label, score in result.exact_match.items():
+        print(f"  {label:<12} exact match {score:6.1%}   mean words {result.mean_words[label]:5.1f}")
+    print(f"  why: {result.reasons}")
+    print(f"  version page:   {url}/#/models/{name}/versions/{result.version}")
+    if result.analysis_run_id:
+        print(f"  weight report:  {url}/#/experiments/{experiment_ids['analysis']}/runs/"
+              f"{result.analysis_run_id}/artifacts/tunelens/report.html")
+    print(f"  evaluation run: {url}/#/experiments/{experiment_ids['evaluation']}/runs/"
+          f"{result.eval_run_id}")
+
+
+def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int:
+    """The whole story; keeps serving the UI until Ctrl-C when `serve`."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tunelens.demo.assets import build_assets
+    from tunelens.evaluators.promotion import promote
+    from tunelens.registry_hooks.embedded import EmbeddedServer
+
+    data_dir = Path(data_dir).expanduser().resolve()
+    name = config["demo"]["model_name"]
+    say(f"building the demo models in {data_dir} (first run only: a few minutes on a CPU)")
+    assets = build_assets(data_dir, config["demo"])
+    server = EmbeddedServer(config, port=port, data_dir=data_dir / "server").start()
+    try:
+        say(f"MLflow server with tunelens hooks on {server.url}")
+        mlflow.set_tracking_uri(server.url)
+        client = MlflowClient(server.url)
+        good = register_and_judge(client, assets, assets.concise_adapter, name, config, [])
+        if good.verdict == "PROMOTE":
+            say(promote(client, name, good.version, "production").describe())
+        challenger_against = ["production"] if good.verdict == "PROMOTE" else []
+        weak = register_and_judge(client, assets, assets.echo_adapter, name, config,
+                                  challenger_against)
+        experiments = {
+            "analysis": client.get_experiment_by_name(
+                config["hooks"]["experiment"]).experiment_id,
+            "evaluation": client.get_run(good.eval_run_id).info.experiment_id}
+        for result in (good, weak):
+            print_version(server.url, name, result, experiments)
+        production = client.get_registered_model(name).aliases.get("production")
+        print(f"\n{name}@production -> v{production}" if production else
+              f"\n{name} has no production alias: no version earned a PROMOTE verdict")
+        if serve:
+            print(f"\nMLflow UI: {server.url}  (Ctrl-C to stop)", flush=True)
+            server.serve_until_stopped()
+    finally:
+        server.stop()
+    return 0

@@ -244,3 +244,23 @@ def test_nan_weights_are_reported_not_a_crash(llama_base, tmp_path):
         dom = _rendered_dom(files.html_path)
         assert 'data-rendered="true"' in dom
         assert "NaN/Inf weights found" in dom.split('id="alerts"', 1)[1].split("</div>", 1)[0]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_hostile_module_names_stay_text_in_the_rendered_page(tmp_path):
+    result = llama_like_result(layer_magnitudes=(1.0, 2.0))
+    hostile = '<img src=x onerror="document.title=1">'
+    for m in result.modules:
+        if m.component == "mlp.up_proj":
+            m.component = "mlp." + hostile
+            m.name = f"model.layers.{m.layer}.mlp.{hostile}"
+    for layer in result.layers:
+        layer.components["mlp." + hostile] = layer.components.pop("mlp.up_proj")
+    for t in result.top_neurons:
+        if t.component == "mlp.up_proj":
+            t.component = "mlp." + hostile
+    files = write_analysis(result, tmp_path)
+    dom = _rendered_dom(files.html_path)
+    assert 'data-rendered="true"' in dom
+    assert "<img" not in dom
+    assert "&lt;img src=x" in dom  # shown as text in legends, tables and the picker's cards

@@ -376,13 +376,18 @@
           return (u < v ? -1 : 1) * (asc ? 1 : -1);
         });
       }
-      el.innerHTML = `<table><thead><tr>${columns.map((c, i) => `<th data-col="${i}" class="${c.num ? "num" : ""} ${sortKey === c.key ? (asc ? "sorted-asc" : "sorted-desc") : ""}">${esc(c.title)}</th>`).join("")}</tr></thead><tbody>` +
+      el.innerHTML = `<table><thead><tr>${columns.map((c, i) => `<th data-col="${i}" tabindex="0" aria-sort="${sortKey === c.key ? (asc ? "ascending" : "descending") : "none"}" class="${c.num ? "num" : ""} ${sortKey === c.key ? (asc ? "sorted-asc" : "sorted-desc") : ""}">${esc(c.title)}</th>`).join("")}</tr></thead><tbody>` +
         sorted.map((r) => `<tr>${columns.map((c) => `<td class="${c.num ? "num" : ""}">${c.html ? c.html(r) : esc(c.fmt ? c.fmt(r[c.key]) : r[c.key] === null ? "—" : r[c.key])}</td>`).join("")}</tr>`).join("") + "</tbody></table>";
-      el.querySelectorAll("th").forEach((th) => th.addEventListener("click", () => {
-        const c = columns[+th.getAttribute("data-col")];
-        if (sortKey === c.key) asc = !asc; else { sortKey = c.key; asc = !c.num; }
-        render();
-      }));
+      el.querySelectorAll("th").forEach((th) => {
+        const sortBy = () => {
+          const c = columns[+th.getAttribute("data-col")];
+          if (sortKey === c.key) asc = !asc; else { sortKey = c.key; asc = !c.num; }
+          render();
+          el.querySelector(`th[data-col="${th.getAttribute("data-col")}"]`).focus();
+        };
+        th.addEventListener("click", sortBy);
+        th.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(); } });
+      });
     }
     render();
   }

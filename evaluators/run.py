@@ -59,6 +59,7 @@ class EvaluationOutcome:
     comparison: PairedComparison  # finetuned against base
     verdict: Verdict
     other_comparisons: dict[str, PairedComparison] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # backend, skipped rows, unchanged adapters
 
 
 def choose_backend(requested: str, adapters: list[Path]) -> BackendChoice:
@@ -261,6 +262,10 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
              f"skipped (prompt + {settings.max_new_tokens} new tokens > max_model_len {max_len})",
              f"generation: {'greedy' if settings.greedy else f'temperature {settings.temperature}'}"
              f", max {settings.max_new_tokens} new tokens, stop {list(settings.stop)}"]
+    for label in labels[1:]:
+        if metrics[f"{label}/identical_to_base"] == 1.0:
+            notes.append(f"{label} gave exactly the base's output on every row: the adapter "
+                         "changed nothing here (untrained, or its scale is ~0)")
     html = render_report(title=f"{name} v{version}: side by side with its base",
                          labels=labels, table=table, metrics=metrics,
                          verdict_lines=[f"{r.name}: {r.status} ({r.detail})" for r in verdict.rules]
@@ -274,8 +279,8 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
         _log_metrics(client, run_id, metrics)
         client.log_table(run_id, data=table, artifact_file=TABLE_FILE)
         client.log_text(run_id, html, REPORT_FILE)
-        client.log_dict(run_id, {"model": f"models:/{name}/{version}", **verdict.to_dict()},
-                        VERDICT_FILE)
+        client.log_dict(run_id, {"model": f"models:/{name}/{version}", **verdict.to_dict(),
+                                 "notes": notes}, VERDICT_FILE)
         client.set_tag(run_id, VERDICT_TAG, verdict.decision.value)
         client.set_tag(run_id, REASONS_TAG, verdict.reasons)
     except Exception:
@@ -293,7 +298,7 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
                              backend=choice, labels=labels, rows_evaluated=len(kept),
                              rows_skipped_too_long=skipped, metrics=metrics, table=table,
                              comparison=comparison, verdict=verdict,
-                             other_comparisons=other_comparisons)
+                             other_comparisons=other_comparisons, notes=notes)
 
 
 def _params(model_uri, ref, base_dir, choice, settings, against, max_len):

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
               f"{metrics[f'{label}/identical_to_base']:.0%}")
     for rule in outcome.verdict.rules:
         print(f"  [{rule.status}] {rule.name}: {rule.detail}")
+    for note in outcome.notes[3:]:  # the first three repeat the header
+        print(f"  note: {note}")
     for warning in outcome.verdict.warnings:
         print(f"  warning: {warning}")
     print(f"run {outcome.run_id}")

@@ -280,3 +280,24 @@ def test_engine_that_cannot_start_is_a_clear_error_and_no_verdict(setup, vllm_ou
     with pytest.raises(TunelensError, match="vLLM engine failed to start.*not enough memory"):
         evaluate_version(f"models:/{NAME}/2", setup["data"], backend="vllm", config=config)
     assert version_tags(client, "2") == before
+
+
+def test_adapter_that_changed_nothing_is_flagged(setup, llama_base):
+    """An untrained adapter (PEFT's default init: B = 0) as plain artifacts, base from a tag."""
+    client = setup["client"]
+    untrained = make_lora_adapter(llama_base, setup["root"] / "untrained", r=4,
+                                  target_modules=["q_proj"], init_lora_weights=True)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(untrained), "adapter")
+    client.create_registered_model("noop-eval")
+    version = client.create_model_version("noop-eval", f"{run.info.artifact_uri}/adapter",
+                                          run.info.run_id).version
+    client.set_model_version_tag("noop-eval", version, "tunelens.base_model", str(llama_base))
+    outcome = evaluate_version(f"models:/noop-eval/{version}", setup["data"],
+                               backend="transformers", config=setup["config"])
+    assert outcome.base_path == llama_base
+    assert outcome.metrics["finetuned/identical_to_base"] == 1.0
+    assert outcome.table["finetuned_output"].tolist() == setup["references"]["base"]
+    assert any("changed nothing" in note for note in outcome.notes)
+    assert client.get_model_version("noop-eval", version).tags["tunelens.verdict"] in (
+        "INCONCLUSIVE", "REJECT")

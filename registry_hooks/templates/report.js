@@ -23,6 +23,8 @@
     return x.toExponential(2);
   }
   function pct(x, d) { return x === null || x === undefined ? "n/a" : (x * 100).toFixed(d === undefined ? 1 : d) + "%"; }
+  // Charts are drawn at their container's pixel width so text stays 12px in a narrow viewer.
+  function widthOf(sel) { return Math.max(560, Math.min(1400, $(sel).clientWidth || 1100)); }
   function niceTicks(lo, hi, n) {
     if (!(hi > lo)) { hi = lo + 1; }
     const raw = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
@@ -172,7 +174,7 @@
     R.modules.forEach((mod) => { if (mod.layer !== null) byCell[mod.component + "@" + mod.layer] = mod; });
     const vals = Object.values(byCell).map((mod) => mod[key]).filter((v) => v !== null && v !== undefined);
     const lo = Math.min(...vals), hi = Math.max(...vals);
-    const labelW = Math.min(220, 12 + 7 * Math.max(...components.map((c) => c.length))), W = 1100;
+    const labelW = Math.min(220, 12 + 7 * Math.max(...components.map((c) => c.length))), W = widthOf("#layer-chart");
     const cw = (W - labelW - 10) / Math.max(layers.length, 1), ch = 26, H = 30 + ch * components.length + 50;
     let s = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="layer by component grid">`;
     components.forEach((c, r) => {
@@ -196,7 +198,7 @@
     $("#grid-metric-label").hidden = mode !== "grid";
     $("#layer-legend").style.display = mode === "grid" ? "none" : "";
     if (!layers.length) { $("#layer-chart").innerHTML = `<p class="hint">No per-layer modules in this adapter.</p>`; return; }
-    $("#layer-chart").innerHTML = mode === "grid" ? gridChart($("#grid-metric").value) : barChart({categories: layers.map((l) => l.layer), series: compSeries,
+    $("#layer-chart").innerHTML = mode === "grid" ? gridChart($("#grid-metric").value) : barChart({width: widthOf("#layer-chart"), categories: layers.map((l) => l.layer), series: compSeries,
       stacked: mode === "stacked", catName: "layer", xLabel: "Layer", yLabel: "‖ΔW‖_F (Frobenius norm)", label: "per-layer change by component"});
   }
   $("#layer-mode").addEventListener("change", drawLayers);
@@ -214,13 +216,15 @@
     if (!role || mod.layer === null || mod.fro === null) return;
     (roleByLayer[mod.layer] = roleByLayer[mod.layer] || {})[role] = ((roleByLayer[mod.layer] || {})[role] || 0) + mod.fro;
   });
+  let drawQkvo = () => {};
   const rolesPresent = roleOrder.filter((r) => Object.values(roleByLayer).some((x) => r in x));
   const roleLayers = Object.keys(roleByLayer).map(Number).sort((p, q) => p - q);
   if (rolesPresent.length) {
     const names = {Q: "Q (query)", K: "K (key)", V: "V (value)", O: "O (output)", QKV: "fused Q/K/V"};
     const roleSeries = rolesPresent.map((r) => ({name: names[r], colour: ROLE_COLOURS[r], values: roleLayers.map((l) => roleByLayer[l][r] || 0)}));
-    $("#qkvo-chart").innerHTML = barChart({categories: roleLayers, series: roleSeries, stacked: true, catName: "layer",
-      xLabel: "Layer", yLabel: "‖ΔW‖_F, stacked", label: "stacked Q/K/V/O per layer", height: 320});
+    drawQkvo = () => { $("#qkvo-chart").innerHTML = barChart({width: widthOf("#qkvo-chart"), categories: roleLayers, series: roleSeries, stacked: true, catName: "layer",
+      xLabel: "Layer", yLabel: "‖ΔW‖_F, stacked", label: "stacked Q/K/V/O per layer", height: 320}); };
+    drawQkvo();
     legend($("#qkvo-legend"), roleSeries);
   } else {
     $("#qkvo-chart").innerHTML = `<p class="hint">This adapter does not touch the attention projections.</p>`;
@@ -333,7 +337,7 @@
   function drawHist() {
     const log = $("#hist-log").checked, edges = H.bin_edges, counts = H.counts;
     if (!counts || !counts.length) { $("#hist-chart").innerHTML = `<p class="hint">No histogram.</p>`; return; }
-    const W = 1100, Ht = 320, m = {l: 84, r: 16, t: 14, b: 46}, iw = W - m.l - m.r, ih = Ht - m.t - m.b;
+    const W = widthOf("#hist-chart"), Ht = 320, m = {l: 84, r: 16, t: 14, b: 46}, iw = W - m.l - m.r, ih = Ht - m.t - m.b;
     const lo = edges[0], hi = edges[edges.length - 1], x = (v) => m.l + (v - lo) / (hi - lo || 1) * iw;
     const tr = (c) => (log ? Math.log10(1 + c) : c), cmax = Math.max(...counts.map(tr), 1e-9);
     const y = (c) => m.t + ih - tr(c) / cmax * ih;
@@ -358,6 +362,11 @@
   }
   $("#hist-log").addEventListener("change", drawHist);
   drawHist();
+  let resizing = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(() => { drawLayers(); drawQkvo(); drawHist(); }, 150);
+  });
   $("#hist-note").textContent = H.exact ? "Counts are exact: every entry of every analysed ΔW." :
     `Mean, std, min and max are exact; counts are estimated from ${H.sample_size ? H.sample_size.toLocaleString("en-US") : "a sample of"} sampled entries` +
     (H.share_within_one_std_error ? ` (share within one std ± ${pct(H.share_within_one_std_error, 2)}).` : ".");

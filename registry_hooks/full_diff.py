@@ -2,8 +2,9 @@
 
 Tensors are streamed one name at a time from (sharded) safetensors, so peak memory stays near two
 tensors of the largest shape; ΔW = W_tuned − W_base is computed in float32 (exact for bf16/fp16
-inputs) and every norm is accumulated in float64. Spectra come from a randomized SVD with power
-iterations (Halko et al. 2011), or an exact SVD where min(m, n) is small.
+inputs); norms use torch's cascaded float32 reductions (relative error ~1e-7; a float64 copy of an
+embedding matrix would double the peak). Spectra come from a randomized SVD with power iterations
+(Halko et al. 2011), or an exact SVD where min(m, n) is small.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class FullDiffSettings:
     power_iterations: int = 2
     exact_max_dim: int = 256
     rank_rtol: float = 0.01
+    intruders_randomized: bool = False
     intruder_reference_k: int = 64
     heatmap_max_entries: int = 64_000_000
 
@@ -68,7 +70,9 @@ class TensorDiff:
     relative_rank: float | None = None  # rank / min(m, n)
     energy_rank_90: int | None = None  # None when the top singular values hold < 90% of ‖ΔW‖_F²
     spectrum_exact: bool = True
-    intruders_exact: bool = True  # False: counted against W's top intruder_reference_k vectors
+    # False: counted against W's top intruder_reference_k vectors (an upper bound); the count is
+    # None for large matrices unless full_diff.intruders_randomized is on
+    intruders_exact: bool = True
 
 
 def randomized_svd(terms: list[torch.Tensor], k: int, oversample: int, power_iterations: int,
@@ -212,7 +216,7 @@ def _load(model: BaseModel, key: str, device) -> torch.Tensor:
 
 
 def _norm(tensor: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    return float(torch.linalg.vector_norm(tensor))
 
 
 def _ratio(a: float, b: float) -> float:
@@ -243,7 +247,7 @@ def _matrix_diff(name, key, w_base, delta, settings, diff_settings, generator):
         energy_90 = partial_energy_rank(top, fro * fro, 0.90)
         spectrum = None
     intruders = _intruders(w_base, delta, exact, settings, diff_settings, generator)
-    total = float(delta.sum(dtype=torch.float64))
+    total = float(delta.sum())
     mean = total / (m * n)
     spectral = float(top[0]) if top.numel() else 0.0
     full_rank = min(m, n)
@@ -286,10 +290,13 @@ class _Population:
     numel: int
 
 
-def _intruders(w_base, delta, exact, settings, diff_settings, generator) -> int:
-    """Intruder dimensions of W+ΔW: exact (full SVDs) when small; else counted against W's top
-    intruder_reference_k left singular vectors, an upper bound on the exact count."""
+def _intruders(w_base, delta, exact, settings, diff_settings, generator) -> int | None:
+    """Intruder dimensions of W+ΔW: exact (full SVDs) when small; else, when intruders_randomized,
+    counted against W's top intruder_reference_k left singular vectors (an upper bound on the
+    exact count; three times the randomized SVD's cost), else None."""
     top_k = min(settings.intruder_top_k, *delta.shape)
+    if not exact and not diff_settings.intruders_randomized:
+        return None
     if exact:
         return lora_math.intruder_dimensions(w_base.double(), (w_base + delta).double(), top_k,
                                              settings.intruder_cos_threshold)

@@ -90,6 +90,13 @@ def test_randomized_path_agrees_with_dense(pair):
     # isotropic noise is high-rank: 4 values cannot reach 90% energy nor bound the rank
     assert noisy["energy_rank_90"] is None and noisy["rank"] is None and noisy["rank_at_least"] == 4
     assert not noisy["spectrum_exact"]
+    assert all(m.intruder_dimensions is None for m in result.modules)  # off for large by default
+    config["full_diff"].update(intruders_randomized=True, intruder_reference_k=128)
+    bounded = diff_models(tuned, base, config=config, progress=False)
+    for m in bounded.modules:
+        w, delta = dense[m.name + ".weight"]
+        exact = lora_math.intruder_dimensions(w, w + delta, 10, 0.5)
+        assert exact <= m.intruder_dimensions <= 10, m.name
 
 
 def test_randomized_svd_with_power_iterations():

@@ -255,7 +255,9 @@ def _adapter_info(contents: AdapterContents) -> AdapterInfo:
 
 
 def _layers(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
-    """Seed 003's S_ℓ = Σ_components ‖ΔW‖_F per layer, with its components and groups."""
+    """Seed 003's S_ℓ = Σ_components ‖ΔW‖_F per layer, with its components, groups and Q/K/V/O."""
+    from .narrative import attention_role
+
     by_layer: dict[int, LayerProfile] = {}
     for a in finite:
         m = a.metrics
@@ -265,6 +267,9 @@ def _layers(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
         profile.fro_sum += m.fro
         profile.components[m.component] = profile.components.get(m.component, 0.0) + m.fro
         profile.groups[m.group] = profile.groups.get(m.group, 0.0) + m.fro
+        role = attention_role(m)
+        if role:
+            profile.roles[role] = profile.roles.get(role, 0.0) + m.fro
     return [by_layer[k] for k in sorted(by_layer)]
 
 

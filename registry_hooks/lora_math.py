@@ -137,7 +137,8 @@ def extreme_entries(x: torch.Tensor, y: torch.Tensor, row_tile: int = 64, seed_r
             needed = ys.shape[0]
         else:
             limit = torch.tensor([threshold / (float(x_norms[start]) * (1 + _BOUND_SLACK))
-                                  if x_norms[start] > 0 else math.inf], dtype=ascending_y.dtype)
+                                  if x_norms[start] > 0 else math.inf], dtype=ascending_y.dtype,
+                                 device=ascending_y.device)
             needed = ys.shape[0] - int(torch.searchsorted(ascending_y, limit, right=True))
         if needed == 0:
             break

@@ -77,6 +77,8 @@ class LayerProfile:
     fro_sum: float
     components: dict[str, float]
     groups: dict[str, float]
+    # Seed 000's Q/K/V/O breakdown: Σ ‖ΔW‖_F per attention role ("QKV" = an unsplit fused one).
+    roles: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

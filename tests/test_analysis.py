@@ -152,6 +152,10 @@ def assert_matches_dense(result: AnalysisResult, reference: dict[str, torch.Tens
         members = [m for m in result.modules if m.layer == layer.layer]
         assert layer.fro_sum == pytest.approx(sum(m.fro for m in members), rel=1e-12)
         assert set(layer.components) == {m.component for m in members}
+        for role, comps in (("Q", ("q_proj", "q")), ("O", ("o_proj", "c_proj", "dense"))):
+            attention = [m.fro for m in members if m.group == "attention"
+                         and m.component.rsplit(".", 1)[-1] in comps]
+            assert layer.roles.get(role, 0.0) == pytest.approx(sum(attention), rel=1e-12)
 
 
 def test_llama_all_projections_adapter_only(llama_base, llama_adapter):

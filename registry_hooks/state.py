@@ -75,12 +75,11 @@ class VersionState:
         return cls(tags.get(STATUS), Lease.parse(tags.get(LEASE)), tags.get(RUN_ID))
 
     def needs_work(self, now: float | None = None) -> bool:
-        """No status yet, queued, or running under a lease that has run out."""
+        """Not final, and no live lease: nobody is (still) working on it."""
         if self.status in FINAL:
             return False
-        if self.status == RUNNING:
-            return self.lease is None or self.lease.expired(now)
-        return True
+        # A live lease wins over any status: a racing "queued" write must not start a second job.
+        return self.lease is None or self.lease.expired(now)
 
     @property
     def next_attempt(self) -> int:
@@ -111,7 +110,7 @@ def try_claim(client: MlflowClient, name: str, version: str, attempt: int) -> bo
 def mark_queued(client: MlflowClient, name: str, version: str) -> bool:
     """Set status queued unless the version already has a status; True if it was set."""
     tags = client.get_model_version(name, version).tags
-    if tags.get(STATUS):
+    if tags.get(STATUS) or LEASE in tags:
         return False
     client.set_model_version_tag(name, version, STATUS, QUEUED)
     return True

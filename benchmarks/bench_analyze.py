@@ -122,8 +122,10 @@ def main() -> int:
               f"{time.perf_counter() - start:.1f} s: {adapter}", file=sys.stderr)
         ours = run_child("analyze", str(adapter), str(root / "out"))
         dense = run_child("dense", str(adapter))
+    histogram = ("exact" if ours["histogram_exact"]
+                 else f"sampled, {ours['histogram_sample']:,} entries")
     print(f"tunelens analyze_adapter, all {ours['modules']} modules/parts: {ours['analyze_s']:.2f} s"
-          f" (histogram {'exact' if ours['histogram_exact'] else 'sampled, ' + format(ours['histogram_sample'], ',') + ' entries'})")
+          f" (histogram {histogram})")
     if ours.get("write_s") is not None:
         print(f"write_analysis (analysis.json {ours['json_mb']:.1f} MB, report.html, "
               f"{ours['charts']} charts): {ours['write_s']:.2f} s")

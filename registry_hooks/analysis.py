@@ -335,7 +335,8 @@ def _histogram(finite: list[M.ModuleAnalysis], exact: bool, samples: list[torch.
         sample_size = n
     skewness = third / n / std ** 3 if std > 0 and n else None
     kurtosis = fourth / n / std ** 4 - 3 if std > 0 and n else None
-    return Histogram(mean=mean, std=std, min=low, max=high, bin_edges=torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist(),
+    edges = torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist()
+    return Histogram(mean=mean, std=std, min=low, max=high, bin_edges=edges,
                      counts=[int(c) for c in counts], exact=exact, share_within_one_std=share,
                      sample_size=sample_size, share_within_one_std_error=share_error,
                      skewness=skewness, excess_kurtosis=kurtosis, total_entries=count)

@@ -27,6 +27,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_hooks.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-output

@@ -2,7 +2,7 @@
 
 Tensors are streamed one name at a time from (sharded) safetensors, so peak memory stays near two
 tensors of the largest shape; ΔW = W_tuned − W_base is computed in float32 (exact for bf16/fp16
-inputs); norms use torch's cascaded float32 reductions (relative error ~1e-7; a float64 copy of an
+inputs); norms use torch's cascaded float32 reductions (relative error ~1e-6; a float64 copy of an
 embedding matrix would double the peak). Spectra come from a randomized SVD with power iterations
 (Halko et al. 2011), or an exact SVD where min(m, n) is small.
 """

@@ -49,8 +49,9 @@ def test_exact_metrics_match_dense_reference(pair):
     for key in changed:
         w, delta = dense[key]
         d = diffs[key]
-        assert d["fro"] == pytest.approx(float(delta.norm()), rel=1e-6)
-        assert d["relative_fro"] == pytest.approx(float(delta.norm() / w.norm()), rel=1e-6)
+        # float32 reductions (cascaded sums): about 1e-6 relative
+        assert d["fro"] == pytest.approx(float(delta.norm()), rel=1e-5)
+        assert d["relative_fro"] == pytest.approx(float(delta.norm() / w.norm()), rel=1e-5)
         if delta.ndim != 2:
             continue
         singular = torch.linalg.svdvals(delta)

@@ -61,11 +61,14 @@ def download_version(client, name: str, version: str, into: Path | None = None) 
         client.get_model_version(name, version)
     except MlflowException:
         raise TunelensError(f"registered model {name!r} version {version} does not exist "
-                            f"(tracking server {mlflow.get_tracking_uri()})") from None
+                            f"(tracking server {client.tracking_uri})") from None
     target = Path(into or tempfile.mkdtemp(prefix=f"tunelens-{name}-v{version}-"))
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
-                                                    dst_path=str(target))
+        # Through the client's server, not the global default: callers (hooks, demo) pass their
+        # own client, and a models:/NAME/V URI would be looked up in the global registry.
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(name, version),
+            dst_path=str(target), tracking_uri=client.tracking_uri)
     except MlflowException as exc:
         raise TunelensError(f"cannot download models:/{name}/{version}: {exc.message}") from None
     adapter = _find_adapter_dir(Path(local))

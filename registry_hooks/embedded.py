@@ -123,13 +123,16 @@ class EmbeddedServer:
     def stop(self) -> None:
         """Stop the hook service, then the MLflow server's whole process group."""
         if self.service is not None:
+            log.info("stopping the hook service")
             self.service.stop()
             self.service = None
         if self.process is not None and self.process.poll() is None:
+            log.info("stopping the MLflow server (pid %d)", self.process.pid)
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:  # uvicorn waits on open requests: do not hang
+                log.warning("the MLflow server did not stop in 10 s; killing it")
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
         self.process = None

@@ -98,5 +98,6 @@ class HookService:
         return self
 
     def stop(self) -> None:
+        """Stop receiving, then stop the worker (a job in progress resumes after its lease)."""
         self.receiver.stop()
-        self.worker.stop()
+        self.worker.stop(timeout=5)

@@ -78,7 +78,7 @@ def main() -> int:
                   f"(picked up: median {statistics.median(picked):.2f} s)")
         finally:
             server.send_signal(signal.SIGTERM)
-            server.wait(60)
+            server.wait(120)
             log.close()
         # The worker's own per-phase split of each job (download, analysis, report+charts, mlflow).
         for line in (tmp / "server.log").read_text(errors="replace").splitlines():

@@ -264,3 +264,47 @@ def test_hostile_module_names_stay_text_in_the_rendered_page(tmp_path):
     assert 'data-rendered="true"' in dom
     assert "<img" not in dom
     assert "&lt;img src=x" in dom  # shown as text in legends, tables and the picker's cards
+
+
+def _screenshot_in_sandboxed_iframe(page: Path, shot: Path) -> np.ndarray:
+    """RGB pixels of `page` shown as MLflow's viewer shows it: <iframe sandbox="allow-scripts">."""
+    wrapper = page.with_name(page.stem + "-viewer.html")
+    wrapper.write_text('<!DOCTYPE html><html><body style="margin:0">'
+                       f'<iframe sandbox="allow-scripts" src="{page.name}" '
+                       'style="width:1280px;height:2400px;border:0"></iframe></body></html>')
+    with tempfile.TemporaryDirectory() as profile:
+        # No --virtual-time-budget (it leaves the iframe blank) and no out-of-process iframe (the
+        # screenshot can come before a separate frame process paints): keep the frame in-process.
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             "--disable-site-isolation-trials", "--disable-features=site-per-process,IsolateOrigins",
+             f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1300,2400",
+             wrapper.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    return np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+
+
+def _count(pixels: np.ndarray, rgb: tuple[int, int, int]) -> int:
+    return int(np.all(np.abs(pixels - rgb) <= 2, axis=-1).sum())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_charts_draw_inside_a_sandboxed_iframe_like_mlflows_viewer(tmp_path):
+    """MLflow shows report.html in <iframe sandbox="allow-scripts"> (no same-origin): the page's
+    script must still draw. Orange (#E69F00: K, the second component) only appears in JS-drawn
+    bars; the header's navy (#14213D) is static HTML."""
+    result = llama_like_result(layer_magnitudes=(1.0, 3.0, 0.5, 2.0))
+    files = write_analysis(result, tmp_path)
+    pixels = _screenshot_in_sandboxed_iframe(files.html_path, tmp_path / "shot.png")
+    assert _count(pixels, (20, 33, 61)) > 10_000  # the page loaded in the frame
+    assert _count(pixels, (230, 159, 0)) > 2_000  # and its script drew the charts
+    # Control: the same page without its script shows the header but none of the bars.
+    page = files.html_path.read_text()
+    script = page.rindex("<script>")
+    control = tmp_path / "no-script.html"
+    control.write_text(page[:script] + page[page.rindex("</script>") + len("</script>"):])
+    pixels = _screenshot_in_sandboxed_iframe(control, tmp_path / "control.png")
+    assert _count(pixels, (20, 33, 61)) > 10_000
+    assert _count(pixels, (230, 159, 0)) < 50

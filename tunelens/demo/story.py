@@ -84,7 +84,7 @@ def print_version(url: str, name: str, result: DemoVersion, experiment_ids: dict
     print(f"  version page:   {url}/#/models/{name}/versions/{result.version}")
     if result.analysis_run_id:
         print(f"  weight report:  {url}/#/experiments/{experiment_ids['analysis']}/runs/"
-              f"{result.analysis_run_id}/artifacts/tunelens/report.html")
+              f"{result.analysis_run_id}/artifactPath/tunelens/report.html")
     print(f"  evaluation run: {url}/#/experiments/{experiment_ids['evaluation']}/runs/"
           f"{result.eval_run_id}")
 

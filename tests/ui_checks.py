@@ -1,0 +1,91 @@
+"""What a user sees in the MLflow UI, checked in headless Chromium driven by Playwright.
+
+Used by tests/test_ui_browser.py on its own small server, and by `python tests/ui_checks.py URL
+MODEL VERSION OUT_DIR` against a running `tunelens demo` to take the README's screenshots.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@dataclass
+class UiFindings:
+    """What the pages showed; each check is asserted by the caller."""
+
+    version_page_text: str
+    report_rendered: bool
+    report_layer_bars: int
+    eval_table_text: str
+    screenshots: list[Path]
+
+
+def _frame_with(page, selector: str, timeout_ms: int):
+    """The artifact viewer renders HTML in a sandboxed iframe: find the frame holding `selector`."""
+    deadline_steps = timeout_ms // 500
+    for _ in range(deadline_steps):
+        for frame in page.frames:
+            try:
+                if frame.query_selector(selector):
+                    return frame
+            except Exception:  # noqa: BLE001 - frames come and go while the viewer loads
+                pass
+        page.wait_for_timeout(500)
+    return None
+
+
+def check_ui(url: str, model: str, version: str, out_dir: Path, timeout_ms: int = 60_000) -> UiFindings:
+    """Open the version page, the analysis report and the evaluation table; screenshot each."""
+    from mlflow import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    client = MlflowClient(url)
+    tags = client.get_model_version(model, version).tags
+    analysis_run = client.get_run(tags["tunelens.analysis.run_id"])
+    eval_run = client.get_run(tags["tunelens.eval.run_id"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shots: list[Path] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+
+        page.goto(f"{url}/#/models/{model}/versions/{version}")
+        page.wait_for_selector("text=tunelens.analysis.status", timeout=timeout_ms)
+        page.wait_for_selector("text=tunelens.verdict", timeout=timeout_ms)
+        version_text = page.inner_text("body")
+        shots.append(out_dir / "version-page.png")
+        page.screenshot(path=shots[-1], full_page=True)
+
+        page.goto(f"{url}/#/experiments/{analysis_run.info.experiment_id}/runs/"
+                  f"{analysis_run.info.run_id}/artifactPath/tunelens/report.html")
+        report = _frame_with(page, "[data-rendered='true']", timeout_ms)
+        bars = len(report.query_selector_all("#layer-chart .bar")) if report else 0
+        shots.append(out_dir / "analysis-report.png")
+        page.screenshot(path=shots[-1])
+
+        page.goto(f"{url}/#/experiments/{eval_run.info.experiment_id}/runs/"
+                  f"{eval_run.info.run_id}/artifactPath/tunelens/eval_table.json")
+        page.wait_for_selector("text=finetuned", timeout=timeout_ms)
+        table_text = page.inner_text("body")
+        shots.append(out_dir / "evaluation-table.png")
+        page.screenshot(path=shots[-1])
+
+        page.goto(f"{url}/#/experiments/{eval_run.info.experiment_id}/runs/"
+                  f"{eval_run.info.run_id}/artifactPath/tunelens/side_by_side.html")
+        _frame_with(page, "table", timeout_ms)
+        shots.append(out_dir / "side-by-side.png")
+        page.screenshot(path=shots[-1])
+        browser.close()
+    return UiFindings(version_text, report is not None, bars, table_text, shots)
+
+
+if __name__ == "__main__":
+    findings = check_ui(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+    print("report rendered:", findings.report_rendered, "layer bars:", findings.report_layer_bars)
+    print("\n".join(str(p) for p in findings.screenshots))

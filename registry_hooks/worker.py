@@ -331,8 +331,13 @@ class Worker:
 
 def evaluate_registered_version(client: MlflowClient, name: str, version: str, dataset: str,
                                 base, config: dict) -> None:
-    """The seam for the evaluator: it writes its own tags (tunelens.verdict, ...) on the version."""
+    """The seam for the evaluator: it writes its own tags (tunelens.verdict, ...) on the version,
+    then promotion.auto_promote (when on) moves the alias if the verdict is PROMOTE."""
+    from tunelens.evaluators.promotion import auto_promote
     from tunelens.evaluators.run import evaluate_version
 
     evaluate_version(f"models:/{name}/{version}", dataset, base=base.path, config=config,
                      client=client)
+    promoted = auto_promote(client, name, version, config)
+    if promoted is not None:
+        log.info("%s", promoted.describe())

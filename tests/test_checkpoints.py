@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from factories import make_lora_adapter, train_lora_checkpoints
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.checkpoints import checkpoint_evolution, find_checkpoints
+from cli_support import assert_one_line_error
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -98,31 +99,23 @@ def test_cli_writes_gif_frames_and_section(run_dir, tmp_path, capsys):
     assert [c["label"] for c in pair["checkpoints"]] == ["checkpoint-0", "checkpoint-4"]
 
 
-def _one_line_error(capsys, argv, *needles):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tunelens analyze: error: "), err
-    for needle in needles:
-        assert needle in err[0], err[0]
-
-
 def test_bad_checkpoint_inputs(run_dir, llama_base, tmp_path, capsys):
     lonely = tmp_path / "lonely"
     shutil.copytree(run_dir / "checkpoint-2", lonely / "checkpoint-2")
-    _one_line_error(capsys, ["analyze", "--checkpoints", str(lonely)], "1 checkpoint-*")
-    _one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2")],
+    assert_one_line_error(capsys, ["analyze", "--checkpoints", str(lonely)], "1 checkpoint-*")
+    assert_one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2")],
                     "at least two")
-    _one_line_error(capsys, ["analyze", "--checkpoints", str(tmp_path / "nope"), str(run_dir)],
+    assert_one_line_error(capsys, ["analyze", "--checkpoints", str(tmp_path / "nope"), str(run_dir)],
                     "does not exist")
-    _one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2"), str(tmp_path)],
+    assert_one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2"), str(tmp_path)],
                     "not a PEFT checkpoint")
     other = make_lora_adapter(llama_base, tmp_path / "other", r=4, lora_alpha=8,
                               target_modules=["q_proj", "k_proj"])
     capsys.readouterr()  # the factory's loading bar
-    _one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2"), str(other)],
+    assert_one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2"), str(other)],
                     "checkpoints differ", "model.layers.0.mlp.down_proj")
     wider = make_lora_adapter(llama_base, tmp_path / "wider", r=8, lora_alpha=8,
                               target_modules=TARGETS)
     capsys.readouterr()
-    _one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2"), str(wider)],
+    assert_one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir / "checkpoint-2"), str(wider)],
                     "checkpoints differ", "rank 4", "rank 8")

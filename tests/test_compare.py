@@ -14,6 +14,7 @@ from tunelens.plugin.cli import main
 from tunelens.registry_hooks.analysis import analyze_adapter
 from tunelens.registry_hooks.compare import compare
 from tunelens.registry_hooks.outputs import write_analysis
+from cli_support import assert_one_line_error
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
 
@@ -81,22 +82,14 @@ def test_cli_report_with_an_analysis_json(adapters, tmp_path, capsys):
     assert "Per-layer profiles" in html
 
 
-def _one_line_error(capsys, argv, *needles):
-    assert main([*argv, "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tunelens compare: error: "), err
-    for needle in needles:
-        assert needle in err[0], err[0]
-
-
 def test_bad_compare_inputs(adapters, tmp_path, capsys):
     first, second = adapters
-    _one_line_error(capsys, ["compare", str(first)], "at least two")
-    _one_line_error(capsys, ["compare", str(first), str(tmp_path / "nope")], "does not exist")
-    _one_line_error(capsys, ["compare", str(first), str(tmp_path)], "neither a LoRA adapter")
+    assert_one_line_error(capsys, ["compare", str(first), "--no-progress"], "at least two")
+    assert_one_line_error(capsys, ["compare", str(first), str(tmp_path / "nope"), "--no-progress"], "does not exist")
+    assert_one_line_error(capsys, ["compare", str(first), str(tmp_path), "--no-progress"], "neither a LoRA adapter")
     bogus = tmp_path / "bogus.json"
     bogus.write_text(json.dumps({"schema": "something/else"}))
-    _one_line_error(capsys, ["compare", str(first), str(bogus)], "not a tunelens analysis.json")
+    assert_one_line_error(capsys, ["compare", str(first), str(bogus), "--no-progress"], "not a tunelens analysis.json")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for f in second.iterdir():
@@ -104,5 +97,5 @@ def test_bad_compare_inputs(adapters, tmp_path, capsys):
     config = json.loads((elsewhere / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "another/model"
     (elsewhere / "adapter_config.json").write_text(json.dumps(config))
-    _one_line_error(capsys, ["compare", str(first), str(elsewhere)], "not the same base model",
+    assert_one_line_error(capsys, ["compare", str(first), str(elsewhere), "--no-progress"], "not the same base model",
                     "another/model")

@@ -15,6 +15,7 @@ from tunelens.plugin.cli import main
 from tunelens.registry_hooks import lora_math
 from tunelens.registry_hooks.full_diff import diff_models, randomized_svd, write_full_diff
 from tunelens.registry_hooks.result import AnalysisResult
+from cli_support import assert_one_line_error
 
 SCALES = {"layers.1.mlp.down_proj": 0.05, "layers.0.self_attn.q_proj": 0.01,
           "layers.1.self_attn.v_proj": 0.02}
@@ -128,14 +129,6 @@ def test_cli_writes_full_diff_outputs_and_round_trips(pair, tmp_path, capsys):
     assert mlp["target_modules"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
 
 
-def _one_line_error(capsys, argv, *needles):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tunelens analyze: error: "), err
-    for needle in needles:
-        assert needle in err[0], err[0]
-
-
 def test_bad_inputs_one_line(pair, llama_base, tmp_path, capsys):
     base, tuned = pair
     # a different architecture (config.json)
@@ -143,7 +136,7 @@ def test_bad_inputs_one_line(pair, llama_base, tmp_path, capsys):
     config = json.loads((other / "config.json").read_text())
     config["num_hidden_layers"] = 3
     (other / "config.json").write_text(json.dumps(config))
-    _one_line_error(capsys, ["analyze", str(other), "--base", str(base)], "num_hidden_layers",
+    assert_one_line_error(capsys, ["analyze", str(other), "--base", str(base)], "num_hidden_layers",
                     "architectures differ")
     # a tensor missing from the fine-tuned model: the first such name is given
     from safetensors.torch import save_file
@@ -151,24 +144,24 @@ def test_bad_inputs_one_line(pair, llama_base, tmp_path, capsys):
     weights = load_file(missing / "model.safetensors")
     del weights["model.layers.0.mlp.up_proj.weight"]
     save_file(weights, missing / "model.safetensors")
-    _one_line_error(capsys, ["analyze", str(missing), "--base", str(base)],
+    assert_one_line_error(capsys, ["analyze", str(missing), "--base", str(base)],
                     "model.layers.0.mlp.up_proj.weight", "only in")
     # a tensor of another shape
     wrong = perturbed_copy(base, tmp_path / "wrong", {})
     weights = load_file(wrong / "model.safetensors")
     weights["lm_head.weight"] = weights["lm_head.weight"][:-1].contiguous()
     save_file(weights, wrong / "model.safetensors")
-    _one_line_error(capsys, ["analyze", str(wrong), "--base", str(base)], "lm_head.weight",
+    assert_one_line_error(capsys, ["analyze", str(wrong), "--base", str(base)], "lm_head.weight",
                     "shapes differ")
     # a full model without --base, a missing base, a truncated shard
-    _one_line_error(capsys, ["analyze", str(tuned)], "full model directory", "--base")
-    _one_line_error(capsys, ["analyze", str(tuned), "--base", str(tmp_path / "nope")], "does not exist")
+    assert_one_line_error(capsys, ["analyze", str(tuned)], "full model directory", "--base")
+    assert_one_line_error(capsys, ["analyze", str(tuned), "--base", str(tmp_path / "nope")], "does not exist")
     broken = shutil.copytree(tuned, tmp_path / "broken")
     shard = sorted(broken.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
-    _one_line_error(capsys, ["analyze", str(broken), "--base", str(base)], "corrupt")
-    _one_line_error(capsys, ["analyze"], "--checkpoints")
-    _one_line_error(capsys, ["--config", str(_config(tmp_path, "full_diff:\n  power_iterations: 1\n")),
+    assert_one_line_error(capsys, ["analyze", str(broken), "--base", str(base)], "corrupt")
+    assert_one_line_error(capsys, ["analyze"], "--checkpoints")
+    assert_one_line_error(capsys, ["--config", str(_config(tmp_path, "full_diff:\n  power_iterations: 1\n")),
                              "analyze", str(tuned), "--base", str(base)], "power_iterations")
 
 

@@ -186,10 +186,15 @@ class Worker:
                 return found
 
     def _scanner(self) -> None:
+        first = True
         while not self._stop.is_set():
             try:
-                for key in self.scan():
+                found = self.scan()
+                for key in found:
                     self.enqueue(*key)
+                if first or found:  # the first scan's line tells operators (and tests) it ran
+                    log.info("reconciling scan: %d version(s) need work", len(found))
+                first = False
             except Exception as exc:  # noqa: BLE001 - the server may be restarting; scan again
                 log.warning("reconciling scan failed: %s", one_line(exc))
             self._stop.wait(self.poll_interval)

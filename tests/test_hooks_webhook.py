@@ -51,7 +51,11 @@ def test_forged_stale_and_replayed_deliveries_analyse_nothing(tmp_path, llama_ad
         hooks = HooksProcess(server.url, write_config(tmp_path / "conf.yaml", poll_interval=3600),
                              tmp_path / "hooks.log", secret=SECRET, webhook=False)
         try:
-            time.sleep(3)  # the start-up scan has run; from now on only deliveries trigger work
+            # Once the start-up scan has run, only deliveries trigger work.
+            deadline = time.monotonic() + 120
+            while "reconciling scan:" not in hooks.log_tail(100_000):
+                assert time.monotonic() < deadline, hooks.log_tail()
+                time.sleep(0.2)
             version = register(client, "victim", llama_adapter)
             for headers, body in (delivery("forged", "victim", version),
                                   delivery(None, "victim", version),

@@ -138,7 +138,7 @@ def description_section(result: AnalysisResult, experiment: str, run_id: str,
              f"- layers modified: **{len(summary.layers_modified)}**"
              + (f" of {summary.num_layers}" if summary.num_layers else "")
              + (f"; most changed: layer **{layer}**" if layer is not None else ""),
-             f"- mean ‖ΔW‖_F per module: **{summary.mean_delta_fro:.4g}**",
+             f"- mean per-layer ‖ΔW‖_F (S_ℓ, summed over its matrices): **{summary.mean_delta_fro:.4g}**",
              f"- base model: {base.path or 'not found, adapter-only analysis'}"]
     lines += [f"- {line}" for line in result.narrative[:3]]
     lines += ["", f"Report: [run {run_id[:8]}](#/experiments/{experiment}/runs/{run_id}), "

@@ -31,7 +31,7 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path) -> AnalysisFiles
     # The text is exactly result.to_json()'s (tests/test_report.py checks it).
     data = result.to_dict()
     json_path = out / "analysis.json"
-    json_path.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
+    json_path.write_text(json.dumps(data, allow_nan=False), encoding="utf-8")
     html_path = out / "report.html"
     html_path.write_text(render_report(result, data), encoding="utf-8")
     chart_paths = render_charts(result, out / "charts")

@@ -1,0 +1,49 @@
+"""issue 5 item 7: with hooks.evaluate_on_registration and promotion.auto_promote on, registering a
+version of a model tagged tunelens.eval_dataset gets it analysed, evaluated and (on PROMOTE) promoted
+by the hook worker alone."""
+from __future__ import annotations
+
+import json
+import time
+
+import yaml
+from mlflow import MlflowClient
+
+from hooks_support import HooksProcess, register, wait_status
+from tunelens.evaluators.verdict import EVAL_RUN_TAG, VERDICT_TAG
+from tunelens.registry_hooks.worker import EVAL_DATASET_TAG
+
+
+def test_worker_evaluates_and_promotes_after_the_analysis(tmp_path, mlflow_server, llama_base,
+                                                          llama_adapter):
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"inputs": f"she go to school {i}",
+                                        "targets": "she goes to school"}) + "\n" for i in range(4)))
+    config = tmp_path / "conf.yaml"
+    config.write_text(yaml.safe_dump({
+        "hooks": {"lease_seconds": 30, "poll_interval": 2, "evaluate_on_registration": True},
+        "evaluation": {"backend": "transformers", "generation": {"max_new_tokens": 4}},
+        "promotion": {"auto_promote": True}}))
+    client = MlflowClient(mlflow_server.url)
+    client.create_registered_model("auto-eval", tags={EVAL_DATASET_TAG: str(data),
+                                                      "tunelens.base_model": str(llama_base)})
+    hooks = HooksProcess(mlflow_server.url, config, tmp_path / "hooks.log", secret="s" * 32,
+                         webhook=False)
+    try:
+        version = register(client, "auto-eval", llama_adapter)
+        assert wait_status(client, "auto-eval", version, timeout=600)["tunelens.analysis.status"] \
+            == "done", hooks.log_tail()
+        deadline = time.monotonic() + 600
+        while VERDICT_TAG not in (tags := client.get_model_version("auto-eval", version).tags):
+            assert "tunelens.eval.error" not in tags, tags["tunelens.eval.error"]
+            assert time.monotonic() < deadline, hooks.log_tail()
+            time.sleep(1)
+        assert client.get_run(tags[EVAL_RUN_TAG]).data.metrics["finetuned/exact_match"] >= 0
+        # Give auto_promote (which runs right after the tags) a moment, then check it followed
+        # the verdict: the alias exists exactly when the verdict is PROMOTE.
+        time.sleep(3)
+        aliases = client.get_registered_model("auto-eval").aliases
+        assert (aliases.get("production") == version) == (tags[VERDICT_TAG] == "PROMOTE"), \
+            (tags[VERDICT_TAG], aliases)
+    finally:
+        hooks.stop()

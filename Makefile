@@ -30,4 +30,4 @@ bench: install
 	$(PY) benchmarks/bench_hooks.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-output
+	rm -rf $(VENV) build *.egg-info

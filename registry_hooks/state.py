@@ -10,7 +10,9 @@ claim is therefore a unique-name insert: creating the experiment named by `claim
 version, attempt)` succeeds for exactly one caller (experiments.name is UNIQUE in every SQL
 backend, deleted experiments included; the loser gets RESOURCE_ALREADY_EXISTS). The winner deletes
 the claim experiment at once so it never clutters the UI; its name stays reserved. A resumed job
-claims attempt n+1, so a lease can be taken over only once per expiry.
+claims attempt n+1, so a lease can be taken over only once per expiry. A claimant killed between
+its claim and its lease write leaves a claim no lease names: once that claim is older than a lease,
+`claim_abandoned` lets the next worker move on to attempt n+1 instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -104,6 +106,24 @@ def try_claim(client: MlflowClient, name: str, version: str, attempt: int) -> bo
             return False
         raise
     client.delete_experiment(experiment_id)
+    return True
+
+
+def claim_abandoned(client: MlflowClient, name: str, version: str, attempt: int,
+                    lease_seconds: float, now: float | None = None) -> bool:
+    """True when attempt's claim is older than a lease and the version's lease still names an
+    earlier attempt (or none): its claimant died before it could write its lease."""
+    claim = client.get_experiment_by_name(claim_name(name, version, attempt))
+    if claim is None:
+        return False
+    claimed_at = (claim.creation_time or claim.last_update_time or 0) / 1000
+    if (now or time.time()) - claimed_at < lease_seconds:
+        return False  # the claimant may still be about to write its lease
+    lease = Lease.parse(client.get_model_version(name, version).tags.get(LEASE))
+    if lease is not None and lease.attempt >= attempt:
+        return False
+    if claim.lifecycle_stage == "active":  # it died before deleting its claim, too
+        client.delete_experiment(claim.experiment_id)
     return True
 
 

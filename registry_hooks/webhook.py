@@ -5,6 +5,10 @@ and sends `X-MLflow-Signature: v1,<base64>` (mlflow/webhooks/delivery.py). A del
 when it is unsigned or the signature does not match (401), older or further ahead than max_age
 (401: a captured delivery cannot be replayed later), a delivery id already accepted within max_age
 (409), or larger than max_body_bytes (413, unread). Only then is the body parsed.
+
+A flood of forged requests must not delay real deliveries: each connection has its own thread, a
+rejection costs one HMAC, a connection that stalls is dropped after `read_timeout` seconds, and
+rejections are logged as one summary line per interval instead of one line each.
 """
 from __future__ import annotations
 
@@ -99,11 +103,34 @@ def verify_delivery(headers, body: bytes, secret: str, replay: ReplayGuard, max_
         raise DeliveryRejected(400, "body is not an MLflow webhook payload") from None
 
 
+class RejectionLog:
+    """Logs the first rejection, then at most one summary line per `interval` seconds."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self._counts: dict[str, int] = {}
+        self._last = -float("inf")
+        self._lock = threading.Lock()
+
+    def add(self, status: int, reason: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            kind = f"{status} {reason.split(':')[0]}"
+            self._counts[kind] = self._counts.get(kind, 0) + 1
+            if now - self._last < self.interval:
+                return
+            counts, self._counts, self._last = self._counts, {}, now
+        total = sum(counts.values())
+        detail = ", ".join(f"{kind}: {n}" for kind, n in sorted(counts.items()))
+        log.warning("webhook: rejected %d deliver%s (%s)", total, "y" if total == 1 else "ies",
+                    detail)
+
+
 class WebhookReceiver:
     """A small threaded HTTP server on POST /webhook; `on_version(name, version)` must not block."""
 
     def __init__(self, host: str, port: int, secret: str, on_version: Callable[[str, str], None],
-                 *, max_body_bytes: int, max_age: float):
+                 *, max_body_bytes: int, max_age: float, read_timeout: float = 10.0):
         self.secret = secret
         self.on_version = on_version
         self.max_body_bytes = max_body_bytes
@@ -111,10 +138,12 @@ class WebhookReceiver:
         self.replay = ReplayGuard(max_age)
         self.accepted = 0
         self.rejected = 0
+        self.rejections = RejectionLog()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = read_timeout  # a client that stalls mid-request cannot hold its thread
 
             def do_POST(self):  # noqa: N802 - http.server's naming
                 status, message = receiver.handle(self.path, self.headers, self._read_body)
@@ -136,10 +165,12 @@ class WebhookReceiver:
                 self.wfile.write(data)
 
             def _read_body(self) -> bytes | None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > receiver.max_body_bytes:
+                length = self.headers.get("Content-Length") or "0"
+                if not length.isdigit():
+                    raise DeliveryRejected(400, f"bad Content-Length {length[:40]!r}")
+                if int(length) > receiver.max_body_bytes:
                     return None
-                return self.rfile.read(length)
+                return self.rfile.read(int(length))
 
             def log_message(self, fmt, *args):
                 log.debug("webhook receiver: " + fmt, *args)
@@ -162,7 +193,7 @@ class WebhookReceiver:
             delivery = verify_delivery(headers, body, self.secret, self.replay, self.max_age)
         except DeliveryRejected as exc:
             self.rejected += 1
-            log.warning("webhook delivery rejected (%d): %s", exc.status, exc.reason)
+            self.rejections.add(exc.status, exc.reason)
             return exc.status, exc.reason
         self.accepted += 1
         if (delivery.entity, delivery.action) == EVENT and delivery.data.get("name"):

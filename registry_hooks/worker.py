@@ -33,8 +33,6 @@ SKIP_REASON = "tunelens.analysis.reason"
 EVAL_DATASET_TAG = "tunelens.eval_dataset"
 EVAL_ERROR = "tunelens.eval.error"
 _MAX_ERROR = 500
-# A job hit by server/network trouble this many times is marked failed instead of retried again.
-MAX_ATTEMPTS = 5
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
                    "DEADLINE_EXCEEDED"}
 
@@ -135,6 +133,7 @@ class Worker:
         self.config = config
         hooks = config["hooks"]
         self.lease_seconds = float(hooks["lease_seconds"])
+        self.max_attempts = int(hooks["max_attempts"])
         self.poll_interval = float(hooks["poll_interval"])
         self.experiment_name = hooks["experiment"]
         self.threads = threads or int(hooks["workers"])
@@ -242,10 +241,21 @@ class Worker:
         if not current.needs_work():
             return JobOutcome(name, version, None, f"status {current.status}")
         attempt = current.next_attempt
-        if not state.try_claim(client, name, version, attempt):
-            return JobOutcome(name, version, None, f"attempt {attempt} claimed by another worker")
+        while not state.try_claim(client, name, version, attempt):
+            if not state.claim_abandoned(client, name, version, attempt, self.lease_seconds):
+                return JobOutcome(name, version, None, f"attempt {attempt} claimed by another worker")
+            attempt += 1
         lease = state.Lease(attempt, self.owner, time.time() + self.lease_seconds)
         client.set_model_version_tag(name, version, state.LEASE, lease.render())
+        if attempt > self.max_attempts:
+            # Every earlier attempt died with its worker (crash, OOM kill, restart) or was cut off
+            # by the server: stop retrying what may be killing workers.
+            error = (f"no attempt finished in {self.max_attempts} tries (each ended with its worker "
+                     f"killed or the MLflow server unreachable); see the hook service's log, then "
+                     f"delete the version's {state.STATUS} and {state.LEASE} tags to retry")
+            log.warning("analysis of %s v%s failed: %s", name, version, error)
+            self._finish(client, name, version, state.FAILED, {state.ERROR: error})
+            return JobOutcome(name, version, state.FAILED, error)
         client.set_model_version_tag(name, version, state.STATUS, state.RUNNING)
         log.info("analysing %s v%s (attempt %d)", name, version, attempt)
         try:
@@ -256,7 +266,7 @@ class Worker:
             return JobOutcome(name, version, None, str(exc))
         except Exception as exc:  # noqa: BLE001 - any failure becomes a readable status
             error = one_line(exc)
-            if _transient(exc) and attempt < MAX_ATTEMPTS:
+            if _transient(exc) and attempt < self.max_attempts:
                 # The server or network, not the adapter: leave the lease to expire and retry.
                 log.warning("analysis of %s v%s interrupted (%s); retried after the lease",
                             name, version, error)

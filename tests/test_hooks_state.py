@@ -6,7 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mlflow import MlflowClient
 
-from tunelens.registry_hooks.state import LEASE, STATUS, Lease, VersionState, try_claim
+from hooks_support import register
+from tunelens.config import load_config
+from tunelens.registry_hooks.state import (ERROR, LEASE, STATUS, Lease, VersionState, claim_name,
+                                            try_claim)
+from tunelens.registry_hooks.worker import Worker
 
 
 def test_needs_work_follows_status_and_lease():
@@ -35,3 +39,38 @@ def test_racing_claims_have_one_winner_per_attempt(mlflow_server):
     client = MlflowClient(mlflow_server.url)
     visible = [e.name for e in client.search_experiments() if e.name.startswith("tunelens-claims")]
     assert visible == []  # claims are deleted at once: nothing clutters the UI
+
+
+def _worker(server, lease_seconds: float) -> Worker:
+    config = load_config()
+    config["hooks"].update(lease_seconds=lease_seconds, max_attempts=5)
+    return Worker(server.url, config)
+
+
+def test_claim_stranded_by_a_claimant_killed_before_its_lease_is_taken_over(mlflow_server,
+                                                                          llama_adapter):
+    client = MlflowClient(mlflow_server.url)
+    version = register(client, "stranded", llama_adapter)
+    # A worker created attempt 1's claim and was killed before deleting it or writing its lease.
+    stranded = client.create_experiment(claim_name("stranded", version, 1))
+    worker = _worker(mlflow_server, lease_seconds=3)
+    assert worker.process("stranded", version).status is None  # the claimant may still be alive
+    time.sleep(3.2)
+    outcome = worker.process("stranded", version)
+    assert outcome.status == "done", outcome.detail
+    tags = client.get_model_version("stranded", version).tags
+    assert Lease.parse(tags[LEASE]).attempt == 2
+    assert client.get_experiment(stranded).lifecycle_stage == "deleted"
+
+
+def test_a_version_whose_workers_keep_dying_fails_with_a_reason(mlflow_server, llama_adapter):
+    client = MlflowClient(mlflow_server.url)
+    version = register(client, "deadly", llama_adapter)
+    for attempt in range(1, 6):  # five attempts claimed, each worker killed mid-job
+        assert try_claim(client, "deadly", version, attempt)
+    client.set_model_version_tag("deadly", version, LEASE, Lease(5, "gone", time.time() - 1).render())
+    client.set_model_version_tag("deadly", version, STATUS, "running")
+    outcome = _worker(mlflow_server, lease_seconds=30).process("deadly", version)
+    tags = client.get_model_version("deadly", version).tags
+    assert outcome.status == tags[STATUS] == "failed"
+    assert "no attempt finished in 5 tries" in tags[ERROR] and "\n" not in tags[ERROR]

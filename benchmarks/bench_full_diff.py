@@ -7,14 +7,18 @@ noise on every layer matrix. Then times the diff in a fresh child process (the o
 and reports its wall time and peak memory: peak anonymous memory (what the diff itself holds,
 sampled every 20 ms) and the kernel's peak RSS (which also counts the safetensors files' mapped,
 reclaimable page cache), and its CPU time (on a shared machine the wall time also measures the
-other tenants). Goal on the 2-core machine: under 3 minutes and 3 GB.
+other tenants; the load averages before and after are recorded). Goal on the 2-core machine: under 3
+minutes and 3 GB. The diff runs with the product's default torch threads (conf.yaml's
+analysis.threads: 1) unless --threads says otherwise.
 
     .venv/bin/python benchmarks/bench_full_diff.py [--layers 28] [--keep DIR] [--threads N]
+                                                   [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -113,15 +117,17 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 from tunelens.registry_hooks.full_diff import diff_models, write_full_diff
 tuned, base, out, threads = sys.argv[1:5]
-config = {"analysis": {"threads": None if threads == "default" else int(threads)}}
+config = {} if threads == "default" else {"analysis": {"threads": int(threads)}}
 start = time.perf_counter()
 result = diff_models(tuned, base, config=config, progress=True)
 diffed = time.perf_counter() - start
+usage = resource.getrusage(resource.RUSAGE_SELF)
+diff_cpu = usage.ru_utime + usage.ru_stime
 write_full_diff(result, out)
 total = time.perf_counter() - start
 stop.set()
 peak["anon_kb"] = max(peak["anon_kb"], anon_kb())
-print(json.dumps({"diff_s": diffed, "with_outputs_s": total, "tensors": len(result.full_diff["tensors"]),
+print(json.dumps({"diff_s": diffed, "diff_cpu_s": diff_cpu, "with_outputs_s": total, "tensors": len(result.full_diff["tensors"]),
                   "matrices": len(result.modules), "peak_anon_gib": peak["anon_kb"] / 2**20,
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "cpu_s": resource.getrusage(resource.RUSAGE_SELF).ru_utime
@@ -135,7 +141,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--keep", metavar="DIR", help="build the pair here and keep it")
     parser.add_argument("--threads", default="default",
-                        help="torch CPU threads in the diff (default: torch's own)")
+                        help="torch CPU threads in the diff (default: the product's, 1)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tunelens-bench-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
@@ -145,14 +152,18 @@ def main() -> None:
         params = sum(torch.Size(s).numel() for s in model_shapes(args.layers).values())
         print(f"built a {params / 1e9:.2f} B-parameter bf16 pair in {time.perf_counter() - start:.0f} s",
               file=sys.stderr)
+        load_before = os.getloadavg()
         proc = subprocess.run([sys.executable, "-c", CHILD, str(root / "tuned"), str(root / "base"),
                                str(root / "out"), args.threads], capture_output=True, text=True)
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])
         figures = json.loads(proc.stdout.strip().splitlines()[-1])
         figures.update(params_billion=params / 1e9, cuda=torch.cuda.is_available(),
-                       torch_threads=args.threads)
+                       torch_threads=args.threads, cores=os.cpu_count(),
+                       load_average_before=load_before, load_average_after=os.getloadavg())
         print(json.dumps(figures, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from factories import perturbed_copy
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks import lora_math
-from tunelens.registry_hooks.full_diff import diff_models, randomized_svd, write_full_diff
+from tunelens.registry_hooks.full_diff import (diff_models, randomized_svd, stratified_positions,
+                                               write_full_diff)
 from tunelens.registry_hooks.result import AnalysisResult
 from cli_support import assert_one_line_error
 
@@ -169,3 +170,35 @@ def _config(tmp_path, text):
     path = tmp_path / "conf.yaml"
     path.write_text(text)
     return path
+
+
+def test_histogram_never_samples_more_entries_than_exist(pair):
+    """A pair smaller than analysis.histogram_sample_entries: every entry once, an exact histogram
+    (the old draw with replacement reported 1,999,998 samples of 783,360 entries)."""
+    base, tuned = pair
+    result = diff_models(tuned, base, progress=False)
+    dense = _dense(base, tuned)
+    entries = torch.cat([d.reshape(-1) for _, d in dense.values() if d.ndim == 2])
+    h = result.histogram
+    assert h.total_entries == entries.numel() < 2_000_000
+    assert h.exact and h.sample_size is None and h.share_within_one_std_error is None
+    assert sum(h.counts) == entries.numel()
+    reference = torch.histogram(entries, len(h.counts), range=(h.min, h.max))[0]
+    assert h.counts == [int(c) for c in reference]
+    # a quota below the population: a sample, never larger than asked for
+    config = {"analysis": {"histogram_sample_entries": 5000}}
+    sampled = diff_models(tuned, base, config=config, progress=False).histogram
+    assert not sampled.exact and sampled.share_within_one_std_error is not None
+    # per-matrix quotas are rounded: within one entry per matrix of the 5000 asked for
+    assert abs(sampled.sample_size - 5000) <= len(result.modules)
+    assert sum(sampled.counts) == sampled.sample_size < sampled.total_entries
+
+
+def test_stratified_positions_are_distinct_and_cover_small_populations():
+    g = torch.Generator().manual_seed(0)
+    drawn = stratified_positions(1000, 999, g)
+    assert drawn.numel() == 999 == drawn.unique().numel()
+    assert int(drawn.min()) >= 0 and int(drawn.max()) < 1000
+    assert stratified_positions(10, 25, g).tolist() == list(range(10))
+    spread = stratified_positions(10**9, 4, g)
+    assert [int(i) // 250_000_000 for i in spread] == [0, 1, 2, 3]

@@ -4,12 +4,19 @@ An adapter is a PEFT LoRA directory (adapter_config.json + adapter_model.safeten
 adapter_model.bin read only through torch.load(weights_only=True)), or an MLflow transformers model
 directory holding one under peft/. Every LoRA module stays factored (L, R, scale); shapes are checked
 against each other and the config before any math runs.
+
+Uploaded files are hostile until checked: a safetensors header is validated by check_safetensors
+before safetensors maps it, files must resolve inside the adapter directory (no symlink out), and
+JSON files are size-capped. A `.bin` is read only by torch's weights-only unpickler, which refuses
+every global but tensor rebuilding, so a pickle that names code fails before anything is called.
 """
 from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +36,13 @@ BIN_NAME = "adapter_model.bin"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
                        r"lora_magnitude_vector)(?:\.default)?(?:\.(?P<param>weight|bias))?$")
 _SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
+
+MAX_JSON_BYTES = 8 * 1024 ** 2  # a PEFT config is ~1 KB; rank_pattern for 1000s of modules < 1 MB
+MAX_HEADER_BYTES = 100 * 1024 ** 2  # safetensors' own limit
+# Bytes per element of every safetensors dtype tunelens reads; LoRA weights must be floating point.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+               "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class AnalysisInputError(TunelensError):
@@ -81,18 +95,102 @@ class AdapterConfig:
         return int(r), float(alpha)
 
 
-def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
-    """Parse and check adapter_config.json; AnalysisInputError names what is wrong."""
-    path = adapter_dir / CONFIG_NAME
+def inside(path: Path, directory: Path) -> Path:
+    """`path` itself if it resolves inside `directory`; a symlink out of it (to /etc/passwd, to
+    another adapter) is refused, so an uploaded link never makes tunelens read a file it names."""
+    target = path.resolve()
+    if not target.is_relative_to(directory.resolve()):
+        raise AnalysisInputError(f"{path} is a symbolic link to {target}, outside the adapter "
+                                 f"directory {directory}; copy the real file in (cp -L)")
+    return path
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a file of at most MAX_JSON_BYTES; one readable error line otherwise."""
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise AnalysisInputError(f"{path} is {size:,} bytes, larger than the {MAX_JSON_BYTES:,}"
+                                     "-byte limit for a config file; re-save the adapter with PEFT")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AnalysisInputError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); "
                                  "re-save the adapter with PEFT") from None
+    except RecursionError:
+        raise AnalysisInputError(f"{path} is JSON nested too deeply to be a config; re-save the "
+                                 "adapter with PEFT") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise AnalysisInputError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise AnalysisInputError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    return raw
+
+
+def check_safetensors(path: Path, dtypes=tuple(DTYPE_BYTES)) -> None:
+    """Refuse a safetensors file whose header lies, before safetensors or torch reads it, so no
+    size or offset in it can make anything allocate or read out of bounds. Checks: an 8-byte
+    little-endian header length within the file and MAX_HEADER_BYTES; a JSON object of name ->
+    {dtype, shape, data_offsets} (plus `__metadata__`); every dtype in `dtypes`; shapes of
+    non-negative ints; each [start, end) exactly dtype size x numel bytes, and together tiling
+    the data buffer from 0 to its end with no overlap, gap or overrun (safetensors' own rule)."""
+    def invalid(problem: str) -> AnalysisInputError:
+        return AnalysisInputError(f"{path} is corrupt or not safetensors: {problem}; re-save it "
+                                  "with save_pretrained (safetensors)")
+
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise invalid(f"{size} bytes, too short for the 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise invalid(f"header length {length:,} exceeds the file ({size:,} bytes) or the "
+                          f"{MAX_HEADER_BYTES:,}-byte limit (truncated or not safetensors)")
+        text = file.read(length)
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):
+        raise invalid("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise invalid(f"the header is a JSON {type(header).__name__}, not an object")
+    data_bytes, spans = size - 8 - length, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise invalid(f"entry {name!r} is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in dtypes:
+            raise invalid(f"tensor {name!r} has dtype {dtype!r}, expected one of "
+                          f"{', '.join(dtypes)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise invalid(f"tensor {name!r} has shape {shape!r}, not a list of non-negative ints")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets)):
+            raise invalid(f"tensor {name!r} has data_offsets {offsets!r}, not [start, end]")
+        start, end = offsets
+        needed = DTYPE_BYTES[dtype] * math.prod(shape)
+        if end - start != needed:
+            raise invalid(f"tensor {name!r} ({dtype} {shape}) needs {needed:,} bytes but its "
+                          f"data_offsets {offsets} span {end - start:,}")
+        if end > data_bytes:
+            raise invalid(f"tensor {name!r} has data_offsets {offsets} past the end of the "
+                          f"{data_bytes:,}-byte data (truncated?)")
+        spans.append((start, end, name))
+    covered = 0
+    for start, end, name in sorted(spans):
+        if start != covered:
+            raise invalid(f"tensor {name!r} starts at byte {start:,} of the data where {covered:,} "
+                          f"was expected (overlapping or gapped data_offsets)")
+        covered = end
+    if covered != data_bytes:
+        raise invalid(f"the tensors cover {covered:,} of the {data_bytes:,} data bytes")
+
+
+def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
+    """Parse and check adapter_config.json; AnalysisInputError names what is wrong."""
+    path = inside(adapter_dir / CONFIG_NAME, adapter_dir)
+    raw = read_json_object(path)
     peft_type = str(raw.get("peft_type") or "")
     if not peft_type:
         raise AnalysisInputError(f"{path} has no peft_type: is this a PEFT adapter?")
@@ -124,6 +222,8 @@ class TensorFile:
     def __init__(self, path: Path):
         self.path = path
         self._tensors: dict[str, torch.Tensor] | None = None
+        if path.suffix == ".safetensors":
+            check_safetensors(path, FLOAT_DTYPES)
         try:
             if path.suffix == ".safetensors":
                 self._handle = safe_open(str(path), framework="pt")
@@ -131,12 +231,20 @@ class TensorFile:
                                 for k in self._handle.keys()}
             else:
                 # Never unpickle arbitrary objects: weights_only refuses anything but tensors.
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # its protocol notices are not the user's business
+                    warnings.simplefilter("ignore")
+                    loaded = torch.load(path, map_location="cpu", weights_only=True)
                 if not isinstance(loaded, dict) or not all(
                         isinstance(v, torch.Tensor) for v in loaded.values()):
                     raise ValueError("it does not hold a flat name -> tensor mapping")
                 self._tensors = loaded
                 self._shapes = {k: list(v.shape) for k, v in loaded.items()}
+        except pickle.UnpicklingError as exc:
+            refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise AnalysisInputError(
+                f"{path} is corrupt or not a weights file: its pickle names "
+                f"{refused[1] if refused else 'objects'}, not only tensors (refused, never run); "
+                "re-save the adapter as safetensors (save_pretrained)") from None
         except Exception as exc:  # the readers raise many types; all mean "unreadable file"
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise AnalysisInputError(f"{path} is truncated, corrupt or not a weights file "
@@ -221,7 +329,7 @@ def open_adapter(path: str | Path) -> AdapterContents:
     if not weights.is_file():
         raise AnalysisInputError(f"{adapter_dir} has {CONFIG_NAME} but neither {SAFETENSORS_NAME} "
                                  f"nor {BIN_NAME}")
-    tensors = TensorFile(weights)
+    tensors = TensorFile(inside(weights, adapter_dir))
     modules, saved, warnings, ignored = _collect(tensors, config, weights)
     if not modules and not saved:
         raise AnalysisInputError(f"{weights} holds no LoRA tensors (lora_A/lora_B): nothing to "
@@ -310,6 +418,7 @@ class BaseModel:
                                      "weights (only safetensors base models are read)")
         self._handles, self._shapes, self._file_of = {}, {}, {}
         for file in files:
+            check_safetensors(file)
             try:
                 handle = safe_open(str(file), framework="pt")
             except Exception as exc:

@@ -38,7 +38,9 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_
 _SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
 
 MAX_JSON_BYTES = 8 * 1024 ** 2  # a PEFT config is ~1 KB; rank_pattern for 1000s of modules < 1 MB
-MAX_HEADER_BYTES = 100 * 1024 ** 2  # safetensors' own limit
+# safetensors allows 100 MB; a 70B adapter's header is ~150 KB, and parsing 16 MiB of JSON takes
+# ~140 MB of Python objects (100 MB would take ~0.9 GB): the cap bounds the hook service's memory.
+MAX_HEADER_BYTES = 16 * 1024 ** 2
 # Bytes per element of every safetensors dtype tunelens reads; LoRA weights must be floating point.
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
                "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}

@@ -166,6 +166,7 @@ def test_service_fails_each_hostile_version_readably_and_keeps_serving(
     client = MlflowClient(server.url)
     config = write_config(tmp_path / "hooks.yaml")
     hooks = HooksProcess(server.url, config, tmp_path / "hooks.log", secret="hostile-secret")
+    baseline = peak_rss(hooks.process.pid)
     started = time.monotonic()
     try:
         versions = {c["name"]: register(client, "hostile", case_dir(c, tmp_path))
@@ -180,13 +181,15 @@ def test_service_fails_each_hostile_version_readably_and_keeps_serving(
             tags = outcomes[case["name"]]
             assert tags[STATUS] == status, (case["name"], tags)
             text = tags.get(ERROR) or tags.get("tunelens.analysis.reason") or ""
+            print(f"{case['name']}: {tags[STATUS]} | {text}")
             if error:
                 assert error in text and "\n" not in text and "Traceback" not in text, (
                     case["name"], text)
         assert hooks.process.poll() is None and server.healthy()
         peak = peak_rss(hooks.process.pid)
         print(f"\nhostile corpus via MLflow: {len(versions)} + 1 valid versions in "
-              f"{drained:.1f} s; hook service peak RSS {peak / 1024 ** 2:.0f} MiB")
+              f"{drained:.1f} s; hook service peak RSS {peak / 1024 ** 2:.0f} MiB "
+              f"({baseline / 1024 ** 2:.0f} MiB after start-up)")
         assert peak < PEAK_RSS_BOUND, peak
         assert not marker.exists()
     finally:

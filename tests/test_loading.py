@@ -140,3 +140,24 @@ def test_adapter_config_is_reported_as_given(tmp_path, llama_adapter):
     assert (info.peft_type, info.r, info.lora_alpha, info.use_rslora, info.use_dora) == (
         "LORA", raw["r"], raw["lora_alpha"], False, False)
     assert sorted(info.target_modules) == sorted(raw["target_modules"])
+
+
+def test_safetensors_check_accepts_real_files(llama_adapter, llama_base, tmp_path):
+    """No false alarms: PEFT's, transformers' and safetensors' own files (with __metadata__, every
+    float dtype, a zero-size tensor) pass check_safetensors unchanged."""
+    from safetensors.torch import save_file
+
+    from tunelens.registry_hooks.loading import FLOAT_DTYPES, check_safetensors
+
+    adapters = [*REAL.glob("*/adapter_model.safetensors"), llama_adapter / "adapter_model.safetensors"]
+    for path in adapters:
+        check_safetensors(path, FLOAT_DTYPES)
+    for path in llama_base.glob("*.safetensors"):
+        check_safetensors(path)
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({"a": torch.ones(3, 2, dtype=torch.bfloat16), "b": torch.ones(2, dtype=torch.float16),
+               "c": torch.ones(0, 4), "d": torch.ones(1, dtype=torch.float64),
+               "e": torch.arange(3)}, mixed, metadata={"format": "pt"})
+    check_safetensors(mixed)
+    with pytest.raises(AnalysisInputError, match="dtype 'I64'"):
+        check_safetensors(mixed, FLOAT_DTYPES)

@@ -119,8 +119,9 @@ def _with(**tensors) -> bytes:
 
 
 SHARED = "_shared"  # not a case: the file the sibling-symlink case points at
-# name, description, expected status, substring of the error, files ({name: bytes | str | None}
-# where None leaves the file out; ("symlink", target) makes a link), extra fields.
+# name, description, expected status, substring of the error, files ({name: content}: bytes or
+# str, a function giving them (large cases), None to leave the file out, ("symlink", target)),
+# extra fields.
 W, C = "adapter_model.safetensors", "adapter_config.json"
 CASES = [
     ("empty-weights", "adapter_model.safetensors is 0 bytes", "failed", "too short",
@@ -206,10 +207,13 @@ CASES = [
     ("config-deeply-nested", "adapter_config.json nests 3000 lists (6 KB)", "failed",
      "nested too deeply", {C: nested_json(3000)}),
     ("config-nested-1e6", "adapter_config.json nests 10^6 lists (2 MB, written at test time)",
-     "failed", "nested too deeply", {C: nested_json(10 ** 6)}, {"at_test_time": True}),
+     "failed", "nested too deeply", {C: lambda: nested_json(10 ** 6)}, {"at_test_time": True}),
     ("config-50mb", "a 50 MB adapter_config.json (written at test time)", "failed",
      "-byte limit for a config file",
-     {C: json.dumps({**CONFIG, "padding": "x" * 50_000_000})}, {"at_test_time": True}),
+     {C: lambda: json.dumps({**CONFIG, "padding": "x" * 50_000_000})}, {"at_test_time": True}),
+    ("header-over-16mib", "a well-formed 17 MiB safetensors header (written at test time)",
+     "failed", "16,777,216-byte limit",
+     {W: lambda: raw_safetensors(b"{" + b" " * (17 << 20) + b"}")}, {"at_test_time": True}),
     ("symlink-weights-etc-passwd", "adapter_model.safetensors -> /etc/passwd", "failed",
      "outside the adapter directory", {W: ("symlink", "/etc/passwd")},
      {"mlflow": {"expected": "failed", "error": "corrupt or not safetensors"}}),
@@ -245,6 +249,7 @@ def write_case(case_dir: Path, files: dict) -> None:
         path = case_dir / name
         if content is None:
             continue
+        content = content() if callable(content) else content
         if isinstance(content, tuple):
             path.symlink_to(content[1])
         else:

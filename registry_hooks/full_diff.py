@@ -23,6 +23,7 @@ from . import metrics as M
 from .analysis import _histogram, _layers, _narrate, _top_neurons
 from .loading import AnalysisInputError, BaseModel
 from .naming import parse_module_path
+from .narrative import glossary_for
 from .result import AdapterInfo, AnalysisResult, Heatmap, ModuleMetrics, Summary
 
 # Component leaf -> the matrix type of seed 002's heatmap rows.
@@ -398,8 +399,8 @@ def _result(tuned_model, base_model, analyses, diffs, samples, warnings, setting
         heatmaps=[a.heatmap for a in finite if a.heatmap is not None], narrative=[], glossary={},
         base_model=str(base_model.path), warnings=warnings,
         full_diff=_section(tuned_model, base_model, diffs, diff_settings))
-    _narrate(result)  # fills the glossary; the adapter-worded sentences are replaced below
-    result.narrative = full_diff_narrative(result.full_diff)
+    _narrate(result)  # narrative.py words a FULL result as a fine-tune, not an adapter
+    result.glossary = glossary_for(result)
     return result
 
 
@@ -451,36 +452,6 @@ def layer_type_grid(matrices: list[TensorDiff]) -> dict:
                         for metric in GRID_METRICS}}
 
 
-def full_diff_narrative(section: dict) -> list[str]:
-    """Plain-English sentences from the `full_diff` section's numbers."""
-    lines = [f"Across {section['tensors_compared']} tensors the fine-tune moved the weights by "
-             f"{section['relative_fro_total']:.3%} of the base's norm (‖ΔW‖_F / ‖W‖_F over all "
-             f"tensors); {section['tensors_unchanged']} tensors are bit-for-bit unchanged."]
-    grid = section["grid"]
-    cells = [(value, layer, t) for layer, row in zip(grid["layers"], grid["metrics"]["relative_fro"])
-             for t, value in zip(grid["matrix_types"], row) if value is not None]
-    if cells:
-        top, low = max(cells), min(cells)
-        lines.append(f"The largest relative change is layer {top[1]}'s {top[2]} matrix "
-                     f"({top[0]:.3%}), the smallest layer {low[1]}'s {low[2]} ({low[0]:.3%}).")
-        by_type = {}
-        for value, _, t in cells:
-            by_type.setdefault(t, []).append(value)
-        means = sorted(((sum(v) / len(v), t) for t, v in by_type.items()), reverse=True)
-        lines.append("Mean relative change by matrix type: " +
-                     ", ".join(f"{t} {m:.3%}" for m, t in means) + ".")
-    ranks = [d["relative_rank"] for d in section["tensors"] if d.get("relative_rank") is not None]
-    bounded = sum(1 for d in section["tensors"] if d.get("rank_at_least") is not None)
-    if ranks:
-        lines.append(f"Relative rank of ΔW (σ_i above {section['settings']['rank_rtol']:g}·σ_1, over "
-                     f"min(m, n)): median {sorted(ranks)[len(ranks) // 2]:.3f} over {len(ranks)} "
-                     "matrices; a low value says the update is low-rank, as LoRA assumes.")
-    if bounded:
-        lines.append(f"For {bounded} large matrices all computed singular values exceed that "
-                     "tolerance, so only a lower bound on their rank is known (rank_at_least).")
-    return lines
-
-
 def write_full_diff(result: AnalysisResult, out_dir: str | Path):
     """write_analysis's files plus the layer × matrix type charts and a report section."""
     from .outputs import write_analysis
@@ -497,6 +468,11 @@ def write_full_diff(result: AnalysisResult, out_dir: str | Path):
         charts.append(grid_heatmap(grid["metrics"]["spectral"], grid["layers"], grid["matrix_types"],
                                    "Spectral norm ‖ΔW‖_2", files.html_path.parent / "charts" /
                                    "full_diff_spectral_norm.png", "σ_1(ΔW)"))
-    append_section(files.html_path, section_html("Full fine-tune diff", result.narrative, charts))
+    reading = [f"Each cell is one weight matrix: rows are layers, columns matrix types "
+               f"({', '.join(grid['matrix_types'])}); blank where a layer has no such matrix. "
+               "The relative change ‖ΔW‖_F / ‖W‖_F says how far fine-tuning moved a matrix for "
+               "its size; the spectral norm σ_1(ΔW) is the most it stretches any one input "
+               "direction."] if grid["layers"] else []
+    append_section(files.html_path, section_html("Full fine-tune diff", reading, charts))
     files.chart_paths.extend(charts)
     return files

@@ -113,6 +113,34 @@ GLOSSARY: dict[str, str] = {
                        "trained and saved alongside the LoRA factors.",
 }
 
+# A full fine-tune diff has no adapter, rank r, scale or factors: those entries are left out and
+# the ones that mention an adapter are said of the fine-tune.
+_LORA_ONLY_TERMS = ("Adapter", "LoRA", "Rank (r)", "Alpha (α) and scale", "rsLoRA", "DoRA",
+                    "Rank utilisation", "Amplification factor", "modules_to_save")
+FULL_GLOSSARY: dict[str, str] = {
+    **{k: v for k, v in GLOSSARY.items() if k not in _LORA_ONLY_TERMS},
+    "Full fine-tune": "Training that lets every weight of the model move: its "
+                      "change is the difference between the fine-tuned and the base weights.",
+    "Base model": "The original, pre-trained model the fine-tune started from.",
+    "ΔW (delta W)": "The change fine-tuning made to one weight matrix: the fine-tuned weights "
+                    "minus the base weights, W_tuned − W_base.",
+    "Parameter": "One number of the model. The changed share is the parameters in tensors that "
+                 "differ from the base divided by the base model's parameters.",
+    "Singular values": "σ₁ ≥ σ₂ ≥ … ≥ 0: how strongly each independent direction of a change "
+                       "acts. Large matrices report the top few, from a randomized SVD.",
+    "Relative rank": "The rank of ΔW (singular values above 1% of σ₁) divided by min(m, n), the "
+                     "most it could have: low values mean the update is low-rank, as LoRA assumes.",
+    "Top shifted neuron": "A row of ΔW with a large L2 norm: an output unit whose incoming "
+                          "weights the fine-tune changed most.",
+    "Drift": "A histogram whose centre sits far from zero relative to its width: the fine-tune "
+             "shifted weights one way overall, rather than adjusting some up and some down.",
+}
+
+
+def glossary_for(result: AnalysisResult) -> dict[str, str]:
+    """The glossary that matches the result: FULL_GLOSSARY for a full fine-tune diff."""
+    return dict(FULL_GLOSSARY if is_full_finetune(result) else GLOSSARY)
+
 
 def attention_role(module: ModuleMetrics) -> str | None:
     """Q, K, V, O (or QKV for an unsplit fused projection) for an attention module, else None."""
@@ -217,12 +245,8 @@ def _summary(result: AnalysisResult) -> list[str]:
     out = []
     params = f"{s.trainable_params:,}"
     if is_full_finetune(result):
-        share = (f": {pct(s.trainable_share, 1)} of the base model's {s.base_params:,}"
-                 if s.trainable_share is not None and s.base_params else "")
-        out.append(f"The fine-tune changed {params} parameters in {len(result.modules)} weight "
-                   f"matrices{share}. Every weight could move, so ΔW is the full difference "
-                   f"between the fine-tuned and the base weights.")
-    elif s.trainable_share is not None and s.base_params:
+        return _full_summary(result)
+    if s.trainable_share is not None and s.base_params:
         out.append(f"The adapter trains {params} parameters: {pct(s.trainable_share, 3)} of the "
                    f"base model's {s.base_params:,}. The base model itself is untouched; the "
                    f"adapter is a small set of adjustments applied on top of it.")
@@ -233,16 +257,100 @@ def _summary(result: AnalysisResult) -> list[str]:
         count = len(s.layers_modified)
         of = (f"{count} of {s.num_layers} layers" if s.num_layers else
               f"{count} layer{'s' if count != 1 else ''}")
-        config = "" if is_full_finetune(result) else (
-            f" with LoRA rank {a.r} and α {fmt(a.lora_alpha)}"
-            f"{' (rsLoRA scaling)' if a.use_rslora else ''}{' using DoRA' if a.use_dora else ''}")
+        config = (f" with LoRA rank {a.r} and α {fmt(a.lora_alpha)}"
+                  f"{' (rsLoRA scaling)' if a.use_rslora else ''}"
+                  f"{' using DoRA' if a.use_dora else ''}")
         out.append(f"It modifies {of} ({_layer_range(s.layers_modified)}){config}.")
-    # The engine averages S_ℓ = Σ_components ‖ΔW‖_F over modified layers, or over modules when
-    # nothing sits in a numbered layer.
+    out += _mean_change(result)
+    return out
+
+
+def _mean_change(result: AnalysisResult) -> list[str]:
+    """The mean and largest S_ℓ = Σ_components ‖ΔW‖_F over modified layers (the engine's
+    average; over modules when nothing sits in a numbered layer)."""
+    s = result.summary
+    out = []
     unit = "modified layer (summed over its matrices)" if result.layers else "modified matrix"
     if math.isfinite(s.mean_delta_fro) and s.mean_delta_fro > 0:
         out.append(f"The average size of change per {unit} is ‖ΔW‖_F = "
                    f"{fmt(s.mean_delta_fro)}, the largest {fmt(s.max_delta_fro)}.")
+    return out
+
+
+def _full_summary(result: AnalysisResult) -> list[str]:
+    """A full fine-tune's footprint: parameters and matrices changed, overall relative change."""
+    s, section = result.summary, result.full_diff or {}
+    finite = [m for m in result.modules if math.isfinite(m.fro)]
+    moved = sum(1 for m in finite if m.fro > 0)
+    of = (f" of the base model's {s.base_params:,} parameters ({pct(s.trainable_share, 1)})"
+          if s.trainable_share is not None and s.base_params else " parameters")
+    out = [f"The fine-tune changed {s.trainable_params:,}{of}: {moved} of "
+           f"{len(result.modules)} weight matrices moved. Every weight could move, so ΔW is the "
+           f"full difference between the fine-tuned and the base weights, W_tuned − W_base."]
+    if section.get("relative_fro_total") is not None:
+        unchanged = section.get("tensors_unchanged", 0)
+        out.append(f"Overall the weights moved by {pct(section['relative_fro_total'], 3)} of their "
+                   f"norm (‖ΔW‖_F / ‖W‖_F over all {section.get('tensors_compared', 0)} tensors); "
+                   f"{unchanged} tensor{'s are' if unchanged != 1 else ' is'} bit-for-bit "
+                   f"unchanged.")
+    cells = _grid_cells(section)
+    if cells:
+        top, low = max(cells), min(cells)
+        out.append(f"The largest relative change is layer {top[1]}'s {top[2]} matrix "
+                   f"({pct(top[0], 3)}), the smallest layer {low[1]}'s {low[2]} "
+                   f"({pct(low[0], 3)}).")
+    if s.layers_modified:
+        count = len(s.layers_modified)
+        of_layers = f"{count} of {s.num_layers}" if s.num_layers else str(count)
+        out.append(f"It modifies {of_layers} layers ({_layer_range(s.layers_modified)}).")
+    return out + _mean_change(result)
+
+
+def _grid_cells(section: dict) -> list[tuple[float, int, str]]:
+    """(relative change, layer, matrix type) of every filled cell of the full diff's grid."""
+    grid = section.get("grid") or {}
+    rows = (grid.get("metrics") or {}).get("relative_fro") or []
+    return [(value, layer, t) for layer, row in zip(grid.get("layers", []), rows)
+            for t, value in zip(grid.get("matrix_types", []), row) if value is not None]
+
+
+def _full_layers(result: AnalysisResult) -> list[str]:
+    """Which layers and matrix types moved most relative to their base weights."""
+    cells = _grid_cells(result.full_diff or {})
+    if not cells:
+        return []
+    by_type: dict[str, list[float]] = defaultdict(list)
+    by_layer: dict[int, list[float]] = defaultdict(list)
+    for value, layer, t in cells:
+        by_type[t].append(value)
+        by_layer[layer].append(value)
+    types = sorted(((fmean(v), t) for t, v in by_type.items()), reverse=True)
+    out = [f"Relative to the base weights, by matrix type (mean ‖ΔW‖_F / ‖W‖_F over layers): "
+           + ", ".join(f"{t} {pct(m, 3)}" for m, t in types)
+           + (f": the {types[0][1]} matrices moved most." if len(types) >= 2 else ".")]
+    if len(by_layer) >= 2:
+        layers = sorted(((fmean(v), layer) for layer, v in by_layer.items()), reverse=True)
+        out.append(f"By layer, the mean relative change is largest in layer {layers[0][1]} "
+                   f"({pct(layers[0][0], 3)}) and smallest in layer {layers[-1][1]} "
+                   f"({pct(layers[-1][0], 3)}).")
+    return out
+
+
+def _full_rank(result: AnalysisResult) -> list[str]:
+    """The rank of a full fine-tune's ΔW (seed 002's relative rank)."""
+    section = result.full_diff or {}
+    tensors = section.get("tensors", [])
+    ranks = sorted(d["relative_rank"] for d in tensors if d.get("relative_rank") is not None)
+    bounded = sum(1 for d in tensors if d.get("rank_at_least") is not None)
+    out = []
+    if ranks:
+        rtol = (section.get("settings") or {}).get("rank_rtol", 0.01)
+        out.append(f"Relative rank of ΔW (σ_i above {rtol:g}·σ_1, over min(m, n)): median "
+                   f"{ranks[len(ranks) // 2]:.3f} over {len(ranks)} matrices; a low value says "
+                   f"the update is low-rank, as LoRA assumes.")
+    if bounded:
+        out.append(f"For {bounded} large matrices all computed singular values exceed that "
+                   "tolerance, so only a lower bound on their rank is known (rank_at_least).")
     return out
 
 
@@ -265,7 +373,7 @@ def _who(result: AnalysisResult) -> str:
 
 def _layers(result: AnalysisResult) -> list[str]:
     layers = [l for l in result.layers if math.isfinite(l.fro_sum)]
-    out: list[str] = []
+    out: list[str] = _full_layers(result) if is_full_finetune(result) else []
     if len(layers) >= 2:
         most = max(layers, key=lambda l: l.fro_sum)
         least = min(layers, key=lambda l: l.fro_sum)
@@ -347,6 +455,8 @@ def _qkvo(result: AnalysisResult) -> list[str]:
 
 
 def _rank(result: AnalysisResult) -> list[str]:
+    if is_full_finetune(result):
+        return _full_rank(result)
     mods = [m for m in result.modules if m.rank > 0 and m.kind in ("lora", "embedding")
             and math.isfinite(m.effective_rank)]
     if not mods:

@@ -13,11 +13,48 @@ from importlib import resources
 
 import numpy as np
 
-from .narrative import (GLOSSARY, SECTION_TITLES, attention_role, component_order,
-                        narrate_layer, narrate_sections)
+from .narrative import (SECTION_TITLES, attention_role, component_order, glossary_for,
+                        is_full_finetune, narrate_layer, narrate_sections)
 from .result import AnalysisResult
 
 DATA_ELEMENT_ID = "tunelens-data"
+
+# The page's fixed text, worded for a LoRA adapter or for a full fine-tune diff (peft_type FULL).
+WORDING = {
+    "lora": {
+        "__BRAND__": "adapter analysis",
+        "__HEADLINE__": "How this LoRA adapter changed the model",
+        "__INTRO__": """<p>Think of the base model as a brain that already knows how to read, write
+      and follow instructions. Fine-tuning teaches it a specialty. LoRA does that without rewriting
+      the brain: the original weights stay untouched and the adapter adds a small set of
+      adjustments, like sticky notes in a textbook. For every weight matrix it touches, the
+      adjustment is <b>ΔW = scale · B · A</b>, where B and A are thin matrices of width <i>r</i>
+      (the rank).</p>
+      <p>This page measures those adjustments: which layers and parts of each layer changed most,
+      how big the changes are, how much of the rank they use, and which individual neurons
+      moved.</p>""",
+        "__SPECTRUM__": """at most <i>r</i> of them. Bars of similar height: the full rank is in use.
+      A stair-step falling off: the typical healthy pattern. One dominant bar: the change is
+      essentially one direction and the rank is more than needed.""",
+        "__WHO__": "the adapter",
+    },
+    "full": {
+        "__BRAND__": "full fine-tune analysis",
+        "__HEADLINE__": "How fine-tuning changed the model",
+        "__INTRO__": """<p>Think of the base model as a brain that already knows how to read, write
+      and follow instructions. Fine-tuning teaches it a specialty. A full fine-tune lets every
+      weight move, so the change to each weight matrix is the difference
+      <b>ΔW = W<sub>tuned</sub> − W<sub>base</sub></b> between the fine-tuned and the base
+      model.</p>
+      <p>This page measures those differences: how many parameters changed, which layers and
+      matrix types (q/k/v/o, gate/up/down) moved most relative to their base weights, how many
+      directions each change spans (its rank), and which individual neurons moved.</p>""",
+        "__SPECTRUM__": """the largest ones (from a randomized SVD for large matrices). A steep
+      fall-off: the update is effectively low-rank, as LoRA assumes; a flat run of bars: the
+      change is spread over many directions.""",
+        "__WHO__": "the fine-tune",
+    },
+}
 
 
 def _template(name: str) -> str:
@@ -49,7 +86,7 @@ def report_payload(result: AnalysisResult, data: dict | None = None) -> dict:
         "result": data,
         "sections": narrate_sections(result),
         "section_titles": SECTION_TITLES,
-        "glossary": GLOSSARY,
+        "glossary": glossary_for(result),
         "roles": {m.name: role for m in result.modules if (role := attention_role(m))},
         "components": component_order(result),
         # Keyed by str(layer) ("null" for modules outside the layer stack), as JSON keys must be.
@@ -60,9 +97,15 @@ def report_payload(result: AnalysisResult, data: dict | None = None) -> dict:
 
 def render_report(result: AnalysisResult, data: dict | None = None) -> str:
     """The full report.html text for `result` (`data`: its to_dict(), when already at hand)."""
-    title = "tunelens · " + (result.adapter.base_model_name_or_path or "LoRA adapter") + " adapter"
+    full = is_full_finetune(result)
+    base = result.adapter.base_model_name_or_path
+    title = ("tunelens · full fine-tune of " + (base or "a base model") if full else
+             "tunelens · " + (base or "LoRA adapter") + " adapter")
     page = _template("report.html")
-    # One pass over fixed markers, in an order where no inserted text can contain a later marker.
+    # The wording first: its text holds no marker. Then one pass over fixed markers, in an order
+    # where no inserted text can contain a later marker.
+    for marker, text in WORDING["full" if full else "lora"].items():
+        page = page.replace(marker, text)
     for marker, text in (("__CSS__", _template("report.css")), ("__JS__", _template("report.js")),
                          ("__TITLE__", escape(title)),
                          ("__DATA__", embedded_json(report_payload(result, data)))):

@@ -265,9 +265,11 @@ def test_full_finetune_diff_is_not_described_as_lora():
     for m in result.modules:
         m.kind = "full"
     text = " ".join(narrate(result))
-    assert text.startswith(f"The fine-tune changed {result.summary.trainable_params:,} parameters "
-                           f"in {len(result.modules)} weight matrices")
-    assert "LoRA rank" not in text and "the adapter" not in text.lower()
+    assert text.startswith(f"The fine-tune changed {result.summary.trainable_params:,} of the base "
+                           f"model's 1,000,000 parameters (3.3%): {len(result.modules)} of "
+                           f"{len(result.modules)} weight matrices moved.")
+    assert "LoRA rank" not in text and "adapter" not in text.lower() and "trains" not in text
+    assert "of its rank" not in text and "r = " not in text
     assert "the fine-tune mainly changed what the model pays attention to" in text
 
 

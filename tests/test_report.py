@@ -308,3 +308,37 @@ def test_charts_draw_inside_a_sandboxed_iframe_like_mlflows_viewer(tmp_path):
     pixels = _screenshot_in_sandboxed_iframe(control, tmp_path / "control.png")
     assert _count(pixels, (20, 33, 61)) > 10_000
     assert _count(pixels, (230, 159, 0)) < 50
+
+
+def test_full_finetune_report_speaks_of_the_fine_tune_not_an_adapter(llama_base, tmp_path):
+    """report.html of `tunelens analyze FINETUNED --base BASE`: no adapter, rank r or trainable
+    parameters anywhere in its text; the parameters changed, the relative change and the layer and
+    matrix type that moved most, as the numbers say."""
+    from factories import perturbed_copy
+    from tunelens.registry_hooks.full_diff import diff_models, write_full_diff
+
+    base = perturbed_copy(llama_base, tmp_path / "base", {})
+    tuned = perturbed_copy(base, tmp_path / "tuned", {"layers.1.mlp.up_proj": 0.05,
+                                                      "layers.0.self_attn.k_proj": 0.001}, seed=3)
+    result = diff_models(tuned, base, progress=False)
+    page = write_full_diff(result, tmp_path / "out").html_path.read_text(encoding="utf-8")
+    data = json.loads("".join(_scan(page).data))
+    sentences = [s for lines in data["sections"].values() for s in lines]
+    shown = re.sub(r"<script\b.*?</script>|<style\b.*?</style>|<[^>]+>", " ", page, flags=re.S)
+    text = html.unescape(shown) + " " + " ".join(sentences) + " " + " ".join(data["glossary"].values())
+    for lora_wording in ("adapter", "Adapter", "rank r", "<i>r</i>", "trainable", "Trainable",
+                         "LoRA rank", "r = "):
+        assert lora_wording not in text, lora_wording
+    # the figures, checked against the tensors themselves
+    up, k = (next(m for m in result.modules if m.name == f"model.layers.{name}")
+             for name in ("1.mlp.up_proj", "0.self_attn.k_proj"))
+    changed = up.shape[0] * up.shape[1] + k.shape[0] * k.shape[1]
+    assert result.summary.trainable_params == changed
+    assert (f"The fine-tune changed {changed:,} of the base model's {result.summary.base_params:,} "
+            f"parameters") in sentences[0 if not data["sections"].get("health") else 1]
+    assert "2 of " in sentences[0] and "weight matrices moved" in sentences[0]
+    total = result.full_diff["relative_fro_total"]
+    assert f"Overall the weights moved by {100 * total:.3f}% of their norm" in text
+    assert f"The largest relative change is layer 1's up matrix ({100 * up.relative_fro:.3f}%)" in text
+    assert "the up matrices moved most" in text and "largest in layer 1" in text
+    assert "How fine-tuning changed the model" in shown and "<title>tunelens · full fine-tune of" in page

@@ -197,7 +197,7 @@
     const mode = $("#layer-mode").value;
     $("#grid-metric-label").hidden = mode !== "grid";
     $("#layer-legend").style.display = mode === "grid" ? "none" : "";
-    if (!layers.length) { $("#layer-chart").innerHTML = `<p class="hint">No per-layer modules in this adapter.</p>`; return; }
+    if (!layers.length) { $("#layer-chart").innerHTML = `<p class="hint">No per-layer modules in this ${FULL ? "fine-tune" : "adapter"}.</p>`; return; }
     $("#layer-chart").innerHTML = mode === "grid" ? gridChart($("#grid-metric").value) : barChart({width: widthOf("#layer-chart"), categories: layers.map((l) => l.layer), series: compSeries,
       stacked: mode === "stacked", catName: "layer", xLabel: "Layer", yLabel: "‖ΔW‖_F (Frobenius norm)", label: "per-layer change by component"});
   }
@@ -227,7 +227,7 @@
     drawQkvo();
     legend($("#qkvo-legend"), roleSeries);
   } else {
-    $("#qkvo-chart").innerHTML = `<p class="hint">This adapter does not touch the attention projections.</p>`;
+    $("#qkvo-chart").innerHTML = `<p class="hint">This ${FULL ? "fine-tune" : "adapter"} does not touch the attention projections.</p>`;
   }
 
   // ---- layer picker: heatmap + singular-value spectrum per module ----

@@ -24,7 +24,7 @@ from .analysis import _histogram, _layers, _narrate, _top_neurons
 from .loading import AnalysisInputError, BaseModel
 from .naming import parse_module_path
 from .narrative import glossary_for
-from .result import AdapterInfo, AnalysisResult, Heatmap, ModuleMetrics, Summary
+from .result import AdapterInfo, AnalysisResult, ModuleMetrics, Summary
 
 # Component leaf -> the matrix type of seed 002's heatmap rows.
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
@@ -325,8 +325,8 @@ def _matrix_diff(name, key, w_base, delta, total, settings, diff_settings, gener
         intruder_dimensions=intruders, kind="full")
     heatmap = None
     if delta.numel() <= diff_settings.heatmap_max_entries:
-        heat = lora_math.block_means_dense(delta, settings.heatmap_size)
-        heatmap = Heatmap(name, heat.shape[0], heat.shape[1], heat.double().tolist())
+        # 4 significant digits, as the adapter path's heatmaps: a third of the JSON text
+        heatmap = M._heatmap(name, lora_math.block_means_dense(delta, settings.heatmap_size).double())
     rows = M._top_rows(row_norms, settings.top_neurons)
     analysis = M.ModuleAnalysis(metrics, heatmap, rows, _Population(m * n), total)
     diff = TensorDiff(key, [m, n], fro, base_fro, _ratio(fro, base_fro), spectral=spectral,

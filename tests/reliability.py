@@ -8,6 +8,7 @@ SIGKILL, MLflow's own webhook deliveries, signed and forged HTTP requests.
 from __future__ import annotations
 
 import random
+import re
 import socket
 import statistics
 import threading
@@ -35,25 +36,32 @@ class Fleet:
     def __init__(self, tracking_uri: str, root: Path, size: int, **settings):
         self.tracking_uri = tracking_uri
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.config = write_config(self.root / "hooks.yaml", **settings)
         self.processes: list[HooksProcess | None] = [None] * size
-        self.kills: list[str] = []  # per kill: the last log line of the killed process
+        self._log_start = [0] * size  # where each process's current life begins in its log
+        self.kills: list[list[str]] = []  # per kill: the jobs the killed process had in hand
 
     def _log(self, i: int) -> Path:
         return self.root / f"hooks-{i}.log"
 
     def start(self, i: int | None = None) -> "Fleet":
         for j in range(len(self.processes)) if i is None else [i]:
+            self._log_start[j] = self._log(j).stat().st_size if self._log(j).exists() else 0
             self.processes[j] = HooksProcess(self.tracking_uri, self.config, self._log(j),
                                              secret=SECRET)
         return self
 
+    def in_hand(self, i: int) -> list[str]:
+        """The jobs process i (in its current life) has started and not finished."""
+        with open(self._log(i), errors="replace") as log:
+            log.seek(self._log_start[i])
+            return jobs_in_hand(log.read())
+
     def kill(self, i: int) -> None:
-        """SIGKILL process i, noting what it was doing (its last log line)."""
-        process = self.processes[i]
-        process.kill()
-        lines = process.log_tail(2000).strip().splitlines()
-        self.kills.append(lines[-1] if lines else "")
+        """SIGKILL process i, noting the jobs it had in hand."""
+        self.processes[i].kill()
+        self.kills.append(self.in_hand(i))
         self.processes[i] = None
 
     def stop(self) -> list[int]:
@@ -71,6 +79,14 @@ class Fleet:
     def log_text(self) -> str:
         return "\n".join(self._log(i).read_text(errors="replace")
                          for i in range(len(self.processes)) if self._log(i).exists())
+
+
+def jobs_in_hand(log: str) -> list[str]:
+    """"name vN" of the jobs a hook process's log shows started and not yet ended."""
+    started = re.findall(r"analysing (\S+ v\d+) \(attempt", log)
+    ended = set(re.findall(r"(\S+ v\d+) done in ", log))
+    ended |= set(re.findall(r"analysis of (\S+ v\d+) (?:failed|interrupted)", log))
+    return [job for job in dict.fromkeys(started) if job not in ended]
 
 
 # --------------------------------------------------------------------------- registration
@@ -219,7 +235,8 @@ def wait_final(client: MlflowClient, name: str, expected: list[str], timeout: fl
 
 class Chaos(threading.Thread):
     """Kills a random hook process `kills` times, each after a random 0.5-`max_delay` s of life,
-    and restarts it at once; `on_kill(n)` runs after the n-th kill (e.g. restart the server)."""
+    and restarts it at once; `on_kill(n)` runs after the n-th kill (e.g. restart the server). The
+    first kill waits for a process with a job in hand, so the resume path is always exercised."""
 
     def __init__(self, fleet: Fleet, kills: int, *, max_delay: float = 6.0, seed: int = 7,
                  on_kill=None):
@@ -233,12 +250,22 @@ class Chaos(threading.Thread):
         try:
             for n in range(1, self.kills + 1):
                 time.sleep(self.random.uniform(0.5, self.max_delay))
-                i = self.random.randrange(len(self.fleet.processes))
+                i = self._busy_process() if n == 1 else self.random.randrange(
+                    len(self.fleet.processes))
                 self.fleet.kill(i)
                 self.on_kill(n)
                 self.fleet.start(i)
         except BaseException as exc:  # noqa: BLE001 - reported by the caller's join()
             self.error = exc
+
+    def _busy_process(self, timeout: float = 300) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i in range(len(self.fleet.processes)):
+                if self.fleet.in_hand(i):
+                    return i
+            time.sleep(0.05)
+        raise AssertionError(f"no hook process started a job within {timeout} s")
 
 
 # --------------------------------------------------------------------------- flood

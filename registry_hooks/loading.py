@@ -7,8 +7,9 @@ against each other and the config before any math runs.
 
 Uploaded files are hostile until checked: a safetensors header is validated by check_safetensors
 before safetensors maps it, files must resolve inside the adapter directory (no symlink out), and
-JSON files are size-capped. A `.bin` is read only by torch's weights-only unpickler, which refuses
-every global but tensor rebuilding, so a pickle that names code fails before anything is called.
+JSON files are size-capped. A `.bin` must be torch.save's uncompressed zip (check_torch_zip) and is
+read only by torch's weights-only unpickler, which refuses every global but tensor rebuilding, so a
+pickle that names code fails before anything is called.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import math
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +191,26 @@ def check_safetensors(path: Path, dtypes=tuple(DTYPE_BYTES)) -> None:
         raise invalid(f"the tensors cover {covered:,} of the {data_bytes:,} data bytes")
 
 
+def check_torch_zip(path: Path) -> None:
+    """Refuse a .bin that is not torch.save's zip container with every member stored uncompressed
+    (as torch writes them), before torch reads it: then no tensor can be larger than the file. A
+    deflated member (a zip bomb) or a legacy/raw pickle, whose storages are allocated at whatever
+    size its pickle declares, is refused unread."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError):
+        raise AnalysisInputError(f"{path} is not a torch.save zip archive (a legacy or raw "
+                                 "pickle, or truncated): refused unread; re-save the adapter as "
+                                 "safetensors (save_pretrained)") from None
+    unpacked = sum(member.file_size for member in members)
+    compressed = any(member.compress_type != zipfile.ZIP_STORED for member in members)
+    if compressed or unpacked > path.stat().st_size:
+        raise AnalysisInputError(f"{path} has compressed members ({unpacked:,} bytes unpacked), "
+                                 "which torch.save never writes: refused unread; re-save the "
+                                 "adapter as safetensors (save_pretrained)")
+
+
 def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
     """Parse and check adapter_config.json; AnalysisInputError names what is wrong."""
     path = inside(adapter_dir / CONFIG_NAME, adapter_dir)
@@ -226,6 +248,8 @@ class TensorFile:
         self._tensors: dict[str, torch.Tensor] | None = None
         if path.suffix == ".safetensors":
             check_safetensors(path, FLOAT_DTYPES)
+        else:
+            check_torch_zip(path)
         try:
             if path.suffix == ".safetensors":
                 self._handle = safe_open(str(path), framework="pt")

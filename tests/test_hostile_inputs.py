@@ -98,8 +98,19 @@ def test_the_tunelens_process_refuses_pickles_without_running_them(name, marker)
     case = next(c for c in CASES if c["name"] == name)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and case["error"] in lines[0], done.stderr
-    assert "never run" in lines[0] and "safetensors" in lines[0]
+    assert "refused" in lines[0] and "re-save the adapter as safetensors" in lines[0]
     assert not marker.exists()
+
+
+def test_the_zip_bomb_and_legacy_bin_would_load():
+    """Control: torch itself inflates the bomb (16 KB -> 16 MiB) and reads the legacy format
+    (storages allocated at the size its pickle declares): tunelens's refusal is what stops them."""
+    import torch
+
+    bomb = CORPUS / "torch-zip-bomb" / "adapter_model.bin"
+    loaded = torch.load(bomb, weights_only=True)
+    assert sum(t.nbytes for t in loaded.values()) == 16 * 1024 ** 2 > 900 * bomb.stat().st_size
+    assert torch.load(CORPUS / "torch-legacy-format" / "adapter_model.bin", weights_only=True)
 
 
 def test_symlinks_inside_the_adapter_directory_are_followed(tmp_path):

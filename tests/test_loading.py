@@ -149,8 +149,8 @@ def test_safetensors_check_accepts_real_files(llama_adapter, llama_base, tmp_pat
 
     from tunelens.registry_hooks.loading import FLOAT_DTYPES, check_safetensors
 
-    adapters = [*REAL.glob("*/adapter_model.safetensors"), llama_adapter / "adapter_model.safetensors"]
-    for path in adapters:
+    for path in [*REAL.glob("*/adapter_model.safetensors"),
+                 llama_adapter / "adapter_model.safetensors"]:
         check_safetensors(path, FLOAT_DTYPES)
     for path in llama_base.glob("*.safetensors"):
         check_safetensors(path)

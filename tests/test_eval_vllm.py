@@ -5,6 +5,7 @@ backend, the CLI, the MLflow plugin and every bad-input case run around it.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
+from tunelens.evaluators.backends import cpu_worker_binding
 from tunelens.evaluators.run import REPORT_FILE, TABLE_FILE, VERDICT_FILE, evaluate_version
 from tunelens.registry_hooks.log_adapter import log_adapter
 
@@ -301,3 +303,24 @@ def test_adapter_that_changed_nothing_is_flagged(setup, llama_base):
     assert any("changed nothing" in note for note in outcome.notes)
     assert client.get_model_version("noop-eval", version).tags["tunelens.verdict"] in (
         "INCONCLUSIVE", "REJECT")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallel needs 2 cores")
+def test_tensor_parallel_engine_gives_the_same_outputs(setup, vllm_outcome):
+    """The scale path for models larger than one device: the same evaluation sharded over two
+    vLLM workers (two CPU worker processes here, two GPUs elsewhere) gives the same table."""
+    config = copy.deepcopy(setup["config"])
+    config["evaluation"]["vllm"]["tensor_parallel_size"] = 2
+    outcome = evaluate_version(f"models:/{NAME}/2", setup["data"], backend="vllm", config=config,
+                               set_version_tags=False)
+    assert outcome.engine_settings["tensor_parallel_size"] == 2
+    params = setup["client"].get_run(outcome.run_id).data.params
+    assert params["tunelens.engine.tensor_parallel_size"] == "2"
+    for column in ("base_output", "finetuned_output"):
+        assert outcome.table[column].tolist() == vllm_outcome.table[column].tolist(), column
+
+
+def test_cpu_workers_are_bound_to_disjoint_cores():
+    assert cpu_worker_binding(2, [0, 1]) == "0|1"
+    assert cpu_worker_binding(2, [0, 1, 2, 3, 4, 5, 6, 7]) == "0-3|4-7"
+    assert cpu_worker_binding(4, list(range(8))) == "0-1|2-3|4-5|6-7"

@@ -47,6 +47,11 @@ MAX_HEADER_BYTES = 16 * 1024 ** 2
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
                "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_ALPHA = 1e6  # real lora_alpha values are 1..~1000; far larger ones overflow the float64 math
+# A repeated group ((a+)+, (a|a)*, (.*){9}) in a rank/alpha pattern can make re.match take
+# exponential time (ReDoS): PEFT's module-pattern rule runs user regexes over module names.
+_REPEATED_GROUP = re.compile(r"\)[*+{]")
+MAX_DELTA_ENTRY = 1e100  # |ΔW| entries beyond this overflow float64 Gram and SVD products
 
 
 class AnalysisInputError(TunelensError):
@@ -211,6 +216,14 @@ def check_torch_zip(path: Path) -> None:
                                  "adapter as safetensors (save_pretrained)")
 
 
+def _is_rank(value) -> bool:
+    return type(value) is int and value > 0
+
+
+def _is_alpha(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and abs(value) <= MAX_ALPHA
+
+
 def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
     """Parse and check adapter_config.json; AnalysisInputError names what is wrong."""
     path = inside(adapter_dir / CONFIG_NAME, adapter_dir)
@@ -222,14 +235,26 @@ def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
         raise AnalysisInputError(f"the adapter in {adapter_dir} is a {peft_type} adapter; tunelens "
                                  "analyses LoRA adapters only (peft_type LORA)")
     r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+    if not _is_rank(r):
         raise AnalysisInputError(f"{path}: r must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AnalysisInputError(f"{path}: lora_alpha must be a number, got {alpha!r}")
-    for pattern_name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(raw.get(pattern_name) or {}, dict):
-            raise AnalysisInputError(f"{path}: {pattern_name} must be an object of module pattern "
-                                     "-> value")
+    if not _is_alpha(alpha):
+        raise AnalysisInputError(f"{path}: lora_alpha must be a number of magnitude at most "
+                                 f"{MAX_ALPHA:g}, got {alpha!r}")
+    for pattern_name, valid, values in (("rank_pattern", _is_rank, "positive integers"),
+                                        ("alpha_pattern", _is_alpha, "numbers")):
+        patterns = raw.get(pattern_name) or {}
+        if not isinstance(patterns, dict) or not all(valid(v) for v in patterns.values()):
+            raise AnalysisInputError(f"{path}: {pattern_name} must map module patterns to {values}")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AnalysisInputError(f"{path}: {pattern_name} key {pattern!r} is not a regular "
+                                         f"expression ({exc})") from None
+            if _REPEATED_GROUP.search(pattern):
+                raise AnalysisInputError(f"{path}: {pattern_name} key {pattern!r} repeats a group, "
+                                         "which can take exponential time to match; use module "
+                                         "names")
     return AdapterConfig(
         raw=raw, peft_type="LORA", r=r, lora_alpha=float(alpha),
         use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
@@ -315,6 +340,11 @@ class LoraModule:
     def optional(self, tensors: TensorFile, part: str, device: torch.device, dtype=torch.float64):
         key = self.keys.get(part)
         return None if key is None else tensors.get(key).to(device=device, dtype=dtype)
+
+
+def _finite_max(tensor: torch.Tensor) -> float:
+    """max |x| over the finite entries."""
+    return float(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0).abs().max())
 
 
 @dataclass
@@ -416,13 +446,23 @@ def _check_module(name, keys, tensors, config, weights, warnings) -> LoraModule 
         raise AnalysisInputError(f"{weights}: module {name} has rank {rank_a} but "
                                  f"adapter_config.json says r={r} for it (r / rank_pattern)")
     shape = (a_shape[1], b_shape[0]) if embedding else (b_shape[0], a_shape[1])
+    if 0 in shape:
+        raise AnalysisInputError(f"{weights}: module {name} has lora_A {a_shape} and lora_B "
+                                 f"{b_shape}, an empty ΔW; the adapter file is corrupt")
     out_features = b_shape[0]
     for part, expected in (("bias", out_features), ("magnitude", out_features)):
         if part in keys and tensors.shape(keys[part]) != [expected]:
             raise AnalysisInputError(f"{weights}: module {name} has a {part} of shape "
                                      f"{tensors.shape(keys[part])}, expected [{expected}]")
+    scale = lora_scale(alpha, r, config.use_rslora)
+    # |ΔW_ij| <= |s|·r·max|A|·max|B|, checked before any math (NaN/Inf are counted and reported
+    # by the analysis; finite values this large would overflow its float64 products instead).
+    bound = abs(scale) * r * math.prod(_finite_max(tensors.get(keys[f])) for f in ("A", "B"))
+    if not bound <= MAX_DELTA_ENTRY:
+        raise AnalysisInputError(f"{weights}: module {name} has values whose ΔW could reach "
+                                 f"{bound:.1e}, beyond float64 analysis; the adapter is corrupt")
     return LoraModule(name=name, kind="embedding" if embedding else "lora", rank=r, alpha=alpha,
-                      scale=lora_scale(alpha, r, config.use_rslora), shape=shape, keys=keys,
+                      scale=scale, shape=shape, keys=keys,
                       fan_in_fan_out=config.fan_in_fan_out and not embedding)
 
 

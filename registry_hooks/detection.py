@@ -48,8 +48,8 @@ def _names(repo, path: str = "") -> dict[str, FileInfo]:
     directory (`..`, absolute, backslash) is refused whatever the artifact store allowed."""
     entries = {}
     for info in repo.list_artifacts(path or None):
-        parts = PurePosixPath(info.path).parts
-        if PurePosixPath(info.path).is_absolute() or ".." in parts or "\\" in info.path:
+        where = PurePosixPath(info.path)
+        if where.is_absolute() or ".." in where.parts or "\\" in info.path:
             raise AdapterDetectionError(f"artifact path {info.path!r} is absolute or contains "
                                         "'..': refused; re-log the adapter from a plain directory")
         entries[posixpath.basename(info.path)] = info

@@ -13,6 +13,7 @@ pickle that names code fails before anything is called.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
@@ -51,6 +52,7 @@ MAX_ALPHA = 1e6  # real lora_alpha values are 1..~1000; far larger ones overflow
 # A repeated group ((a+)+, (a|a)*, (.*){9}) in a rank/alpha pattern can make re.match take
 # exponential time (ReDoS): PEFT's module-pattern rule runs user regexes over module names.
 _REPEATED_GROUP = re.compile(r"\)[*+{]")
+MAX_PATTERNS = 4096  # rank_pattern keys; a per-module pattern for a 405B model needs ~900
 MAX_DELTA_ENTRY = 1e100  # |ΔW| entries beyond this overflow float64 Gram and SVD products
 
 
@@ -71,9 +73,15 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
     """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern p with
     re.match(rf"(.*\\.)?({p})$", key) wins; no match gives the key itself."""
     for pattern in pattern_keys:
-        if re.match(rf"(.*\.)?({pattern})$", key_to_match):
+        if _pattern_regex(pattern).match(key_to_match):
             return pattern
     return key_to_match
+
+
+@functools.lru_cache(maxsize=2 * MAX_PATTERNS)
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """Compiled once: re's own cache holds 512, and a per-module rank_pattern has one per module."""
+    return re.compile(rf"(.*\.)?({pattern})$")
 
 
 @dataclass
@@ -245,9 +253,12 @@ def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
         patterns = raw.get(pattern_name) or {}
         if not isinstance(patterns, dict) or not all(valid(v) for v in patterns.values()):
             raise AnalysisInputError(f"{path}: {pattern_name} must map module patterns to {values}")
+        if len(patterns) > MAX_PATTERNS:  # every module is matched against every pattern
+            raise AnalysisInputError(f"{path}: {pattern_name} has {len(patterns):,} patterns, more "
+                                     f"than the {MAX_PATTERNS:,} tunelens matches")
         for pattern in patterns:
             try:
-                re.compile(pattern)
+                _pattern_regex(pattern)
             except re.error as exc:
                 raise AnalysisInputError(f"{path}: {pattern_name} key {pattern!r} is not a regular "
                                          f"expression ({exc})") from None

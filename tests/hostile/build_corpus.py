@@ -251,6 +251,11 @@ CASES = [
     ("rank-pattern-redos", "rank_pattern key \"((.*)*)*z\": exponential backtracking on every "
      "module name (hung > 120 s unchecked)", "failed", "repeats a group",
      {C: config(rank_pattern={"((.*)*)*z": 4})}),
+    ("rank-pattern-too-many", "rank_pattern with 200,000 keys (8 MB; every module is matched "
+     "against every key: hours of regex work; written at test time)", "failed",
+     "has 200,000 patterns, more than the 4,096",
+     {C: lambda: config(rank_pattern={f"layers.{i}.q_proj": 4 for i in range(200_000)})},
+     {"at_test_time": True}),
     ("weights-overflow-f64", "finite F64 A/B values of 1e300: ΔW overflows float64", "failed",
      "beyond float64 analysis", {W: save_safetensors({k: v.double() * 1e300
                                                       for k, v in lora_tensors().items()})}),

@@ -21,6 +21,7 @@ from mlflow.entities import FileInfo
 from cli_support import assert_one_line_error
 from hooks_support import HooksProcess, register, wait_status, write_config
 from hostile.build_corpus import MARKER_ENV, SHARED, files_of, write_case
+from hostile.build_corpus import main as main_of_generator
 from mlflow_server import MlflowServer
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.detection import AdapterDetectionError, _names, detect_adapter
@@ -30,8 +31,9 @@ CORPUS = Path(__file__).parent / "data" / "hostile"
 CASES = json.loads((CORPUS / "cases.json").read_text())
 PICKLES = ["pickle-bin-os-system", "pickle-bin-exec", "torch-zip-malicious-global"]
 # The hook service's peak RSS bound: its own baseline (torch, mlflow, matplotlib, the webhook
-# server) is ~0.5-0.7 GB on this machine; one honoured lie in the corpus would ask for 12.8 MB to
-# 4 TB, and the valid adapters here need < 1 MB. 1.5 GB leaves room for the baseline to grow.
+# server) measured 514 MiB after start-up and ~630 MiB peak over the whole corpus here; one honoured
+# lie in the corpus would ask for 6.4 MB to 4 TB, the zip bomb for 16 MiB per 16 KB, and the valid
+# adapters need < 1 MB. 1.5 GB leaves room for the baseline to grow, not for a honoured lie.
 PEAK_RSS_BOUND = 1536 * 1024 ** 2
 
 
@@ -71,6 +73,16 @@ def test_cli_ends_each_case_in_one_readable_line(case, marker, tmp_path, capsys)
     else:
         assert_one_line_error(capsys, argv, case["error"], case["name"])
     assert not marker.exists()
+
+
+def test_committed_corpus_is_what_the_generator_writes(tmp_path):
+    """build_corpus.py is deterministic and tests/data/hostile is its output, byte for byte."""
+    def listing(root):
+        return {str(f.relative_to(root)): os.readlink(f) if f.is_symlink() else f.read_bytes()
+                for f in root.rglob("*") if f.is_symlink() or f.is_file()}
+
+    main_of_generator(tmp_path / "hostile")
+    assert listing(tmp_path / "hostile") == listing(CORPUS)
 
 
 def test_corpus_is_at_least_32_cases_and_small():

@@ -151,8 +151,8 @@ def check_safetensors(path: Path, dtypes=tuple(DTYPE_BYTES)) -> None:
     non-negative ints; each [start, end) exactly dtype size x numel bytes, and together tiling
     the data buffer from 0 to its end with no overlap, gap or overrun (safetensors' own rule)."""
     def invalid(problem: str) -> AnalysisInputError:
-        return AnalysisInputError(f"{path} is corrupt or not safetensors: {problem}; re-save it "
-                                  "with save_pretrained (safetensors)")
+        return AnalysisInputError(f"{path} is truncated, corrupt or not safetensors: {problem}; "
+                                  "re-save it with save_pretrained (safetensors)")
 
     size = path.stat().st_size
     with open(path, "rb") as file:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from factories import make_lora_adapter, tiny_llama  # noqa: E402
-from hooks_support import HooksProcess, write_config  # noqa: E402
+from hooks_support import deliveries_only_hooks  # noqa: E402
 from mlflow_server import MlflowServer, postgres_database  # noqa: E402
 from reliability import (SECRET, Chaos, Fleet, audit, flood, register_versions,  # noqa: E402
                          source_run, wait_final)
@@ -101,11 +101,8 @@ def flood_phase(root: Path, adapter: Path, forged: int) -> dict:
 
     with MlflowServer(root / "flood-mlflow") as server:
         client = MlflowClient(server.url)
-        hooks = HooksProcess(server.url, write_config(root / "flood.yaml", poll_interval=3600),
-                             root / "flood-hooks.log", secret=SECRET, webhook=False)
+        hooks = deliveries_only_hooks(server.url, root / "flood", SECRET)
         try:
-            while "reconciling scan:" not in hooks.log_tail(100_000):
-                time.sleep(0.2)
             versions = register_versions(server.url, "flooded", source_run(client, adapter), 20,
                                          threads=4)
             report = flood(hooks.url, forged, [("flooded", v) for v in versions])

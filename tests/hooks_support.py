@@ -109,6 +109,19 @@ class HooksProcess:
         return self.process.returncode
 
 
+def deliveries_only_hooks(tracking_uri: str, root: Path, secret: str) -> HooksProcess:
+    """A `tunelens hooks` process with no MLflow webhook and no scan after its first one (returned
+    once that scan has run): from then on only the deliveries a test sends trigger work."""
+    root.mkdir(parents=True, exist_ok=True)
+    hooks = HooksProcess(tracking_uri, write_config(root / "deliveries-only.yaml", poll_interval=3600),
+                         root / "deliveries-only.log", secret=secret, webhook=False)
+    deadline = time.monotonic() + 120
+    while "reconciling scan:" not in hooks.log_tail(100_000):
+        assert time.monotonic() < deadline, hooks.log_tail()
+        time.sleep(0.2)
+    return hooks
+
+
 def delivery(secret: str | None, name: str, version: str, *, delivery_id: str | None = None,
              timestamp: int | None = None) -> tuple[dict, bytes]:
     """Headers and body of a model_version.created delivery, signed like MLflow when secret."""

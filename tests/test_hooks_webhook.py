@@ -7,8 +7,8 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from hooks_support import (HooksProcess, analysis_runs, delivery, post, register, wait_status,
-                           write_config)
+from hooks_support import (analysis_runs, deliveries_only_hooks, delivery, post, register,
+                           wait_status)
 from mlflow_server import MlflowServer
 from tunelens.registry_hooks.state import STATUS
 from tunelens.registry_hooks.webhook import WebhookReceiver
@@ -48,14 +48,8 @@ def test_forged_stale_and_replayed_deliveries_analyse_nothing(tmp_path, llama_ad
     """A real MLflow server and a real `tunelens hooks` process (webhook off, scan at start only)."""
     with MlflowServer(tmp_path / "mlflow") as server:
         client = MlflowClient(server.url)
-        hooks = HooksProcess(server.url, write_config(tmp_path / "conf.yaml", poll_interval=3600),
-                             tmp_path / "hooks.log", secret=SECRET, webhook=False)
+        hooks = deliveries_only_hooks(server.url, tmp_path, SECRET)
         try:
-            # Once the start-up scan has run, only deliveries trigger work.
-            deadline = time.monotonic() + 120
-            while "reconciling scan:" not in hooks.log_tail(100_000):
-                assert time.monotonic() < deadline, hooks.log_tail()
-                time.sleep(0.2)
             version = register(client, "victim", llama_adapter)
             for headers, body in (delivery("forged", "victim", version),
                                   delivery(None, "victim", version),

@@ -16,7 +16,6 @@ from mlflow import MlflowClient
 from mlflow.entities import FileInfo
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from tunelens.config import load_config
 from tunelens.errors import TunelensError
 
 from .loading import read_json_object
@@ -57,12 +56,10 @@ def _names(repo, path: str = "") -> dict[str, FileInfo]:
 
 
 def detect_adapter(client: MlflowClient, name: str, version: str, dest: Path,
-                   max_bytes: int | None = None) -> Detection:
+                   max_bytes: int) -> Detection:
     """Find and download the version's LoRA adapter under `dest`; skip_reason says why not.
-    At most `max_bytes` (default hooks.max_download_bytes) are downloaded, checked on the listed
-    sizes before and on the files on disk after."""
-    if max_bytes is None:
-        max_bytes = load_config()["hooks"]["max_download_bytes"]
+    At most `max_bytes` (hooks.max_download_bytes) are downloaded, checked on the listed sizes
+    before and on the files on disk after."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     source = client.get_model_version_download_uri(name, version)

@@ -114,9 +114,12 @@ class AdapterConfig:
 
 def inside(path: Path, directory: Path) -> Path:
     """`path` itself if it resolves inside `directory`; a symlink out of it (to /etc/passwd, to
-    another adapter) is refused, so an uploaded link never makes tunelens read a file it names."""
-    target = path.resolve()
-    if not target.is_relative_to(directory.resolve()):
+    another adapter) is refused, so an uploaded link never makes tunelens read a file it names.
+    A Hugging Face cache snapshot (models--*/snapshots/<rev>/) may link into its own blobs/."""
+    target, root = path.resolve(), directory.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        root = root.parent.parent
+    if not target.is_relative_to(root):
         raise AnalysisInputError(f"{path} is a symbolic link to {target}, outside the adapter "
                                  f"directory {directory}; copy the real file in (cp -L)")
     return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -19,20 +20,20 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tunelens.errors import TunelensError
+from tunelens.errors import one_line
 
 from . import state
 from .base_model import resolve_base_model
 from .detection import detect_adapter
 from .mlflow_logging import (analysis_runs, description_section, experiment_id,
                              log_analysis_run, top_layer, with_section)
+from .sandbox import AnalysisProcess
 
 log = logging.getLogger(__name__)
 
 SKIP_REASON = "tunelens.analysis.reason"
 EVAL_DATASET_TAG = "tunelens.eval_dataset"
 EVAL_ERROR = "tunelens.eval.error"
-_MAX_ERROR = 500
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
                    "DEADLINE_EXCEEDED"}
 
@@ -43,14 +44,6 @@ class JobOutcome:
     version: str
     status: str | None  # a final status, or None when another worker owns the job
     detail: str = ""
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one readable line for the version's error tag."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, TunelensError):
-        text = f"{type(exc).__name__}: {text}"
-    return text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR - 1] + "…"
 
 
 def _transient(exc: BaseException) -> bool:
@@ -145,6 +138,10 @@ class Worker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.outcomes: list[JobOutcome] = []
+        # One analysis child process per worker thread (see sandbox.py), started on first use.
+        self._sandboxes: queue.Queue[AnalysisProcess] = queue.Queue()
+        for _ in range(self.threads):
+            self._sandboxes.put(AnalysisProcess(float(hooks["analysis_timeout_seconds"])))
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
@@ -198,10 +195,12 @@ class Worker:
                 log.warning("reconciling scan failed: %s", one_line(exc))
             self._stop.wait(self.poll_interval)
 
-    @staticmethod
-    def _warm_up() -> None:
-        """Import the analysis and chart modules now, not during the first job."""
-        from . import analysis, outputs  # noqa: F401
+    def _warm_up(self) -> None:
+        """Start the analysis processes now (they import torch and matplotlib), not in a job."""
+        sandboxes = [self._sandboxes.get() for _ in range(self.threads)]
+        for sandbox in sandboxes:
+            sandbox.start()
+            self._sandboxes.put(sandbox)
 
     def _work(self) -> None:
         while True:
@@ -232,6 +231,8 @@ class Worker:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        for sandbox in list(self._sandboxes.queue):
+            sandbox.stop()
 
     # --- one job --------------------------------------------------------------------------------
     def process(self, name: str, version: str) -> JobOutcome:
@@ -258,14 +259,15 @@ class Worker:
             return JobOutcome(name, version, state.FAILED, error)
         client.set_model_version_tag(name, version, state.STATUS, state.RUNNING)
         log.info("analysing %s v%s (attempt %d)", name, version, attempt)
+        tmp = Path(tempfile.mkdtemp(prefix="tunelens-hook-"))
         try:
-            with _Heartbeat(client, name, version, lease, self.lease_seconds) as beat, \
-                    tempfile.TemporaryDirectory(prefix="tunelens-hook-") as tmp:
-                return self._analyse(client, name, version, attempt, beat, Path(tmp))
+            with _Heartbeat(client, name, version, lease, self.lease_seconds) as beat:
+                return self._analyse(client, name, version, attempt, beat, tmp)
         except LeaseLost as exc:
             return JobOutcome(name, version, None, str(exc))
         except Exception as exc:  # noqa: BLE001 - any failure becomes a readable status
-            error = one_line(exc)
+            # Name the file as the user knows it, not by our temporary download folder.
+            error = one_line(exc).replace(str(tmp / "model"), f"models:/{name}/{version}")
             if _transient(exc) and attempt < self.max_attempts:
                 # The server or network, not the adapter: leave the lease to expire and retry.
                 log.warning("analysis of %s v%s interrupted (%s); retried after the lease",
@@ -274,14 +276,14 @@ class Worker:
             log.warning("analysis of %s v%s failed: %s", name, version, error)
             self._finish(client, name, version, state.FAILED, {state.ERROR: error})
             return JobOutcome(name, version, state.FAILED, error)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _analyse(self, client: MlflowClient, name: str, version: str, attempt: int,
                  beat: _Heartbeat, tmp: Path) -> JobOutcome:
-        from .analysis import analyze_adapter
-        from .outputs import write_analysis
-
         clock = _PhaseClock()
-        detection = detect_adapter(client, name, version, tmp / "model")
+        detection = detect_adapter(client, name, version, tmp / "model",
+                                   max_bytes=int(self.config["hooks"]["max_download_bytes"]))
         clock.lap("download")
         if not detection.is_lora:
             beat.check()
@@ -289,11 +291,12 @@ class Worker:
                          {SKIP_REASON: detection.skip_reason})
             return JobOutcome(name, version, state.SKIPPED, detection.skip_reason)
         base = resolve_base_model(client, name, version, self.config, detection.model_dir)
-        result = analyze_adapter(detection.adapter_dir, base=base.path, config=self.config,
-                                 progress=False)
-        clock.lap("analysis")
-        files = write_analysis(result, tmp / "out")
-        clock.lap("report+charts")
+        sandbox = self._sandboxes.get()
+        try:
+            result, files = sandbox.run(detection.adapter_dir, base.path, self.config, tmp / "out")
+        finally:
+            self._sandboxes.put(sandbox)
+        clock.lap("analysis+report")
         experiment = experiment_id(client, self.experiment_name)
         beat.check()
         for stale in analysis_runs(client, experiment, name, version):

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import FileInfo
@@ -23,9 +24,11 @@ from hooks_support import HooksProcess, register, wait_status, write_config
 from hostile.build_corpus import MARKER_ENV, SHARED, files_of, write_case
 from hostile.build_corpus import main as main_of_generator
 from mlflow_server import MlflowServer
+from tunelens.config import load_config
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.detection import AdapterDetectionError, _names, detect_adapter
 from tunelens.registry_hooks.state import ERROR, STATUS
+from tunelens.registry_hooks.worker import Worker
 
 CORPUS = Path(__file__).parent / "data" / "hostile"
 CASES = json.loads((CORPUS / "cases.json").read_text())
@@ -184,6 +187,11 @@ def peak_rss(pid: int) -> int:
     return int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
 
 
+def analysis_children(pid: int) -> list[int]:
+    """The hook service's analysis child processes (registry_hooks/sandbox.py)."""
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
 def test_service_fails_each_hostile_version_readably_and_keeps_serving(
         server, marker, llama_adapter, tmp_path):
     client = MlflowClient(server.url)
@@ -210,10 +218,14 @@ def test_service_fails_each_hostile_version_readably_and_keeps_serving(
                     case["name"], text)
         assert hooks.process.poll() is None and server.healthy()
         peak = peak_rss(hooks.process.pid)
+        children = analysis_children(hooks.process.pid)
+        assert children, "the analyses ran in no child process"
+        child_peak = max(peak_rss(child) for child in children)
         print(f"\nhostile corpus via MLflow: {len(versions)} + 1 valid versions in "
               f"{drained:.1f} s; hook service peak RSS {peak / 1024 ** 2:.0f} MiB "
-              f"({baseline / 1024 ** 2:.0f} MiB after start-up)")
-        assert peak < PEAK_RSS_BOUND, peak
+              f"({baseline / 1024 ** 2:.0f} MiB after start-up), analysis process "
+              f"{child_peak / 1024 ** 2:.0f} MiB")
+        assert peak < PEAK_RSS_BOUND and child_peak < PEAK_RSS_BOUND, (peak, child_peak)
         assert not marker.exists()
     finally:
         assert hooks.stop() == 0, hooks.log_tail()
@@ -225,5 +237,14 @@ def test_download_cap_refuses_a_version_larger_than_max_download_bytes(server, t
     with pytest.raises(AdapterDetectionError, match=r"over hooks.max_download_bytes \(1,000\)"):
         detect_adapter(client, "capped", version, tmp_path / "small", max_bytes=1000)
     assert not (tmp_path / "small" / "adapter_model.safetensors").exists()
-    detection = detect_adapter(client, "capped", version, tmp_path / "default")
+    default = load_config()["hooks"]["max_download_bytes"]
+    detection = detect_adapter(client, "capped", version, tmp_path / "default", max_bytes=default)
     assert (detection.adapter_dir / "adapter_model.safetensors").stat().st_size > 1000
+    # The worker takes the cap from its settings file, and says where the file came from.
+    config = load_config()
+    config["hooks"]["max_download_bytes"] = 1000
+    outcome = Worker(server.url, config).process("capped", version)
+    tags = client.get_model_version("capped", version).tags
+    assert outcome.status == tags[STATUS] == "failed"
+    assert "over hooks.max_download_bytes (1,000)" in tags[ERROR]
+    assert "tunelens-hook-" not in tags[ERROR], tags[ERROR]

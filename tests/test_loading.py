@@ -161,3 +161,21 @@ def test_safetensors_check_accepts_real_files(llama_adapter, llama_base, tmp_pat
     check_safetensors(mixed)
     with pytest.raises(AnalysisInputError, match="dtype 'I64'"):
         check_safetensors(mixed, FLOAT_DTYPES)
+
+
+def test_hugging_face_cache_snapshot_links_into_its_blobs(llama_adapter, tmp_path):
+    """`~/.cache/huggingface/hub/models--org--name/snapshots/<rev>/` holds links to ../../blobs:
+    allowed; a link out of the models--* folder is still refused."""
+    repo = tmp_path / "models--org--adapter"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        blob = repo / "blobs" / f"sha-{name}"
+        shutil.copy(llama_adapter / name, blob)
+        (snapshot / name).symlink_to(Path("../..") / "blobs" / blob.name)
+    assert len(open_adapter(snapshot).modules) == len(open_adapter(llama_adapter).modules)
+    (snapshot / "adapter_model.safetensors").unlink()
+    (snapshot / "adapter_model.safetensors").symlink_to(llama_adapter / "adapter_model.safetensors")
+    with pytest.raises(AnalysisInputError, match="outside the adapter directory"):
+        open_adapter(snapshot)

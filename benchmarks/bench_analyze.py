@@ -2,6 +2,7 @@
 dense approach (materialise ΔW, numpy svdvals) on ONE 4096×4096 module. Issue 2 item 8.
 
     .venv/bin/python benchmarks/bench_analyze.py [--factors trained|gaussian] [--keep DIR]
+    .venv/bin/python benchmarks/bench_analyze.py --modules 6000   # many tiny modules (MoE experts)
 
 The adapter (32 layers × q/k/v/o/gate/up/down, hidden 4096, intermediate 14336, 8 KV heads of 128,
 r=16, alpha=32, float32) is written to a temporary directory. Each measurement runs in its own child
@@ -9,6 +10,9 @@ process, so the peak RSS reported (ru_maxrss) is that step's whole process, torc
 Factors: "trained" (default) = A like PEFT's Kaiming-uniform init, B Gaussian with column scales
 decaying 10x over the rank (a decaying spectrum, as trained adapters have); "gaussian" = i.i.d.
 N(0, 1) A and B, the worst case for the min/max tile bounds.
+`--modules N` instead times an adapter of N tiny modules shaped like a mixture-of-experts
+all-linear LoRA (10 layers × N/30 experts × w1/w2/w3, 16×16, r=2): the cost of writing the outputs
+per module, which must grow linearly in N.
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from scale_support import EXPERT_PROJECTIONS, expert_lora_adapter  # noqa: E402
+
 HIDDEN, INTERMEDIATE, LAYERS, KV_HEADS, HEAD_DIM, RANK, ALPHA = 4096, 14336, 32, 8, 128, 16, 32
 SHAPES = {  # module -> (out, in)
     "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
@@ -30,6 +38,7 @@ SHAPES = {  # module -> (out, in)
     "mlp.down_proj": (HIDDEN, INTERMEDIATE),
 }
 DENSE_MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
+EXPERT_LAYERS = 10
 
 
 def build_adapter(out: Path, factors: str, seed: int = 0) -> Path:
@@ -76,6 +85,7 @@ def child_analyze(adapter: Path, out: Path) -> dict:
         files = write_analysis(result, out)
         figures["write_s"] = time.perf_counter() - analysed
         figures["json_mb"] = files.json_path.stat().st_size / 2**20
+        figures["html_mb"] = files.html_path.stat().st_size / 2**20
         figures["charts"] = len(files.chart_paths)
     return figures
 
@@ -103,6 +113,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--factors", choices=["trained", "gaussian"], default="trained")
     parser.add_argument("--keep", metavar="DIR", help="write the adapter and outputs here")
+    parser.add_argument("--modules", type=int, metavar="N",
+                        help="time an adapter of about N tiny expert modules instead (no dense row)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -117,24 +129,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         start = time.perf_counter()
-        adapter = build_adapter(root / "adapter", args.factors)
-        print(f"built {LAYERS * len(SHAPES)}-module adapter ({args.factors} factors) in "
-              f"{time.perf_counter() - start:.1f} s: {adapter}", file=sys.stderr)
+        if args.modules:
+            experts = max(1, round(args.modules / (EXPERT_LAYERS * len(EXPERT_PROJECTIONS))))
+            adapter = expert_lora_adapter(root / "adapter", layers=EXPERT_LAYERS, experts=experts)
+        else:
+            adapter = build_adapter(root / "adapter", args.factors)
+        print(f"built adapter in {time.perf_counter() - start:.1f} s: {adapter}", file=sys.stderr)
         ours = run_child("analyze", str(adapter), str(root / "out"))
-        dense = run_child("dense", str(adapter))
+        dense = None if args.modules else run_child("dense", str(adapter))
     histogram = ("exact" if ours["histogram_exact"]
                  else f"sampled, {ours['histogram_sample']:,} entries")
     print(f"tunelens analyze_adapter, all {ours['modules']} modules/parts: {ours['analyze_s']:.2f} s"
           f" (histogram {histogram})")
     if ours.get("write_s") is not None:
-        print(f"write_analysis (analysis.json {ours['json_mb']:.1f} MB, report.html, "
-              f"{ours['charts']} charts): {ours['write_s']:.2f} s")
+        print(f"write_analysis (analysis.json {ours['json_mb']:.1f} MB, report.html "
+              f"{ours['html_mb']:.1f} MB, {ours['charts']} charts): {ours['write_s']:.2f} s")
         print(f"total with every output: {ours['analyze_s'] + ours['write_s']:.2f} s")
     print(f"that process: peak RSS {ours['peak_rss_mb']:.0f} MB, CPU {ours['cpu_s']:.1f} s "
           "(imports included)")
-    print(f"dense approach on ONE 4096x4096 module (materialise ΔW + numpy svdvals): "
-          f"{dense['dense_s']:.2f} s; that process: peak RSS {dense['peak_rss_mb']:.0f} MB, "
-          f"CPU {dense['cpu_s']:.1f} s")
+    if dense:
+        print(f"dense approach on ONE 4096x4096 module (materialise ΔW + numpy svdvals): "
+              f"{dense['dense_s']:.2f} s; that process: peak RSS {dense['peak_rss_mb']:.0f} MB, "
+              f"CPU {dense['cpu_s']:.1f} s")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 

@@ -22,6 +22,9 @@ OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "
 ROLE_COLOURS = {"Q": "#0072B2", "K": "#E69F00", "V": "#009E73", "O": "#CC79A7", "QKV": "#56B4E9"}
 GROUP_COLOURS = {"attention": "#0072B2", "mlp": "#E69F00", "embedding": "#009E73", "other": "#999999"}
 TOP_MODULES = 6  # modules shown in the spectra and heatmap charts: the largest ‖ΔW‖_F
+# Components drawn as their own bar series; the rest share one "other" series. A MoE adapter has a
+# component per expert (mlp.experts.17.w1): 600 series made the legend, and the time, explode.
+MAX_COMPONENT_SERIES = 12
 DPI = 110
 
 
@@ -59,6 +62,21 @@ def _top_modules(result: AnalysisResult) -> list[ModuleMetrics]:
     return sorted(finite, key=lambda m: -m.fro)[:TOP_MODULES]
 
 
+def chart_components(result: AnalysisResult) -> tuple[list[str], list[str]]:
+    """(shown, folded): the MAX_COMPONENT_SERIES components with the largest Σ_ℓ ‖ΔW‖_F, in reading
+    order, and the others, which charts draw as one summed "other" series."""
+    components = component_order(result)
+    if len(components) <= MAX_COMPONENT_SERIES:
+        return components, []
+    totals = dict.fromkeys(components, 0.0)
+    for layer in result.layers:
+        for component, fro in layer.components.items():
+            if component in totals and math.isfinite(fro):
+                totals[component] += fro
+    kept = set(sorted(components, key=lambda c: -totals[c])[:MAX_COMPONENT_SERIES])
+    return [c for c in components if c in kept], [c for c in components if c not in kept]
+
+
 def _legend_below(fig: Figure, ax) -> None:
     """The legend in rows under the x-axis label, as many entries a row as the width allows."""
     handles, labels = ax.get_legend_handles_labels()
@@ -68,22 +86,27 @@ def _legend_below(fig: Figure, ax) -> None:
 
 
 def layers_by_component(result: AnalysisResult, path: Path) -> Path | None:
-    """Grouped bars: ‖ΔW‖_F per layer, one bar per component."""
+    """Grouped bars: ‖ΔW‖_F per layer, one bar per component (past MAX_COMPONENT_SERIES, the
+    smaller components summed into one "other" bar)."""
     layers = sorted(result.layers, key=lambda l: l.layer)
-    components = component_order(result)
-    if not layers or not components:
+    shown, folded = chart_components(result)
+    if not layers or not shown:
         return None
-    width = max(8.0, min(20.0, 0.32 * len(layers) * len(components) ** 0.5 + 4))
-    legend_rows = math.ceil(len(components) / max(1, int(width // 1.9)))
+    series = [(c, [l.components.get(c, 0.0) for l in layers], OKABE_ITO[i % len(OKABE_ITO)])
+              for i, c in enumerate(shown)]
+    if folded:
+        others = [sum(l.components.get(c, 0.0) for c in folded) for l in layers]
+        series.append((f"{len(folded)} other components (summed)", others, "#bbbbbb"))
+    width = max(8.0, min(20.0, 0.32 * len(layers) * len(series) ** 0.5 + 4))
+    legend_rows = math.ceil(len(series) / max(1, int(width // 1.9)))
     fig = _figure(width, 4.4 + 0.25 * legend_rows, bottom=0.75 + 0.25 * legend_rows)
     ax = fig.add_subplot()
     x = np.arange(len(layers))
-    bar_width = 0.84 / len(components)
-    for i, component in enumerate(components):
-        values = [l.components.get(component, 0.0) for l in layers]
-        ax.bar(x - 0.42 + (i + 0.5) * bar_width, values, bar_width, label=component,
-               color=OKABE_ITO[i % len(OKABE_ITO)])
-    ax.set_xticks(x, [str(l.layer) for l in layers])
+    bar_width = 0.84 / len(series)
+    for i, (label, values, colour) in enumerate(series):
+        ax.bar(x - 0.42 + (i + 0.5) * bar_width, values, bar_width, label=label, color=colour)
+    every = math.ceil(len(layers) / 48)  # at most 48 labels: each one is a text to lay out
+    ax.set_xticks(x[::every], [str(l.layer) for l in layers[::every]])
     ax.set_xlim(-0.6, len(layers) - 0.4)
     _style(ax, "Layer", "‖ΔW‖_F (Frobenius norm)")
     _title(fig, "How much each layer changed, by component")

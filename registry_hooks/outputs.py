@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelens.config import load_config
+
 from .charts import render_charts
 from .report import render_report
 from .result import AnalysisResult
@@ -23,8 +25,11 @@ class AnalysisFiles:
     chart_paths: list[Path] = field(default_factory=list)
 
 
-def write_analysis(result: AnalysisResult, out_dir: str | Path) -> AnalysisFiles:
-    """Write out_dir/analysis.json, out_dir/report.html and out_dir/charts/*.png."""
+def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
+                   config: dict | None = None) -> AnalysisFiles:
+    """Write out_dir/analysis.json, out_dir/report.html and out_dir/charts/*.png (`config`:
+    load_config()'s settings; None reads conf.yaml and $TUNELENS_CONFIG)."""
+    settings = (config if config is not None else load_config())["analysis"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # to_dict() once for both files: on a 224-module adapter it is a second of CPU (the heatmaps).
@@ -33,6 +38,7 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path) -> AnalysisFiles
     json_path = out / "analysis.json"
     json_path.write_text(json.dumps(data, allow_nan=False), encoding="utf-8")
     html_path = out / "report.html"
-    html_path.write_text(render_report(result, data), encoding="utf-8")
+    html_path.write_text(render_report(result, data, max_heatmaps=settings["report_max_heatmaps"]),
+                         encoding="utf-8")
     chart_paths = render_charts(result, out / "charts")
     return AnalysisFiles(json_path=json_path, html_path=html_path, chart_paths=chart_paths)

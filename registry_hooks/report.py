@@ -7,14 +7,17 @@ drawn by templates/report.js from the embedded result.
 from __future__ import annotations
 
 import base64
+import heapq
 import json
+import math
 from html import escape
 from importlib import resources
 
 import numpy as np
 
-from .narrative import (SECTION_TITLES, attention_role, component_order, glossary_for,
-                        is_full_finetune, narrate_layer, narrate_sections)
+from .charts import chart_components
+from .narrative import (SECTION_TITLES, attention_role, glossary_for, is_full_finetune,
+                        narrate_layer, narrate_sections)
 from .result import AnalysisResult
 
 DATA_ELEMENT_ID = "tunelens-data"
@@ -72,31 +75,60 @@ def encode_heatmap(values: list[list[float | None]]) -> str:
     return base64.b64encode(array.tobytes()).decode("ascii")
 
 
-def report_payload(result: AnalysisResult, data: dict | None = None) -> dict:
+def heatmap_modules(result: AnalysisResult, max_heatmaps: int) -> set[str]:
+    """Names of the (at most) max_heatmaps modules with a heatmap and the largest ‖ΔW‖_F."""
+    stored = {h.module for h in result.heatmaps}
+    candidates = [m for m in result.modules if m.name in stored]
+    largest = heapq.nlargest(max(0, max_heatmaps), candidates,
+                             key=lambda m: m.fro if math.isfinite(m.fro) else -math.inf)
+    return {m.name for m in largest}
+
+
+def report_payload(result: AnalysisResult, data: dict | None = None, *,
+                   max_heatmaps: int | None = None) -> dict:
     """What the page's script reads: the result plus the narrative by section.
 
     Heatmaps are 98% of an analysis.json (a 64×64 grid per module); the page carries them as
-    float32 (HEATMAP_ENCODING), which a colour scale cannot tell from float64, so an adapter of a
-    few hundred modules stays a few megabytes.
+    float32 (HEATMAP_ENCODING), which a colour scale cannot tell from float64, and only for the
+    max_heatmaps largest modules (None: all), so a 6000-expert adapter's page stays a few megabytes
+    and its browser tab responsive. analysis.json keeps every one.
     """
     data = dict(result.to_dict() if data is None else data)
+    keep = None if max_heatmaps is None else heatmap_modules(result, max_heatmaps)
     data["heatmaps"] = [{"module": h["module"], "rows": h["rows"], "cols": h["cols"],
-                         "f32": encode_heatmap(h["values"])} for h in data["heatmaps"]]
+                         "f32": encode_heatmap(h["values"])} for h in data["heatmaps"]
+                        if keep is None or h["module"] in keep]
+    shown, folded = chart_components(result)
     return {
         "result": data,
         "sections": narrate_sections(result),
         "section_titles": SECTION_TITLES,
         "glossary": glossary_for(result),
         "roles": {m.name: role for m in result.modules if (role := attention_role(m))},
-        "components": component_order(result),
+        # Bar series and grid rows: the largest components; the page sums the rest into "other".
+        "components": shown,
+        "components_folded": len(folded),
+        "heatmaps_left_out": len(result.heatmaps) - len(data["heatmaps"]),
         # Keyed by str(layer) ("null" for modules outside the layer stack), as JSON keys must be.
         "layer_stories": {json.dumps(layer): narrate_layer(result, layer)
                           for layer in {m.layer for m in result.modules}},
     }
 
 
-def render_report(result: AnalysisResult, data: dict | None = None) -> str:
-    """The full report.html text for `result` (`data`: its to_dict(), when already at hand)."""
+def heatmap_note(result: AnalysisResult, shown: int) -> str:
+    """The page's line saying whose heatmaps it shows, when it leaves some out."""
+    stored = len(result.heatmaps)
+    if shown >= stored:
+        return ""
+    return (f"Heatmaps: showing the top {shown} of {len(result.modules)} modules by ‖ΔW‖_F "
+            f"(analysis.report_max_heatmaps in conf.yaml). All {len(result.modules)} modules, "
+            f"with every heatmap, are in analysis.json; the module table below lists them all.")
+
+
+def render_report(result: AnalysisResult, data: dict | None = None, *,
+                  max_heatmaps: int | None = None) -> str:
+    """The full report.html text for `result` (`data`: its to_dict(), when already at hand), with
+    the heatmaps of at most max_heatmaps modules, the largest (None: all)."""
     full = is_full_finetune(result)
     base = result.adapter.base_model_name_or_path
     title = ("tunelens · full fine-tune of " + (base or "a base model") if full else
@@ -106,8 +138,10 @@ def render_report(result: AnalysisResult, data: dict | None = None) -> str:
     # where no inserted text can contain a later marker.
     for marker, text in WORDING["full" if full else "lora"].items():
         page = page.replace(marker, text)
+    payload = report_payload(result, data, max_heatmaps=max_heatmaps)
+    note = heatmap_note(result, len(payload["result"]["heatmaps"]))
     for marker, text in (("__CSS__", _template("report.css")), ("__JS__", _template("report.js")),
-                         ("__TITLE__", escape(title)),
-                         ("__DATA__", embedded_json(report_payload(result, data)))):
+                         ("__HEATMAP_NOTE__", escape(note)), ("__TITLE__", escape(title)),
+                         ("__DATA__", embedded_json(payload))):
         page = page.replace(marker, text, 1)
     return page

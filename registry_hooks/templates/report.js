@@ -155,9 +155,13 @@
   }
 
   // ---- per-layer bars by component ----
-  const components = DATA.components;  // reading order: attention Q, K, V, O, then the MLP
+  // Reading order: attention Q, K, V, O, then the MLP. Past a dozen (a MoE adapter has one per
+  // expert) report.py keeps the largest and the rest are summed into one "other" series.
+  const components = DATA.components, shownComponents = new Set(components);
   const compSeries = components.map((c, i) => ({name: c, colour: PALETTE[i % PALETTE.length],
     values: layers.map((l) => (c in l.components ? l.components[c] : null))}));
+  if (DATA.components_folded) compSeries.push({name: `${DATA.components_folded} other components (summed)`, colour: "#bbbbbb",
+    values: layers.map((l) => Object.entries(l.components).reduce((s, [c, v]) => (shownComponents.has(c) ? s : s + (v || 0)), 0))});
   // Grid view: one cell per (component, layer), coloured by a chosen per-module metric.
   const GRID_METRICS = [["fro", "‖ΔW‖_F", fmt], ["spectral", "spectral norm σ₁", fmt],
     ["rank_utilisation", "rank utilisation", (v) => pct(v, 0)], ["effective_rank", "effective rank", fmt]];
@@ -171,9 +175,10 @@
   function gridChart(metric) {
     const [key, label, show] = GRID_METRICS.find(([k]) => k === metric);
     const byCell = {};
-    R.modules.forEach((mod) => { if (mod.layer !== null) byCell[mod.component + "@" + mod.layer] = mod; });
+    R.modules.forEach((mod) => { if (mod.layer !== null && shownComponents.has(mod.component)) byCell[mod.component + "@" + mod.layer] = mod; });
     const vals = Object.values(byCell).map((mod) => mod[key]).filter((v) => v !== null && v !== undefined);
-    const lo = Math.min(...vals), hi = Math.max(...vals);
+    // A loop, not Math.min(...vals): spreading tens of thousands of arguments overflows the stack.
+    const lo = vals.reduce((p, v) => Math.min(p, v), Infinity), hi = vals.reduce((p, v) => Math.max(p, v), -Infinity);
     const labelW = Math.min(220, 12 + 7 * Math.max(...components.map((c) => c.length))), W = widthOf("#layer-chart");
     const cw = (W - labelW - 10) / Math.max(layers.length, 1), ch = 26, H = 30 + ch * components.length + 50;
     let s = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="layer by component grid">`;
@@ -238,15 +243,16 @@
     return new Float32Array(bytes.buffer);
   }
   const heatmaps = {};
+  const DETAIL_MAX = 64;  // module cards drawn for one layer: a MoE layer can hold hundreds
   (R.heatmaps || []).forEach((h) => {
     const flat = decodeF32(h.f32), values = [];
     for (let i = 0; i < h.rows; i++) values.push(Array.from(flat.subarray(i * h.cols, (i + 1) * h.cols), (v) => (Number.isNaN(v) ? null : v)));
     heatmaps[h.module] = {module: h.module, rows: h.rows, cols: h.cols, values};
   });
   const pickLayers = [...new Set(R.modules.map((mod) => mod.layer))].sort((p, q) => (p === null) - (q === null) || p - q);
-  const picker = $("#layer-picker");
+  const picker = $("#layer-picker"), profileOf = new Map(layers.map((p) => [p.layer, p]));
   picker.innerHTML = pickLayers.map((l) => {
-    const prof = layers.find((p) => p.layer === l);
+    const prof = profileOf.get(l);
     return `<option value="${l === null ? "none" : l}">${l === null ? "outside the layers (embeddings, head)" : "Layer " + l}${prof ? " · Σ‖ΔW‖_F " + fmt(prof.fro_sum) : ""}</option>`;
   }).join("");
   // Start on the most-changed layer: the one a reader wants first.
@@ -298,10 +304,11 @@
     const mods = R.modules.filter((mod) => mod.layer === layer);
     const el = $("#layer-detail");
     el.innerHTML = "";
-    $("#layer-picker-info").textContent = `${mods.length} module(s) in this layer · largest first`;
+    $("#layer-picker-info").textContent = `${mods.length} module(s) in this layer · largest first` +
+      (mods.length > DETAIL_MAX ? ` · showing the ${DETAIL_MAX} largest (every module is in the table below)` : "");
     const story = DATA.layer_stories[JSON.stringify(layer)] || [];
     $("#layer-story").innerHTML = story.length ? `<h4>What this layer's profile means</h4>` + story.map((l) => `<p>${esc(l)}</p>`).join("") : "";
-    mods.slice().sort((p, q) => (q.fro || 0) - (p.fro || 0)).forEach((mod) => {
+    mods.slice().sort((p, q) => (q.fro || 0) - (p.fro || 0)).slice(0, DETAIL_MAX).forEach((mod) => {
       const div = document.createElement("div");
       div.className = "mod";
       div.setAttribute("data-module", mod.name);
@@ -313,7 +320,7 @@
         ${mod.intruder_dimensions ? " · " + mod.intruder_dimensions + " intruder dim." : ""}
         ${mod.nonfinite ? ` · <b style="color:#a40000">${mod.nonfinite} NaN/Inf</b>` : ""}</div>
         <div class="panes"><div><div class="pane-title">ΔW heatmap (block means${h ? ", " + h.rows + "×" + h.cols : ""})</div>
-        ${h ? '<canvas class="heat"></canvas><div class="cbar"><span class="lo"></span><i></i><span class="hi"></span></div>' : '<div class="nomap">no heatmap stored for this module</div>'}</div>
+        ${h ? '<canvas class="heat"></canvas><div class="cbar"><span class="lo"></span><i></i><span class="hi"></span></div>' : `<div class="nomap">${DATA.heatmaps_left_out ? "heatmap left out of this page (only the largest modules' are embedded); it is in analysis.json" : "no heatmap stored for this module"}</div>`}</div>
         <div><div class="pane-title">Singular values σᵢ</div>${spectrum(mod.singular_values || [], mod.rank)}</div></div>`;
       el.appendChild(div);
       if (h && !(mod.fro > 0)) {

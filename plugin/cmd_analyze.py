@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoints:  # issue 3: training evolution (FULLDIFF helper's module)
         result = checkpoints.analyze_checkpoints(args.checkpoints, args.base, config=config,
                                                  progress=progress)
-        files = checkpoints.write_checkpoints(result, args.out)
+        files = checkpoints.write_checkpoints(result, args.out, config=config)
     elif args.adapter is None:
         raise full_diff.AnalysisInputError("give an ADAPTER directory (or a fine-tuned model "
                                            "directory with --base), or --checkpoints PATH")
@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
             raise full_diff.AnalysisInputError(f"{args.adapter} is a full model directory, not an "
                                                "adapter: pass --base BASE_DIR to diff its weights")
         result = full_diff.diff_models(args.adapter, args.base, config=config, progress=progress)
-        files = full_diff.write_full_diff(result, args.out)
+        files = full_diff.write_full_diff(result, args.out, config=config)
     else:
         result = analyze_adapter(args.adapter, args.base, config=config, progress=progress)
-        files = write_analysis(result, args.out)
+        files = write_analysis(result, args.out, config=config)
     if args.retune:  # issue 3 (FULLDIFF helper's module)
         from tunelens.registry_hooks.retune import write_retune_configs
 

@@ -193,12 +193,13 @@ def analyze_checkpoints(paths: list[str | Path], base: str | Path | None = None,
     return result
 
 
-def write_checkpoints(result: AnalysisResult, out_dir: str | Path):
+def write_checkpoints(result: AnalysisResult, out_dir: str | Path, *,
+                      config: dict | None = None):
     """write_analysis's files plus the per-layer profile over steps: PNG frames and an animated GIF."""
     from .outputs import write_analysis
     from .report_sections import append_section, html_table, section_html
 
-    files = write_analysis(result, out_dir)
+    files = write_analysis(result, out_dir, config=config)
     chart_dir = files.html_path.parent / "charts"
     frames = render_frames(result.checkpoints, chart_dir / "checkpoints")
     gif = frames_to_gif(frames, chart_dir / "checkpoints_profile.gif")

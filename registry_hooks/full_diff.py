@@ -452,12 +452,13 @@ def layer_type_grid(matrices: list[TensorDiff]) -> dict:
                         for metric in GRID_METRICS}}
 
 
-def write_full_diff(result: AnalysisResult, out_dir: str | Path):
+def write_full_diff(result: AnalysisResult, out_dir: str | Path, *,
+                    config: dict | None = None):
     """write_analysis's files plus the layer × matrix type charts and a report section."""
     from .outputs import write_analysis
     from .report_sections import append_section, grid_heatmap, section_html
 
-    files = write_analysis(result, out_dir)
+    files = write_analysis(result, out_dir, config=config)
     grid = result.full_diff["grid"]
     charts = []
     if grid["layers"]:

@@ -17,7 +17,7 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)$")
 _ATTENTION_WORDS = ("attn", "attention")
 _ATTENTION_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn",
                      "query", "key", "value", "out_proj", "Wqkv"}
-_MLP_WORDS = ("mlp", "feed_forward", "ffn")
+_MLP_WORDS = ("mlp", "feed_forward", "ffn", "moe")  # moe: Mixtral's block_sparse_moe experts
 _MLP_LEAVES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc",
                "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"}
 _EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "embed_in", "word_embeddings", "lm_head",

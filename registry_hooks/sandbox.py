@@ -29,7 +29,7 @@ def analyse_to_files(adapter_dir: Path, base_path: Path | None, config: dict, ou
     from .outputs import write_analysis
 
     result = analyze_adapter(adapter_dir, base=base_path, config=config, progress=False)
-    return result, write_analysis(result, out_dir)
+    return result, write_analysis(result, out_dir, config=config)
 
 
 def _serve(connection) -> None:

@@ -47,6 +47,7 @@ def test_pattern_rule_is_peft_own(patterns, key):
     ("model.language_model.layers.7.self_attn.o_proj", 7, "self_attn.o_proj", "attention"),  # Gemma 3
     ("model.layers.2.self_attn.qkv_proj.k", 2, "self_attn.qkv_proj.k", "attention"),  # Phi-3 part
     ("model.layers.2.mlp.gate_up_proj.up", 2, "mlp.gate_up_proj.up", "mlp"),
+    ("model.layers.4.block_sparse_moe.experts.7.w2", 4, "block_sparse_moe.experts.7.w2", "mlp"),
     ("transformer.h.11.attn.c_attn.q", 11, "attn.c_attn.q", "attention"),  # GPT-2
     ("transformer.h.11.attn.c_proj", 11, "attn.c_proj", "attention"),
     ("transformer.h.11.mlp.c_proj", 11, "mlp.c_proj", "mlp"),

@@ -9,7 +9,10 @@ after a timeout or a crash.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 from tunelens.errors import TunelensError, one_line
@@ -32,8 +35,17 @@ def analyse_to_files(adapter_dir: Path, base_path: Path | None, config: dict, ou
     return result, write_analysis(result, out_dir, config=config)
 
 
+def _exit_with(parent: int) -> None:
+    """Exit as soon as `parent` is gone: a SIGKILLed hook service must not leave its analysis
+    running on (PR_SET_PDEATHSIG would fire when the thread that started us ends, not the process)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
 def _serve(connection) -> None:
     """The child's loop: one job per message, its result or its error line back."""
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     from . import analysis, outputs  # noqa: F401 - imported before the first job, not during it
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle

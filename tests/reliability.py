@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import requests
 from mlflow import MlflowClient
 
@@ -41,6 +42,7 @@ class Fleet:
         self.processes: list[HooksProcess | None] = [None] * size
         self._log_start = [0] * size  # where each process's current life begins in its log
         self.kills: list[list[str]] = []  # per kill: the jobs the killed process had in hand
+        self.orphans: list[int] = []  # per kill: its analysis processes still alive 5 s later
 
     def _log(self, i: int) -> Path:
         return self.root / f"hooks-{i}.log"
@@ -59,10 +61,16 @@ class Fleet:
             return jobs_in_hand(log.read())
 
     def kill(self, i: int) -> None:
-        """SIGKILL process i, noting the jobs it had in hand."""
+        """SIGKILL process i, noting the jobs it had in hand and whether its analysis child
+        process outlived it."""
+        children = psutil.Process(self.processes[i].process.pid).children(recursive=True)
         self.processes[i].kill()
         self.kills.append(self.in_hand(i))
         self.processes[i] = None
+        _, alive = psutil.wait_procs(children, timeout=5)
+        self.orphans.append(len(alive))
+        for child in alive:
+            child.kill()
 
     def stop(self) -> list[int]:
         codes = [p.stop() for p in self.processes if p is not None]

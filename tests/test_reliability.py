@@ -65,6 +65,7 @@ def test_kills_restart_and_downtime_leave_every_version_final_with_one_run(
         assert chaos.error is None, repr(chaos.error)
         assert len(fleet.kills) == 4 and restarts == [2]
         assert fleet.kills[0], "the first kill must land mid-job"
+        assert fleet.orphans == [0] * 4, "an analysis process outlived its hook service"
         # The hook service is down while more versions are registered: the scan finds them later.
         fleet.stop()
         registered += register_versions(postgres_server.url, "chaos", run_id, 4, threads=4)

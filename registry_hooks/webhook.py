@@ -166,7 +166,7 @@ class WebhookReceiver:
 
             def _read_body(self) -> bytes | None:
                 length = self.headers.get("Content-Length") or "0"
-                if not length.isdigit():
+                if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
                     raise DeliveryRejected(400, f"bad Content-Length {length[:40]!r}")
                 if int(length) > receiver.max_body_bytes:
                     return None

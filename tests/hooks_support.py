@@ -138,4 +138,9 @@ def delivery(secret: str | None, name: str, version: str, *, delivery_id: str | 
 
 
 def post(url: str, headers: dict, body: bytes) -> int:
-    return requests.post(url, data=body, headers=headers, timeout=10).status_code
+    """The HTTP status of a POST; 0 when the receiver closed the connection unanswered (it drops
+    an oversized body unread, and a client that stalls)."""
+    try:
+        return requests.post(url, data=body, headers=headers, timeout=30).status_code
+    except requests.ConnectionError:
+        return 0

@@ -20,10 +20,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
-import requests
 from mlflow import MlflowClient
 
-from hooks_support import HooksProcess, delivery, write_config
+from hooks_support import HooksProcess, delivery, post, write_config
 from tunelens.registry_hooks.state import ERROR, FINAL, STATUS
 
 SECRET = "reliability-secret"
@@ -312,37 +311,30 @@ def send_forged(i: int, url: str) -> int:
     name, version = "victim", str(i)
     kind = i % 9
     if kind == 0:
-        return _post(url, *delivery("guessed-secret", name, version))
+        return post(url, *delivery("guessed-secret", name, version))
     if kind == 1:
-        return _post(url, *delivery(None, name, version))
+        return post(url, *delivery(None, name, version))
     if kind == 2:  # signed with the right secret but captured an hour ago: a replay
-        return _post(url, *delivery(SECRET, name, version, timestamp=int(time.time()) - 3600))
+        return post(url, *delivery(SECRET, name, version, timestamp=int(time.time()) - 3600))
     if kind == 3:
         headers, body = delivery(SECRET, name, version)
-        return _post(url, headers, body.replace(b'"victim"', b'"target"'))
+        return post(url, headers, body.replace(b'"victim"', b'"target"'))
     if kind == 4:
-        return _post(url, delivery("x", name, version)[0], b"x" * (2 << 20))
+        return post(url, delivery("x", name, version)[0], b"x" * (2 << 20))
     if kind == 5:
-        return _raw_post(url, "-5", b"{}")
+        return raw_post(url, "-5", b"{}")
     if kind == 6:  # announces 100 bytes, sends 10 and stalls: dropped after the read timeout
-        return _raw_post(url, "100", b"{" * 10)
+        return raw_post(url, "100", b"{" * 10)
     if kind == 7:
-        return _post(url.replace("/webhook", "/admin"), *delivery("x", name, version))
-    return _post(url, delivery("x", name, version)[0], uuid.uuid4().bytes * 64)
+        return post(url.replace("/webhook", "/admin"), *delivery("x", name, version))
+    return post(url, delivery("x", name, version)[0], uuid.uuid4().bytes * 64)
 
 
-def _post(url: str, headers: dict, body: bytes) -> int:
-    try:
-        return requests.post(url, data=body, headers=headers, timeout=30).status_code
-    except requests.ConnectionError:
-        return 0  # the receiver closed an oversized request before reading it: a rejection
-
-
-def _raw_post(url: str, content_length: str, body: bytes) -> int:
+def raw_post(url: str, content_length: str, body: bytes) -> int:
     """A POST whose Content-Length is whatever we say (requests would fix it)."""
     where = urlsplit(url)
     head = (f"POST {where.path} HTTP/1.1\r\nHost: {where.netloc}\r\n"
-            f"Content-Length: {content_length}\r\n\r\n").encode()
+            f"Content-Length: {content_length}\r\n\r\n").encode("latin-1")  # HTTP header bytes
     with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
         sock.sendall(head + body)
         answer = sock.recv(1024)
@@ -351,7 +343,7 @@ def _raw_post(url: str, content_length: str, body: bytes) -> int:
 
 def _timed_valid(url: str, name: str, version: str) -> tuple[int, float]:
     started = time.perf_counter()
-    status = _post(url, *delivery(SECRET, name, version))
+    status = post(url, *delivery(SECRET, name, version))
     return status, (time.perf_counter() - started) * 1000
 
 

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from hooks_support import (analysis_runs, deliveries_only_hooks, delivery, post, register,
                            wait_status)
 from mlflow_server import MlflowServer
+from reliability import raw_post
 from tunelens.registry_hooks.state import STATUS
 from tunelens.registry_hooks.webhook import WebhookReceiver
 
@@ -42,6 +43,10 @@ def test_receiver_rejects_forged_unsigned_stale_replayed_and_oversized(receiver)
     assert post(url, headers, body) == 409  # the same delivery id again: a replay
     assert receiver.calls == [("m", "1")]
     assert (receiver.accepted, receiver.rejected) == (1, 7)
+    # A Content-Length that is not a plain non-negative number is a 400, not a crashed handler.
+    for length in ("-5", "abc", "\u00b2"):
+        assert raw_post(url, length, b"{}") == 400, length
+    assert receiver.rejected == 10
 
 
 def test_forged_stale_and_replayed_deliveries_analyse_nothing(tmp_path, llama_adapter):

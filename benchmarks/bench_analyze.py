@@ -69,7 +69,7 @@ def build_adapter(out: Path, factors: str, seed: int = 0) -> Path:
 
 
 def child_analyze(adapter: Path, out: Path) -> dict:
-    from tunelens.registry_hooks.analysis import analyze_adapter
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
     start = time.perf_counter()
     result = analyze_adapter(adapter, progress=False)
@@ -78,7 +78,7 @@ def child_analyze(adapter: Path, out: Path) -> dict:
                "histogram_exact": result.histogram.exact,
                "histogram_sample": result.histogram.sample_size}
     try:
-        from tunelens.registry_hooks.outputs import write_analysis
+        from tunelens.registry_hooks.report.outputs import write_analysis
     except ImportError:  # the report writer is another part of the project
         figures["write_s"] = None
     else:

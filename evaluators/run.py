@@ -92,7 +92,7 @@ def resolve_base(client, ref: ModelRef, base: str | Path | None, config: dict) -
         if not (path / "config.json").is_file():
             raise TunelensError(f"base model {path} is not a model folder (no config.json)")
         return path
-    from tunelens.registry_hooks.base_model import resolve_base_model
+    from tunelens.registry_hooks.service.base_resolution import resolve_base_model
 
     found = resolve_base_model(client, ref.name, ref.version, config, model_dir=ref.model_dir)
     if found.path is None:

@@ -26,7 +26,7 @@ class ModelRef:
 
 
 def _find_adapter_dir(path: Path) -> Path | None:
-    from tunelens.registry_hooks.loading import find_adapter_dir
+    from tunelens.registry_hooks.engine.loading import find_adapter_dir
 
     return find_adapter_dir(path)
 

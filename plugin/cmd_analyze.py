@@ -27,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tunelens.config import load_config
-    from tunelens.registry_hooks.analysis import analyze_adapter
-    from tunelens.registry_hooks import checkpoints, full_diff
-    from tunelens.registry_hooks.outputs import write_analysis
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
+    from tunelens.registry_hooks.engine import checkpoints
+    from tunelens.registry_hooks.engine import full_diff
+    from tunelens.registry_hooks.report.outputs import write_analysis
 
     config, progress = load_config(args.config), not args.no_progress
     if args.checkpoints:  # issue 3: training evolution (FULLDIFF helper's module)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         result = analyze_adapter(args.adapter, args.base, config=config, progress=progress)
         files = write_analysis(result, args.out, config=config)
     if args.retune:  # issue 3 (FULLDIFF helper's module)
-        from tunelens.registry_hooks.retune import write_retune_configs
+        from tunelens.registry_hooks.engine.retune import write_retune_configs
 
         retune = write_retune_configs(result, files.html_path.parent / "retune")
         print(f"wrote {len(retune)} LoraConfig files to {files.html_path.parent / 'retune'}")

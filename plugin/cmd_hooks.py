@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunelens.registry_hooks.service import HookService
+    from tunelens.registry_hooks.service.service import HookService
 
     configure_logging()
     config = load_config(args.config)

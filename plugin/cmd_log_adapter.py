@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunelens.registry_hooks.log_adapter import log_adapter
+    from tunelens.registry_hooks.service.log_adapter import log_adapter
 
     logged = log_adapter(args.adapter_dir, args.base, task=args.task,
                          registered_model_name=args.registered_model_name,

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tunelens.plugin.cmd_hooks import configure_logging
-    from tunelens.registry_hooks.embedded import EmbeddedServer
+    from tunelens.registry_hooks.service.embedded import EmbeddedServer
 
     configure_logging()
     return EmbeddedServer(load_config(args.config), host=args.host, port=args.port,

@@ -15,7 +15,7 @@ import importlib.util
 from mlflow.entities.model_registry import ModelVersionTag
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
-from tunelens.registry_hooks.state import QUEUED, STATUS
+from tunelens.registry_hooks.service.state import QUEUED, STATUS
 
 PREFIX = "tunelens+"
 

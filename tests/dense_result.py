@@ -10,8 +10,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from tunelens.registry_hooks.narrative import GLOSSARY, narrate
-from tunelens.registry_hooks.result import (AdapterInfo, AnalysisResult, Heatmap, Histogram,
+from tunelens.registry_hooks.report.narrative import GLOSSARY, narrate
+from tunelens.registry_hooks.engine.result import (AdapterInfo, AnalysisResult, Heatmap, Histogram,
                                             LayerProfile, ModuleMetrics, Summary, TopNeuron)
 
 LLAMA_COMPONENTS = {"self_attn.q_proj": "attention", "self_attn.k_proj": "attention",

@@ -15,8 +15,8 @@ import yaml
 from mlflow import MlflowClient
 
 from mlflow_server import free_port
-from tunelens.registry_hooks.state import FINAL, STATUS
-from tunelens.registry_hooks.webhook import DELIVERY_ID, SIGNATURE, TIMESTAMP, sign
+from tunelens.registry_hooks.service.state import FINAL, STATUS
+from tunelens.registry_hooks.service.webhook import DELIVERY_ID, SIGNATURE, TIMESTAMP, sign
 
 REPO = Path(__file__).resolve().parent.parent
 

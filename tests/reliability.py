@@ -23,7 +23,7 @@ import psutil
 from mlflow import MlflowClient
 
 from hooks_support import HooksProcess, delivery, post, write_config
-from tunelens.registry_hooks.state import ERROR, FINAL, STATUS
+from tunelens.registry_hooks.service.state import ERROR, FINAL, STATUS
 
 SECRET = "reliability-secret"
 

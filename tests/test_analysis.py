@@ -16,9 +16,9 @@ import torch
 from factories import make_lora_adapter, save_tiny_model
 from safetensors.torch import load_file, save_file
 
-from tunelens.registry_hooks.analysis import analyze_adapter
-from tunelens.registry_hooks.naming import strip_peft_prefix
-from tunelens.registry_hooks.result import AnalysisResult
+from tunelens.registry_hooks.engine.analysis import analyze_adapter
+from tunelens.registry_hooks.engine.naming import strip_peft_prefix
+from tunelens.registry_hooks.engine.result import AnalysisResult
 
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = {"analysis": {"heatmap_size": 8, "top_neurons": 15, "histogram_bins": 30}}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelens.registry_hooks.result import SCHEMA, AnalysisResult
+from tunelens.registry_hooks.engine.result import SCHEMA, AnalysisResult
 
 REAL = Path(__file__).parent / "data" / "adapters"
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from factories import make_lora_adapter, train_lora_checkpoints
 from tunelens.plugin.cli import main
-from tunelens.registry_hooks.checkpoints import checkpoint_evolution, find_checkpoints
+from tunelens.registry_hooks.engine.checkpoints import checkpoint_evolution, find_checkpoints
 from cli_support import assert_one_line_error
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -24,7 +24,7 @@ from tunelens.config import load_config
 from tunelens.errors import TunelensError
 from tunelens.evaluators.backends import cpu_worker_binding
 from tunelens.evaluators.run import REPORT_FILE, TABLE_FILE, VERDICT_FILE, evaluate_version
-from tunelens.registry_hooks.log_adapter import log_adapter
+from tunelens.registry_hooks.service.log_adapter import log_adapter
 
 NAME = "grammar-eval"
 MAX_NEW = 6

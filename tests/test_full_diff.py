@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from factories import perturbed_copy
 from tunelens.plugin.cli import main
-from tunelens.registry_hooks import lora_math
-from tunelens.registry_hooks.full_diff import (diff_models, randomized_svd, stratified_positions,
+from tunelens.registry_hooks.engine import lora_math
+from tunelens.registry_hooks.engine.full_diff import (diff_models, randomized_svd, stratified_positions,
                                                write_full_diff)
-from tunelens.registry_hooks.result import AnalysisResult
+from tunelens.registry_hooks.engine.result import AnalysisResult
 from cli_support import assert_one_line_error
 
 SCALES = {"layers.1.mlp.down_proj": 0.05, "layers.0.self_attn.q_proj": 0.01,

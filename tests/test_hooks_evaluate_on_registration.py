@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from hooks_support import HooksProcess, register, wait_status
 from tunelens.evaluators.verdict import EVAL_RUN_TAG, VERDICT_TAG
-from tunelens.registry_hooks.worker import EVAL_DATASET_TAG
+from tunelens.registry_hooks.service.worker import EVAL_DATASET_TAG
 
 
 def test_worker_evaluates_and_promotes_after_the_analysis(tmp_path, mlflow_server, llama_base,

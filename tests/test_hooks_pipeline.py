@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from factories import make_lora_adapter
 from hooks_support import HooksProcess, analysis_runs, register, wait_status, write_config
 from mlflow_server import MlflowServer, postgres_database
-from tunelens.registry_hooks.state import ERROR, LEASE, STATUS, Lease
+from tunelens.registry_hooks.service.state import ERROR, LEASE, STATUS, Lease
 
 SECRET = "pipeline-secret"
 

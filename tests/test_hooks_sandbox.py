@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 
 from hooks_support import register
 from tunelens.config import load_config
-from tunelens.registry_hooks.sandbox import AnalysisFailed, AnalysisProcess, AnalysisStopped
-from tunelens.registry_hooks.state import ERROR, STATUS
-from tunelens.registry_hooks.worker import Worker
+from tunelens.registry_hooks.service.sandbox import AnalysisFailed, AnalysisProcess, AnalysisStopped
+from tunelens.registry_hooks.service.state import ERROR, STATUS
+from tunelens.registry_hooks.service.worker import Worker
 
 
 def test_killed_child_is_reported_and_replaced(llama_adapter, llama_base, tmp_path):

@@ -13,8 +13,8 @@ from mlflow import MlflowClient
 
 from hooks_support import REPO, HooksProcess, register, wait_status, write_config
 from mlflow_server import MlflowServer, free_port, postgres_database
-from tunelens.registry_hooks.embedded import KEY_FILE
-from tunelens.registry_hooks.state import STATUS
+from tunelens.registry_hooks.service.embedded import KEY_FILE
+from tunelens.registry_hooks.service.state import STATUS
 
 
 def _answers(url: str) -> bool:

@@ -8,9 +8,9 @@ from mlflow import MlflowClient
 
 from hooks_support import register
 from tunelens.config import load_config
-from tunelens.registry_hooks.state import (ERROR, LEASE, STATUS, Lease, VersionState, claim_name,
+from tunelens.registry_hooks.service.state import (ERROR, LEASE, STATUS, Lease, VersionState, claim_name,
                                             try_claim)
-from tunelens.registry_hooks.worker import Worker
+from tunelens.registry_hooks.service.worker import Worker
 
 
 def test_needs_work_follows_status_and_lease():

@@ -11,8 +11,8 @@ from hooks_support import (analysis_runs, deliveries_only_hooks, delivery, post,
                            wait_status)
 from mlflow_server import MlflowServer
 from reliability import raw_post
-from tunelens.registry_hooks.state import STATUS
-from tunelens.registry_hooks.webhook import WebhookReceiver
+from tunelens.registry_hooks.service.state import STATUS
+from tunelens.registry_hooks.service.webhook import WebhookReceiver
 
 SECRET = "s3cret-for-tests"
 

@@ -26,9 +26,9 @@ from hostile.build_corpus import main as main_of_generator
 from mlflow_server import MlflowServer
 from tunelens.config import load_config
 from tunelens.plugin.cli import main
-from tunelens.registry_hooks.detection import AdapterDetectionError, _names, detect_adapter
-from tunelens.registry_hooks.state import ERROR, STATUS
-from tunelens.registry_hooks.worker import Worker
+from tunelens.registry_hooks.service.detection import AdapterDetectionError, _names, detect_adapter
+from tunelens.registry_hooks.service.state import ERROR, STATUS
+from tunelens.registry_hooks.service.worker import Worker
 
 CORPUS = Path(__file__).parent / "data" / "hostile"
 CASES = json.loads((CORPUS / "cases.json").read_text())

@@ -11,10 +11,10 @@ import torch
 from peft.utils.other import get_pattern_key as peft_get_pattern_key
 from safetensors.torch import load_file
 
-from tunelens.registry_hooks.analysis import analyze_adapter
-from tunelens.registry_hooks.loading import (AnalysisInputError, find_adapter_dir, get_pattern_key,
+from tunelens.registry_hooks.engine.analysis import analyze_adapter
+from tunelens.registry_hooks.engine.loading import (AnalysisInputError, find_adapter_dir, get_pattern_key,
                                              open_adapter)
-from tunelens.registry_hooks.naming import fused_split, parse_module_path
+from tunelens.registry_hooks.engine.naming import fused_split, parse_module_path
 
 REAL = Path(__file__).parent / "data" / "adapters"
 
@@ -148,7 +148,7 @@ def test_safetensors_check_accepts_real_files(llama_adapter, llama_base, tmp_pat
     float dtype, a zero-size tensor) pass check_safetensors unchanged."""
     from safetensors.torch import save_file
 
-    from tunelens.registry_hooks.loading import FLOAT_DTYPES, check_safetensors
+    from tunelens.registry_hooks.engine.loading import FLOAT_DTYPES, check_safetensors
 
     for path in [*REAL.glob("*/adapter_model.safetensors"),
                  llama_adapter / "adapter_model.safetensors"]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunelens.registry_hooks import lora_math
+from tunelens.registry_hooks.engine import lora_math
 
 
 def _factors(m, n, r, seed=0, spread=1.0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dense_result import dense_result, llama_like_result, lora_delta
-from tunelens.registry_hooks.narrative import (GLOSSARY, component_order, fmt, narrate,
+from tunelens.registry_hooks.report.narrative import (GLOSSARY, component_order, fmt, narrate,
                                                narrate_layer, narrate_sections)
 
 
@@ -209,7 +209,7 @@ def _dense_layer_sums(tensors, scale: float) -> dict[int, float]:
 
 
 def test_engine_narrative_names_the_planted_layer_and_ratio(llama_base, tmp_path):
-    from tunelens.registry_hooks.analysis import analyze_adapter
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
     adapter, tensors = _planted_adapter(llama_base, tmp_path / "adapter", layer_factor=4.0)
     result = analyze_adapter(adapter, progress=False)
@@ -225,7 +225,7 @@ def test_engine_narrative_names_the_planted_layer_and_ratio(llama_base, tmp_path
 
 
 def test_engine_narrative_with_base_reports_share_and_relative_change(llama_base, llama_adapter):
-    from tunelens.registry_hooks.analysis import analyze_adapter
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
     result = analyze_adapter(llama_adapter, llama_base, progress=False)
     sections = narrate_sections(result)

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from dense_result import llama_like_result
-from tunelens.registry_hooks.narrative import attention_role, narrate_layer
-from tunelens.registry_hooks.outputs import write_analysis
-from tunelens.registry_hooks.report import DATA_ELEMENT_ID, render_report
+from tunelens.registry_hooks.report.narrative import attention_role, narrate_layer
+from tunelens.registry_hooks.report.outputs import write_analysis
+from tunelens.registry_hooks.report.html import DATA_ELEMENT_ID, render_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -75,7 +75,7 @@ def written(request, tmp_path_factory):
     if request.param == "dense":
         result = llama_like_result(layer_magnitudes=(1.0, 3.0, 0.5, 2.0), base_params=10_000_000)
     else:
-        from tunelens.registry_hooks.analysis import analyze_adapter
+        from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
         if request.param == "llama-engine-with-base":
             base = request.getfixturevalue("llama_base")
@@ -224,7 +224,7 @@ def test_nan_weights_are_reported_not_a_crash(llama_base, tmp_path):
     """A real adapter with NaN in one lora_B: strict JSON, charts, and a page that names it."""
     from safetensors.torch import load_file, save_file
     from factories import make_lora_adapter
-    from tunelens.registry_hooks.analysis import analyze_adapter
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
     adapter = make_lora_adapter(llama_base, tmp_path / "adapter", r=4, lora_alpha=8,
                                 target_modules=["q_proj", "v_proj"])
@@ -315,7 +315,7 @@ def test_full_finetune_report_speaks_of_the_fine_tune_not_an_adapter(llama_base,
     parameters anywhere in its text; the parameters changed, the relative change and the layer and
     matrix type that moved most, as the numbers say."""
     from factories import perturbed_copy
-    from tunelens.registry_hooks.full_diff import diff_models, write_full_diff
+    from tunelens.registry_hooks.engine.full_diff import diff_models, write_full_diff
 
     base = perturbed_copy(llama_base, tmp_path / "base", {})
     tuned = perturbed_copy(base, tmp_path / "tuned", {"layers.1.mlp.up_proj": 0.05,

@@ -14,8 +14,8 @@ from PIL import Image
 from scale_support import expert_lora_adapter
 from test_report import CHROMIUM, _rendered_dom, _scan
 from tunelens.config import load_config
-from tunelens.registry_hooks.charts import CHARTS, MAX_COMPONENT_SERIES
-from tunelens.registry_hooks.outputs import write_analysis
+from tunelens.registry_hooks.report.charts import CHARTS, MAX_COMPONENT_SERIES
+from tunelens.registry_hooks.report.outputs import write_analysis
 
 LAYERS, EXPERTS = 10, 50  # × w1/w2/w3 = 1500 modules
 MODULES = LAYERS * EXPERTS * 3
@@ -23,7 +23,7 @@ MODULES = LAYERS * EXPERTS * 3
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    from tunelens.registry_hooks.analysis import analyze_adapter
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
     root = tmp_path_factory.mktemp("experts")
     adapter = expert_lora_adapter(root / "adapter", layers=LAYERS, experts=EXPERTS)

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from factories import make_lora_adapter, tiny_llama
-from tunelens.registry_hooks.analysis import analyze_adapter
-from tunelens.registry_hooks.retune import rank_layers, retune_plans, write_retune_configs
+from tunelens.registry_hooks.engine.analysis import analyze_adapter
+from tunelens.registry_hooks.engine.retune import rank_layers, retune_plans, write_retune_configs
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REAL = Path(__file__).parent / "data" / "adapters"

@@ -23,8 +23,8 @@ def test_version_page_report_and_evaluation_table_render(tmp_path, llama_base, l
     from tunelens.config import load_config
     from tunelens.demo.story import wait_for_analysis
     from tunelens.evaluators.run import evaluate_version
-    from tunelens.registry_hooks.embedded import EmbeddedServer
-    from tunelens.registry_hooks.log_adapter import log_adapter
+    from tunelens.registry_hooks.service.embedded import EmbeddedServer
+    from tunelens.registry_hooks.service.log_adapter import log_adapter
     from mlflow_server import free_port
 
     data = tmp_path / "test.jsonl"

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # Heavy helpers load on first use (module __getattr__) so `import tunelens` stays light.
-_LAZY = {"log_adapter": "tunelens.registry_hooks.log_adapter"}
+_LAZY = {"log_adapter": "tunelens.registry_hooks.service.log_adapter"}
 
 
 def __getattr__(name: str):

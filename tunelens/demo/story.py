@@ -37,7 +37,7 @@ def say(message: str) -> None:
 
 def wait_for_analysis(client, name: str, version: str, timeout_s: float) -> tuple[str, str | None]:
     """Poll the version's tunelens.analysis.status until the hooks finish it."""
-    from tunelens.registry_hooks import state
+    from tunelens.registry_hooks.service import state
 
     deadline = time.monotonic() + timeout_s
     status = None
@@ -58,7 +58,7 @@ def register_and_judge(client, assets, adapter: Path, name: str, config: dict,
                        against: list[str]) -> DemoVersion:
     """Log + register `adapter`, wait for the automatic analysis, then evaluate it side by side."""
     from tunelens.evaluators.run import evaluate_version
-    from tunelens.registry_hooks.log_adapter import log_adapter
+    from tunelens.registry_hooks.service.log_adapter import log_adapter
 
     logged = log_adapter(adapter, assets.base_dir, registered_model_name=name)
     version = str(logged.version)
@@ -96,7 +96,7 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
 
     from tunelens.demo.assets import build_assets
     from tunelens.evaluators.promotion import promote
-    from tunelens.registry_hooks.embedded import EmbeddedServer
+    from tunelens.registry_hooks.service.embedded import EmbeddedServer
 
     data_dir = Path(data_dir).expanduser().resolve()
     name = config["demo"]["model_name"]

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import lora_math
-from . import metrics as M
+from . import module_metrics as M
 from .loading import AdapterContents, AnalysisInputError, BaseModel, LoraModule, open_adapter
 from .naming import fused_split, parse_module_path
 from .result import (AdapterInfo, AnalysisResult, Histogram, LayerProfile, Summary, TopNeuron)
@@ -94,7 +94,7 @@ def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
 
 
 def _narrate(result: AnalysisResult) -> None:
-    from .narrative import GLOSSARY, narrate
+    from tunelens.registry_hooks.report.narrative import GLOSSARY, narrate
 
     result.narrative = narrate(result)
     result.glossary = dict(GLOSSARY)
@@ -256,7 +256,7 @@ def _adapter_info(contents: AdapterContents) -> AdapterInfo:
 
 def _layers(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
     """Seed 003's S_ℓ = Σ_components ‖ΔW‖_F per layer, with its components, groups and Q/K/V/O."""
-    from .narrative import attention_role
+    from tunelens.registry_hooks.report.narrative import attention_role
 
     by_layer: dict[int, LayerProfile] = {}
     for a in finite:

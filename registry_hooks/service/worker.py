@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from tunelens.errors import one_line
 
 from . import state
-from .base_model import resolve_base_model
+from .base_resolution import resolve_base_model
 from .detection import detect_adapter
 from .mlflow_logging import (analysis_runs, description_section, experiment_id,
                              log_analysis_run, top_layer, with_section)

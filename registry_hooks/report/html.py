@@ -18,7 +18,7 @@ import numpy as np
 from .charts import chart_components
 from .narrative import (SECTION_TITLES, attention_role, glossary_for, is_full_finetune,
                         narrate_layer, narrate_sections)
-from .result import AnalysisResult
+from tunelens.registry_hooks.engine.result import AnalysisResult
 
 DATA_ELEMENT_ID = "tunelens-data"
 

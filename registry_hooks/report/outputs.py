@@ -12,8 +12,8 @@ from pathlib import Path
 from tunelens.config import load_config
 
 from .charts import render_charts
-from .report import render_report
-from .result import AnalysisResult
+from .html import render_report
+from tunelens.registry_hooks.engine.result import AnalysisResult
 
 
 @dataclass

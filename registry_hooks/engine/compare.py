@@ -18,7 +18,7 @@ import torch
 from .analysis import analyze_adapter
 from .checkpoints import column_space, subspace_similarity
 from .loading import AnalysisInputError, find_adapter_dir, open_adapter
-from .metrics import AnalysisSettings
+from .module_metrics import AnalysisSettings
 from .result import AnalysisResult
 
 COMPARE_SCHEMA = "tunelens.compare/1"
@@ -146,7 +146,7 @@ def module_overlaps(a: Compared, b: Compared) -> dict:
 
 def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path, list[Path]]:
     """out_dir/compare.json, out_dir/compare.html (self-contained) and out_dir/charts/*.png."""
-    from .report_sections import figure, html_table, save_png, section_html
+    from tunelens.registry_hooks.report.sections import figure, html_table, save_png, section_html
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

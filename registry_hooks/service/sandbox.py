@@ -28,8 +28,8 @@ class AnalysisFailed(TunelensError):
 
 def analyse_to_files(adapter_dir: Path, base_path: Path | None, config: dict, out_dir: Path):
     """analyze_adapter + write_analysis: (AnalysisResult, AnalysisFiles)."""
-    from .analysis import analyze_adapter
-    from .outputs import write_analysis
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
+    from tunelens.registry_hooks.report.outputs import write_analysis
 
     result = analyze_adapter(adapter_dir, base=base_path, config=config, progress=False)
     return result, write_analysis(result, out_dir, config=config)
@@ -46,7 +46,8 @@ def _exit_with(parent: int) -> None:
 def _serve(connection) -> None:
     """The child's loop: one job per message, its result or its error line back."""
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
-    from . import analysis, outputs  # noqa: F401 - imported before the first job, not during it
+    from tunelens.registry_hooks.engine import analysis
+    from tunelens.registry_hooks.report import outputs  # noqa: F401 - imported before the first job, not during it
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     connection.send(("ready", None))

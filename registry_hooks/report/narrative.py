@@ -9,7 +9,7 @@ import math
 from collections import Counter, defaultdict
 from statistics import fmean
 
-from .result import AnalysisResult, ModuleMetrics
+from tunelens.registry_hooks.engine.result import AnalysisResult, ModuleMetrics
 
 NORMAL_SHARE_WITHIN_ONE_STD = 0.6827  # P(|x - μ| < σ) for a normal distribution
 DRIFT_MEAN_OVER_STD = 0.1  # |mean| / std above this reads as the whole delta leaning one way

@@ -19,11 +19,11 @@ import torch
 from tqdm import tqdm
 
 from . import lora_math
-from . import metrics as M
+from . import module_metrics as M
 from .analysis import _histogram, _layers, _narrate, _top_neurons
 from .loading import AnalysisInputError, BaseModel
 from .naming import parse_module_path
-from .narrative import glossary_for
+from tunelens.registry_hooks.report.narrative import glossary_for
 from .result import AdapterInfo, AnalysisResult, ModuleMetrics, Summary
 
 # Component leaf -> the matrix type of seed 002's heatmap rows.
@@ -455,8 +455,8 @@ def layer_type_grid(matrices: list[TensorDiff]) -> dict:
 def write_full_diff(result: AnalysisResult, out_dir: str | Path, *,
                     config: dict | None = None):
     """write_analysis's files plus the layer × matrix type charts and a report section."""
-    from .outputs import write_analysis
-    from .report_sections import append_section, grid_heatmap, section_html
+    from tunelens.registry_hooks.report.outputs import write_analysis
+    from tunelens.registry_hooks.report.sections import append_section, grid_heatmap, section_html
 
     files = write_analysis(result, out_dir, config=config)
     grid = result.full_diff["grid"]

@@ -18,7 +18,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from tunelens.errors import TunelensError
 
-from .loading import read_json_object
+from tunelens.registry_hooks.engine.loading import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_DIR = "peft"  # mlflow.transformers' folder for a PEFT adapter (mlflow.transformers.peft)

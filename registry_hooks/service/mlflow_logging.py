@@ -17,9 +17,9 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from .base_model import BaseModelResolution
-from .outputs import AnalysisFiles
-from .result import AnalysisResult
+from .base_resolution import BaseModelResolution
+from tunelens.registry_hooks.report.outputs import AnalysisFiles
+from tunelens.registry_hooks.engine.result import AnalysisResult
 
 MODEL_NAME_TAG = "tunelens.model_name"
 MODEL_VERSION_TAG = "tunelens.model_version"

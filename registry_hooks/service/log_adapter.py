@@ -46,7 +46,7 @@ def log_adapter(adapter_dir: str | Path, base: str | Path | None = None, *,
     """Log `adapter_dir` on `base` with mlflow.transformers (adapter only) and register it."""
     import mlflow
 
-    from .loading import find_adapter_dir
+    from tunelens.registry_hooks.engine.loading import find_adapter_dir
 
     found = find_adapter_dir(Path(adapter_dir).expanduser())
     if found is None:

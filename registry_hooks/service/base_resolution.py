@@ -40,7 +40,7 @@ def _read_model_dir(model_dir: Path | None) -> tuple[dict, dict]:
     """(transformers flavor of MLmodel, adapter_config.json) found under model_dir, else empty."""
     if model_dir is None:
         return {}, {}
-    from tunelens.registry_hooks.loading import find_adapter_dir
+    from tunelens.registry_hooks.engine.loading import find_adapter_dir
 
     model_dir = Path(model_dir)
     flavor, adapter = {}, {}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import lora_math
 from .analysis import analyze_adapter
 from .loading import AdapterContents, AnalysisInputError, find_adapter_dir, open_adapter
-from .metrics import AnalysisSettings
+from .module_metrics import AnalysisSettings
 from .naming import parse_module_path
 from .result import AnalysisResult
 
@@ -196,8 +196,8 @@ def analyze_checkpoints(paths: list[str | Path], base: str | Path | None = None,
 def write_checkpoints(result: AnalysisResult, out_dir: str | Path, *,
                       config: dict | None = None):
     """write_analysis's files plus the per-layer profile over steps: PNG frames and an animated GIF."""
-    from .outputs import write_analysis
-    from .report_sections import append_section, html_table, section_html
+    from tunelens.registry_hooks.report.outputs import write_analysis
+    from tunelens.registry_hooks.report.sections import append_section, html_table, section_html
 
     files = write_analysis(result, out_dir, config=config)
     chart_dir = files.html_path.parent / "charts"
@@ -214,7 +214,7 @@ def write_checkpoints(result: AnalysisResult, out_dir: str | Path, *,
 
 def render_frames(section: dict, out_dir: Path) -> list[Path]:
     """One PNG per checkpoint: per-layer mean |Δ| of A and B, and S_ℓ, on fixed axes."""
-    from .report_sections import figure, save_png
+    from tunelens.registry_hooks.report.sections import figure, save_png
 
     layers = [r["layer"] for r in section["layers"]]
     series = {"A": [r["A"]["abs_mean"] for r in section["layers"]],

@@ -115,7 +115,8 @@ def sample():
         peak["anon_kb"] = max(peak["anon_kb"], anon_kb())
         time.sleep(0.02)
 threading.Thread(target=sample, daemon=True).start()
-from tunelens.registry_hooks.engine.full_diff import diff_models, write_full_diff
+from tunelens.registry_hooks.engine.full_diff import diff_models
+from tunelens.registry_hooks.report.full_diff_page import write_full_diff
 tuned, base, out, threads = sys.argv[1:5]
 config = {} if threads == "default" else {"analysis": {"threads": int(threads)}}
 start = time.perf_counter()

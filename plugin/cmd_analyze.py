@@ -30,13 +30,15 @@ def run(args: argparse.Namespace) -> int:
     from tunelens.registry_hooks.engine.analysis import analyze_adapter
     from tunelens.registry_hooks.engine import checkpoints
     from tunelens.registry_hooks.engine import full_diff
+    from tunelens.registry_hooks.report.checkpoints_page import write_checkpoints
+    from tunelens.registry_hooks.report.full_diff_page import write_full_diff
     from tunelens.registry_hooks.report.outputs import write_analysis
 
     config, progress = load_config(args.config), not args.no_progress
     if args.checkpoints:  # issue 3: training evolution (FULLDIFF helper's module)
         result = checkpoints.analyze_checkpoints(args.checkpoints, args.base, config=config,
                                                  progress=progress)
-        files = checkpoints.write_checkpoints(result, args.out, config=config)
+        files = write_checkpoints(result, args.out, config=config)
     elif args.adapter is None:
         raise full_diff.AnalysisInputError("give an ADAPTER directory (or a fine-tuned model "
                                            "directory with --base), or --checkpoints PATH")
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             raise full_diff.AnalysisInputError(f"{args.adapter} is a full model directory, not an "
                                                "adapter: pass --base BASE_DIR to diff its weights")
         result = full_diff.diff_models(args.adapter, args.base, config=config, progress=progress)
-        files = full_diff.write_full_diff(result, args.out, config=config)
+        files = write_full_diff(result, args.out, config=config)
     else:
         result = analyze_adapter(args.adapter, args.base, config=config, progress=progress)
         files = write_analysis(result, args.out, config=config)

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tunelens.config import load_config
-    from tunelens.registry_hooks.engine.compare import compare, write_comparison
+    from tunelens.registry_hooks.engine.compare import compare
+    from tunelens.registry_hooks.report.compare_page import write_comparison
 
     comparison = compare(args.inputs, args.base, config=load_config(args.config),
                          progress=not args.no_progress)

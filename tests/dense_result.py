@@ -10,7 +10,6 @@ from collections import defaultdict
 
 import numpy as np
 
-from tunelens.registry_hooks.report.narrative import GLOSSARY, narrate
 from tunelens.registry_hooks.engine.result import (AdapterInfo, AnalysisResult, Heatmap, Histogram,
                                             LayerProfile, ModuleMetrics, Summary, TopNeuron)
 
@@ -81,9 +80,8 @@ def dense_result(deltas, *, r: int, alpha: float, num_layers: int, base_params=N
                             counts.tolist(), True, float(np.mean(np.abs(z) < 1)),
                             skewness=float(np.mean(z ** 3)),
                             excess_kurtosis=float(np.mean(z ** 4) - 3)),
-        heatmaps=heat, narrative=[], glossary=GLOSSARY,
+        heatmaps=heat,
         needs_base=["relative change", "amplification factor", "intruder dimensions"])
-    result.narrative = narrate(result)
     return result
 
 

@@ -170,7 +170,7 @@ def test_llama_all_projections_adapter_only(llama_base, llama_adapter):
     assert {m.group for m in result.modules} == {"attention", "mlp"}
     q = next(m for m in result.modules if m.name == "model.layers.0.self_attn.q_proj")
     assert (q.layer, q.component, q.rank) == (0, "self_attn.q_proj", 8)
-    assert result.narrative and result.glossary
+    assert not hasattr(result, "narrative")  # the engine writes no prose; the report words it
     # trainable params: every tensor in the adapter file.
     file = load_file(llama_adapter / "adapter_model.safetensors")
     assert result.summary.trainable_params == sum(t.numel() for t in file.values())

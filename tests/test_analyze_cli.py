@@ -56,7 +56,8 @@ def test_analyze_writes_json_report_and_charts(tmp_path, llama_adapter, llama_ba
     assert set(data["top_neurons"][0]) >= {"layer", "component", "index", "shift"}
     assert set(data["histogram"]) >= {"mean", "std", "min", "max", "bin_edges", "counts", "exact"}
     assert data["narrative"] and all(isinstance(s, str) for s in data["narrative"])
-    assert AnalysisResult.from_dict(data).to_dict() == data
+    numbers = {k: v for k, v in data.items() if k not in ("narrative", "glossary")}
+    assert AnalysisResult.from_dict(data).to_dict() == numbers  # the words are the report's
     assert (out / "report.html").stat().st_size > 1000
     assert list((out / "charts").glob("*.png"))
 

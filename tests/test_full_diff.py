@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from factories import perturbed_copy
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.engine import lora_math
-from tunelens.registry_hooks.engine.full_diff import (diff_models, randomized_svd, stratified_positions,
-                                               write_full_diff)
+from tunelens.registry_hooks.engine.full_diff import diff_models, randomized_svd, stratified_positions
+from tunelens.registry_hooks.report.full_diff_page import write_full_diff
 from tunelens.registry_hooks.engine.result import AnalysisResult
 from cli_support import assert_one_line_error
 

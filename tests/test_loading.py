@@ -15,6 +15,7 @@ from tunelens.registry_hooks.engine.analysis import analyze_adapter
 from tunelens.registry_hooks.engine.loading import (AnalysisInputError, find_adapter_dir, get_pattern_key,
                                              open_adapter)
 from tunelens.registry_hooks.engine.naming import fused_split, parse_module_path
+from tunelens.registry_hooks.report.document import analysis_json
 
 REAL = Path(__file__).parent / "data" / "adapters"
 
@@ -121,7 +122,7 @@ def test_real_gpt2_causal_adapter_without_its_base():
     assert h.total_entries == 12 * (2304 * 768 + 768 * 768 + 768 * 3072)
     assert 0 < h.share_within_one_std_error < 0.001
     assert any("relative change" in n for n in result.needs_base)
-    assert result.to_json()
+    assert analysis_json(result)
 
 
 def test_real_gpt2_seqcls_adapter_with_saved_score_head():

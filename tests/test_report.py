@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 
 from dense_result import llama_like_result
-from tunelens.registry_hooks.report.narrative import attention_role, narrate_layer
+from tunelens.registry_hooks.engine.naming import attention_role
+from tunelens.registry_hooks.report.document import analysis_document, analysis_json
+from tunelens.registry_hooks.report.narrative import glossary_for, narrate, narrate_layer
 from tunelens.registry_hooks.report.outputs import write_analysis
 from tunelens.registry_hooks.report.html import DATA_ELEMENT_ID, render_report
 
@@ -100,7 +102,7 @@ def test_files_land_where_the_contract_says(written):
     out = files.json_path.parent
     assert files.json_path == out / "analysis.json" and files.html_path == out / "report.html"
     assert all(p.parent == out / "charts" and p.suffix == ".png" for p in files.chart_paths)
-    assert files.json_path.read_text() == result.to_json()
+    assert files.json_path.read_text() == analysis_json(result)
 
 
 def test_report_is_self_contained(written):
@@ -119,7 +121,7 @@ def test_embedded_json_parses_back_to_the_result(written):
     result, files = written
     scan = _scan(files.html_path.read_text())
     payload = json.loads("".join(scan.data))
-    expected = result.to_dict()
+    expected = analysis_document(result)
     embedded_heatmaps = payload["result"].pop("heatmaps")
     heatmaps = expected.pop("heatmaps")
     assert payload["result"] == expected
@@ -129,7 +131,7 @@ def test_embedded_json_parses_back_to_the_result(written):
         decoded = np.frombuffer(base64.b64decode(embedded["f32"]), dtype="<f4")
         assert decoded.shape == (original["rows"] * original["cols"],)
         np.testing.assert_array_equal(decoded, np.asarray(original["values"], dtype="<f4").ravel())
-    assert [s for lines in payload["sections"].values() for s in lines] == result.narrative
+    assert [s for lines in payload["sections"].values() for s in lines] == narrate(result)
     roles = {m.name: payload["roles"].get(m.name) for m in result.modules}
     for name, role in roles.items():
         expected_role = {"q": "Q", "k": "K", "v": "V", "o": "O", "c": "O"}.get(
@@ -215,8 +217,8 @@ def test_report_renders_in_a_real_browser(written):
     modules = dom.split('id="module-table"', 1)[1].split("</table>", 1)[0]
     assert modules.count("<tr>") == len(result.modules) + 1
     glossary = dom.split('id="glossary-list"', 1)[1].split("</dl>", 1)[0]
-    assert glossary.count("<dt>") == len(result.glossary)
-    for sentence in result.narrative:
+    assert glossary.count("<dt>") == len(glossary_for(result))
+    for sentence in narrate(result):
         assert html.escape(sentence, quote=False) in dom, sentence
 
 
@@ -238,7 +240,7 @@ def test_nan_weights_are_reported_not_a_crash(llama_base, tmp_path):
     json.loads(files.json_path.read_text())  # strict JSON: NaN became null
     broken = [m.name for m in result.modules if m.nonfinite]
     assert broken and broken[0].endswith("layers.1.self_attn.v_proj")
-    assert broken[0] in result.narrative[0] and result.narrative[0].startswith("Warning")
+    assert broken[0] in narrate(result)[0] and narrate(result)[0].startswith("Warning")
     assert files.chart_paths
     if CHROMIUM:
         dom = _rendered_dom(files.html_path)
@@ -315,7 +317,8 @@ def test_full_finetune_report_speaks_of_the_fine_tune_not_an_adapter(llama_base,
     parameters anywhere in its text; the parameters changed, the relative change and the layer and
     matrix type that moved most, as the numbers say."""
     from factories import perturbed_copy
-    from tunelens.registry_hooks.engine.full_diff import diff_models, write_full_diff
+    from tunelens.registry_hooks.engine.full_diff import diff_models
+    from tunelens.registry_hooks.report.full_diff_page import write_full_diff
 
     base = perturbed_copy(llama_base, tmp_path / "base", {})
     tuned = perturbed_copy(base, tmp_path / "tuned", {"layers.1.mlp.up_proj": 0.05,

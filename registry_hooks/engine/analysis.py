@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import lora_math
 from . import module_metrics as M
 from .loading import AdapterContents, AnalysisInputError, BaseModel, LoraModule, open_adapter
-from .naming import fused_split, parse_module_path
+from .naming import attention_role, fused_split, parse_module_path
 from .result import (AdapterInfo, AnalysisResult, Histogram, LayerProfile, Summary, TopNeuron)
 
 __all__ = ["analyze_adapter", "AnalysisInputError"]
@@ -82,22 +82,13 @@ def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
         adapter=_adapter_info(contents),
         summary=_summary(contents, base_model, analyses, finite),
         modules=[a.metrics for a in analyses],
-        layers=_layers(finite),
-        top_neurons=_top_neurons(finite, settings.top_neurons),
-        histogram=_histogram(finite, exact_histogram, samples, settings),
+        layers=layer_profiles(finite),
+        top_neurons=top_neurons(finite, settings.top_neurons),
+        histogram=value_histogram(finite, exact_histogram, samples, settings),
         heatmaps=[a.heatmap for a in finite if a.heatmap is not None],
-        narrative=[], glossary={},
         base_model=str(base_model.path) if base_model else None,
         needs_base=needs_base, warnings=warnings)
-    _narrate(result)
     return result
-
-
-def _narrate(result: AnalysisResult) -> None:
-    from tunelens.registry_hooks.report.narrative import GLOSSARY, narrate
-
-    result.narrative = narrate(result)
-    result.glossary = dict(GLOSSARY)
 
 
 def _check_base_shapes(contents: AdapterContents, base_model: BaseModel) -> None:
@@ -254,10 +245,8 @@ def _adapter_info(contents: AdapterContents) -> AdapterInfo:
                        alpha_pattern=c.alpha_pattern)
 
 
-def _layers(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
+def layer_profiles(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
     """Seed 003's S_ℓ = Σ_components ‖ΔW‖_F per layer, with its components, groups and Q/K/V/O."""
-    from tunelens.registry_hooks.report.narrative import attention_role
-
     by_layer: dict[int, LayerProfile] = {}
     for a in finite:
         m = a.metrics
@@ -274,7 +263,7 @@ def _layers(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
 
 
 def _summary(contents, base_model, analyses, finite) -> Summary:
-    layers = _layers(finite)
+    layers = layer_profiles(finite)
     magnitudes = [p.fro_sum for p in layers] or [a.metrics.fro for a in finite]
     group_fro: dict[str, float] = defaultdict(float)
     for a in finite:
@@ -293,13 +282,13 @@ def _summary(contents, base_model, analyses, finite) -> Summary:
         nonfinite_modules=[a.metrics.name for a in analyses if a.metrics.nonfinite])
 
 
-def _top_neurons(finite: list[M.ModuleAnalysis], k: int) -> list[TopNeuron]:
+def top_neurons(finite: list[M.ModuleAnalysis], k: int) -> list[TopNeuron]:
     candidates = ((shift, a.metrics, index) for a in finite for index, shift in a.top_rows)
     best = heapq.nlargest(k, candidates, key=lambda c: c[0])
     return [TopNeuron(m.layer, m.component, index, shift, m.name) for shift, m, index in best]
 
 
-def _histogram(finite: list[M.ModuleAnalysis], exact: bool, samples: list[torch.Tensor],
+def value_histogram(finite: list[M.ModuleAnalysis], exact: bool, samples: list[torch.Tensor],
                settings) -> Histogram:
     """Adapter-wide value distribution: mean/std/min/max exact; counts exact or from the sample."""
     count = sum(a.entries.numel for a in finite if a.entries is not None)

@@ -2,14 +2,13 @@
 
 Each input is a LoRA adapter directory (analysed here) or an analysis.json (or the folder holding
 one). Module-by-module subspace overlap needs the factors, so it covers the adapter inputs only.
-Output: compare.json and one self-contained compare.html with its charts inline.
+report/compare_page.py writes it: compare.json and one self-contained compare.html.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from html import escape
+from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from .module_metrics import AnalysisSettings
 from .result import AnalysisResult
 
 COMPARE_SCHEMA = "tunelens.compare/1"
-COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 
 
 @dataclass
@@ -142,78 +140,3 @@ def module_overlaps(a: Compared, b: Compared) -> dict:
     return {"a": a.label, "b": b.label, "modules": modules,
             "mean": sum(finite) / len(finite) if finite else None,
             "shared_modules": len(modules)}
-
-
-def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path, list[Path]]:
-    """out_dir/compare.json, out_dir/compare.html (self-contained) and out_dir/charts/*.png."""
-    from tunelens.registry_hooks.report.sections import figure, html_table, save_png, section_html
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "compare.json"
-    data = asdict(comparison)
-    json_path.write_text(json.dumps(_finite(data), indent=1, allow_nan=False), encoding="utf-8")
-    charts = [_profile_chart(comparison, out / "charts" / "compare_profiles.png", figure, save_png),
-              _share_chart(comparison, out / "charts" / "compare_group_shares.png", figure, save_png)]
-    sections = [section_html("Per-layer profiles and attention vs MLP share", [
-        f"{len(comparison.labels)} inputs on base {comparison.base_model or 'unknown'}: "
-        "S_ℓ = Σ‖ΔW‖_F per layer, and each group's share of the total."], charts,
-        [html_table(["input", *sorted({g for s in comparison.group_shares.values() for g in s})],
-                    [[label, *[comparison.group_shares[label].get(g) for g in sorted(
-                        {g for s in comparison.group_shares.values() for g in s})]]
-                     for label in comparison.labels])])]
-    for pair in comparison.overlaps:
-        sections.append(section_html(
-            f"Subspace overlap {pair['a']} vs {pair['b']}",
-            [f"Mean over {pair['shared_modules']} shared modules: "
-             f"{pair['mean']:.3f}" if pair["mean"] is not None else "No shared modules.",
-             "φ = ‖U_aᵀU_b‖_F² / min(r_a, r_b) of the two ΔW's column spaces: 1 = the same "
-             "directions, near r/m = unrelated."], [],
-            [html_table(["module", "φ"], sorted(pair["modules"].items()))]))
-    sections += [section_html("Warnings", comparison.warnings, [])] if comparison.warnings else []
-    html_path = out / "compare.html"
-    html_path.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>tunelens compare · "
-        f"{escape(' vs '.join(comparison.labels))}</title></head><body>"
-        f"<h1 style='font-family:system-ui,sans-serif;max-width:1100px;margin:16px auto'>"
-        f"tunelens compare: {escape(' · '.join(comparison.labels))}</h1>"
-        + "\n".join(sections) + "</body></html>", encoding="utf-8")
-    return json_path, html_path, charts
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _profile_chart(comparison, path, figure, save_png):
-    fig = figure(8, 3.6)
-    ax = fig.add_subplot()
-    for i, label in enumerate(comparison.labels):
-        values = [math.nan if v is None else v for v in comparison.profiles[label]]
-        ax.plot(comparison.layers, values, marker="o", color=COLOURS[i % len(COLOURS)], label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("S_ℓ = Σ ‖ΔW‖_F")
-    ax.set_title("Per-layer change, overlaid", loc="left")
-    ax.legend(fontsize=8)
-    return save_png(fig, path)
-
-
-def _share_chart(comparison, path, figure, save_png):
-    groups = sorted({g for s in comparison.group_shares.values() for g in s})
-    fig = figure(7, 0.5 * len(comparison.labels) + 1.6)
-    ax = fig.add_subplot()
-    left = [0.0] * len(comparison.labels)
-    for i, group in enumerate(groups):
-        values = [comparison.group_shares[label].get(group, 0.0) for label in comparison.labels]
-        ax.barh(comparison.labels, values, left=left, color=COLOURS[i % len(COLOURS)], label=group)
-        left = [a + b for a, b in zip(left, values)]
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("share of Σ ‖ΔW‖_F")
-    ax.legend(fontsize=8, loc="lower right")
-    return save_png(fig, path)

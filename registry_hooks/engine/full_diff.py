@@ -20,10 +20,9 @@ from tqdm import tqdm
 
 from . import lora_math
 from . import module_metrics as M
-from .analysis import _histogram, _layers, _narrate, _top_neurons
+from .analysis import layer_profiles, top_neurons, value_histogram
 from .loading import AnalysisInputError, BaseModel
 from .naming import parse_module_path
-from tunelens.registry_hooks.report.narrative import glossary_for
 from .result import AdapterInfo, AnalysisResult, ModuleMetrics, Summary
 
 # Component leaf -> the matrix type of seed 002's heatmap rows.
@@ -326,8 +325,8 @@ def _matrix_diff(name, key, w_base, delta, total, settings, diff_settings, gener
     heatmap = None
     if delta.numel() <= diff_settings.heatmap_max_entries:
         # 4 significant digits, as the adapter path's heatmaps: a third of the JSON text
-        heatmap = M._heatmap(name, lora_math.block_means_dense(delta, settings.heatmap_size).double())
-    rows = M._top_rows(row_norms, settings.top_neurons)
+        heatmap = M.heatmap_record(name, lora_math.block_means_dense(delta, settings.heatmap_size).double())
+    rows = M.top_rows(row_norms, settings.top_neurons)
     analysis = M.ModuleAnalysis(metrics, heatmap, rows, _Population(m * n), total)
     diff = TensorDiff(key, [m, n], fro, base_fro, _ratio(fro, base_fro), spectral=spectral,
                       rank=rank, rank_at_least=rank_at_least,
@@ -372,7 +371,7 @@ def _intruders(w_base, delta, exact, settings, diff_settings, generator) -> int 
 
 def _result(tuned_model, base_model, analyses, diffs, samples, warnings, settings, diff_settings):
     finite = [a for a in analyses if a.metrics.nonfinite == 0]
-    layers = _layers(finite)
+    layers = layer_profiles(finite)
     magnitudes = [p.fro_sum for p in layers] or [a.metrics.fro for a in finite]
     group_fro: dict[str, float] = {}
     for a in finite:
@@ -394,20 +393,18 @@ def _result(tuned_model, base_model, analyses, diffs, samples, warnings, setting
                           base_model_name_or_path=config.get("_name_or_path") or str(base_model.path))
     result = AnalysisResult(
         adapter=adapter, summary=summary, modules=[a.metrics for a in analyses], layers=layers,
-        top_neurons=_top_neurons(finite, settings.top_neurons),
+        top_neurons=top_neurons(finite, settings.top_neurons),
         histogram=_sampled_histogram(finite, samples, settings),
-        heatmaps=[a.heatmap for a in finite if a.heatmap is not None], narrative=[], glossary={},
+        heatmaps=[a.heatmap for a in finite if a.heatmap is not None],
         base_model=str(base_model.path), warnings=warnings,
         full_diff=_section(tuned_model, base_model, diffs, diff_settings))
-    _narrate(result)  # narrative.py words a FULL result as a fine-tune, not an adapter
-    result.glossary = glossary_for(result)
     return result
 
 
 def _sampled_histogram(finite, samples, settings):
     """The histogram of the sampled entries; exact when the quotas took every entry (a population
     smaller than analysis.histogram_sample_entries)."""
-    histogram = _histogram(finite, False, samples, settings)
+    histogram = value_histogram(finite, False, samples, settings)
     if histogram.sample_size == histogram.total_entries:
         histogram = replace(histogram, exact=True, sample_size=None,
                             share_within_one_std_error=None)
@@ -450,30 +447,3 @@ def layer_type_grid(matrices: list[TensorDiff]) -> dict:
             "metrics": {metric: [[getattr(cells[(layer, t)], metric) if (layer, t) in cells
                                   else None for t in types] for layer in layers]
                         for metric in GRID_METRICS}}
-
-
-def write_full_diff(result: AnalysisResult, out_dir: str | Path, *,
-                    config: dict | None = None):
-    """write_analysis's files plus the layer × matrix type charts and a report section."""
-    from tunelens.registry_hooks.report.outputs import write_analysis
-    from tunelens.registry_hooks.report.sections import append_section, grid_heatmap, section_html
-
-    files = write_analysis(result, out_dir, config=config)
-    grid = result.full_diff["grid"]
-    charts = []
-    if grid["layers"]:
-        charts.append(grid_heatmap(grid["metrics"]["relative_fro"], grid["layers"],
-                                   grid["matrix_types"], "Relative change ‖ΔW‖_F / ‖W‖_F",
-                                   files.html_path.parent / "charts" / "full_diff_relative_change.png",
-                                   "relative change"))
-        charts.append(grid_heatmap(grid["metrics"]["spectral"], grid["layers"], grid["matrix_types"],
-                                   "Spectral norm ‖ΔW‖_2", files.html_path.parent / "charts" /
-                                   "full_diff_spectral_norm.png", "σ_1(ΔW)"))
-    reading = [f"Each cell is one weight matrix: rows are layers, columns matrix types "
-               f"({', '.join(grid['matrix_types'])}); blank where a layer has no such matrix. "
-               "The relative change ‖ΔW‖_F / ‖W‖_F says how far fine-tuning moved a matrix for "
-               "its size; the spectral norm σ_1(ΔW) is the most it stretches any one input "
-               "direction."] if grid["layers"] else []
-    append_section(files.html_path, section_html("Full fine-tune diff", reading, charts))
-    files.chart_paths.extend(charts)
-    return files

@@ -113,7 +113,7 @@ def _spectrum_metrics(singular: torch.Tensor, max_rank: int) -> dict:
                 rank_utilisation=eff / max_rank if max_rank else 0.0)
 
 
-def _heatmap(name: str, values: torch.Tensor, digits: int = 4) -> Heatmap:
+def heatmap_record(name: str, values: torch.Tensor, digits: int = 4) -> Heatmap:
     """A Heatmap record with values cut to `digits` significant digits: a picture needs no more,
     and analysis.json for a 224-module adapter shrinks from ~26 MB to a third."""
     values = values.cpu()
@@ -127,7 +127,7 @@ def _heatmap(name: str, values: torch.Tensor, digits: int = 4) -> Heatmap:
     return Heatmap(name, values.shape[0], values.shape[1], rounded.tolist())
 
 
-def _top_rows(norms: torch.Tensor, k: int) -> list[tuple[int, float]]:
+def top_rows(norms: torch.Tensor, k: int) -> list[tuple[int, float]]:
     values, rows = norms.topk(min(k, norms.numel()))
     return list(zip(rows.tolist(), values.tolist()))
 
@@ -166,8 +166,8 @@ def factored_module(name: str, where: ModulePath, left: torch.Tensor, right: tor
                             std=math.sqrt(variance), min=low, max=high, kind=kind,
                             **spectrum, **extra)
     heat = lora_math.block_means(left, right, scale, settings.heatmap_size)
-    return ModuleAnalysis(metrics, _heatmap(name, heat),
-                          _top_rows(lora_math.row_norms(left, right, scale), settings.top_neurons),
+    return ModuleAnalysis(metrics, heatmap_record(name, heat),
+                          top_rows(lora_math.row_norms(left, right, scale), settings.top_neurons),
                           entries, total)
 
 
@@ -185,8 +185,8 @@ def dense_module(name: str, where: ModulePath, delta: torch.Tensor, rank: int, k
                             min=float(delta.min()), max=float(delta.max()), kind=kind,
                             **spectrum, **extra)
     heat = lora_math.block_means_dense(delta, settings.heatmap_size)
-    return ModuleAnalysis(metrics, _heatmap(name, heat),
-                          _top_rows(delta.norm(dim=1), settings.top_neurons),
+    return ModuleAnalysis(metrics, heatmap_record(name, heat),
+                          top_rows(delta.norm(dim=1), settings.top_neurons),
                           DenseEntries(delta), float(delta.sum()))
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .result import ModuleMetrics
+
 PEFT_PREFIX = "base_model.model."
 
 # `<container>.<index>.` where the container is a stack of transformer blocks:
@@ -108,3 +110,21 @@ def _equal_parts(name: str, out_features: int, suffixes: tuple[str, ...]) -> Fus
         raise ValueError(f"{name} has {out_features} output rows, not divisible into "
                          f"{len(suffixes)} equal parts ({'/'.join(suffixes)})")
     return FusedSplit([(s, i * size, (i + 1) * size) for i, s in enumerate(suffixes)])
+
+
+# Attention roles by the last segment of a component path (after a fused projection's part
+# suffix): Llama/Mistral/Qwen/Gemma/Phi-3 *_proj, GPT-2 c_attn.q/k/v + c_proj, NeoX/Falcon dense.
+_ATTENTION_ROLES = {
+    "q_proj": "Q", "q": "Q", "query": "Q", "k_proj": "K", "k": "K", "key": "K",
+    "v_proj": "V", "v": "V", "value": "V", "o_proj": "O", "out_proj": "O", "c_proj": "O",
+    "dense": "O", "o": "O", "qkv_proj": "QKV", "c_attn": "QKV", "query_key_value": "QKV",
+    "Wqkv": "QKV",
+}
+ROLE_ORDER = ("Q", "K", "V", "O", "QKV")
+
+
+def attention_role(module: ModuleMetrics) -> str | None:
+    """Q, K, V, O (or QKV for an unsplit fused projection) for an attention module, else None."""
+    if module.group != "attention":
+        return None
+    return _ATTENTION_ROLES.get(module.component.rsplit(".", 1)[-1])

@@ -149,7 +149,8 @@ class Summary:
 
 @dataclass
 class AnalysisResult:
-    """Everything `tunelens analyze` found; `to_json()` is analysis.json."""
+    """Everything `tunelens analyze` found, numbers only: the report package words it (narrative,
+    glossary) and writes analysis.json from `to_dict()` plus those words."""
 
     adapter: AdapterInfo
     summary: Summary
@@ -158,8 +159,6 @@ class AnalysisResult:
     top_neurons: list[TopNeuron]
     histogram: Histogram
     heatmaps: list[Heatmap]
-    narrative: list[str]
-    glossary: dict[str, str]
     base_model: str | None = None  # the local base directory used, if any
     needs_base: list[str] = field(default_factory=list)  # metrics skipped for want of a base
     warnings: list[str] = field(default_factory=list)
@@ -170,10 +169,6 @@ class AnalysisResult:
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe(self)
-
-    def to_json(self, indent: int | None = None) -> str:
-        # Compact by default: only indent=None takes json's C encoder (about 1 s on an 8B adapter).
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AnalysisResult":

@@ -14,7 +14,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .narrative import ROLE_NAMES, ROLE_ORDER, attention_role, component_order, fmt
+from tunelens.registry_hooks.engine.naming import ROLE_ORDER, attention_role
+
+from .narrative import ROLE_NAMES, component_order, fmt
 from tunelens.registry_hooks.engine.result import AnalysisResult, ModuleMetrics
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",

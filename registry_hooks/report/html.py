@@ -16,8 +16,11 @@ from importlib import resources
 import numpy as np
 
 from .charts import chart_components
-from .narrative import (SECTION_TITLES, attention_role, glossary_for, is_full_finetune,
-                        narrate_layer, narrate_sections)
+from .document import analysis_document
+from tunelens.registry_hooks.engine.naming import attention_role
+
+from .narrative import (SECTION_TITLES, glossary_for, is_full_finetune, narrate_layer,
+                        narrate_sections)
 from tunelens.registry_hooks.engine.result import AnalysisResult
 
 DATA_ELEMENT_ID = "tunelens-data"
@@ -93,7 +96,7 @@ def report_payload(result: AnalysisResult, data: dict | None = None, *,
     max_heatmaps largest modules (None: all), so a 6000-expert adapter's page stays a few megabytes
     and its browser tab responsive. analysis.json keeps every one.
     """
-    data = dict(result.to_dict() if data is None else data)
+    data = dict(analysis_document(result) if data is None else data)
     keep = None if max_heatmaps is None else heatmap_modules(result, max_heatmaps)
     data["heatmaps"] = [{"module": h["module"], "rows": h["rows"], "cols": h["cols"],
                          "f32": encode_heatmap(h["values"])} for h in data["heatmaps"]
@@ -127,7 +130,7 @@ def heatmap_note(result: AnalysisResult, shown: int) -> str:
 
 def render_report(result: AnalysisResult, data: dict | None = None, *,
                   max_heatmaps: int | None = None) -> str:
-    """The full report.html text for `result` (`data`: its to_dict(), when already at hand), with
+    """The full report.html text for `result` (`data`: its analysis_document(), when at hand), with
     the heatmaps of at most max_heatmaps modules, the largest (None: all)."""
     full = is_full_finetune(result)
     base = result.adapter.base_model_name_or_path

@@ -9,6 +9,7 @@ import math
 from collections import Counter, defaultdict
 from statistics import fmean
 
+from tunelens.registry_hooks.engine.naming import ROLE_ORDER, attention_role
 from tunelens.registry_hooks.engine.result import AnalysisResult, ModuleMetrics
 
 NORMAL_SHARE_WITHIN_ONE_STD = 0.6827  # P(|x - μ| < σ) for a normal distribution
@@ -22,17 +23,8 @@ SAME_SIZE_RATIO = 1.1  # two sizes within this factor read as "about as much"
 AMPLIFICATION_HIGH = 2.0  # above: ΔW boosts directions W barely emphasised (LoRA paper, §7)
 TOP_NEURONS_READ = 10
 
-# Attention roles by the last segment of a component path (after a fused projection's part
-# suffix): Llama/Mistral/Qwen/Gemma/Phi-3 *_proj, GPT-2 c_attn.q/k/v + c_proj, NeoX/Falcon dense.
-_ATTENTION_ROLES = {
-    "q_proj": "Q", "q": "Q", "query": "Q", "k_proj": "K", "k": "K", "key": "K",
-    "v_proj": "V", "v": "V", "value": "V", "o_proj": "O", "out_proj": "O", "c_proj": "O",
-    "dense": "O", "o": "O", "qkv_proj": "QKV", "c_attn": "QKV", "query_key_value": "QKV",
-    "Wqkv": "QKV",
-}
 ROLE_NAMES = {"Q": "Query (Q)", "K": "Key (K)", "V": "Value (V)", "O": "Output (O)",
               "QKV": "fused Q/K/V"}
-ROLE_ORDER = ("Q", "K", "V", "O", "QKV")
 
 SECTION_TITLES = {
     "summary": "Overall footprint",
@@ -43,6 +35,7 @@ SECTION_TITLES = {
     "neurons": "Where specialisation concentrated",
     "base": "Compared with the base weights",
     "health": "Problems found",
+    "training": "How training moved",
 }
 
 GLOSSARY: dict[str, str] = {
@@ -140,13 +133,6 @@ FULL_GLOSSARY: dict[str, str] = {
 def glossary_for(result: AnalysisResult) -> dict[str, str]:
     """The glossary that matches the result: FULL_GLOSSARY for a full fine-tune diff."""
     return dict(FULL_GLOSSARY if is_full_finetune(result) else GLOSSARY)
-
-
-def attention_role(module: ModuleMetrics) -> str | None:
-    """Q, K, V, O (or QKV for an unsplit fused projection) for an attention module, else None."""
-    if module.group != "attention":
-        return None
-    return _ATTENTION_ROLES.get(module.component.rsplit(".", 1)[-1])
 
 
 def _group(name: str) -> str:
@@ -609,12 +595,24 @@ def _health(result: AnalysisResult) -> list[str]:
             f"and {_who(result)} will corrupt the model's outputs; retrain or check the export."]
 
 
+def _training(result: AnalysisResult) -> list[str]:
+    """Whether the last two checkpoints' ΔW column spaces agree: settled or still moving."""
+    steps = result.checkpoints["subspace_similarity"] if result.checkpoints else []
+    if not steps or steps[-1]["mean"] is None:
+        return []
+    last = steps[-1]
+    return [f"Between the last two checkpoints ({last['from']} → {last['to']}) ΔW's column spaces "
+            f"overlap {last['mean']:.2f} on average (1 = the same subspace): "
+            + ("training had settled on its directions." if last["mean"] > 0.9 else
+               "the directions were still moving.")]
+
+
 def narrate_sections(result: AnalysisResult) -> dict[str, list[str]]:
     """The narrative by report section (keys of SECTION_TITLES), empty sections left out."""
     sections = {
         "health": _health(result), "summary": _summary(result), "layers": _layers(result),
         "qkvo": _qkvo(result), "rank": _rank(result), "histogram": _histogram(result),
-        "neurons": _neurons(result), "base": _base(result),
+        "neurons": _neurons(result), "base": _base(result), "training": _training(result),
     }
     return {k: v for k, v in sections.items() if v}
 

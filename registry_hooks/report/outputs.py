@@ -12,6 +12,7 @@ from pathlib import Path
 from tunelens.config import load_config
 
 from .charts import render_charts
+from .document import analysis_document
 from .html import render_report
 from tunelens.registry_hooks.engine.result import AnalysisResult
 
@@ -32,9 +33,9 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
     settings = (config if config is not None else load_config())["analysis"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # to_dict() once for both files: on a 224-module adapter it is a second of CPU (the heatmaps).
-    # The text is exactly result.to_json()'s (tests/test_report.py checks it).
-    data = result.to_dict()
+    # The document once for both files: on a 224-module adapter it is a second of CPU (the
+    # heatmaps). The text is exactly analysis_json()'s (tests/test_report.py checks it).
+    data = analysis_document(result)
     json_path = out / "analysis.json"
     json_path.write_text(json.dumps(data, allow_nan=False), encoding="utf-8")
     html_path = out / "report.html"

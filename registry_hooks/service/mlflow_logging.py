@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from .base_resolution import BaseModelResolution
+from tunelens.registry_hooks.report.narrative import narrate
 from tunelens.registry_hooks.report.outputs import AnalysisFiles
 from tunelens.registry_hooks.engine.result import AnalysisResult
 
@@ -140,7 +141,7 @@ def description_section(result: AnalysisResult, experiment: str, run_id: str,
              + (f"; most changed: layer **{layer}**" if layer is not None else ""),
              f"- mean per-layer ‖ΔW‖_F (S_ℓ, summed over its matrices): **{summary.mean_delta_fro:.4g}**",
              f"- base model: {base.path or 'not found, adapter-only analysis'}"]
-    lines += [f"- {line}" for line in result.narrative[:3]]
+    lines += [f"- {line}" for line in narrate(result)[:3]]
     lines += ["", f"Report: [run {run_id[:8]}](#/experiments/{experiment}/runs/{run_id}), "
                   f"artifact `{ARTIFACT_DIR}/report.html`."]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Benchmark: base + LoRA adapter on 64 prompts, three ways. Issue 5 item 9.
+"""Benchmark: base + LoRA adapter on 64 prompts, three ways.
 
     .venv/bin/python benchmarks/bench_evaluate.py [--prompts 64] [--max-new-tokens 16] [--json OUT]
 

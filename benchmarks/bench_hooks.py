@@ -1,4 +1,4 @@
-"""Registration -> `done` on the embedded `tunelens server` (issue 4 item 9; goal: under 15 s).
+"""Registration -> `done` on the embedded `tunelens server` (goal: under 15 s).
 
 Starts a real `tunelens server` in a temporary data dir, builds a tiny Llama base and a real LoRA
 adapter (r=8 on q/k/v/o and the MLP, 2 layers), registers it N times through the normal MLflow

@@ -35,14 +35,14 @@ def run(args: argparse.Namespace) -> int:
     from tunelens.registry_hooks.report.outputs import write_analysis
 
     config, progress = load_config(args.config), not args.no_progress
-    if args.checkpoints:  # issue 3: training evolution (FULLDIFF helper's module)
+    if args.checkpoints:  # training evolution
         result = checkpoints.analyze_checkpoints(args.checkpoints, args.base, config=config,
                                                  progress=progress)
         files = write_checkpoints(result, args.out, config=config)
     elif args.adapter is None:
         raise full_diff.AnalysisInputError("give an ADAPTER directory (or a fine-tuned model "
                                            "directory with --base), or --checkpoints PATH")
-    elif full_diff.is_full_model_dir(args.adapter):  # issue 3: full fine-tune diff
+    elif full_diff.is_full_model_dir(args.adapter):  # a full fine-tune: diff every weight
         if not args.base:
             raise full_diff.AnalysisInputError(f"{args.adapter} is a full model directory, not an "
                                                "adapter: pass --base BASE_DIR to diff its weights")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = analyze_adapter(args.adapter, args.base, config=config, progress=progress)
         files = write_analysis(result, args.out, config=config)
-    if args.retune:  # issue 3 (FULLDIFF helper's module)
+    if args.retune:
         from tunelens.registry_hooks.engine.retune import write_retune_configs
 
         retune = write_retune_configs(result, files.html_path.parent / "retune")

@@ -1,4 +1,4 @@
-"""Issue 7's harness: bursts, crashes, restarts and floods against real processes, then an audit.
+"""The reliability harness: bursts, crashes, restarts and floods against real processes, then an audit.
 
 Shared by tests/test_reliability.py (bounded sizes, in `make test`) and
 benchmarks/bench_reliability.py (the full sizes whose figures RELIABILITY.md quotes). Everything is

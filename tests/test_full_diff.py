@@ -65,7 +65,7 @@ def test_exact_metrics_match_dense_reference(pair):
         assert d["energy_rank_90"] == lora_math.energy_rank(singular, 0.9)
         assert m.intruder_dimensions == lora_math.intruder_dimensions(w, w + delta, 10, 0.5)
         assert m.min == pytest.approx(float(delta.min())) and m.max == pytest.approx(float(delta.max()))
-    # seed 002's grid: layer × matrix type, relative change where the noise went, 0 elsewhere
+    # the grid: layer × matrix type, relative change where the noise went, 0 elsewhere
     grid = result.full_diff["grid"]
     assert grid["layers"] == [0, 1] and grid["matrix_types"] == ["q", "k", "v", "o", "gate", "up", "down"]
     rel = grid["metrics"]["relative_fro"]

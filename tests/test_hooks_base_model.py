@@ -1,4 +1,4 @@
-"""Base-model resolution follows issue 4 item 5's order, on a real MLflow server; nothing is fetched."""
+"""Base-model resolution follows its documented order (docs/hooks.md), on a real MLflow server; nothing is fetched."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""issue 5 item 7: with hooks.evaluate_on_registration and promotion.auto_promote on, registering a
+"""With hooks.evaluate_on_registration and promotion.auto_promote on, registering a
 version of a model tagged tunelens.eval_dataset gets it analysed, evaluated and (on PROMOTE) promoted
 by the hook worker alone."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile adapters (issue 7 item 3): the corpus in tests/data/hostile, built by
+"""Hostile adapters: the corpus in tests/data/hostile, built by
 tests/hostile/build_corpus.py, through the CLI and through a real MLflow server and `tunelens hooks`
 process. Each case ends as one readable line naming the file (or `done` where the case is
 legitimate, as cases.json says), nothing an upload carries ever runs, the service keeps serving and

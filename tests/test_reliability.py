@@ -1,4 +1,4 @@
-"""Issue 7, bounded: a burst on PostgreSQL with two hook processes, SIGKILLs + an MLflow restart + a
+"""Reliability, bounded: a burst on PostgreSQL with two hook processes, SIGKILLs + an MLflow restart + a
 stopped hook service, and a forged-webhook flood. Full sizes: benchmarks/bench_reliability.py."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Targeted re-tuning configs (seed 003): ranking by S_ℓ per group, files PEFT loads and applies."""
+"""Targeted re-tuning configs: ranking by S_ℓ per group, files PEFT loads and applies."""
 from __future__ import annotations
 
 import json

@@ -132,7 +132,7 @@ def test_warning_when_too_few_rows_disagree_and_none_when_significant():
     assert "only 3 rows where the models disagree" in small.warning
     assert "needs at least 6" in small.warning and "too small to decide on 8 rows" in small.warning
     assert small.power.min_detectable_gain is None
-    base, other = paired_rows(1, 0, 6, 3)  # seed 004: 10% -> 70% on ten rows
+    base, other = paired_rows(1, 0, 6, 3)  # a grammar fine-tune's jump: 10% -> 70% on ten rows
     decisive = compare_paired(scores("base", base), scores("ft", other))
     assert decisive.mcnemar.p_value == pytest.approx(1 / 32)
     assert decisive.warning is None

@@ -246,7 +246,7 @@ def _adapter_info(contents: AdapterContents) -> AdapterInfo:
 
 
 def layer_profiles(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
-    """Seed 003's S_ℓ = Σ_components ‖ΔW‖_F per layer, with its components, groups and Q/K/V/O."""
+    """S_ℓ = Σ_components ‖ΔW‖_F per layer, with its components, groups and Q/K/V/O."""
     by_layer: dict[int, LayerProfile] = {}
     for a in finite:
         m = a.metrics

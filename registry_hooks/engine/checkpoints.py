@@ -1,4 +1,4 @@
-"""Training evolution over LoRA checkpoints (seed 001): how A, B and ΔW moved from step to step.
+"""Training evolution over LoRA checkpoints: how A, B and ΔW moved from step to step.
 
 The input is a folder of PEFT `checkpoint-*` folders (Trainer's output_dir), or adapter directories
 in training order (at least two: e.g. the initial and the final adapter). The final checkpoint gets
@@ -63,7 +63,7 @@ def find_checkpoints(paths: list[str | Path]) -> list[Checkpoint]:
 
 
 def change_stats(delta: torch.Tensor) -> dict[str, float]:
-    """Seed 001's change of one matrix: mean(Δ), var(Δ), mean(|Δ|), var(|Δ|) (population var)."""
+    """The change of one matrix since the reference: mean(Δ), var(Δ), mean(|Δ|), var(|Δ|) (population var)."""
     magnitude = delta.abs()
     return {"mean": float(delta.mean()), "var": float(delta.var(correction=0)),
             "abs_mean": float(magnitude.mean()), "abs_var": float(magnitude.var(correction=0))}
@@ -158,7 +158,7 @@ def _mean_min(values: list[float]) -> dict:
 
 
 def _layer_evolution(modules: list[dict], count: int) -> list[dict]:
-    """Per layer and checkpoint: A's and B's change stats averaged over its matrices (seed 001) and
+    """Per layer and checkpoint: A's and B's change stats averaged over its matrices, and
     S_ℓ = Σ ‖ΔW‖_F."""
     layers: dict[int, list[dict]] = {}
     for m in modules:

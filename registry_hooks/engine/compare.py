@@ -118,7 +118,7 @@ def _unique_labels(labels: list[str]) -> list[str]:
 
 
 def _group_shares(result: AnalysisResult) -> dict[str, float]:
-    """Each group's share of Σ‖ΔW‖_F (attention vs MLP, seed 003)."""
+    """Each group's share of Σ‖ΔW‖_F (attention vs MLP)."""
     total = sum(v for v in result.summary.group_fro.values() if math.isfinite(v))
     return {g: v / total for g, v in result.summary.group_fro.items()} if total > 0 else {}
 

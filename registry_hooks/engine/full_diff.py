@@ -25,7 +25,7 @@ from .loading import AnalysisInputError, BaseModel
 from .naming import parse_module_path
 from .result import AdapterInfo, AnalysisResult, ModuleMetrics, Summary
 
-# Component leaf -> the matrix type of seed 002's heatmap rows.
+# Component leaf -> the matrix type naming a column of the layer × matrix type grid.
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
                 "up_proj": "up", "down_proj": "down", "c_attn": "qkv", "qkv_proj": "qkv",
                 "query_key_value": "qkv", "dense": "o", "c_proj": "proj", "c_fc": "fc",
@@ -412,7 +412,7 @@ def _sampled_histogram(finite, samples, settings):
 
 
 def _section(tuned_model, base_model, diffs: list[TensorDiff], diff_settings) -> dict:
-    """analysis.json's `full_diff`: per tensor facts and seed 002's layer × matrix type grid."""
+    """analysis.json's `full_diff`: per tensor facts and the layer × matrix type grid."""
     matrices = [d for d in diffs if len(d.shape) == 2]
     base_fro = math.sqrt(sum(d.base_fro ** 2 for d in diffs))
     delta_fro = math.sqrt(sum(d.fro ** 2 for d in diffs))

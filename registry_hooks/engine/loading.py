@@ -518,7 +518,7 @@ class BaseModel:
         return self._shapes[key]
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One tensor as stored (dtype and orientation), read from its shard (full diffs, issue 3)."""
+        """One tensor as stored (dtype and orientation), read from its shard (full diffs)."""
         try:
             return self._handles[self._file_of[key]].get_tensor(key)
         except Exception as exc:

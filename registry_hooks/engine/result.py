@@ -71,13 +71,13 @@ class ModuleMetrics:
 
 @dataclass
 class LayerProfile:
-    """Seed 003's S_ℓ: the sum over components of ‖ΔW‖_F in one layer, and its parts."""
+    """S_ℓ, the sum over components of ‖ΔW‖_F in one layer, and its parts."""
 
     layer: int
     fro_sum: float
     components: dict[str, float]
     groups: dict[str, float]
-    # Seed 000's Q/K/V/O breakdown: Σ ‖ΔW‖_F per attention role ("QKV" = an unsplit fused one).
+    # The Q/K/V/O breakdown: Σ ‖ΔW‖_F per attention role ("QKV" = an unsplit fused one).
     roles: dict[str, float] = field(default_factory=dict)
 
 
@@ -130,7 +130,7 @@ class Heatmap:
 class Summary:
     """The headline numbers of an adapter.
 
-    mean_delta_fro / max_delta_fro are over the modified layers' S_ℓ = Σ ‖ΔW‖_F (seed 000's "mean ΔW
+    mean_delta_fro / max_delta_fro are over the modified layers' S_ℓ = Σ ‖ΔW‖_F (the "mean ΔW
     magnitude"), or over modules when no module sits in a numbered layer. trainable_share is
     trainable_params / base_params; mean_rank_utilisation averages effective_rank / max rank.
     """

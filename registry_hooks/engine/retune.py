@@ -1,4 +1,4 @@
-"""Targeted re-tuning (seed 003): the layers where learning landed, as ready PEFT LoraConfig files.
+"""Targeted re-tuning: the layers where learning landed, as ready PEFT LoraConfig files.
 
 Layers are ranked by S_ℓ = Σ ‖ΔW‖_F over one group's components (attention and MLP separately);
 "soloist" re-tunes the top layer alone, "ensemble" the top three. Each JSON file loads with

@@ -323,7 +323,7 @@ def _full_layers(result: AnalysisResult) -> list[str]:
 
 
 def _full_rank(result: AnalysisResult) -> list[str]:
-    """The rank of a full fine-tune's ΔW (seed 002's relative rank)."""
+    """The rank of a full fine-tune's ΔW (its rank relative to min(m, n))."""
     section = result.full_diff or {}
     tensors = section.get("tensors", [])
     ranks = sorted(d["relative_rank"] for d in tensors if d.get("relative_rank") is not None)

@@ -71,7 +71,7 @@ def html_table(header: list[str], rows: list[list]) -> str:
 
 def grid_heatmap(values: list[list[float | None]], rows: list, cols: list, title: str,
                  path: Path, colour_label: str) -> Path:
-    """A layer × column heatmap (seed 002's relative change by layer and matrix type)."""
+    """A layer × column heatmap (e.g. relative change by layer and matrix type)."""
     array = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
     fig = figure(max(4.0, 0.7 * len(cols) + 2.5), max(3.0, 0.28 * len(rows) + 1.5))
     ax = fig.add_subplot()

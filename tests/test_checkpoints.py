@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from factories import make_lora_adapter, train_lora_checkpoints
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.engine.checkpoints import checkpoint_evolution, find_checkpoints
+from tunelens.registry_hooks.engine.result import CheckpointEvolution, json_safe
 from cli_support import assert_one_line_error
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -39,7 +40,9 @@ def _column_space(delta):
 
 
 def test_evolution_matches_dense_reference(run_dir):
-    section = checkpoint_evolution([run_dir], progress=False)
+    evolution = checkpoint_evolution([run_dir], progress=False)
+    assert isinstance(evolution, CheckpointEvolution)
+    section = json_safe(evolution)  # as analysis.json holds it
     labels = [c["label"] for c in section["checkpoints"]]
     assert labels == ["checkpoint-0", "checkpoint-2", "checkpoint-4"]
     assert [c["step"] for c in section["checkpoints"]] == [0, 2, 4]
@@ -63,7 +66,7 @@ def test_evolution_matches_dense_reference(run_dir):
         u1, u2 = _column_space(deltas[1]), _column_space(deltas[2])
         expected = float((u1.T @ u2).square().sum()) / min(u1.shape[1], u2.shape[1])
         assert record["subspace_similarity"][1] == pytest.approx(expected, rel=1e-6)
-        assert record["subspace_similarity"][0] != record["subspace_similarity"][0]  # NaN: ΔW₀ = 0
+        assert record["subspace_similarity"][0] is None  # NaN (ΔW₀ = 0), null in analysis.json
     # per layer: A/B stats averaged over the layer's matrices, S_ℓ summed
     layer0 = section["layers"][0]
     members = [m for m in modules.values() if m["layer"] == 0]

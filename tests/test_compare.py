@@ -57,12 +57,12 @@ def test_compare_against_dense_reference(adapters, llama_base):
     shares = comparison.group_shares["domain-a#1"]
     assert sum(shares.values()) == pytest.approx(1.0) and 0 < shares["attention"] < 1
     assert attention > 0
-    ab = next(p for p in comparison.overlaps if {p["a"], p["b"]} == {"domain-a#1", "domain-b"})
-    assert set(ab["modules"]) == set(dense_b)  # only modules both adapters train
-    for name, phi in ab["modules"].items():
+    ab = next(p for p in comparison.overlaps if {p.a, p.b} == {"domain-a#1", "domain-b"})
+    assert set(ab.modules) == set(dense_b)  # only modules both adapters train
+    for name, phi in ab.modules.items():
         assert phi == pytest.approx(_phi(dense_a[name], dense_b[name]), rel=1e-5)
-    same = next(p for p in comparison.overlaps if {p["a"], p["b"]} == {"domain-a#1", "domain-a#3"})
-    assert same["mean"] == pytest.approx(1.0)
+    same = next(p for p in comparison.overlaps if {p.a, p.b} == {"domain-a#1", "domain-a#3"})
+    assert same.mean == pytest.approx(1.0)
 
 
 def test_cli_report_with_an_analysis_json(adapters, tmp_path, capsys):

@@ -14,8 +14,7 @@ from factories import perturbed_copy
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.engine import lora_math
 from tunelens.registry_hooks.engine.full_diff import diff_models, randomized_svd, stratified_positions
-from tunelens.registry_hooks.report.full_diff_page import write_full_diff
-from tunelens.registry_hooks.engine.result import AnalysisResult
+from tunelens.registry_hooks.engine.result import AnalysisResult, json_safe
 from cli_support import assert_one_line_error
 
 SCALES = {"layers.1.mlp.down_proj": 0.05, "layers.0.self_attn.q_proj": 0.01,
@@ -45,7 +44,7 @@ def test_exact_metrics_match_dense_reference(pair):
     result = diff_models(tuned, base, progress=False)
     dense = _dense(base, tuned)
     modules = {m.name + ".weight": m for m in result.modules}
-    diffs = {d["name"]: d for d in result.full_diff["tensors"]}
+    diffs = {d["name"]: d for d in json_safe(result.full_diff)["tensors"]}
     changed = [k for k, (_, d) in dense.items() if d.abs().max() > 0]
     assert sorted(changed) == sorted(k for k in diffs if diffs[k]["fro"] > 0)
     for key in changed:
@@ -66,13 +65,13 @@ def test_exact_metrics_match_dense_reference(pair):
         assert m.intruder_dimensions == lora_math.intruder_dimensions(w, w + delta, 10, 0.5)
         assert m.min == pytest.approx(float(delta.min())) and m.max == pytest.approx(float(delta.max()))
     # the grid: layer × matrix type, relative change where the noise went, 0 elsewhere
-    grid = result.full_diff["grid"]
+    grid = json_safe(result.full_diff)["grid"]
     assert grid["layers"] == [0, 1] and grid["matrix_types"] == ["q", "k", "v", "o", "gate", "up", "down"]
     rel = grid["metrics"]["relative_fro"]
     assert rel[1][6] == pytest.approx(diffs["model.layers.1.mlp.down_proj.weight"]["relative_fro"])
     assert rel[0][0] > 0 and rel[1][2] > 0 and rel[0][4] == 0.0
     assert result.summary.layers_modified == [0, 1]
-    assert result.full_diff["tensors_unchanged"] == len(dense) - len(changed)
+    assert result.full_diff.tensors_unchanged == len(dense) - len(changed)
 
 
 def test_randomized_path_agrees_with_dense(pair):
@@ -88,7 +87,7 @@ def test_randomized_path_agrees_with_dense(pair):
         # isotropic noise has a flat spectrum: the worst case for a randomized SVD
         assert m.spectral == pytest.approx(float(singular[0]), rel=0.05)
         assert m.singular_values == pytest.approx(singular[:4].tolist(), rel=0.08)
-    noisy = next(d for d in result.full_diff["tensors"] if d["name"].endswith("down_proj.weight")
+    noisy = next(d for d in json_safe(result.full_diff)["tensors"] if d["name"].endswith("down_proj.weight")
                  and d["fro"] > 0)
     # isotropic noise is high-rank: 4 values cannot reach 90% energy nor bound the rank
     assert noisy["energy_rank_90"] is None and noisy["rank"] is None and noisy["rank_at_least"] == 4
@@ -121,7 +120,7 @@ def test_cli_writes_full_diff_outputs_and_round_trips(pair, tmp_path, capsys):
     data = json.loads((out / "analysis.json").read_text())
     assert data["schema"] == "tunelens.analysis/1" and data["adapter"]["peft_type"] == "FULL"
     assert data["full_diff"]["grid"]["layers"] == [0, 1]
-    assert AnalysisResult.from_dict(data).full_diff == data["full_diff"]
+    assert json_safe(AnalysisResult.from_dict(data).full_diff) == data["full_diff"]
     html = (out / "report.html").read_text()
     assert "Full fine-tune diff" in html and "data:image/png;base64," in html
     assert (out / "charts" / "full_diff_relative_change.png").stat().st_size > 1000

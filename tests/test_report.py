@@ -340,7 +340,7 @@ def test_full_finetune_report_speaks_of_the_fine_tune_not_an_adapter(llama_base,
     assert (f"The fine-tune changed {changed:,} of the base model's {result.summary.base_params:,} "
             f"parameters") in sentences[0 if not data["sections"].get("health") else 1]
     assert "2 of " in sentences[0] and "weight matrices moved" in sentences[0]
-    total = result.full_diff["relative_fro_total"]
+    total = result.full_diff.relative_fro_total
     assert f"Overall the weights moved by {100 * total:.3f}% of their norm" in text
     assert f"The largest relative change is layer 1's up matrix ({100 * up.relative_fro:.3f}%)" in text
     assert "the up matrices moved most" in text and "largest in layer 1" in text

@@ -21,7 +21,8 @@ from .analysis import analyze_adapter
 from .loading import AdapterContents, AnalysisInputError, find_adapter_dir, open_adapter
 from .module_metrics import AnalysisSettings
 from .naming import parse_module_path
-from .result import AnalysisResult
+from .result import (AnalysisResult, ChangeStats, CheckpointEvolution, CheckpointRef,
+                     LayerEvolution, ModuleEvolution, SimilarityStep)
 
 _STEP = re.compile(r"checkpoint-(\d+)$")
 STAT_NAMES = ("mean", "var", "abs_mean", "abs_var")
@@ -62,11 +63,11 @@ def find_checkpoints(paths: list[str | Path]) -> list[Checkpoint]:
     return found
 
 
-def change_stats(delta: torch.Tensor) -> dict[str, float]:
-    """The change of one matrix since the reference: mean(Δ), var(Δ), mean(|Δ|), var(|Δ|) (population var)."""
+def change_stats(delta: torch.Tensor) -> ChangeStats:
+    """mean(Δ), var(Δ), mean(|Δ|), var(|Δ|) of one matrix's change (population variances)."""
     magnitude = delta.abs()
-    return {"mean": float(delta.mean()), "var": float(delta.var(correction=0)),
-            "abs_mean": float(magnitude.mean()), "abs_var": float(magnitude.var(correction=0))}
+    return ChangeStats(mean=float(delta.mean()), var=float(delta.var(correction=0)),
+                       abs_mean=float(magnitude.mean()), abs_var=float(magnitude.var(correction=0)))
 
 
 def subspace_similarity(u_first: torch.Tensor, u_second: torch.Tensor) -> float:
@@ -108,7 +109,7 @@ def _open_all(checkpoints: list[Checkpoint]) -> list[AdapterContents]:
 
 
 def checkpoint_evolution(paths: list[str | Path], *, config: dict | None = None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True) -> CheckpointEvolution:
     """analysis.json's `checkpoints` section: per module and per layer, every checkpoint."""
     settings = AnalysisSettings.from_config(config)
     checkpoints = find_checkpoints(paths)
@@ -120,16 +121,16 @@ def checkpoint_evolution(paths: list[str | Path], *, config: dict | None = None,
         for module in opened[0].modules:
             modules.append(_module_evolution(module.name, opened))
             bar.update()
-    pairs = [{"from": checkpoints[i].label, "to": checkpoints[i + 1].label,
-              **_mean_min([m["subspace_similarity"][i] for m in modules])}
+    pairs = [_similarity_step(checkpoints[i].label, checkpoints[i + 1].label,
+                              [m.subspace_similarity[i] for m in modules])
              for i in range(len(checkpoints) - 1)]
-    return {"checkpoints": [{"label": c.label, "path": str(c.path), "step": c.step}
-                            for c in checkpoints],
-            "reference": checkpoints[0].label, "modules": modules,
-            "layers": _layer_evolution(modules, len(checkpoints)), "subspace_similarity": pairs}
+    return CheckpointEvolution(
+        checkpoints=[CheckpointRef(c.label, str(c.path), c.step) for c in checkpoints],
+        reference=checkpoints[0].label, modules=modules,
+        layers=_layer_evolution(modules, len(checkpoints)), subspace_similarity=pairs)
 
 
-def _module_evolution(name: str, opened: list[AdapterContents]) -> dict:
+def _module_evolution(name: str, opened: list[AdapterContents]) -> ModuleEvolution:
     states = []
     for contents in opened:
         module = next(m for m in contents.modules if m.name == name)
@@ -140,47 +141,47 @@ def _module_evolution(name: str, opened: list[AdapterContents]) -> dict:
     a0, b0 = states[0][0], states[0][1]
     spaces = [column_space(left, right, scale) for _, _, left, right, scale in states]
     where = parse_module_path(name)
-    return {
-        "name": name, "layer": where.layer, "component": where.component, "group": where.group,
-        "A": [change_stats(a - a0) for a, *_ in states],
-        "B": [change_stats(b - b0) for _, b, *_ in states],
-        "delta_fro": [lora_math.frobenius(lora_math.factored_svd(left, right, scale)[1])
-                      for _, _, left, right, scale in states],
-        "subspace_similarity": [subspace_similarity(spaces[i], spaces[i + 1])
-                                for i in range(len(spaces) - 1)],
-    }
+    return ModuleEvolution(
+        name=name, layer=where.layer, component=where.component, group=where.group,
+        A=[change_stats(a - a0) for a, *_ in states],
+        B=[change_stats(b - b0) for _, b, *_ in states],
+        delta_fro=[lora_math.frobenius(lora_math.factored_svd(left, right, scale)[1])
+                   for _, _, left, right, scale in states],
+        subspace_similarity=[subspace_similarity(spaces[i], spaces[i + 1])
+                             for i in range(len(spaces) - 1)])
 
 
-def _mean_min(values: list[float]) -> dict:
+def _similarity_step(first: str, second: str, values: list[float]) -> SimilarityStep:
+    """Mean and min of φ over the modules where it is defined."""
     finite = [v for v in values if math.isfinite(v)]
-    return {"mean": sum(finite) / len(finite) if finite else None,
-            "min": min(finite) if finite else None, "modules": len(finite)}
+    return SimilarityStep(from_=first, to=second, mean=sum(finite) / len(finite) if finite else None,
+                          min=min(finite) if finite else None, modules=len(finite))
 
 
-def _layer_evolution(modules: list[dict], count: int) -> list[dict]:
+def _layer_evolution(modules: list[ModuleEvolution], count: int) -> list[LayerEvolution]:
     """Per layer and checkpoint: A's and B's change stats averaged over its matrices, and
     S_ℓ = Σ ‖ΔW‖_F."""
-    layers: dict[int, list[dict]] = {}
+    layers: dict[int, list[ModuleEvolution]] = {}
     for m in modules:
-        if m["layer"] is not None:
-            layers.setdefault(m["layer"], []).append(m)
-    out = []
-    for layer in sorted(layers):
-        members = layers[layer]
-        record = {"layer": layer, "delta_fro": [sum(m["delta_fro"][i] for m in members)
-                                                for i in range(count)]}
-        for matrix in ("A", "B"):
-            record[matrix] = {stat: [sum(m[matrix][i][stat] for m in members) / len(members)
-                                     for i in range(count)] for stat in STAT_NAMES}
-        out.append(record)
-    return out
+        if m.layer is not None:
+            layers.setdefault(m.layer, []).append(m)
+
+    def averaged(members: list[ModuleEvolution], matrix: str) -> dict[str, list[float]]:
+        return {stat: [sum(getattr(getattr(m, matrix)[i], stat) for m in members) / len(members)
+                       for i in range(count)] for stat in STAT_NAMES}
+
+    return [LayerEvolution(layer=layer,
+                           delta_fro=[sum(m.delta_fro[i] for m in layers[layer])
+                                      for i in range(count)],
+                           A=averaged(layers[layer], "A"), B=averaged(layers[layer], "B"))
+            for layer in sorted(layers)]
 
 
 def analyze_checkpoints(paths: list[str | Path], base: str | Path | None = None, *,
                         config: dict | None = None, progress: bool = True) -> AnalysisResult:
     """The final checkpoint's full analysis with the evolution attached as `checkpoints`."""
     section = checkpoint_evolution(paths, config=config, progress=progress)
-    result = analyze_adapter(section["checkpoints"][-1]["path"], base, config=config,
+    result = analyze_adapter(section.checkpoints[-1].path, base, config=config,
                              progress=progress)
     result.checkpoints = section
     return result

@@ -33,6 +33,17 @@ class Compared:
 
 
 @dataclass
+class SubspaceOverlap:
+    """Two adapters' ΔW column spaces, module by module: φ = ‖U_aᵀU_b‖_F² / min(r_a, r_b)."""
+
+    a: str
+    b: str
+    modules: dict[str, float]  # module name -> φ
+    mean: float | None  # over the modules where φ is defined
+    shared_modules: int
+
+
+@dataclass
 class Comparison:
     """compare.json: per input the profile and shares; per pair of adapters the subspace overlaps."""
 
@@ -41,7 +52,7 @@ class Comparison:
     layers: list[int]
     profiles: dict[str, list[float | None]]  # label -> S_ℓ per entry of `layers`
     group_shares: dict[str, dict[str, float]]  # label -> group -> share of Σ‖ΔW‖_F
-    overlaps: list[dict] = field(default_factory=list)  # {a, b, modules: {name: φ}, mean}
+    overlaps: list[SubspaceOverlap] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     schema: str = COMPARE_SCHEMA
 
@@ -123,7 +134,7 @@ def _group_shares(result: AnalysisResult) -> dict[str, float]:
     return {g: v / total for g, v in result.summary.group_fro.items()} if total > 0 else {}
 
 
-def module_overlaps(a: Compared, b: Compared) -> dict:
+def module_overlaps(a: Compared, b: Compared) -> SubspaceOverlap:
     """φ = ‖U_aᵀU_b‖_F²/min(r_a, r_b) of ΔW's column spaces for every module both adapters train."""
     first, second = open_adapter(a.adapter_dir), open_adapter(b.adapter_dir)
     theirs = {m.name: m for m in second.modules}
@@ -137,6 +148,6 @@ def module_overlaps(a: Compared, b: Compared) -> dict:
         space_b = column_space(*other.factors(second.tensors, cpu), other.scale)
         modules[module.name] = subspace_similarity(space_a, space_b)
     finite = [v for v in modules.values() if math.isfinite(v)]
-    return {"a": a.label, "b": b.label, "modules": modules,
-            "mean": sum(finite) / len(finite) if finite else None,
-            "shared_modules": len(modules)}
+    return SubspaceOverlap(a=a.label, b=b.label, modules=modules,
+                           mean=sum(finite) / len(finite) if finite else None,
+                           shared_modules=len(modules))

@@ -23,7 +23,8 @@ from . import module_metrics as M
 from .analysis import layer_profiles, top_neurons, value_histogram
 from .loading import AnalysisInputError, BaseModel
 from .naming import parse_module_path
-from .result import AdapterInfo, AnalysisResult, ModuleMetrics, Summary
+from .result import (AdapterInfo, AnalysisResult, FullDiffSection, LayerTypeGrid, ModuleMetrics,
+                     Summary, TensorDiff)
 
 # Component leaf -> the matrix type naming a column of the layer × matrix type grid.
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
@@ -55,26 +56,6 @@ class FullDiffSettings:
             raise AnalysisInputError("full_diff.power_iterations must be at least 2 (fewer "
                                      "misestimate the spectral norm by tens of percent)")
         return settings
-
-
-@dataclass
-class TensorDiff:
-    """One tensor's change: ‖ΔW‖_F, ‖W‖_F and, for matrices, rank facts the ModuleMetrics lacks."""
-
-    name: str
-    shape: list[int]
-    fro: float
-    base_fro: float
-    relative_fro: float
-    spectral: float | None = None
-    rank: int | None = None  # numerical rank of ΔW: #σ_i > rank_rtol·σ_1; None when only bounded
-    rank_at_least: int | None = None  # set instead of `rank` when the computed σ's are all above
-    relative_rank: float | None = None  # rank / min(m, n)
-    energy_rank_90: int | None = None  # None when the top singular values hold < 90% of ‖ΔW‖_F²
-    spectrum_exact: bool = True
-    # False: counted against W's top intruder_reference_k vectors (an upper bound); the count is
-    # None for large matrices unless full_diff.intruders_randomized is on
-    intruders_exact: bool = True
 
 
 def randomized_svd(terms: list[torch.Tensor], k: int, oversample: int, power_iterations: int,
@@ -411,20 +392,16 @@ def _sampled_histogram(finite, samples, settings):
     return histogram
 
 
-def _section(tuned_model, base_model, diffs: list[TensorDiff], diff_settings) -> dict:
+def _section(tuned_model, base_model, diffs: list[TensorDiff], diff_settings) -> FullDiffSection:
     """analysis.json's `full_diff`: per tensor facts and the layer × matrix type grid."""
     matrices = [d for d in diffs if len(d.shape) == 2]
     base_fro = math.sqrt(sum(d.base_fro ** 2 for d in diffs))
     delta_fro = math.sqrt(sum(d.fro ** 2 for d in diffs))
-    return {
-        "finetuned_model": str(tuned_model.path), "base_model": str(base_model.path),
-        "settings": asdict(diff_settings),
-        "relative_fro_total": _ratio(delta_fro, base_fro),
-        "tensors_compared": len(diffs),
-        "tensors_unchanged": sum(1 for d in diffs if d.fro == 0),
-        "tensors": [asdict(d) for d in diffs],
-        "grid": layer_type_grid(matrices),
-    }
+    return FullDiffSection(
+        finetuned_model=str(tuned_model.path), base_model=str(base_model.path),
+        settings=asdict(diff_settings), relative_fro_total=_ratio(delta_fro, base_fro),
+        tensors_compared=len(diffs), tensors_unchanged=sum(1 for d in diffs if d.fro == 0),
+        tensors=diffs, grid=layer_type_grid(matrices))
 
 
 def matrix_type(component: str) -> str:
@@ -433,7 +410,7 @@ def matrix_type(component: str) -> str:
     return MATRIX_TYPES.get(leaf, leaf)
 
 
-def layer_type_grid(matrices: list[TensorDiff]) -> dict:
+def layer_type_grid(matrices: list[TensorDiff]) -> LayerTypeGrid:
     """Per layer × matrix type values of GRID_METRICS (null where a layer lacks that type)."""
     cells: dict[tuple[int, str], TensorDiff] = {}
     for d in matrices:
@@ -443,7 +420,7 @@ def layer_type_grid(matrices: list[TensorDiff]) -> dict:
     layers = sorted({layer for layer, _ in cells})
     present = {t for _, t in cells}
     types = [t for t in TYPE_ORDER if t in present] + sorted(present - set(TYPE_ORDER))
-    return {"layers": layers, "matrix_types": types,
-            "metrics": {metric: [[getattr(cells[(layer, t)], metric) if (layer, t) in cells
-                                  else None for t in types] for layer in layers]
-                        for metric in GRID_METRICS}}
+    return LayerTypeGrid(layers=layers, matrix_types=types,
+                         metrics={metric: [[getattr(cells[(layer, t)], metric)
+                                            if (layer, t) in cells else None for t in types]
+                                           for layer in layers] for metric in GRID_METRICS})

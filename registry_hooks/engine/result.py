@@ -6,7 +6,6 @@ JSON, HTML, MLflow. Nothing downstream recomputes what is here; everything downs
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +147,137 @@ class Summary:
 
 
 @dataclass
+class TensorDiff:
+    """One tensor's change: ‖ΔW‖_F, ‖W‖_F and, for matrices, rank facts the ModuleMetrics lacks."""
+
+    name: str
+    shape: list[int]
+    fro: float
+    base_fro: float
+    relative_fro: float
+    spectral: float | None = None
+    rank: int | None = None  # numerical rank of ΔW: #σ_i > rank_rtol·σ_1; None when only bounded
+    rank_at_least: int | None = None  # set instead of `rank` when the computed σ's are all above
+    relative_rank: float | None = None  # rank / min(m, n)
+    energy_rank_90: int | None = None  # None when the top singular values hold < 90% of ‖ΔW‖_F²
+    spectrum_exact: bool = True
+    # False: counted against W's top intruder_reference_k vectors (an upper bound); the count is
+    # None for large matrices unless full_diff.intruders_randomized is on
+    intruders_exact: bool = True
+
+
+@dataclass
+class LayerTypeGrid:
+    """Per layer × matrix type values of each grid metric (None where a layer lacks that type)."""
+
+    layers: list[int]
+    matrix_types: list[str]
+    metrics: dict[str, list[list[float | None]]]
+
+    def rows(self, metric: str) -> list[list[float | None]]:
+        return self.metrics.get(metric) or []
+
+
+@dataclass
+class FullDiffSection:
+    """analysis.json's `full_diff`: what a full fine-tune changed, tensor by tensor."""
+
+    finetuned_model: str
+    base_model: str
+    settings: dict[str, Any]  # conf.yaml's full_diff values the diff ran with
+    relative_fro_total: float | None  # ‖ΔW‖_F / ‖W‖_F over every compared tensor
+    tensors_compared: int
+    tensors_unchanged: int
+    tensors: list[TensorDiff]
+    grid: LayerTypeGrid
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FullDiffSection":
+        return cls(**{**_fields(cls, data),
+                      "tensors": [TensorDiff(**_fields(TensorDiff, t)) for t in data["tensors"]],
+                      "grid": LayerTypeGrid(**_fields(LayerTypeGrid, data["grid"]))})
+
+
+@dataclass
+class ChangeStats:
+    """One matrix's change since the reference checkpoint: mean(Δ), var(Δ), mean(|Δ|), var(|Δ|)."""
+
+    mean: float
+    var: float
+    abs_mean: float
+    abs_var: float
+
+
+@dataclass
+class CheckpointRef:
+    """One training state: its label, adapter directory and step (None when unknown)."""
+
+    label: str
+    path: str
+    step: int | None
+
+
+@dataclass
+class ModuleEvolution:
+    """One module over the checkpoints: A's and B's change, ‖ΔW‖_F, and φ between neighbours."""
+
+    name: str
+    layer: int | None
+    component: str
+    group: str
+    A: list[ChangeStats]
+    B: list[ChangeStats]
+    delta_fro: list[float]
+    subspace_similarity: list[float]  # φ(checkpoint i, i+1)
+
+
+@dataclass
+class LayerEvolution:
+    """One layer over the checkpoints: S_ℓ, and A's and B's change stats averaged over its modules."""
+
+    layer: int
+    delta_fro: list[float]
+    A: dict[str, list[float]]  # stat name -> one value per checkpoint
+    B: dict[str, list[float]]
+
+
+@dataclass
+class SimilarityStep:
+    """φ between two consecutive checkpoints: mean and min over modules."""
+
+    from_: str = field(metadata={"json": "from"})
+    to: str = ""
+    mean: float | None = None
+    min: float | None = None
+    modules: int = 0
+
+
+@dataclass
+class CheckpointEvolution:
+    """analysis.json's `checkpoints`: how A, B and ΔW moved from checkpoint to checkpoint."""
+
+    checkpoints: list[CheckpointRef]
+    reference: str
+    modules: list[ModuleEvolution]
+    layers: list[LayerEvolution]
+    subspace_similarity: list[SimilarityStep]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CheckpointEvolution":
+        def stats(items):
+            return [ChangeStats(**s) for s in items]
+        return cls(
+            checkpoints=[CheckpointRef(**c) for c in data["checkpoints"]],
+            reference=data["reference"],
+            modules=[ModuleEvolution(**{**_fields(ModuleEvolution, m), "A": stats(m["A"]),
+                                        "B": stats(m["B"])}) for m in data["modules"]],
+            layers=[LayerEvolution(**_fields(LayerEvolution, layer)) for layer in data["layers"]],
+            subspace_similarity=[SimilarityStep(from_=p["from"], to=p["to"], mean=p["mean"],
+                                                min=p["min"], modules=p["modules"])
+                                 for p in data["subspace_similarity"]])
+
+
+@dataclass
 class AnalysisResult:
     """Everything `tunelens analyze` found, numbers only: the report package words it (narrative,
     glossary) and writes analysis.json from `to_dict()` plus those words."""
@@ -164,11 +294,11 @@ class AnalysisResult:
     warnings: list[str] = field(default_factory=list)
     schema: str = SCHEMA
     # Optional sections (docs/analysis-json.md): a full fine-tune diff, a training evolution.
-    full_diff: dict[str, Any] | None = None
-    checkpoints: dict[str, Any] | None = None
+    full_diff: FullDiffSection | None = None
+    checkpoints: CheckpointEvolution | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(self)
+        return json_safe(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AnalysisResult":
@@ -185,6 +315,10 @@ class AnalysisResult:
             "top_neurons": [TopNeuron(**_fields(TopNeuron, t)) for t in data["top_neurons"]],
             "histogram": Histogram(**_fields(Histogram, data["histogram"])),
             "heatmaps": [Heatmap(**_fields(Heatmap, h)) for h in data.get("heatmaps", [])],
+            "full_diff": (FullDiffSection.from_dict(data["full_diff"])
+                          if data.get("full_diff") else None),
+            "checkpoints": (CheckpointEvolution.from_dict(data["checkpoints"])
+                            if data.get("checkpoints") else None),
         })
 
 
@@ -195,15 +329,16 @@ def _fields(cls, data: dict[str, Any]) -> dict[str, Any]:
             for k, v in data.items() if k in types}
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Dataclasses as plain dicts and NaN/Inf as null, in one pass (dataclasses.asdict deep-copies
     every heatmap value first: 4x slower): analysis.json stays strict JSON for a broken adapter."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _json_safe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.metadata.get("json", f.name): json_safe(getattr(value, f.name))
+                for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunelens.registry_hooks.engine.result import AnalysisResult
+from tunelens.registry_hooks.engine.result import AnalysisResult, CheckpointEvolution
 
 from .narrative import narrate_sections
 from .outputs import write_analysis
@@ -18,25 +18,25 @@ def write_checkpoints(result: AnalysisResult, out_dir: str | Path, *,
     chart_dir = files.html_path.parent / "charts"
     frames = render_frames(result.checkpoints, chart_dir / "checkpoints")
     gif = frames_to_gif(frames, chart_dir / "checkpoints_profile.gif")
-    rows = [[p["from"], p["to"], p["mean"], p["min"]] for p in result.checkpoints["subspace_similarity"]]
+    rows = [[p.from_, p.to, p.mean, p.min] for p in result.checkpoints.subspace_similarity]
     table = html_table(["from", "to", "mean subspace similarity", "min"], rows)
     append_section(files.html_path, section_html(
         "Training evolution", [f"{len(frames)} checkpoints; changes are measured from "
-                               f"{result.checkpoints['reference']}.", *narrate_sections(result).get(
+                               f"{result.checkpoints.reference}.", *narrate_sections(result).get(
                                    "training", [])], [gif], [table]))
     files.chart_paths.extend([*frames, gif])
     return files
 
 
-def render_frames(section: dict, out_dir: Path) -> list[Path]:
+def render_frames(section: CheckpointEvolution, out_dir: Path) -> list[Path]:
     """One PNG per checkpoint: per-layer mean |Δ| of A and B, and S_ℓ, on fixed axes."""
-    layers = [r["layer"] for r in section["layers"]]
-    series = {"A": [r["A"]["abs_mean"] for r in section["layers"]],
-              "B": [r["B"]["abs_mean"] for r in section["layers"]],
-              "S": [r["delta_fro"] for r in section["layers"]]}
+    layers = [r.layer for r in section.layers]
+    series = {"A": [r.A["abs_mean"] for r in section.layers],
+              "B": [r.B["abs_mean"] for r in section.layers],
+              "S": [r.delta_fro for r in section.layers]}
     top = {k: max((max(v) for v in vals), default=0.0) or 1.0 for k, vals in series.items()}
     paths = []
-    for i, checkpoint in enumerate(section["checkpoints"]):
+    for i, checkpoint in enumerate(section.checkpoints):
         fig = figure(9, 3.4)
         left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         width = 0.4
@@ -46,14 +46,14 @@ def render_frames(section: dict, out_dir: Path) -> list[Path]:
                  label="lora_B", color="#E69F00")
         left.set_ylim(0, max(top["A"], top["B"]) * 1.05)
         left.set_xlabel("layer")
-        left.set_ylabel(f"mean |Δ| since {section['reference']}")
+        left.set_ylabel(f"mean |Δ| since {section.reference}")
         left.legend(loc="upper left", fontsize=8)
         right.bar(layers, [v[i] for v in series["S"]], color="#009E73")
         right.set_ylim(0, top["S"] * 1.05)
         right.set_xlabel("layer")
         right.set_ylabel("S_ℓ = Σ ‖ΔW‖_F")
-        fig.suptitle(f"{checkpoint['label']}" + (f" (step {checkpoint['step']})"
-                                                 if checkpoint["step"] is not None else ""),
+        fig.suptitle(checkpoint.label + (f" (step {checkpoint.step})"
+                                         if checkpoint.step is not None else ""),
                      x=0.01, ha="left")
         paths.append(save_png(fig, out_dir / f"frame_{i:03d}.png"))
     return paths

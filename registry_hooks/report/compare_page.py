@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 from html import escape
 from pathlib import Path
 
 from tunelens.registry_hooks.engine.compare import Comparison
+from tunelens.registry_hooks.engine.result import json_safe
 
 from .sections import figure, html_table, save_png, section_html
 
@@ -19,8 +19,8 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "compare.json"
-    data = asdict(comparison)
-    json_path.write_text(json.dumps(_finite(data), indent=1, allow_nan=False), encoding="utf-8")
+    json_path.write_text(json.dumps(json_safe(comparison), indent=1, allow_nan=False),
+                         encoding="utf-8")
     charts = [_profile_chart(comparison, out / "charts" / "compare_profiles.png"),
               _share_chart(comparison, out / "charts" / "compare_group_shares.png")]
     sections = [section_html("Per-layer profiles and attention vs MLP share", [
@@ -32,12 +32,12 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path,
                      for label in comparison.labels])])]
     for pair in comparison.overlaps:
         sections.append(section_html(
-            f"Subspace overlap {pair['a']} vs {pair['b']}",
-            [f"Mean over {pair['shared_modules']} shared modules: "
-             f"{pair['mean']:.3f}" if pair["mean"] is not None else "No shared modules.",
+            f"Subspace overlap {pair.a} vs {pair.b}",
+            [f"Mean over {pair.shared_modules} shared modules: "
+             f"{pair.mean:.3f}" if pair.mean is not None else "No shared modules.",
              "φ = ‖U_aᵀU_b‖_F² / min(r_a, r_b) of the two ΔW's column spaces: 1 = the same "
              "directions, near r/m = unrelated."], [],
-            [html_table(["module", "φ"], sorted(pair["modules"].items()))]))
+            [html_table(["module", "φ"], sorted(pair.modules.items()))]))
     sections += [section_html("Warnings", comparison.warnings, [])] if comparison.warnings else []
     html_path = out / "compare.html"
     html_path.write_text(
@@ -47,16 +47,6 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path,
         f"tunelens compare: {escape(' · '.join(comparison.labels))}</h1>"
         + "\n".join(sections) + "</body></html>", encoding="utf-8")
     return json_path, html_path, charts
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _profile_chart(comparison: Comparison, path: Path) -> Path:

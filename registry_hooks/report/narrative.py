@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from statistics import fmean
 
 from tunelens.registry_hooks.engine.naming import ROLE_ORDER, attention_role
-from tunelens.registry_hooks.engine.result import AnalysisResult, ModuleMetrics
+from tunelens.registry_hooks.engine.result import AnalysisResult, FullDiffSection
 
 NORMAL_SHARE_WITHIN_ONE_STD = 0.6827  # P(|x - μ| < σ) for a normal distribution
 DRIFT_MEAN_OVER_STD = 0.1  # |mean| / std above this reads as the whole delta leaning one way
@@ -265,7 +265,7 @@ def _mean_change(result: AnalysisResult) -> list[str]:
 
 def _full_summary(result: AnalysisResult) -> list[str]:
     """A full fine-tune's footprint: parameters and matrices changed, overall relative change."""
-    s, section = result.summary, result.full_diff or {}
+    s, section = result.summary, result.full_diff
     finite = [m for m in result.modules if math.isfinite(m.fro)]
     moved = sum(1 for m in finite if m.fro > 0)
     of = (f" of the base model's {s.base_params:,} parameters ({pct(s.trainable_share, 1)})"
@@ -273,10 +273,10 @@ def _full_summary(result: AnalysisResult) -> list[str]:
     out = [f"The fine-tune changed {s.trainable_params:,}{of}: {moved} of "
            f"{len(result.modules)} weight matrices moved. Every weight could move, so ΔW is the "
            f"full difference between the fine-tuned and the base weights, W_tuned − W_base."]
-    if section.get("relative_fro_total") is not None:
-        unchanged = section.get("tensors_unchanged", 0)
-        out.append(f"Overall the weights moved by {pct(section['relative_fro_total'], 3)} of their "
-                   f"norm (‖ΔW‖_F / ‖W‖_F over all {section.get('tensors_compared', 0)} tensors); "
+    if section is not None and section.relative_fro_total is not None:
+        unchanged = section.tensors_unchanged
+        out.append(f"Overall the weights moved by {pct(section.relative_fro_total, 3)} of their "
+                   f"norm (‖ΔW‖_F / ‖W‖_F over all {section.tensors_compared} tensors); "
                    f"{unchanged} tensor{'s are' if unchanged != 1 else ' is'} bit-for-bit "
                    f"unchanged.")
     cells = _grid_cells(section)
@@ -292,17 +292,18 @@ def _full_summary(result: AnalysisResult) -> list[str]:
     return out + _mean_change(result)
 
 
-def _grid_cells(section: dict) -> list[tuple[float, int, str]]:
+def _grid_cells(section: FullDiffSection | None) -> list[tuple[float, int, str]]:
     """(relative change, layer, matrix type) of every filled cell of the full diff's grid."""
-    grid = section.get("grid") or {}
-    rows = (grid.get("metrics") or {}).get("relative_fro") or []
-    return [(value, layer, t) for layer, row in zip(grid.get("layers", []), rows)
-            for t, value in zip(grid.get("matrix_types", []), row) if value is not None]
+    if section is None:
+        return []
+    grid = section.grid
+    return [(value, layer, t) for layer, row in zip(grid.layers, grid.rows("relative_fro"))
+            for t, value in zip(grid.matrix_types, row) if value is not None]
 
 
 def _full_layers(result: AnalysisResult) -> list[str]:
     """Which layers and matrix types moved most relative to their base weights."""
-    cells = _grid_cells(result.full_diff or {})
+    cells = _grid_cells(result.full_diff)
     if not cells:
         return []
     by_type: dict[str, list[float]] = defaultdict(list)
@@ -324,13 +325,13 @@ def _full_layers(result: AnalysisResult) -> list[str]:
 
 def _full_rank(result: AnalysisResult) -> list[str]:
     """The rank of a full fine-tune's ΔW (its rank relative to min(m, n))."""
-    section = result.full_diff or {}
-    tensors = section.get("tensors", [])
-    ranks = sorted(d["relative_rank"] for d in tensors if d.get("relative_rank") is not None)
-    bounded = sum(1 for d in tensors if d.get("rank_at_least") is not None)
+    section = result.full_diff
+    tensors = section.tensors if section is not None else []
+    ranks = sorted(d.relative_rank for d in tensors if d.relative_rank is not None)
+    bounded = sum(1 for d in tensors if d.rank_at_least is not None)
     out = []
     if ranks:
-        rtol = (section.get("settings") or {}).get("rank_rtol", 0.01)
+        rtol = section.settings.get("rank_rtol", 0.01)
         out.append(f"Relative rank of ΔW (σ_i above {rtol:g}·σ_1, over min(m, n)): median "
                    f"{ranks[len(ranks) // 2]:.3f} over {len(ranks)} matrices; a low value says "
                    f"the update is low-rank, as LoRA assumes.")
@@ -597,13 +598,13 @@ def _health(result: AnalysisResult) -> list[str]:
 
 def _training(result: AnalysisResult) -> list[str]:
     """Whether the last two checkpoints' ΔW column spaces agree: settled or still moving."""
-    steps = result.checkpoints["subspace_similarity"] if result.checkpoints else []
-    if not steps or steps[-1]["mean"] is None:
+    steps = result.checkpoints.subspace_similarity if result.checkpoints else []
+    if not steps or steps[-1].mean is None:
         return []
     last = steps[-1]
-    return [f"Between the last two checkpoints ({last['from']} → {last['to']}) ΔW's column spaces "
-            f"overlap {last['mean']:.2f} on average (1 = the same subspace): "
-            + ("training had settled on its directions." if last["mean"] > 0.9 else
+    return [f"Between the last two checkpoints ({last.from_} → {last.to}) ΔW's column spaces "
+            f"overlap {last.mean:.2f} on average (1 = the same subspace): "
+            + ("training had settled on its directions." if last.mean > 0.9 else
                "the directions were still moving.")]
 
 

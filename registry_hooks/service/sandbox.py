@@ -46,8 +46,9 @@ def _exit_with(parent: int) -> None:
 def _serve(connection) -> None:
     """The child's loop: one job per message, its result or its error line back."""
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
-    from tunelens.registry_hooks.engine import analysis
-    from tunelens.registry_hooks.report import outputs  # noqa: F401 - imported before the first job, not during it
+    # Imported before the first job, not during it.
+    from tunelens.registry_hooks.engine import analysis  # noqa: F401
+    from tunelens.registry_hooks.report import outputs  # noqa: F401
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     connection.send(("ready", None))

@@ -1,7 +1,6 @@
 """The narrative names what the numbers say: checked on adapters with a known, planted answer."""
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from dense_result import dense_result, llama_like_result, lora_delta
+from tunelens.registry_hooks.engine.result import FullFinetuneInfo
 from tunelens.registry_hooks.report.narrative import (GLOSSARY, component_order, fmt, narrate,
                                                narrate_layer, narrate_sections)
 
@@ -260,7 +260,7 @@ def test_full_finetune_diff_is_not_described_as_lora():
     """full_diff.py reuses the page for a full fine-tune: no LoRA rank, 'the fine-tune' speaks."""
     result = llama_like_result(base_params=1_000_000, role_magnitudes={"self_attn.q_proj": 6.0,
                                                                        "self_attn.k_proj": 6.0})
-    result.adapter.peft_type = "FULL"
+    result.adapter = FullFinetuneInfo(result.adapter.base_model_name_or_path)
     for m in result.modules:
         m.kind = "full"
     text = " ".join(narrate(result))

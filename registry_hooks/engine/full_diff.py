@@ -23,7 +23,7 @@ from . import module_metrics as M
 from .analysis import layer_profiles, top_neurons, value_histogram
 from .loading import AnalysisInputError, BaseModel
 from .naming import parse_module_path
-from .result import (AdapterInfo, AnalysisResult, FullDiffSection, LayerTypeGrid, ModuleMetrics,
+from .result import (AnalysisResult, FullFinetuneInfo, FullDiffSection, LayerTypeGrid, ModuleMetrics,
                      Summary, TensorDiff)
 
 # Component leaf -> the matrix type naming a column of the layer × matrix type grid.
@@ -369,9 +369,7 @@ def _result(tuned_model, base_model, analyses, diffs, samples, warnings, setting
         group_fro=group_fro, mean_rank_utilisation=math.nan,
         nonfinite_modules=[a.metrics.name for a in analyses if a.metrics.nonfinite])
     config = base_model.config
-    adapter = AdapterInfo(peft_type="FULL", r=0, lora_alpha=0.0, use_rslora=False, use_dora=False,
-                          target_modules=None,
-                          base_model_name_or_path=config.get("_name_or_path") or str(base_model.path))
+    adapter = FullFinetuneInfo(config.get("_name_or_path") or str(base_model.path))
     result = AnalysisResult(
         adapter=adapter, summary=summary, modules=[a.metrics for a in analyses], layers=layers,
         top_neurons=top_neurons(finite, settings.top_neurons),

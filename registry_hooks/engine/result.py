@@ -33,6 +33,14 @@ class AdapterInfo:
 
 
 @dataclass
+class FullFinetuneInfo:
+    """A full fine-tune's source: every weight could move, so there is no rank, alpha or target."""
+
+    base_model_name_or_path: str | None
+    peft_type: str = "FULL"  # analysis.json's `adapter.peft_type` tells the two sources apart
+
+
+@dataclass
 class ModuleMetrics:
     """One analysed module, or one part (.q/.k/.v/.gate/.up) of a fused projection.
 
@@ -282,7 +290,7 @@ class AnalysisResult:
     """Everything `tunelens analyze` found, numbers only: the report package words it (narrative,
     glossary) and writes analysis.json from `to_dict()` plus those words."""
 
-    adapter: AdapterInfo
+    adapter: AdapterInfo | FullFinetuneInfo
     summary: Summary
     modules: list[ModuleMetrics]
     layers: list[LayerProfile]
@@ -308,7 +316,7 @@ class AnalysisResult:
             raise ValueError(f"not a {SCHEMA} document (schema: {data.get('schema')!r})")
         return cls(**{
             **_fields(cls, data),
-            "adapter": AdapterInfo(**_fields(AdapterInfo, data["adapter"])),
+            "adapter": _source(data["adapter"]),
             "summary": Summary(**_fields(Summary, data["summary"])),
             "modules": [ModuleMetrics(**_fields(ModuleMetrics, m)) for m in data["modules"]],
             "layers": [LayerProfile(**_fields(LayerProfile, layer)) for layer in data["layers"]],
@@ -320,6 +328,11 @@ class AnalysisResult:
             "checkpoints": (CheckpointEvolution.from_dict(data["checkpoints"])
                             if data.get("checkpoints") else None),
         })
+
+
+def _source(data: dict[str, Any]) -> AdapterInfo | FullFinetuneInfo:
+    kind = FullFinetuneInfo if str(data.get("peft_type")).upper() == "FULL" else AdapterInfo
+    return kind(**_fields(kind, data))
 
 
 def _fields(cls, data: dict[str, Any]) -> dict[str, Any]:

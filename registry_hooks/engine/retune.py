@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .result import AnalysisResult
+from .result import AdapterInfo, AnalysisResult
 
 PLANS = {"soloist": 1, "ensemble": 3}
 GROUPS = ("attention", "mlp")
@@ -52,12 +52,15 @@ def group_targets(result: AnalysisResult, group: str) -> list[str]:
 
 def retune_plans(result: AnalysisResult) -> list[RetunePlan]:
     """Soloist and ensemble plans for attention and for MLP (skipped where the group is absent)."""
-    base = {"r": result.adapter.r or DEFAULT_RANK,
-            "lora_alpha": result.adapter.lora_alpha or 2 * (result.adapter.r or DEFAULT_RANK),
-            "use_rslora": result.adapter.use_rslora,
-            "task_type": result.adapter.task_type or "CAUSAL_LM"}
-    if result.adapter.fan_in_fan_out:
-        base["fan_in_fan_out"] = True
+    base = {"r": DEFAULT_RANK, "lora_alpha": 2 * DEFAULT_RANK, "use_rslora": False,
+            "task_type": "CAUSAL_LM"}
+    adapter = result.adapter
+    if isinstance(adapter, AdapterInfo):  # re-tune with the adapter's own settings
+        base.update(r=adapter.r or DEFAULT_RANK,
+                    lora_alpha=adapter.lora_alpha or 2 * (adapter.r or DEFAULT_RANK),
+                    use_rslora=adapter.use_rslora, task_type=adapter.task_type or "CAUSAL_LM")
+        if adapter.fan_in_fan_out:
+            base["fan_in_fan_out"] = True
     plans = []
     for group in GROUPS:
         ranked, targets = rank_layers(result, group), group_targets(result, group)

@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from statistics import fmean
 
 from tunelens.registry_hooks.engine.naming import ROLE_ORDER, attention_role
-from tunelens.registry_hooks.engine.result import AnalysisResult, FullDiffSection
+from tunelens.registry_hooks.engine.result import AnalysisResult, FullDiffSection, FullFinetuneInfo
 
 NORMAL_SHARE_WITHIN_ONE_STD = 0.6827  # P(|x - μ| < σ) for a normal distribution
 DRIFT_MEAN_OVER_STD = 0.1  # |mean| / std above this reads as the whole delta leaning one way
@@ -351,7 +351,7 @@ def _times(big: float, small: float) -> str:
 
 def is_full_finetune(result: AnalysisResult) -> bool:
     """A full fine-tune diff (full_diff.py) rather than a LoRA adapter."""
-    return result.adapter.peft_type.upper() == "FULL"
+    return isinstance(result.adapter, FullFinetuneInfo)
 
 
 def _who(result: AnalysisResult) -> str:

@@ -1,4 +1,4 @@
-"""conf.yaml: packaged defaults merged with the user's file, key by key."""
+"""conf.yaml: packaged defaults merged with the user's file, key by key, then checked once."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
+
+from .settings import Settings
 
 DEFAULTS_PATH = Path(__file__).with_name("conf.yaml")
 ENV_VAR = "TUNELENS_CONFIG"
@@ -46,4 +49,18 @@ def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
     user_path = path or os.environ.get(ENV_VAR)
     if user_path:
         config = _merge(config, _read(Path(user_path)), "")
+    try:
+        Settings.model_validate(config)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, user_path)) from None
     return config
+
+
+def _first_error(exc: ValidationError, user_path) -> str:
+    """One line: the key's dotted path, what is wrong with it, the value given, and where from."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    where = f" in {user_path}" if user_path else " in the packaged conf.yaml"
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting '{key}'{where} (see conf.yaml for the valid keys)"
+    return f"setting '{key}'{where}: {error['msg'][0].lower()}{error['msg'][1:]} (got {error['input']!r})"

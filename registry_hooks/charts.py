@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from .narrative import ROLE_NAMES, ROLE_ORDER, attention_role, component_order, fmt
+from .naming import ROLE_NAMES, ROLE_ORDER
+from .narrative import attention_role, component_order, fmt
 from .result import AnalysisResult, ModuleMetrics
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
@@ -255,6 +257,27 @@ def top_neurons(result: AnalysisResult, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def experts(result: AnalysisResult, path: Path) -> Path | None:
+    """MoE layers × experts coloured by Σ‖ΔW_e‖_F over the adapted expert matrices."""
+    summary = result.experts
+    if summary is None or not summary.layers:
+        return None
+    grid = np.array([[np.nan if v is None else v for v in layer.fro_by_expert]
+                     for layer in summary.layers], float)
+    fig = _figure(10, min(9.0, 1.4 + 0.16 * len(summary.layers)), left=0.8, right=1.3, bottom=0.6)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", interpolation="nearest", vmin=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ticks = list(range(0, len(summary.layers), max(1, math.ceil(len(summary.layers) / 24))))
+    ax.set_yticks(ticks, [str(summary.layers[i].layer) for i in ticks])
+    _style(ax, "expert", "layer")
+    ax.grid(False)
+    fig.colorbar(image, ax=ax, pad=0.02).set_label("Σ ‖ΔW_e‖_F")
+    _title(fig, f"Which experts moved: top {summary.top_k} per layer hold "
+                f"{summary.top_share:.0%} of the change (uniform: {summary.uniform_share:.0%})")
+    return _save(fig, path)
+
+
 CHARTS = {
     "layers_by_component.png": layers_by_component,
     "qkvo_stacked.png": qkvo_stacked,
@@ -263,6 +286,7 @@ CHARTS = {
     "histogram.png": histogram,
     "heatmaps.png": heatmaps,
     "top_neurons.png": top_neurons,
+    "experts.png": experts,
 }
 
 

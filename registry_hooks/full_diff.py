@@ -22,16 +22,10 @@ from . import lora_math
 from . import metrics as M
 from .analysis import _histogram, _layers, _narrate, _top_neurons
 from .loading import AnalysisInputError, BaseModel
-from .naming import parse_module_path
+from .naming import TYPE_ORDER, matrix_type, parse_module_path
 from .narrative import glossary_for
 from .result import AdapterInfo, AnalysisResult, ModuleMetrics, Summary
 
-# Component leaf -> the matrix type of seed 002's heatmap rows.
-MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
-                "up_proj": "up", "down_proj": "down", "c_attn": "qkv", "qkv_proj": "qkv",
-                "query_key_value": "qkv", "dense": "o", "c_proj": "proj", "c_fc": "fc",
-                "gate_up_proj": "gate_up", "dense_h_to_4h": "up", "dense_4h_to_h": "down"}
-TYPE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc", "proj"]
 GRID_METRICS = ("relative_fro", "fro", "spectral", "relative_rank")
 
 
@@ -428,12 +422,6 @@ def _section(tuned_model, base_model, diffs: list[TensorDiff], diff_settings) ->
         "tensors": [asdict(d) for d in diffs],
         "grid": layer_type_grid(matrices),
     }
-
-
-def matrix_type(component: str) -> str:
-    """q/k/v/o/gate/up/down (or the leaf name) of a component path such as `self_attn.q_proj`."""
-    leaf = component.rsplit(".", 1)[-1]
-    return MATRIX_TYPES.get(leaf, leaf)
 
 
 def layer_type_grid(matrices: list[TensorDiff]) -> dict:

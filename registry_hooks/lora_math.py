@@ -187,3 +187,78 @@ def dora_delta(base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scal
     """DoRA's effective ΔW = m / ‖W + s·L·R‖_row ⊙ (W + s·L·R) − W (row norms over inputs)."""
     merged = base + scale * (left @ right)
     return (magnitude / merged.norm(dim=1)).unsqueeze(1) * merged - base
+
+
+# ---- Stacks of experts: the same math over (E, ...) tensors, one batched call per stack. ----
+
+def batched_factored_svd(left: torch.Tensor, right: torch.Tensor, scale: float):
+    """ΔW_e = s·L_e·R_e = U_e·diag(S_e)·V_eᵀ for L (E, m, r), R (E, r, n): thin QR of L_e and R_eᵀ,
+    SVD of the small cores s·R_L·R_Rᵀ; returns U (E, m, k), S (E, k) descending, V (E, n, k)."""
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.transpose(-2, -1))
+    u_core, singular, vh_core = torch.linalg.svd(scale * (r_left @ r_right.transpose(-2, -1)),
+                                                 full_matrices=False)
+    return q_left @ u_core, singular, q_right @ vh_core.transpose(-2, -1)
+
+
+def batched_balanced_factors(u: torch.Tensor, singular: torch.Tensor, v: torch.Tensor):
+    """X_e = U_e·√S_e, Y_e = V_e·√S_e so that ΔW_e = X_e·Y_eᵀ."""
+    root = singular.clamp_min(0).sqrt().unsqueeze(-2)
+    return u * root, v * root
+
+
+def batched_spectrum(singular: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per expert from S (E, k), descending: ‖ΔW‖_F = sqrt(Σσ²), σ₁, effective rank
+    exp(−Σ p·ln p) with p = σ/Σσ, stable rank Σσ²/σ₁², and the 90%/99% energy ranks (0 for ΔW = 0)."""
+    energy = singular.square()
+    total_energy = energy.sum(dim=-1)
+    total = singular.sum(dim=-1)
+    top = singular.amax(dim=-1) if singular.shape[-1] else torch.zeros_like(total)
+    moved = total > 0
+    p = singular / torch.where(moved, total, 1.0).unsqueeze(-1)
+    effective = torch.where(moved, torch.special.entr(p).sum(dim=-1).exp(), 0.0)
+    stable = torch.where(top > 0, total_energy / torch.where(top > 0, top, 1.0).square(), 0.0)
+    cumulative = energy.cumsum(dim=-1) / torch.where(total_energy > 0, total_energy, 1.0).unsqueeze(-1)
+    ranks = {f: torch.where(total_energy > 0, (cumulative < f - 1e-12).sum(dim=-1) + 1, 0)
+             for f in (0.90, 0.99)}
+    return {"fro": total_energy.sqrt(), "spectral": top, "effective_rank": effective,
+            "stable_rank": stable, "energy_rank_90": ranks[0.90], "energy_rank_99": ranks[0.99]}
+
+
+def batched_row_norms(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """‖ΔW_e[i, :]‖₂ = |s|·sqrt(l_iᵀ (R_e·R_eᵀ) l_i) for every expert e and row i: (E, m)."""
+    gram = right @ right.transpose(-2, -1)
+    return abs(scale) * ((left @ gram) * left).sum(dim=-1).clamp_min(0).sqrt()
+
+
+def batched_entry_sums(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """Σ_ij ΔW_e,ij = s·(1ᵀL_e)·(R_e·1) for every expert: (E,)."""
+    return scale * (left.sum(dim=-2) * right.sum(dim=-1)).sum(dim=-1)
+
+
+def batched_extreme_entries(x: torch.Tensor, y: torch.Tensor, row_tile: int = 64,
+                            seed_rows: int = 8, max_entries: int = 1 << 24):
+    """Exact per-expert (min, max) of ΔW_e = X_e·Y_eᵀ, X (E, m, k), Y (E, n, k): extreme_entries's
+    bound |ΔW_ij| <= ‖x_i‖·‖y_j‖ over rows and columns sorted by norm, one row tile at a time for
+    all experts together (each tile as wide as the expert needing the most columns)."""
+    x_norms, row_order = x.norm(dim=-1).sort(dim=-1, descending=True)
+    y_norms, col_order = y.norm(dim=-1).sort(dim=-1, descending=True)
+    xs = x.gather(1, row_order.unsqueeze(-1).expand_as(x))
+    ys = y.gather(1, col_order.unsqueeze(-1).expand_as(y))
+    seed_x, seed_y = xs[:, :seed_rows] @ ys.transpose(-2, -1), xs @ ys[:, :seed_rows].transpose(-2, -1)
+    high = torch.maximum(seed_x.amax(dim=(1, 2)), seed_y.amax(dim=(1, 2)))
+    low = torch.minimum(seed_x.amin(dim=(1, 2)), seed_y.amin(dim=(1, 2)))
+    for start in range(seed_rows, xs.shape[1], row_tile):
+        threshold = torch.minimum(high, -low).clamp_min(0)
+        # Columns j that row `start` (the tile's largest norm) could still need, per expert.
+        reach = x_norms[:, start:start + 1] * y_norms * (1 + _BOUND_SLACK)
+        needed = int((reach > threshold.unsqueeze(-1)).sum(dim=-1).max())
+        if needed == 0:
+            break
+        rows = xs[:, start:start + row_tile]
+        chunk = max(1, max_entries // (rows.shape[1] * needed))
+        for first in range(0, xs.shape[0], chunk):
+            tile = rows[first:first + chunk] @ ys[first:first + chunk, :needed].transpose(-2, -1)
+            high[first:first + chunk] = torch.maximum(high[first:first + chunk], tile.amax(dim=(1, 2)))
+            low[first:first + chunk] = torch.minimum(low[first:first + chunk], tile.amin(dim=(1, 2)))
+    return low, high

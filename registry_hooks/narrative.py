@@ -9,6 +9,8 @@ import math
 from collections import Counter, defaultdict
 from statistics import fmean
 
+from . import naming
+from .naming import ROLE_NAMES, ROLE_ORDER
 from .result import AnalysisResult, ModuleMetrics
 
 NORMAL_SHARE_WITHIN_ONE_STD = 0.6827  # P(|x - μ| < σ) for a normal distribution
@@ -21,23 +23,16 @@ TREND_MIN_RATIO = 1.2  # ...and only when the layers differ this much (no trend 
 SAME_SIZE_RATIO = 1.1  # two sizes within this factor read as "about as much"
 AMPLIFICATION_HIGH = 2.0  # above: ΔW boosts directions W barely emphasised (LoRA paper, §7)
 TOP_NEURONS_READ = 10
+# The experts' change reads as concentrated when a layer's top experts hold at least this many
+# times the share they would hold if every expert had moved alike.
+EXPERT_CONCENTRATED = 2.0
 
-# Attention roles by the last segment of a component path (after a fused projection's part
-# suffix): Llama/Mistral/Qwen/Gemma/Phi-3 *_proj, GPT-2 c_attn.q/k/v + c_proj, NeoX/Falcon dense.
-_ATTENTION_ROLES = {
-    "q_proj": "Q", "q": "Q", "query": "Q", "k_proj": "K", "k": "K", "key": "K",
-    "v_proj": "V", "v": "V", "value": "V", "o_proj": "O", "out_proj": "O", "c_proj": "O",
-    "dense": "O", "o": "O", "qkv_proj": "QKV", "c_attn": "QKV", "query_key_value": "QKV",
-    "Wqkv": "QKV",
-}
-ROLE_NAMES = {"Q": "Query (Q)", "K": "Key (K)", "V": "Value (V)", "O": "Output (O)",
-              "QKV": "fused Q/K/V"}
-ROLE_ORDER = ("Q", "K", "V", "O", "QKV")
 
 SECTION_TITLES = {
     "summary": "Overall footprint",
     "layers": "Where the change landed",
     "qkvo": "Inside attention: Q / K / V / O",
+    "experts": "Which experts moved",
     "rank": "How much of the rank was used",
     "histogram": "Shape of the change",
     "neurons": "Where specialisation concentrated",
@@ -71,6 +66,9 @@ GLOSSARY: dict[str, str] = {
                      "information is combined and written back.",
     "MLP": "The feed-forward part of each layer (gate/up/down or fc/proj): where much of a "
            "model's stored knowledge is thought to live.",
+    "Expert": "In a mixture-of-experts (MoE) model, one of the parallel MLPs of a layer; a router "
+              "sends each token to a few of them. Each expert's change ΔW_e is analysed as a "
+              "matrix of its own.",
     "Neuron": "One output unit of a weight matrix: one row of W (and of ΔW).",
     "Parameter": "One trainable number. The trainable share is adapter parameters divided by "
                  "the base model's parameters.",
@@ -146,7 +144,7 @@ def attention_role(module: ModuleMetrics) -> str | None:
     """Q, K, V, O (or QKV for an unsplit fused projection) for an attention module, else None."""
     if module.group != "attention":
         return None
-    return _ATTENTION_ROLES.get(module.component.rsplit(".", 1)[-1])
+    return naming.attention_role(module.component)
 
 
 def _group(name: str) -> str:
@@ -609,11 +607,34 @@ def _health(result: AnalysisResult) -> list[str]:
             f"and {_who(result)} will corrupt the model's outputs; retrain or check the export."]
 
 
+def _experts(result: AnalysisResult) -> list[str]:
+    """Whether the experts' change concentrated in few of them, and which moved most."""
+    summary = result.experts
+    if summary is None or not summary.layers or not math.isfinite(summary.top_share):
+        return []
+    k, experts = summary.top_k, summary.num_experts
+    share, uniform = summary.top_share, summary.uniform_share
+    concentrated = share >= EXPERT_CONCENTRATED * uniform
+    out = [f"{len(summary.layers)} MoE layers with {experts} experts each were adapted "
+           f"({', '.join(summary.parameters)}). In the average layer its top {k} "
+           f"expert{'s hold' if k > 1 else ' holds'} {pct(share, 0)} of the experts' change (sum of "
+           f"‖ΔW_e‖_F), against {pct(uniform, 0)} had every expert moved alike: "
+           + ("the change concentrated in a few experts." if concentrated else
+              "the change is spread across the experts, none did all the work.")]
+    totals = summary.fro_by_expert
+    best = max(range(len(totals)), key=lambda e: totals[e])
+    mean = fmean(totals)
+    if mean > 0:
+        out.append(f"Across layers expert {best} moved most (summed ‖ΔW_e‖_F {fmt(totals[best])}, "
+                   f"{totals[best] / mean:.1f}× the mean expert).")
+    return out
+
+
 def narrate_sections(result: AnalysisResult) -> dict[str, list[str]]:
     """The narrative by report section (keys of SECTION_TITLES), empty sections left out."""
     sections = {
         "health": _health(result), "summary": _summary(result), "layers": _layers(result),
-        "qkvo": _qkvo(result), "rank": _rank(result), "histogram": _histogram(result),
+        "qkvo": _qkvo(result), "experts": _experts(result), "rank": _rank(result), "histogram": _histogram(result),
         "neurons": _neurons(result), "base": _base(result),
     }
     return {k: v for k, v in sections.items() if v}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import make_lora_adapter, save_tiny_model
+from factories import make_lora_adapter, make_moe_adapter, save_tiny_model, tiny_moe
 from safetensors.torch import load_file, save_file
 
 from tunelens.registry_hooks.analysis import analyze_adapter
@@ -425,32 +425,13 @@ def test_other_families_qwen2_bias_and_fused_query_key_value(family, tmp_path):
     assert any("query_key_value" in n or "Q/K/V" in n for n in alone.needs_base)
 
 
-def tiny_moe_config(family: str):
-    """A tiny Mixtral or Qwen3-MoE: transformers 5 keeps each layer's experts as 3-D parameters."""
-    from transformers import MixtralConfig, Qwen3MoeConfig
-
-    if family == "mixtral":
-        return MixtralConfig(vocab_size=120, hidden_size=32, intermediate_size=24,
-                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                             num_local_experts=4, num_experts_per_tok=2, bos_token_id=1,
-                             eos_token_id=2, tie_word_embeddings=False)
-    return Qwen3MoeConfig(vocab_size=120, hidden_size=32, intermediate_size=40,
-                          moe_intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=16, num_experts=6, num_experts_per_tok=2,
-                          decoder_sparse_step=1, mlp_only_layers=[], bos_token_id=1,
-                          eos_token_id=2, tie_word_embeddings=False)
-
-
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_moe_target_parameters_each_expert_against_peft(family, tmp_path):
     """target_parameters on both expert parameters (PEFT nests the first under .base_layer),
     a per-parameter rank, and a plain q_proj: every expert's ΔW_e, split into gate/up, against
     PEFT's own get_delta_weight, with and without the base."""
-    base = save_tiny_model(tiny_moe_config(family), tmp_path / "base")
-    adapter = make_lora_adapter(base, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"],
-                                target_parameters=["mlp.experts.gate_up_proj",
-                                                   "mlp.experts.down_proj"],
-                                rank_pattern={"mlp.experts.down_proj": 3})
+    base = tiny_moe(tmp_path / "base", family)
+    adapter = make_moe_adapter(base, tmp_path / "a", rank_pattern={"mlp.experts.down_proj": 3})
     reference = peft_deltas(base, adapter)
     experts = 4 if family == "mixtral" else 6
     assert len(reference) == 2 * (1 + 3 * experts)

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write PEFT LoraConfig JSON files re-tuning only the top-1 "
                              "(soloist) and top-3 (ensemble) layers, attention and MLP, to OUT/retune")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--charts", action=argparse.BooleanOptionalAction, default=None,
+                        help="PNG copies of the report's charts in OUT/charts (default: "
+                             "analysis.png_charts in conf.yaml; report.html draws them itself)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         files = full_diff.write_full_diff(result, args.out, config=config)
     else:
         result = analyze_adapter(args.adapter, args.base, config=config, progress=progress)
-        files = write_analysis(result, args.out, config=config)
+        files = write_analysis(result, args.out, config=config, charts=args.charts)
     if args.retune:  # issue 3 (FULLDIFF helper's module)
         from tunelens.registry_hooks.retune import write_retune_configs
 

@@ -190,6 +190,7 @@ def _analyse_experts(module: ExpertModule, parts, contents, base_model, settings
     """Every expert of every part of one adapted experts parameter, each part as one batch."""
     left, right = module.factors(contents.tensors, device)
     bad = M.count_nonfinite(left, right)
+    right_root = None if bad else lora_math.gram_root(right @ right.transpose(-2, -1))
     component = parse_module_path(module.module)
     for part, rows in parts:
         where = ModulePath(component.layer, f"{component.component}.{part}",
@@ -204,7 +205,7 @@ def _analyse_experts(module: ExpertModule, parts, contents, base_model, settings
             continue
         base = _expert_base(base_model, module, part, rows, device, warnings)
         yield from M.factored_experts(names, where, left[:, _row_index(rows)], right,
-                                      module.scale, module.rank, settings, base)
+                                      module.scale, module.rank, settings, base, right_root)
 
 
 def _expert_base_keys(base_model: BaseModel, module: ExpertModule, part: str, rows: range):

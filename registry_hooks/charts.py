@@ -11,9 +11,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from .naming import ROLE_NAMES, ROLE_ORDER
 from .narrative import attention_role, component_order, fmt
@@ -31,8 +28,13 @@ DPI = 110
 
 
 def _figure(width: float, height: float, *, left: float = 0.9, right: float = 0.25,
-            bottom: float = 0.7, top: float = 0.5, **grid) -> Figure:
-    """A figure with margins given in inches (title on top, axis labels left and bottom)."""
+            bottom: float = 0.7, top: float = 0.5, **grid):
+    """A figure with margins given in inches (title on top, axis labels left and bottom).
+    matplotlib is imported here, on the first chart: report.py reads this module's component
+    choice without drawing, and a run without PNG charts never loads it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
@@ -267,6 +269,8 @@ def experts(result: AnalysisResult, path: Path) -> Path | None:
     fig = _figure(10, min(9.0, 1.4 + 0.16 * len(summary.layers)), left=0.8, right=1.3, bottom=0.6)
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="viridis", aspect="auto", interpolation="nearest", vmin=0)
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ticks = list(range(0, len(summary.layers), max(1, math.ceil(len(summary.layers) / 24))))
     ax.set_yticks(ticks, [str(summary.layers[i].layer) for i in ticks])

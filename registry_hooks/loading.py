@@ -369,7 +369,10 @@ class LoraModule:
 
 
 def _finite_max(tensor: torch.Tensor) -> float:
-    """max |x| over the finite entries."""
+    """max |x| over the finite entries (one pass when they all are)."""
+    largest = float(tensor.abs().max())
+    if math.isfinite(largest):
+        return largest
     return float(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0).abs().max())
 
 
@@ -406,7 +409,7 @@ class ExpertModule:
         a = tensors.get(self.keys["A"]).to(device=device, dtype=dtype)
         b = tensors.get(self.keys["B"]).to(device=device, dtype=dtype)
         right = a.reshape(self.num_experts, self.rank, a.shape[-1])
-        left = b.reshape(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1)
+        left = b.reshape(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1).contiguous()
         return left, right
 
 

@@ -209,17 +209,17 @@ def count_nonfinite(*tensors: torch.Tensor | None) -> int:
 
 def factored_experts(names: list[str], where: ModulePath, left: torch.Tensor, right: torch.Tensor,
                      scale: float, rank: int, settings: AnalysisSettings,
-                     base: torch.Tensor | None = None) -> list[ModuleAnalysis]:
+                     base: torch.Tensor | None = None, right_root=None) -> list[ModuleAnalysis]:
     """One record per expert of ΔW_e = scale·L_e·R_e, L (E, m, r), R (E, r, n), computed for the
-    whole stack at once; `base` (E, m, n) adds ‖ΔW_e‖/‖W_e‖. No heatmap per expert: the report's
+    whole stack at once; `base` (E, m, n) adds ‖ΔW_e‖/‖W_e‖; `right_root`: lora_math.gram_root of
+    R·Rᵀ, shared by the parts of one fused parameter. No heatmap per expert: the report's
     layer × expert grid shows where the experts moved."""
     experts, m, n = left.shape[0], left.shape[1], right.shape[-1]
-    u, singular, v = lora_math.batched_factored_svd(left, right, scale)
+    x, singular, y = lora_math.batched_factored_svd(left, right, scale, right_root)
     spectrum = {k: t.tolist() for k, t in lora_math.batched_spectrum(singular).items()}
     totals = lora_math.batched_entry_sums(left, right, scale).tolist()
-    x, y = lora_math.batched_balanced_factors(u, singular, v)
     low, high = (t.tolist() for t in lora_math.batched_extreme_entries(x, y))
-    top_values, top_rows = lora_math.batched_row_norms(left, right, scale).topk(
+    top_values, top_rows = lora_math.batched_row_norms(x, singular).topk(
         min(settings.top_neurons, m), dim=-1)
     relative = None
     if base is not None:

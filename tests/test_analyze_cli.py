@@ -174,3 +174,19 @@ def test_analyze_moe_target_parameters_adapter(tmp_path):
     html = (out / "report.html").read_text()
     assert 'id="experts"' in html and "fro_by_expert" in html
     assert any("MoE layers" in s for s in data["narrative"])
+
+
+def test_analyze_without_png_charts_never_loads_matplotlib(tmp_path):
+    """--no-charts: analysis.json and report.html (which draws every chart itself), no PNGs, and
+    matplotlib is never imported (it is most of a small adapter's output cost)."""
+    out = tmp_path / "out"
+    code = ("import sys; from tunelens.plugin.cli import main; rc = main(['analyze', sys.argv[1], "
+            "'--out', sys.argv[2], '--no-charts', '--no-progress']); "
+            "print('matplotlib' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(REAL / "gpt2-causal-c_attn-c_proj"),
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert "and 0 charts" in proc.stdout
+    assert (out / "analysis.json").is_file() and (out / "report.html").is_file()
+    assert not (out / "charts").exists()

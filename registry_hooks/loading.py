@@ -39,6 +39,23 @@ BIN_NAME = "adapter_model.bin"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
                        r"lora_magnitude_vector)(?:\.default)?(?:\.(?P<param>weight|bias))?$")
 _SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
+# Saved tensors PEFT writes that are neither LoRA factors nor full weights: named, never misread
+# as modules_to_save. Trainable tokens keep new rows of an embedding; any other `lora_*` tensor
+# belongs to a LoRA variant whose ΔW is not s·B·A.
+_UNANALYSED_KEY = re.compile(r"\.(?P<kind>token_adapter|lora_[A-Za-z0-9_]+)\.")
+UNANALYSED_KINDS = {"token_adapter": "trainable-token rows (trainable_token_indices)"}
+# adapter_config.json fields of LoRA variants whose applied change is not the plain ΔW = s·B·A
+# tunelens computes from the factors: each one set is named in the result's warnings.
+VARIANT_FIELDS = {
+    "use_qalora": "QA-LoRA (inputs pooled in groups before A)",
+    "alora_invocation_tokens": "activated LoRA (applied only after the invocation tokens)",
+    "layer_replication": "layer replication (layers share adapted weights)",
+    "use_bdlora": "block-diagonal LoRA (factors sharded in blocks)",
+    "kasa_config": "KaSA (a singular-value-based update of the base)",
+    "arrow_config": "Arrow (a router mixing several adapters)",
+    "monteclora_config": "MonteCLoRA (a stochastic, sampled update)",
+    "velora_config": "VeLoRA",
+}
 
 MAX_JSON_BYTES = 8 * 1024 ** 2  # a PEFT config is ~1 KB; rank_pattern for 1000s of modules < 1 MB
 # safetensors allows 100 MB; a 70B adapter's header is ~150 KB, and parsing 16 MiB of JSON takes
@@ -456,6 +473,7 @@ def open_adapter(path: str | Path) -> AdapterContents:
 def _collect(tensors: TensorFile, config: AdapterConfig, weights: Path):
     grouped: dict[str, dict[str, str]] = {}
     saved, warnings, ignored = [], [], set()
+    unanalysed: dict[str, list[str]] = {}
     for key in tensors.keys():
         name = strip_peft_prefix(key)
         match = _LORA_KEY.match(name)
@@ -470,8 +488,22 @@ def _collect(tensors: TensorFile, config: AdapterConfig, weights: Path):
         elif ".base_layer." in name:
             # PEFT saves the base embedding beside an embedding LoRA: a copy, not trained weights.
             ignored.add(key)
+        elif (unknown := _UNANALYSED_KEY.search(name)) is not None:
+            unanalysed.setdefault(unknown["kind"], []).append(key)
         else:
             saved.append(SavedTensor(_SAVED_WRAPPER.sub("", name), key, tensors.shape(key)))
+    for kind, keys in sorted(unanalysed.items()):
+        what = UNANALYSED_KINDS.get(kind, f"{kind} tensors (a LoRA variant tunelens does not "
+                                          "analyse)")
+        names = ", ".join(strip_peft_prefix(k) for k in keys[:3]) + (" …" if len(keys) > 3 else "")
+        warnings.append(f"not analysed: {len(keys)} {what} tensor(s), "
+                        f"{sum(tensors.numel(k) for k in keys):,} values ({names}); they are "
+                        "counted as trainable parameters")
+    for field_name, what in VARIANT_FIELDS.items():
+        if config.raw.get(field_name) not in (None, False, [], {}, ""):
+            warnings.append(f"adapter_config.json sets {field_name}: {what}; tunelens analyses "
+                            "the factors as plain LoRA, ΔW = s·B·A, which is not the change this "
+                            "variant applies")
     if ignored:
         count = sum(tensors.numel(k) for k in ignored)
         warnings.append(f"{len(ignored)} base-layer copies in the adapter file ({count:,} values) "

@@ -468,3 +468,51 @@ def test_moe_target_parameters_each_expert_against_peft(family, tmp_path):
     alone = analyze_adapter(adapter, config=TINY, progress=False)
     assert alone.experts == summary or alone.experts.layers == summary.layers
     assert all(m.relative_fro is None for m in alone.modules)
+
+
+@pytest.mark.parametrize("selection", ["all_linear_exclude", "layers_to_transform"])
+def test_layers_to_transform_exclude_modules_and_all_linear(selection, llama_base, tmp_path):
+    """PEFT's module selection: only the layers and modules it adapted are analysed, each against
+    PEFT's own ΔW (PEFT refuses layers_to_transform with a str target_modules such as all-linear)."""
+    if selection == "all_linear_exclude":
+        kwargs = {"target_modules": "all-linear", "exclude_modules": ["down_proj"]}
+        layers = [0, 1]
+    else:
+        kwargs = {"target_modules": ALL_LLAMA[:4] + ["gate_proj", "up_proj"],
+                  "layers_to_transform": [1]}
+        layers = [1]
+    adapter = make_lora_adapter(llama_base, tmp_path / "a", r=4, lora_alpha=8, **kwargs)
+    result = analyze_adapter(adapter, llama_base, config=TINY, progress=False)
+    assert_matches_dense(result, peft_deltas(llama_base, adapter))
+    assert result.summary.layers_modified == layers
+    assert {m.component for m in result.modules} == {f"self_attn.{p}_proj" for p in "qkvo"} | {
+        "mlp.gate_proj", "mlp.up_proj"}
+
+
+def test_what_peft_saves_but_tunelens_does_not_analyse_is_named(llama_base, tmp_path):
+    """Trainable tokens (saved rows of the embedding), a LoRA variant's own tensor and a variant
+    set in adapter_config.json are named in the warnings, never read as modules_to_save weights."""
+    import json
+
+    adapter = make_lora_adapter(llama_base, tmp_path / "a", r=2, lora_alpha=4,
+                                target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])
+    for base in (None, llama_base):
+        result = analyze_adapter(adapter, base, config=TINY, progress=False)
+        assert [m.component for m in result.modules] == ["self_attn.q_proj"] * 2
+        assert any(w.startswith("not analysed: 1 trainable-token rows") and "384 values" in w
+                   for w in result.warnings)
+        assert not any("modules_to_save" in n for n in result.needs_base)
+    variant = tmp_path / "variant"
+    shutil.copytree(adapter, variant)
+    tensors = load_file(variant / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_newvariant.weight"] = (
+        torch.ones(2))
+    save_file(tensors, variant / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((variant / "adapter_config.json").read_text())
+    config["use_qalora"] = True
+    (variant / "adapter_config.json").write_text(json.dumps(config))
+    result = analyze_adapter(variant, config=TINY, progress=False)
+    assert any("lora_newvariant tensors" in w and "layers.0.self_attn.q_proj" in w
+               for w in result.warnings)
+    assert any("use_qalora" in w and "QA-LoRA" in w for w in result.warnings)
+    assert result.summary.trainable_params == sum(t.numel() for t in tensors.values())

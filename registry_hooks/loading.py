@@ -424,10 +424,12 @@ class ExpertModule:
     def factors(self, tensors: TensorFile, device: torch.device, dtype=torch.float64):
         """(L, R) stacked over experts: L = B_e (E, out, r), R = A_e (E, r, in), PEFT's slicing."""
         a = tensors.get(self.keys["A"]).to(device=device, dtype=dtype)
-        b = tensors.get(self.keys["B"]).to(device=device, dtype=dtype)
+        b = tensors.get(self.keys["B"]).to(device=device)
         right = a.reshape(self.num_experts, self.rank, a.shape[-1])
+        # Expert-major and contiguous for the batched products, reordered before widening to
+        # float64 (a bf16 copy moves a quarter of the bytes).
         left = b.reshape(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1).contiguous()
-        return left, right
+        return left.to(dtype), right
 
 
 @dataclass

@@ -208,6 +208,13 @@ ROLE_NAMES = {"Q": "Query (Q)", "K": "Key (K)", "V": "Value (V)", "O": "Output (
               "QKV": "fused Q/K/V"}
 ROLE_ORDER = ("Q", "K", "V", "O", "QKV")
 
+# Within a group: attention's Q, K, V, O (fused QKV first), then the MLP's gate/up/fc before down.
+LEAF_ORDER = {"qkv_proj": 0, "c_attn": 0, "query_key_value": 0, "Wqkv": 0, "q_proj": 1, "q": 1,
+               "query": 1, "k_proj": 2, "k": 2, "key": 2, "v_proj": 3, "v": 3, "value": 3,
+               "o_proj": 4, "out_proj": 4, "o": 4, "dense": 4, "gate_up_proj": 5, "gate_proj": 6,
+               "gate": 6, "w1": 6, "up_proj": 7, "up": 7, "w3": 7, "c_fc": 7, "fc1": 7,
+               "dense_h_to_4h": 7, "down_proj": 8, "w2": 8, "fc2": 8, "dense_4h_to_h": 8}
+
 # Component leaf -> matrix type, the rows of the layer x matrix-type grid (full diff).
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
                 "up_proj": "up", "down_proj": "down", "c_attn": "qkv", "qkv_proj": "qkv",

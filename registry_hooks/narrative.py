@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from statistics import fmean
 
 from . import naming
-from .naming import ROLE_NAMES, ROLE_ORDER
+from .naming import LEAF_ORDER, ROLE_NAMES, ROLE_ORDER
 from .result import AnalysisResult, ModuleMetrics
 
 NORMAL_SHARE_WITHIN_ONE_STD = 0.6827  # P(|x - μ| < σ) for a normal distribution
@@ -152,14 +152,6 @@ def _group(name: str) -> str:
 
 
 _GROUP_ORDER = {"embedding": 0, "attention": 1, "mlp": 2, "other": 3}
-# Within a group: attention's Q, K, V, O (fused QKV first), then the MLP's gate/up/fc before down.
-_LEAF_ORDER = {"qkv_proj": 0, "c_attn": 0, "query_key_value": 0, "Wqkv": 0, "q_proj": 1, "q": 1,
-               "query": 1, "k_proj": 2, "k": 2, "key": 2, "v_proj": 3, "v": 3, "value": 3,
-               "o_proj": 4, "out_proj": 4, "o": 4, "dense": 4, "gate_up_proj": 5, "gate_proj": 6,
-               "gate": 6, "w1": 6, "up_proj": 7, "up": 7, "w3": 7, "c_fc": 7, "fc1": 7,
-               "dense_h_to_4h": 7, "down_proj": 8, "w2": 8, "fc2": 8, "dense_4h_to_h": 8}
-
-
 def component_order(result: AnalysisResult) -> list[str]:
     """Components of the layer stack in reading order: attention Q, K, V, O, then the MLP."""
     groups = {m.component: m.group for m in result.modules if m.layer is not None}
@@ -168,7 +160,7 @@ def component_order(result: AnalysisResult) -> list[str]:
         # A fused part (attn.c_attn.q) sorts by its part; GPT-2's c_proj is attention's O or the
         # MLP's down projection depending on where it sits.
         leaf, group = component.rsplit(".", 1)[-1], groups[component]
-        rank = _LEAF_ORDER.get(leaf, (8 if group == "mlp" else 4) if leaf == "c_proj" else 9)
+        rank = LEAF_ORDER.get(leaf, (8 if group == "mlp" else 4) if leaf == "c_proj" else 9)
         return _GROUP_ORDER.get(group, 3), rank, component
 
     return sorted(groups, key=key)

@@ -23,21 +23,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write PEFT LoraConfig JSON files re-tuning only the top-1 "
                              "(soloist) and top-3 (ensemble) layers, attention and MLP, to OUT/retune")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--charts", action=argparse.BooleanOptionalAction, default=None,
+                        help="PNG copies of the report's charts in OUT/charts (default: "
+                             "analysis.png_charts in conf.yaml; report.html draws them itself)")
 
 
 def run(args: argparse.Namespace) -> int:
     from tunelens.config import load_config
     from tunelens.registry_hooks.engine.analysis import analyze_adapter
-    from tunelens.registry_hooks.engine import checkpoints
-    from tunelens.registry_hooks.engine import full_diff
-    from tunelens.registry_hooks.report.checkpoints_page import write_checkpoints
-    from tunelens.registry_hooks.report.full_diff_page import write_full_diff
+    from tunelens.registry_hooks.engine import checkpoints, full_diff
     from tunelens.registry_hooks.report.outputs import write_analysis
 
     config, progress = load_config(args.config), not args.no_progress
     if args.checkpoints:  # training evolution
         result = checkpoints.analyze_checkpoints(args.checkpoints, args.base, config=config,
                                                  progress=progress)
+        from tunelens.registry_hooks.report.checkpoints_page import write_checkpoints
+
         files = write_checkpoints(result, args.out, config=config)
     elif args.adapter is None:
         raise full_diff.AnalysisInputError("give an ADAPTER directory (or a fine-tuned model "
@@ -47,10 +49,12 @@ def run(args: argparse.Namespace) -> int:
             raise full_diff.AnalysisInputError(f"{args.adapter} is a full model directory, not an "
                                                "adapter: pass --base BASE_DIR to diff its weights")
         result = full_diff.diff_models(args.adapter, args.base, config=config, progress=progress)
+        from tunelens.registry_hooks.report.full_diff_page import write_full_diff
+
         files = write_full_diff(result, args.out, config=config)
     else:
         result = analyze_adapter(args.adapter, args.base, config=config, progress=progress)
-        files = write_analysis(result, args.out, config=config)
+        files = write_analysis(result, args.out, config=config, charts=args.charts)
     if args.retune:
         from tunelens.registry_hooks.engine.retune import write_retune_configs
 

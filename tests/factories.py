@@ -66,6 +66,34 @@ def make_lora_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, **lora_kw
     return Path(out_dir)
 
 
+def tiny_moe(out_dir: Path, family: str = "qwen3_moe", seed: int = 0) -> Path:
+    """A tiny Mixtral (4 experts) or Qwen3-MoE (6 experts): transformers 5 holds each layer's
+    experts as 3-D parameters (and saves them as one Linear per expert)."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
+    if family == "mixtral":
+        config = MixtralConfig(vocab_size=120, hidden_size=32, intermediate_size=24,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               num_local_experts=4, num_experts_per_tok=2, bos_token_id=1,
+                               eos_token_id=2, tie_word_embeddings=False)
+    else:
+        config = Qwen3MoeConfig(vocab_size=120, hidden_size=32, intermediate_size=40,
+                                moe_intermediate_size=12, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                num_experts=6, num_experts_per_tok=2, decoder_sparse_step=1,
+                                mlp_only_layers=[], bos_token_id=1, eos_token_id=2,
+                                tie_word_embeddings=False)
+    return save_tiny_model(config, out_dir, seed)
+
+
+def make_moe_adapter(base_dir: Path, out_dir: Path, **lora_kwargs) -> Path:
+    """LoRA on q_proj plus both expert parameters through target_parameters (PEFT's ParamWrapper)."""
+    lora_kwargs = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                   "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                   **lora_kwargs}
+    return make_lora_adapter(base_dir, out_dir, **lora_kwargs)
+
+
 def train_lora_checkpoints(base_dir: Path, out_dir: Path, *, steps: int = 6, save_every: int = 2,
                            lr: float = 1e-2, seed: int = 0, **lora_kwargs) -> Path:
     """Real LoRA training (AdamW on CORPUS) saving checkpoint-0 (PEFT's init, B = 0) and then

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import make_lora_adapter, save_tiny_model
+from factories import make_lora_adapter, make_moe_adapter, save_tiny_model, tiny_moe
 from safetensors.torch import load_file, save_file
 
 from tunelens.registry_hooks.engine.analysis import analyze_adapter
 from tunelens.registry_hooks.engine.naming import strip_peft_prefix
 from tunelens.registry_hooks.engine.result import AnalysisResult
+from tunelens.registry_hooks.report.narrative import narrate
 
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = {"analysis": {"heatmap_size": 8, "top_neurons": 15, "histogram_bins": 30}}
@@ -52,7 +53,7 @@ def peft_deltas(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
     minus the base weights (the only way PEFT exposes their effective change).
     """
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer, ParamWrapper
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
@@ -60,8 +61,10 @@ def peft_deltas(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
     model = PeftModel.from_pretrained(base, adapter_dir)
     deltas = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and ("default" in module.lora_A
-                                              or "default" in module.lora_embedding_A):
+        if isinstance(module, ParamWrapper) and module.num_experts > 1:
+            deltas.update(expert_deltas(name, module))
+        elif isinstance(module, LoraLayer) and ("default" in module.lora_A
+                                                or "default" in module.lora_embedding_A):
             delta = module.get_delta_weight("default")
             deltas[strip_peft_prefix(name)] = delta.T if module.fan_in_fan_out else delta
     config = model.peft_config["default"]
@@ -78,6 +81,23 @@ def peft_deltas(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
                 conv1d = fan_in_fan_out and "c_" in name
                 deltas[name] = change.T if conv1d else change
     return deltas
+
+
+def expert_deltas(name: str, wrapper) -> dict[str, torch.Tensor]:
+    """Each expert's ΔW_e [out, in] from PEFT's own ParamWrapper.get_delta_weight (E, ...), named
+    `<experts module>.<e>.<part>`; gate_up_proj cut in halves as transformers' `.chunk(2)` does."""
+    delta = wrapper.get_delta_weight("default")
+    if not wrapper._did_swap_in_out_features:  # stored (E, in, out)
+        delta = delta.transpose(1, 2)
+    module = strip_peft_prefix(name).replace(".base_layer", "")
+    parts = ({"gate_proj": 0, "up_proj": 1} if wrapper.parameter_name == "gate_up_proj"
+             else {wrapper.parameter_name: None})
+    out = {}
+    for e in range(delta.shape[0]):
+        for part, half in parts.items():
+            rows = delta[e] if half is None else delta[e].chunk(2, dim=0)[half]
+            out[f"{module}.{e}.{part}"] = rows
+    return out
 
 
 def split_reference(deltas: dict[str, torch.Tensor], splits: dict[str, list[int]]):
@@ -121,6 +141,8 @@ def assert_matches_dense(result: AnalysisResult, reference: dict[str, torch.Tens
                 for j in range(min(dense.shape[1], heatmap_size) + 1)]
         blocks = [[dense[rows[i]:rows[i + 1], cols[j]:cols[j + 1]].mean()
                    for j in range(len(cols) - 1)] for i in range(len(rows) - 1)]
+        if m.expert is not None:  # experts have no heatmap of their own: the layer × expert grid
+            continue
         # Heatmaps are stored to 4 significant digits (lora_math.block_means itself is exact).
         np.testing.assert_allclose(heatmaps[name].values, blocks, rtol=6e-4, atol=1e-300)
     # Top neurons: the largest row norms over every module, same order and values.
@@ -342,32 +364,156 @@ def test_nonfinite_weights_are_reported_not_fatal(llama_adapter, tmp_path):
     assert math.isnan(next(m for m in again.modules if m.name == bad.name).fro)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gpt_neox"])
-def test_other_families_qwen2_bias_and_neox_fused_query_key_value(family, tmp_path):
-    """Qwen2 (q/k/v carry biases: LoRA bias merges) and GPT-NeoX (interleaved query_key_value,
-    analysed whole: its per-head layout is not a plain row split)."""
-    from transformers import GPTNeoXConfig, Qwen2Config
+@pytest.mark.parametrize("family", ["qwen2", "gpt_neox", "bloom", "falcon_rw", "falcon_7b",
+                                    "falcon_40b"])
+def test_other_families_qwen2_bias_and_fused_query_key_value(family, tmp_path):
+    """Qwen2 (q/k/v carry biases: LoRA bias merges) and the fused query_key_value of GPT-NeoX,
+    Bloom and Falcon, split into q/k/v by the per-head layout their config gives (Falcon: per head
+    q, k, v without multi-query; all q then one k and v with it; per KV group with the new
+    decoder), cut here with the same views the models' attention code applies."""
+    from transformers import BloomConfig, FalconConfig, GPTNeoXConfig, Qwen2Config
 
+    common = dict(vocab_size=120, hidden_size=64, bos_token_id=1, eos_token_id=2)
+    targets, extra, view = ["query_key_value", "dense_4h_to_h"], {}, None
     if family == "qwen2":
-        config = Qwen2Config(vocab_size=120, hidden_size=64, intermediate_size=96,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-                             tie_word_embeddings=False)
+        config = Qwen2Config(intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=False, **common)
         targets, extra = ["q_proj", "v_proj", "down_proj"], {"lora_bias": True}
+    elif family == "gpt_neox":
+        config = GPTNeoXConfig(intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=64, **common)
+        view = (lambda d: d.view(4, 3, 16, -1), lambda v, i: v[:, i])
+    elif family == "bloom":
+        config = BloomConfig(n_layer=2, n_head=4, **common)
+        view = (lambda d: d.view(4, 3, 16, -1), lambda v, i: v[:, i])
     else:
-        config = GPTNeoXConfig(vocab_size=120, hidden_size=64, intermediate_size=96,
-                               num_hidden_layers=2, num_attention_heads=4,
-                               max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-        targets, extra = ["query_key_value", "dense_4h_to_h"], {}
+        config = FalconConfig(num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                              new_decoder_architecture=family == "falcon_40b",
+                              multi_query=family == "falcon_7b", **common)
+        if family == "falcon_rw":
+            view = (lambda d: d.view(4, 3, 16, -1), lambda v, i: v[:, i])
+        elif family == "falcon_7b":
+            view = (lambda d: d.view(6, 16, -1), lambda v, i: v[[slice(0, 4), 4, 5][i]])
+        else:
+            view = (lambda d: d.view(2, 4, 16, -1), lambda v, i: v[:, [slice(0, 2), 2, 3][i]])
+        targets = ["query_key_value", "dense_4h_to_h"]
     base = save_tiny_model(config, tmp_path / "base")
     adapter = make_lora_adapter(base, tmp_path / "a", r=4, lora_alpha=8, target_modules=targets,
                                 **extra)
+    reference = {}
+    for name, delta in peft_deltas(base, adapter).items():
+        if view is not None and name.endswith("query_key_value"):
+            shaped, take = view
+            for i, suffix in enumerate("qkv"):
+                reference[f"{name}.{suffix}"] = take(shaped(delta), i).reshape(-1, delta.shape[1])
+        else:
+            reference[name] = delta
     result = analyze_adapter(adapter, base, config=TINY, progress=False)
-    assert_matches_dense(result, peft_deltas(base, adapter))
+    assert_matches_dense(result, reference)
     assert result.summary.layers_modified == [0, 1]
     groups = {m.component: m.group for m in result.modules}
     if family == "qwen2":
         assert groups["self_attn.v_proj"] == "attention" and groups["mlp.down_proj"] == "mlp"
         assert all(m.bias_delta_norm > 0 for m in result.modules)
+        return
+    attention = next(c for c in groups if c.endswith("query_key_value.k"))
+    assert groups[attention] == "attention"
+    assert {p.layer: set(p.roles) for p in result.layers} == {0: {"Q", "K", "V"}, 1: {"Q", "K", "V"}}
+    # Without the base config.json the per-head layout is unknown: analysed whole, and said so.
+    alone = analyze_adapter(adapter, config=TINY, progress=False)
+    assert any(m.component.endswith("query_key_value") for m in alone.modules)
+    assert any("query_key_value" in n or "Q/K/V" in n for n in alone.needs_base)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_target_parameters_each_expert_against_peft(family, tmp_path):
+    """target_parameters on both expert parameters (PEFT nests the first under .base_layer),
+    a per-parameter rank, and a plain q_proj: every expert's ΔW_e, split into gate/up, against
+    PEFT's own get_delta_weight, with and without the base."""
+    base = tiny_moe(tmp_path / "base", family)
+    adapter = make_moe_adapter(base, tmp_path / "a", rank_pattern={"mlp.experts.down_proj": 3})
+    reference = peft_deltas(base, adapter)
+    experts = 4 if family == "mixtral" else 6
+    assert len(reference) == 2 * (1 + 3 * experts)
+    result = analyze_adapter(adapter, base, config=TINY, progress=False)
+    assert_matches_dense(result, reference)
+    by_name = {m.name: m for m in result.modules}
+    down = by_name[f"model.layers.1.mlp.experts.{experts - 1}.down_proj"]
+    gate = by_name["model.layers.0.mlp.experts.0.gate_proj"]
+    assert (down.expert, down.rank, down.component, down.group) == (
+        experts - 1, 3, "mlp.experts.down_proj", "mlp")
+    # transformers 5 saves a Linear per expert (Mixtral: block_sparse_moe.experts.e.w1 = gate).
+    weights = load_file(base / "model.safetensors")
+    w = weights["model.layers.0.block_sparse_moe.experts.0.w1.weight" if family == "mixtral"
+                else "model.layers.0.mlp.experts.0.gate_proj.weight"].double()
+    assert (gate.rank, gate.shape) == (2, list(w.shape))
+    assert gate.relative_fro == pytest.approx(float(reference[gate.name].norm() / w.norm()),
+                                              rel=1e-9)
+    # Aggregates: Σ‖ΔW_e‖_F per layer × expert, per parameter, per expert; the top experts.
+    summary = result.experts
+    assert summary.num_experts == experts and summary.top_k == 1
+    assert sorted(summary.parameters) == ["down_proj", "gate_proj", "up_proj"]
+    for layer in summary.layers:
+        sums = [sum(float(reference[f"model.layers.{layer.layer}.mlp.experts.{e}.{p}"].norm())
+                    for p in ("gate_proj", "up_proj", "down_proj")) for e in range(experts)]
+        np.testing.assert_allclose(layer.fro_by_expert, sums, rtol=1e-9)
+        assert layer.top_experts == [int(np.argmax(sums))]
+        assert layer.top_share == pytest.approx(max(sums) / sum(sums), rel=1e-9)
+    assert summary.fro_by_parameter["down_proj"] == pytest.approx(
+        sum(float(d.norm()) for n, d in reference.items() if n.endswith("down_proj")), rel=1e-9)
+    assert any("Which experts" in s or "experts" in s for s in narrate(result))
+    assert any("MoE layers with" in s for s in narrate(result))
+    assert AnalysisResult.from_dict(result.to_dict()).experts == summary
+    # Without the base: the same experts, no relative change.
+    alone = analyze_adapter(adapter, config=TINY, progress=False)
+    assert alone.experts == summary or alone.experts.layers == summary.layers
+    assert all(m.relative_fro is None for m in alone.modules)
+
+
+@pytest.mark.parametrize("selection", ["all_linear_exclude", "layers_to_transform"])
+def test_layers_to_transform_exclude_modules_and_all_linear(selection, llama_base, tmp_path):
+    """PEFT's module selection: only the layers and modules it adapted are analysed, each against
+    PEFT's own ΔW (PEFT refuses layers_to_transform with a str target_modules such as all-linear)."""
+    if selection == "all_linear_exclude":
+        kwargs = {"target_modules": "all-linear", "exclude_modules": ["down_proj"]}
+        layers = [0, 1]
     else:
-        assert groups == {"attention.query_key_value": "attention", "mlp.dense_4h_to_h": "mlp"}
+        kwargs = {"target_modules": ALL_LLAMA[:4] + ["gate_proj", "up_proj"],
+                  "layers_to_transform": [1]}
+        layers = [1]
+    adapter = make_lora_adapter(llama_base, tmp_path / "a", r=4, lora_alpha=8, **kwargs)
+    result = analyze_adapter(adapter, llama_base, config=TINY, progress=False)
+    assert_matches_dense(result, peft_deltas(llama_base, adapter))
+    assert result.summary.layers_modified == layers
+    assert {m.component for m in result.modules} == {f"self_attn.{p}_proj" for p in "qkvo"} | {
+        "mlp.gate_proj", "mlp.up_proj"}
+
+
+def test_what_peft_saves_but_tunelens_does_not_analyse_is_named(llama_base, tmp_path):
+    """Trainable tokens (saved rows of the embedding), a LoRA variant's own tensor and a variant
+    set in adapter_config.json are named in the warnings, never read as modules_to_save weights."""
+    import json
+
+    adapter = make_lora_adapter(llama_base, tmp_path / "a", r=2, lora_alpha=4,
+                                target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])
+    for base in (None, llama_base):
+        result = analyze_adapter(adapter, base, config=TINY, progress=False)
+        assert [m.component for m in result.modules] == ["self_attn.q_proj"] * 2
+        assert any(w.startswith("not analysed: 1 trainable-token rows") and "384 values" in w
+                   for w in result.warnings)
+        assert not any("modules_to_save" in n for n in result.needs_base)
+    variant = tmp_path / "variant"
+    shutil.copytree(adapter, variant)
+    tensors = load_file(variant / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_newvariant.weight"] = (
+        torch.ones(2))
+    save_file(tensors, variant / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((variant / "adapter_config.json").read_text())
+    config["use_qalora"] = True
+    (variant / "adapter_config.json").write_text(json.dumps(config))
+    result = analyze_adapter(variant, config=TINY, progress=False)
+    assert any("lora_newvariant tensors" in w and "layers.0.self_attn.q_proj" in w
+               for w in result.warnings)
+    assert any("use_qalora" in w and "QA-LoRA" in w for w in result.warnings)
+    assert result.summary.trainable_params == sum(t.numel() for t in tensors.values())

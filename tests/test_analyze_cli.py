@@ -149,3 +149,45 @@ def test_base_directory_without_weights(adapter_copy, tmp_path):
     (tmp_path / "empty-base").mkdir()
     assert_one_line_error(tunelens("analyze", str(adapter_copy), "--base",
                                    str(tmp_path / "empty-base")), "no *.safetensors")
+
+
+def test_analyze_moe_target_parameters_adapter(tmp_path):
+    """A Qwen3-MoE adapter made with target_parameters, through the CLI: every expert a module,
+    the experts section in analysis.json, the report's layer × expert section and chart."""
+    from factories import make_moe_adapter, tiny_moe
+
+    base = tiny_moe(tmp_path / "base")
+    adapter = make_moe_adapter(base, tmp_path / "adapter")
+    out = tmp_path / "out"
+    proc = tunelens("analyze", str(adapter), "--base", str(base), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "analysis.json").read_text())
+    experts = [m for m in data["modules"] if m["expert"] is not None]
+    assert len(experts) == 2 * 6 * 3  # layers x experts x gate/up/down
+    assert {m["component"] for m in experts} == {"mlp.experts.gate_proj", "mlp.experts.up_proj",
+                                                 "mlp.experts.down_proj"}
+    assert all(m["relative_fro"] > 0 for m in experts)
+    summary = data["experts"]
+    assert summary["num_experts"] == 6 and len(summary["layers"]) == 2
+    assert len(summary["layers"][0]["fro_by_expert"]) == 6
+    assert AnalysisResult.from_dict(data).experts.top_k == summary["top_k"]
+    assert (out / "charts" / "experts.png").stat().st_size > 0
+    html = (out / "report.html").read_text()
+    assert 'id="experts"' in html and "fro_by_expert" in html
+    assert any("MoE layers" in s for s in data["narrative"])
+
+
+def test_analyze_without_png_charts_never_loads_matplotlib(tmp_path):
+    """--no-charts: analysis.json and report.html (which draws every chart itself), no PNGs, and
+    matplotlib is never imported (it is most of a small adapter's output cost)."""
+    out = tmp_path / "out"
+    code = ("import sys; from tunelens.plugin.cli import main; rc = main(['analyze', sys.argv[1], "
+            "'--out', sys.argv[2], '--no-charts', '--no-progress']); "
+            "print('matplotlib' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(REAL / "gpt2-causal-c_attn-c_proj"),
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert "and 0 charts" in proc.stdout
+    assert (out / "analysis.json").is_file() and (out / "report.html").is_file()
+    assert not (out / "charts").exists()

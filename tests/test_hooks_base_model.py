@@ -54,3 +54,54 @@ def test_resolution_order(mlflow_server, tmp_path):
     dirs["recorded"].rmdir()
     found = resolve()
     assert found.path is None and found.source == "none" and len(found.tried) >= 4
+
+
+def _hub_cache(root, hub_id, weights_from):
+    """A Hugging Face cache laid out as huggingface_hub writes it: blobs, a snapshot of links to
+    them, refs/main naming the snapshot."""
+    repo = root / f"models--{hub_id.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        blob = repo / "blobs" / f"blob-{name}"
+        blob.write_bytes((weights_from / name).read_bytes())
+        (snapshot / name).symlink_to(f"../../blobs/blob-{name}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_hub_id_base_from_the_local_hugging_face_cache(mlflow_server, tmp_path, monkeypatch,
+                                                       llama_base, llama_adapter):
+    """A hub id no map names is found in the HF cache (after the tag and the map), analysed from
+    its linked blobs; a hub id absent from the cache is said so, nothing is downloaded."""
+    from tunelens.registry_hooks.analysis import analyze_adapter
+
+    cache = tmp_path / "hf-cache"
+    snapshot = _hub_cache(cache, "meta-llama/Llama-3.1-8B", llama_base)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    client = MlflowClient(mlflow_server.url)
+    client.create_registered_model("cached")
+    version = client.create_model_version("cached", "s3://bucket/cached/model", None).version
+    model = _model_dir(tmp_path, recorded="meta-llama/Llama-3.1-8B")
+    found = resolve_base_model(client, "cached", version, {"hooks": {"base_models": {}}}, model)
+    assert found.path == snapshot
+    assert found.source == ("Hugging Face cache 'meta-llama/Llama-3.1-8B' (adapter "
+                            "base_model_name_or_path)")
+    mapped = tmp_path / "mapped"
+    mapped.mkdir()
+    config = {"hooks": {"base_models": {"meta-llama/Llama-3.1-8B": str(mapped)}}}
+    assert resolve_base_model(client, "cached", version, config, model).path == mapped
+    client.set_model_version_tag("cached", version, BASE_MODEL_TAG, "meta-llama/Llama-3.1-8B")
+    tagged = resolve_base_model(client, "cached", version, {"hooks": {}}, model)
+    assert tagged.path == snapshot and tagged.source.endswith("(Hugging Face cache)")
+    client.delete_model_version_tag("cached", version, BASE_MODEL_TAG)
+    result = analyze_adapter(llama_adapter, found.path, progress=False)
+    assert all(m.relative_fro is not None for m in result.modules)
+    missing = resolve_base_model(client, "cached", version, {"hooks": {}},
+                                 _model_dir(tmp_path / "other", recorded="org/not-cached"))
+    assert missing.path is None
+    assert any("'org/not-cached'" in t and "Hugging Face cache" in t for t in missing.tried)

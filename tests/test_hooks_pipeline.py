@@ -129,3 +129,27 @@ def test_killed_worker_is_resumed_with_one_run(server, tmp_path, llama_adapter):
         assert [r.info.run_id for r in runs] == [tags["tunelens.analysis.run_id"]]
     finally:
         assert second.stop() == 0
+
+
+def test_moe_target_parameters_version_is_analysed_per_expert(mlflow_server, tmp_path):
+    """A registered Mixtral adapter made with target_parameters: the hook analyses every expert
+    and logs the experts section with the analysis."""
+    from factories import make_moe_adapter, tiny_moe
+
+    base = tiny_moe(tmp_path / "base", "mixtral")
+    adapter = make_moe_adapter(base, tmp_path / "adapter")
+    client = MlflowClient(mlflow_server.url)
+    hooks = _hooks(mlflow_server, tmp_path, name="moe-hooks")
+    try:
+        version = register(client, "moe-lora", adapter)
+        tags = wait_status(client, "moe-lora", version)
+        assert tags[STATUS] == "done", hooks.log_tail()
+        run_id = tags["tunelens.analysis.run_id"]
+        data = json.loads(open(client.download_artifacts(run_id, "tunelens/analysis.json",
+                                                         str(tmp_path))).read())
+        assert data["experts"]["num_experts"] == 4
+        assert len([m for m in data["modules"] if m["expert"] is not None]) == 2 * 4 * 3
+        files = {f.path for f in client.list_artifacts(run_id, "tunelens/charts")}
+        assert "tunelens/charts/experts.png" in files
+    finally:
+        assert hooks.stop() == 0

@@ -68,10 +68,10 @@ def test_parse_module_path_across_architectures(path, layer, component, group):
 def test_fused_split_sizes():
     phi3 = {"num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 3072}
     split = fused_split("model.layers.0.self_attn.qkv_proj", 3072 + 2 * 768, phi3)
-    assert split.parts == [("q", 0, 3072), ("k", 3072, 3840), ("v", 3840, 4608)]
+    assert split.parts == [("q", range(0, 3072)), ("k", range(3072, 3840)), ("v", range(3840, 4608))]
     assert fused_split("model.layers.0.self_attn.qkv_proj", 9216, None).needs_base_config
-    assert fused_split("transformer.h.0.attn.c_attn", 2304, None).parts[2] == ("v", 1536, 2304)
-    assert fused_split("model.layers.0.mlp.gate_up_proj", 16384, None).parts[0] == ("gate", 0, 8192)
+    assert fused_split("transformer.h.0.attn.c_attn", 2304, None).parts[2] == ("v", range(1536, 2304))
+    assert fused_split("model.layers.0.mlp.gate_up_proj", 16384, None).parts[0] == ("gate", range(0, 8192))
     assert fused_split("model.layers.0.self_attn.q_proj", 4096, None) is None
     with pytest.raises(ValueError, match="Q\\+K\\+V"):
         fused_split("model.layers.0.self_attn.qkv_proj", 9000, phi3)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from dense_result import llama_like_result
-from tunelens.registry_hooks.engine.naming import attention_role
+from tunelens.registry_hooks.engine.naming import role_of
 from tunelens.registry_hooks.report.document import analysis_document, analysis_json
 from tunelens.registry_hooks.report.narrative import glossary_for, narrate, narrate_layer
 from tunelens.registry_hooks.report.outputs import write_analysis
@@ -198,7 +198,7 @@ def test_report_renders_in_a_real_browser(written):
     bars = sum(len(layer.components) for layer in result.layers)
     assert layer_chart.count('class="bar"') == bars
     qkvo_chart = dom.split('id="qkvo-chart"', 1)[1].split("</svg>", 1)[0]
-    roles = {(m.layer, attention_role(m)) for m in result.modules if attention_role(m)}
+    roles = {(m.layer, role_of(m)) for m in result.modules if role_of(m)}
     assert qkvo_chart.count('class="bar"') == len(roles)
     picker = dom.split('id="layer-picker"', 1)[1].split("</select>", 1)[0]
     assert picker.count("<option") == len({m.layer for m in result.modules})

@@ -27,6 +27,7 @@ class AnalysisSettings(Section):
     top_neurons: Count
     heatmap_size: PositiveInt
     report_max_heatmaps: Count
+    png_charts: bool
     histogram_bins: PositiveInt
     histogram_exact_max_entries: Count
     histogram_sample_entries: PositiveInt

@@ -17,9 +17,16 @@ from tqdm import tqdm
 
 from . import lora_math
 from . import module_metrics as M
-from .loading import AdapterContents, AnalysisInputError, BaseModel, LoraModule, open_adapter
-from .naming import attention_role, fused_split, parse_module_path
-from .result import (AdapterInfo, AnalysisResult, Histogram, LayerProfile, Summary, TopNeuron)
+from .loading import (AdapterContents, AnalysisInputError, BaseModel, ExpertModule, LoraModule,
+                      open_adapter)
+from .naming import (EXPERT_CHECKPOINT_PATHS, ModulePath, expert_parameter_parts, role_of,
+                     fused_split, module_group, parse_module_path)
+from .result import (AdapterInfo, AnalysisResult, ExpertLayer, ExpertSummary, Histogram,
+                     LayerProfile, Summary, TopNeuron)
+
+# Experts per layer whose share of the layer's expert change the summary reports (an eighth of
+# them: 16 of 128, 1 of 8).
+EXPERT_TOP_FRACTION = 8
 
 __all__ = ["analyze_adapter", "AnalysisInputError"]
 
@@ -29,7 +36,7 @@ class _Part:
     """One unit of analysis: a whole module or one row range of a fused one."""
 
     name: str
-    rows: slice | None  # rows of the module's ΔW, None = all
+    rows: slice | torch.Tensor | None  # rows of the module's ΔW, None = all
     shape: tuple[int, int]
 
 
@@ -44,6 +51,11 @@ def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
     if base_model is not None:
         _check_base_shapes(contents, base_model)
     plans = _plan_parts(contents, base_model, needs_base)
+    expert_plans = {e.name: _expert_parts(e, contents, base_model) for e in contents.experts}
+    plans.update({f"{e.module}.{i}.{part}": [_Part(f"{e.module}.{i}.{part}", None,
+                                                  (len(rows), e.shape[1]))]
+                  for e in contents.experts for part, rows in expert_plans[e.name]
+                  for i in range(e.num_experts)})
 
     if base_model is not None:  # full saved weights become dense ΔW parts too
         plans.update({s.name: [_Part(_module_of(s.name), None, tuple(s.shape))]
@@ -55,13 +67,19 @@ def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
 
     analyses: list[M.ModuleAnalysis] = []
     samples: list[torch.Tensor] = []
-    work = len(contents.modules) + len(contents.saved)
+    work = len(contents.modules) + len(contents.saved) + len(contents.experts)
     bar = tqdm(total=work, desc="tunelens analyze", unit="module", file=sys.stderr,
                disable=not progress, leave=False)
     with torch.no_grad(), settings.torch_threads(), bar:
         for module in contents.modules:
             for analysis in _analyse_module(module, plans[module.name], contents, base_model,
                                             settings, device, warnings):
+                analyses.append(analysis)
+                _keep_entries(analysis, exact_histogram, quotas, samples, generator)
+            bar.update()
+        for expert_module in contents.experts:
+            for analysis in _analyse_experts(expert_module, expert_plans[expert_module.name],
+                                             contents, base_model, settings, device, warnings):
                 analyses.append(analysis)
                 _keep_entries(analysis, exact_histogram, quotas, samples, generator)
             bar.update()
@@ -87,7 +105,10 @@ def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
         histogram=value_histogram(finite, exact_histogram, samples, settings),
         heatmaps=[a.heatmap for a in finite if a.heatmap is not None],
         base_model=str(base_model.path) if base_model else None,
-        needs_base=needs_base, warnings=warnings)
+        needs_base=needs_base, warnings=warnings, experts=_experts(finite))
+    if contents.experts and base_model is not None:
+        warnings.append("amplification and intruder dimensions are not computed per expert (each "
+                        "needs a dense SVD of every expert's base weight); ‖ΔW‖/‖W‖ is")
     return result
 
 
@@ -95,6 +116,9 @@ def _check_base_shapes(contents: AdapterContents, base_model: BaseModel) -> None
     """Fail on a mismatching base before any work starts, from the headers alone."""
     for module in contents.modules:
         base_model.check(f"{module.name}.weight", module.shape, module.fan_in_fan_out)
+    for experts in contents.experts:
+        for part, rows in _expert_parts(experts, contents, base_model):
+            _expert_base_keys(base_model, experts, part, rows)
     for saved in contents.saved:
         if len(saved.shape) == 2:
             base_model.check(saved.name, tuple(saved.shape), False)
@@ -116,12 +140,138 @@ def _plan_parts(contents: AdapterContents, base_model: BaseModel | None,
                 unsplit.append(module.name)
             plans[module.name] = [_Part(module.name, None, (m, n))]
         else:
-            plans[module.name] = [_Part(f"{module.name}.{suffix}", slice(start, stop),
-                                        (stop - start, n)) for suffix, start, stop in split.parts]
+            plans[module.name] = [_Part(f"{module.name}.{suffix}", _row_index(rows), (len(rows), n))
+                                  for suffix, rows in split.parts]
     if unsplit:
-        needs_base.append(f"Q/K/V split of {len(unsplit)} fused qkv_proj modules (sizes come from "
-                          "the base config.json; analysed unsplit)")
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in unsplit})
+        needs_base.append(f"Q/K/V split of {len(unsplit)} fused {'/'.join(leaves)} modules (their "
+                          "per-head layout comes from the base config.json; analysed unsplit)")
     return plans
+
+
+def _row_index(rows: range | list[int]) -> slice | torch.Tensor:
+    """A contiguous range as a slice (a view), per-head rows as an index tensor."""
+    if isinstance(rows, range) and rows.step == 1:
+        return slice(rows.start, rows.stop)
+    return torch.tensor(list(rows), dtype=torch.long)
+
+
+def _expert_parts(module: ExpertModule, contents: AdapterContents,
+                  base_model: BaseModel | None) -> list[tuple[str, range]]:
+    """(part name, rows of each expert's ΔW) for an experts parameter: gate_up_proj -> gate_proj
+    and up_proj (halves, or interleaved rows for GPT-OSS), any other parameter whole."""
+    model_type = base_model.config.get("model_type") if base_model else None
+    if model_type is None and "gpt-oss" in (contents.config.base_model_name_or_path or "").lower():
+        model_type = "gpt_oss"
+    parts = expert_parameter_parts(module.parameter, model_type)
+    out = module.shape[0]
+    if len(parts) == 1:
+        return [(parts[0][0], range(out))]
+    if out % len(parts):
+        raise AnalysisInputError(f"{module.name} has {out} output rows per expert, not divisible "
+                                 f"into {'/'.join(p for p, _ in parts)}")
+    size = out // len(parts)
+    if parts[0][1] == "interleaved":
+        return [(part, range(i, out, len(parts))) for i, (part, _) in enumerate(parts)]
+    return [(part, range(i * size, (i + 1) * size)) for i, (part, _) in enumerate(parts)]
+
+
+def _analyse_experts(module: ExpertModule, parts, contents, base_model, settings, device,
+                     warnings):
+    """Every expert of every part of one adapted experts parameter, each part as one batch."""
+    left, right = module.factors(contents.tensors, device)
+    bad = M.count_nonfinite(left, right)
+    right_root = None if bad else lora_math.gram_root(right @ right.transpose(-2, -1))
+    component = parse_module_path(module.module)
+    for part, rows in parts:
+        where = ModulePath(component.layer, f"{component.component}.{part}",
+                           module_group(f"{component.component}.{part}"))
+        names = [f"{module.module}.{e}.{part}" for e in range(module.num_experts)]
+        if bad:
+            for e, name in enumerate(names):
+                analysis = M.nonfinite_module(name, where, [len(rows), module.shape[1]],
+                                              module.rank, module.scale, "lora", bad)
+                analysis.metrics.expert = e
+                yield analysis
+            continue
+        base = _expert_base(base_model, module, part, rows, device, warnings)
+        yield from M.factored_experts(names, where, left[:, _row_index(rows)], right,
+                                      module.scale, module.rank, settings, base, right_root)
+
+
+def _expert_base_keys(base_model: BaseModel, module: ExpertModule, part: str, rows: range):
+    """Where the base keeps one part of every expert: (the fused 3-D key, None), or (None, one
+    key per expert) for a checkpoint with a Linear per expert; (None, None) when it has neither.
+    Shapes are checked here, from the headers."""
+    stacked = (module.num_experts, *module.shape)
+    key = base_model.find(module.name)
+    if key is not None:
+        if tuple(base_model.shape(key)) not in (stacked, (stacked[0], stacked[2], stacked[1])):
+            raise AnalysisInputError(f"base weight {key} has shape {base_model.shape(key)} but the "
+                                     f"adapter needs {list(stacked)} (experts, out, in): is "
+                                     f"{base_model.path} the model this adapter was trained on?")
+        return key, None
+    layer = module.module[:-len(parse_module_path(module.module).component)]
+    for template in EXPERT_CHECKPOINT_PATHS.get(part, ()):
+        keys = [base_model.find(f"{layer}{template.format(e=e)}.weight")
+                for e in range(module.num_experts)]
+        if all(keys):
+            for k in keys:
+                if base_model.shape(k) != [len(rows), module.shape[1]]:
+                    raise AnalysisInputError(
+                        f"base weight {k} has shape {base_model.shape(k)} but the adapter needs "
+                        f"{[len(rows), module.shape[1]]}: is {base_model.path} the model this "
+                        "adapter was trained on?")
+            return None, keys
+    return None, None
+
+
+def _expert_base(base_model: BaseModel | None, module: ExpertModule, part: str, rows: range,
+                 device, warnings: list[str]) -> torch.Tensor | None:
+    """One part of every expert's base weight as (E, rows, in), or None without a base."""
+    if base_model is None:
+        return None
+    fused, per_expert = _expert_base_keys(base_model, module, part, rows)
+    if fused is not None:
+        tensor = base_model.tensor(fused).to(device=device, dtype=torch.float64)
+        if tuple(tensor.shape[1:]) != module.shape:
+            tensor = tensor.transpose(1, 2)
+        return tensor[:, _row_index(rows)]
+    if per_expert is not None:
+        return torch.stack([base_model.tensor(k).to(device=device, dtype=torch.float64)
+                            for k in per_expert])
+    warnings.append(f"{module.module}: the base model has no {part} weights for its experts; base "
+                    "metrics skipped for them")
+    return None
+
+
+def _experts(finite: list[M.ModuleAnalysis]) -> ExpertSummary | None:
+    """Σ‖ΔW_e‖_F per layer × expert, per parameter and per expert, and how concentrated it is."""
+    records = [a.metrics for a in finite if a.metrics.expert is not None]
+    if not records:
+        return None
+    count = max(m.expert for m in records) + 1
+    by_layer: dict[int, list[float]] = {}
+    by_parameter: dict[str, float] = defaultdict(float)
+    for m in records:
+        row = by_layer.setdefault(m.layer if m.layer is not None else -1, [0.0] * count)
+        row[m.expert] += m.fro
+        by_parameter[m.component.rsplit(".", 1)[-1]] += m.fro
+    top_k = max(1, math.ceil(count / EXPERT_TOP_FRACTION))
+    layers = []
+    for layer in sorted(by_layer):
+        row = by_layer[layer]
+        top = sorted(range(count), key=lambda e: -row[e])[:top_k]
+        total = sum(row)
+        layers.append(ExpertLayer(layer, row, top,
+                                  sum(row[e] for e in top) / total if total > 0 else math.nan))
+    shares = [p.top_share for p in layers if math.isfinite(p.top_share)]
+    return ExpertSummary(
+        num_experts=count, parameters=list(by_parameter), layers=layers,
+        fro_by_parameter=dict(by_parameter),
+        fro_by_expert=[sum(row[e] for row in by_layer.values()) for e in range(count)],
+        top_k=top_k, top_share=sum(shares) / len(shares) if shares else math.nan,
+        uniform_share=top_k / count)
 
 
 def _sample_quotas(plans, total_entries: int, settings) -> dict[str, int]:
@@ -168,7 +318,7 @@ def _analyse_module(module: LoraModule, parts: list[_Part], contents, base_model
     if magnitude is not None and base is not None:
         dense = lora_math.dora_delta(base, left, right, module.scale, magnitude) if not bad else None
     for part in parts:
-        rows = part.rows or slice(None)
+        rows = slice(None) if part.rows is None else part.rows
         where = parse_module_path(part.name)
         kind = "dora" if magnitude is not None and base is not None else module.kind
         if bad:
@@ -256,7 +406,7 @@ def layer_profiles(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
         profile.fro_sum += m.fro
         profile.components[m.component] = profile.components.get(m.component, 0.0) + m.fro
         profile.groups[m.group] = profile.groups.get(m.group, 0.0) + m.fro
-        role = attention_role(m)
+        role = role_of(m)
         if role:
             profile.roles[role] = profile.roles.get(role, 0.0) + m.fro
     return [by_layer[k] for k in sorted(by_layer)]

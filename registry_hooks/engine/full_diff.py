@@ -22,16 +22,10 @@ from . import lora_math
 from . import module_metrics as M
 from .analysis import layer_profiles, top_neurons, value_histogram
 from .loading import AnalysisInputError, BaseModel
-from .naming import parse_module_path
-from .result import (AnalysisResult, FullFinetuneInfo, FullDiffSection, LayerTypeGrid, ModuleMetrics,
+from .naming import TYPE_ORDER, matrix_type, parse_module_path
+from .result import (AnalysisResult, FullDiffSection, FullFinetuneInfo, LayerTypeGrid, ModuleMetrics,
                      Summary, TensorDiff)
 
-# Component leaf -> the matrix type naming a column of the layer × matrix type grid.
-MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
-                "up_proj": "up", "down_proj": "down", "c_attn": "qkv", "qkv_proj": "qkv",
-                "query_key_value": "qkv", "dense": "o", "c_proj": "proj", "c_fc": "fc",
-                "gate_up_proj": "gate_up", "dense_h_to_4h": "up", "dense_4h_to_h": "down"}
-TYPE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc", "proj"]
 GRID_METRICS = ("relative_fro", "fro", "spectral", "relative_rank")
 
 
@@ -400,12 +394,6 @@ def _section(tuned_model, base_model, diffs: list[TensorDiff], diff_settings) ->
         settings=asdict(diff_settings), relative_fro_total=_ratio(delta_fro, base_fro),
         tensors_compared=len(diffs), tensors_unchanged=sum(1 for d in diffs if d.fro == 0),
         tensors=diffs, grid=layer_type_grid(matrices))
-
-
-def matrix_type(component: str) -> str:
-    """q/k/v/o/gate/up/down (or the leaf name) of a component path such as `self_attn.q_proj`."""
-    leaf = component.rsplit(".", 1)[-1]
-    return MATRIX_TYPES.get(leaf, leaf)
 
 
 def layer_type_grid(matrices: list[TensorDiff]) -> LayerTypeGrid:

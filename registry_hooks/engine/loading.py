@@ -29,7 +29,7 @@ from safetensors import safe_open
 from tunelens.errors import TunelensError
 
 from .lora_math import lora_scale
-from .naming import strip_peft_prefix
+from .naming import expert_parameter_order, strip_peft_prefix
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -39,6 +39,23 @@ BIN_NAME = "adapter_model.bin"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
                        r"lora_magnitude_vector)(?:\.default)?(?:\.(?P<param>weight|bias))?$")
 _SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
+# Saved tensors PEFT writes that are neither LoRA factors nor full weights: named, never misread
+# as modules_to_save. Trainable tokens keep new rows of an embedding; any other `lora_*` tensor
+# belongs to a LoRA variant whose ΔW is not s·B·A.
+_UNANALYSED_KEY = re.compile(r"\.(?P<kind>token_adapter|lora_[A-Za-z0-9_]+)\.")
+UNANALYSED_KINDS = {"token_adapter": "trainable-token rows (trainable_token_indices)"}
+# adapter_config.json fields of LoRA variants whose applied change is not the plain ΔW = s·B·A
+# tunelens computes from the factors: each one set is named in the result's warnings.
+VARIANT_FIELDS = {
+    "use_qalora": "QA-LoRA (inputs pooled in groups before A)",
+    "alora_invocation_tokens": "activated LoRA (applied only after the invocation tokens)",
+    "layer_replication": "layer replication (layers share adapted weights)",
+    "use_bdlora": "block-diagonal LoRA (factors sharded in blocks)",
+    "kasa_config": "KaSA (a singular-value-based update of the base)",
+    "arrow_config": "Arrow (a router mixing several adapters)",
+    "monteclora_config": "MonteCLoRA (a stochastic, sampled update)",
+    "velora_config": "VeLoRA",
+}
 
 MAX_JSON_BYTES = 8 * 1024 ** 2  # a PEFT config is ~1 KB; rank_pattern for 1000s of modules < 1 MB
 # safetensors allows 100 MB; a 70B adapter's header is ~150 KB, and parsing 16 MiB of JSON takes
@@ -103,6 +120,7 @@ class AdapterConfig:
     task_type: str | None
     bias: str
     lora_bias: bool
+    target_parameters: list[str] = field(default_factory=list)  # PEFT ParamWrapper targets
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """r and alpha for one module path, with rank_pattern / alpha_pattern applied like PEFT."""
@@ -276,7 +294,18 @@ def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
         modules_to_save=raw.get("modules_to_save"), rank_pattern=dict(raw.get("rank_pattern") or {}),
         alpha_pattern=dict(raw.get("alpha_pattern") or {}),
         base_model_name_or_path=raw.get("base_model_name_or_path"), task_type=raw.get("task_type"),
-        bias=str(raw.get("bias") or "none"), lora_bias=bool(raw.get("lora_bias")))
+        bias=str(raw.get("bias") or "none"), lora_bias=bool(raw.get("lora_bias")),
+        target_parameters=_target_parameters(path, raw.get("target_parameters")))
+
+
+def _target_parameters(path: Path, value) -> list[str]:
+    """adapter_config.json's target_parameters: a list of parameter paths (PEFT accepts no str)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise AnalysisInputError(f"{path}: target_parameters must be a list of parameter paths, "
+                                 f"got {value!r}")
+    return value
 
 
 class TensorFile:
@@ -357,7 +386,10 @@ class LoraModule:
 
 
 def _finite_max(tensor: torch.Tensor) -> float:
-    """max |x| over the finite entries."""
+    """max |x| over the finite entries (one pass when they all are)."""
+    largest = float(tensor.abs().max())
+    if math.isfinite(largest):
+        return largest
     return float(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0).abs().max())
 
 
@@ -371,6 +403,36 @@ class SavedTensor:
 
 
 @dataclass
+class ExpertModule:
+    """One 3-D experts parameter adapted through target_parameters (PEFT's ParamWrapper), factored.
+
+    PEFT stores lora_A as (r·E, in) with expert e's rows at e·r..(e+1)·r, and lora_B as (out, r·E)
+    with expert e's columns at e, e+E, e+2E, ... (its get_delta_weight reshapes B to (out, r, E)):
+    ΔW_e = scale·B_e·A_e in Linear orientation [out, in].
+    """
+
+    name: str  # the parameter path, e.g. `model.layers.0.mlp.experts.gate_up_proj`
+    module: str  # the experts module, e.g. `model.layers.0.mlp.experts`
+    parameter: str  # `gate_up_proj`
+    num_experts: int
+    rank: int  # per expert
+    alpha: float
+    scale: float
+    shape: tuple[int, int]  # each expert's ΔW [out, in]
+    keys: dict[str, str]  # "A", "B" -> tensor names in the file
+
+    def factors(self, tensors: TensorFile, device: torch.device, dtype=torch.float64):
+        """(L, R) stacked over experts: L = B_e (E, out, r), R = A_e (E, r, in), PEFT's slicing."""
+        a = tensors.get(self.keys["A"]).to(device=device, dtype=dtype)
+        b = tensors.get(self.keys["B"]).to(device=device)
+        right = a.reshape(self.num_experts, self.rank, a.shape[-1])
+        # Expert-major and contiguous for the batched products, reordered before widening to
+        # float64 (a bf16 copy moves a quarter of the bytes).
+        left = b.reshape(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1).contiguous()
+        return left.to(dtype), right
+
+
+@dataclass
 class AdapterContents:
     """An opened, checked adapter: its config, factored modules and full tensors, nothing loaded."""
 
@@ -381,6 +443,7 @@ class AdapterContents:
     saved: list[SavedTensor]
     trainable_params: int
     warnings: list[str] = field(default_factory=list)
+    experts: list[ExpertModule] = field(default_factory=list)
 
 
 def open_adapter(path: str | Path) -> AdapterContents:
@@ -400,17 +463,19 @@ def open_adapter(path: str | Path) -> AdapterContents:
         raise AnalysisInputError(f"{adapter_dir} has {CONFIG_NAME} but neither {SAFETENSORS_NAME} "
                                  f"nor {BIN_NAME}")
     tensors = TensorFile(inside(weights, adapter_dir))
-    modules, saved, warnings, ignored = _collect(tensors, config, weights)
-    if not modules and not saved:
+    modules, experts, saved, warnings, ignored = _collect(tensors, config, weights)
+    if not modules and not saved and not experts:
         raise AnalysisInputError(f"{weights} holds no LoRA tensors (lora_A/lora_B): nothing to "
                                  "analyse")
     trainable = sum(tensors.numel(k) for k in tensors.keys() if k not in ignored)
-    return AdapterContents(adapter_dir, config, tensors, modules, saved, trainable, warnings)
+    return AdapterContents(adapter_dir, config, tensors, modules, saved, trainable, warnings,
+                           experts)
 
 
 def _collect(tensors: TensorFile, config: AdapterConfig, weights: Path):
     grouped: dict[str, dict[str, str]] = {}
     saved, warnings, ignored = [], [], set()
+    unanalysed: dict[str, list[str]] = {}
     for key in tensors.keys():
         name = strip_peft_prefix(key)
         match = _LORA_KEY.match(name)
@@ -425,18 +490,106 @@ def _collect(tensors: TensorFile, config: AdapterConfig, weights: Path):
         elif ".base_layer." in name:
             # PEFT saves the base embedding beside an embedding LoRA: a copy, not trained weights.
             ignored.add(key)
+        elif (unknown := _UNANALYSED_KEY.search(name)) is not None:
+            unanalysed.setdefault(unknown["kind"], []).append(key)
         else:
             saved.append(SavedTensor(_SAVED_WRAPPER.sub("", name), key, tensors.shape(key)))
+    for kind, keys in sorted(unanalysed.items()):
+        what = UNANALYSED_KINDS.get(kind, f"{kind} tensors (a LoRA variant tunelens does not "
+                                          "analyse)")
+        names = ", ".join(strip_peft_prefix(k) for k in keys[:3]) + (" …" if len(keys) > 3 else "")
+        warnings.append(f"not analysed: {len(keys)} {what} tensor(s), "
+                        f"{sum(tensors.numel(k) for k in keys):,} values ({names}); they are "
+                        "counted as trainable parameters")
+    for field_name, what in VARIANT_FIELDS.items():
+        if config.raw.get(field_name) not in (None, False, [], {}, ""):
+            warnings.append(f"adapter_config.json sets {field_name}: {what}; tunelens analyses "
+                            "the factors as plain LoRA, ΔW = s·B·A, which is not the change this "
+                            "variant applies")
     if ignored:
         count = sum(tensors.numel(k) for k in ignored)
         warnings.append(f"{len(ignored)} base-layer copies in the adapter file ({count:,} values) "
                         "are not counted as trainable parameters")
-    modules = []
+    modules, experts = [], []
+    wrapped = _parameter_wrappers(grouped, config, weights) if config.target_parameters else {}
     for name, keys in sorted(grouped.items()):
-        module = _check_module(name, keys, tensors, config, weights, warnings)
-        if module is not None:
-            modules.append(module)
-    return modules, saved, warnings, ignored
+        if name in wrapped:
+            module, parameter = wrapped[name]
+            checked = _check_parameter(module, parameter, keys, tensors, config, weights)
+        else:
+            checked = _check_module(name, keys, tensors, config, weights, warnings)
+        if isinstance(checked, ExpertModule):
+            experts.append(checked)
+        elif checked is not None:
+            modules.append(checked)
+    return modules, experts, saved, warnings, ignored
+
+
+def _parameter_wrappers(grouped: dict, config: AdapterConfig, weights: Path):
+    """Saved module path -> (module, parameter) for PEFT's ParamWrapper layers. PEFT wraps a
+    module's targeted parameters in the order its class defines them, each around the last, so the
+    first sits deepest: `experts.base_layer.lora_A` is gate_up_proj's when down_proj is adapted too.
+    """
+    nested: dict[str, list[str]] = {}
+    for name in grouped:
+        module = name
+        while module.endswith(".base_layer"):
+            module = module[:-len(".base_layer")]
+        nested.setdefault(module, []).append(name)
+    wrapped = {}
+    for module, names in nested.items():
+        # PEFT's match: the path `module.param` equals a target or ends with `.target`.
+        parameters = [t.rsplit(".", 1)[-1] for t in config.target_parameters
+                      if f"{module}.{t.rsplit('.', 1)[-1]}" == t
+                      or f"{module}.{t.rsplit('.', 1)[-1]}".endswith("." + t)]
+        parameters = expert_parameter_order(list(dict.fromkeys(parameters)))
+        if not parameters:
+            continue
+        if len(parameters) != len(names):
+            raise AnalysisInputError(
+                f"{weights}: {module} holds {len(names)} LoRA layers but target_parameters names "
+                f"{len(parameters)} of its parameters ({', '.join(parameters)}); cannot tell which "
+                "is which: re-save the adapter with PEFT")
+        for name in names:
+            depth = name.count(".base_layer") - module.count(".base_layer")
+            wrapped[name] = (module, parameters[len(parameters) - 1 - depth])
+    return wrapped
+
+
+def _check_parameter(module: str, parameter: str, keys: dict, tensors: TensorFile,
+                     config: AdapterConfig, weights: Path):
+    """A ParamWrapper's LoRA: E experts of rank r each (lora_A rows = r·E), or one 2-D parameter."""
+    keys.pop("_embedding")
+    name = f"{module}.{parameter}"
+    for needed in ("A", "B"):
+        if needed not in keys:
+            raise AnalysisInputError(f"{weights}: parameter {name} has no lora_{needed}; the "
+                                     "adapter file is incomplete")
+    extra = sorted(set(keys) - {"A", "B"})
+    if extra:
+        raise AnalysisInputError(f"{weights}: parameter {name} has {', '.join(extra)} beside its "
+                                 "LoRA factors, which PEFT's target_parameters never saves")
+    a_shape, b_shape = tensors.shape(keys["A"]), tensors.shape(keys["B"])
+    r, alpha = config.rank_and_alpha(name)
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or a_shape[0] % r:
+        raise AnalysisInputError(f"{weights}: parameter {name} has lora_A {a_shape} and lora_B "
+                                 f"{b_shape}, not (r·E, in) and (out, r·E) with r={r} from "
+                                 "adapter_config.json")
+    experts = a_shape[0] // r
+    shape = (b_shape[0], a_shape[1])
+    if 0 in shape:
+        raise AnalysisInputError(f"{weights}: parameter {name} has an empty ΔW; the adapter file is "
+                                 "corrupt")
+    scale = lora_scale(alpha, r, config.use_rslora)
+    bound = abs(scale) * r * math.prod(_finite_max(tensors.get(keys[f])) for f in ("A", "B"))
+    if not bound <= MAX_DELTA_ENTRY:
+        raise AnalysisInputError(f"{weights}: parameter {name} has values whose ΔW could reach "
+                                 f"{bound:.1e}, beyond float64 analysis; the adapter is corrupt")
+    if experts == 1:  # a 2-D parameter: PEFT's delta is a Linear's s·B·A
+        return LoraModule(name=module if parameter == "weight" else name, kind="lora", rank=r,
+                          alpha=alpha, scale=scale, shape=shape, keys=keys)
+    return ExpertModule(name=name, module=module, parameter=parameter, num_experts=experts,
+                        rank=r, alpha=alpha, scale=scale, shape=shape, keys=keys)
 
 
 def _check_module(name, keys, tensors, config, weights, warnings) -> LoraModule | None:

@@ -155,11 +155,14 @@ def entry_tiles(x: torch.Tensor, y: torch.Tensor, max_entries: int = 1 << 18):
         yield x[start:start + rows] @ y.T
 
 
-def sample_entries(x: torch.Tensor, y: torch.Tensor, count: int, generator: torch.Generator):
-    """`count` entries ΔW_ij = x_i·y_j at uniformly random (i, j), with replacement."""
+def sample_entries(x: torch.Tensor, y: torch.Tensor, count: int, generator: torch.Generator,
+                   chunk: int = 1 << 16):
+    """`count` entries ΔW_ij = x_i·y_j at uniformly random (i, j), with replacement (evaluated
+    in chunks: a million rows of X and Y gathered at once cost more than the products)."""
     rows = torch.randint(0, x.shape[0], (count,), generator=generator).to(x.device)
     cols = torch.randint(0, y.shape[0], (count,), generator=generator).to(x.device)
-    return (x[rows] * y[cols]).sum(dim=1)
+    return torch.cat([torch.linalg.vecdot(x[rows[i:i + chunk]], y[cols[i:i + chunk]])
+                      for i in range(0, count, chunk)]) if count else x.new_zeros(0)
 
 
 def amplification_factor(u: torch.Tensor, v: torch.Tensor, singular: torch.Tensor,
@@ -187,3 +190,95 @@ def dora_delta(base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scal
     """DoRA's effective ΔW = m / ‖W + s·L·R‖_row ⊙ (W + s·L·R) − W (row norms over inputs)."""
     merged = base + scale * (left @ right)
     return (magnitude / merged.norm(dim=1)).unsqueeze(1) * merged - base
+
+
+# ---- Stacks of experts: the same math over (E, ...) tensors, one batched call per stack. ----
+
+def gram_root(gram: torch.Tensor, cutoff: float = 1e-12):
+    """For stacked Gram matrices G = MᵀM (E, r, r) = W·Λ·Wᵀ: (W·Λ^½, W·Λ^-½), eigenvalues below
+    cutoff·λ_max dropped (M = Q·(W·Λ^½)ᵀ with Q = M·W·Λ^-½ orthonormal on M's range)."""
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    keep = eigenvalues > cutoff * eigenvalues.amax(dim=-1, keepdim=True).clamp_min(0)
+    root = torch.where(keep, eigenvalues.clamp_min(0).sqrt(), 0.0)
+    inverse = torch.where(keep, 1 / torch.where(keep, root, 1.0), 0.0)
+    return vectors * root.unsqueeze(-2), vectors * inverse.unsqueeze(-2)
+
+
+def batched_factored_svd(left: torch.Tensor, right: torch.Tensor, scale: float,
+                         right_root=None):
+    """ΔW_e = s·L_e·R_e for L (E, m, r), R (E, r, n), through the r×r Grams (one pass over each
+    factor): with L = Q_L·P_Lᵀ, Rᵀ = Q_R·P_Rᵀ (gram_root), the SVD of the core s·P_Lᵀ·P_R = U_c·S·V_cᵀ
+    gives ΔW_e = X_e·Y_eᵀ with X = L·N_L·U_c·√S = U·√S and Y = Rᵀ·N_R·V_c·√S = V·√S (balanced
+    factors), S (E, k) descending. `right_root`: gram_root of R·Rᵀ when already computed (the gate
+    and up parts of one gate_up_proj share their R)."""
+    p_left, n_left = gram_root(left.transpose(-2, -1) @ left)
+    p_right, n_right = right_root or gram_root(right @ right.transpose(-2, -1))
+    u_core, singular, vh_core = torch.linalg.svd(scale * (p_left.transpose(-2, -1) @ p_right))
+    root = singular.sqrt().unsqueeze(-2)
+    x = left @ (n_left @ (u_core * root))
+    y = right.transpose(-2, -1) @ (n_right @ (vh_core.transpose(-2, -1) * root))
+    return x, singular, y
+
+
+def batched_spectrum(singular: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per expert from S (E, k), descending: ‖ΔW‖_F = sqrt(Σσ²), σ₁, effective rank
+    exp(−Σ p·ln p) with p = σ/Σσ, stable rank Σσ²/σ₁², and the 90%/99% energy ranks (0 for ΔW = 0)."""
+    energy = singular.square()
+    total_energy = energy.sum(dim=-1)
+    total = singular.sum(dim=-1)
+    top = singular.amax(dim=-1) if singular.shape[-1] else torch.zeros_like(total)
+    moved = total > 0
+    p = singular / torch.where(moved, total, 1.0).unsqueeze(-1)
+    effective = torch.where(moved, torch.special.entr(p).sum(dim=-1).exp(), 0.0)
+    stable = torch.where(top > 0, total_energy / torch.where(top > 0, top, 1.0).square(), 0.0)
+    cumulative = energy.cumsum(dim=-1) / torch.where(total_energy > 0, total_energy, 1.0).unsqueeze(-1)
+    ranks = {f: torch.where(total_energy > 0, (cumulative < f - 1e-12).sum(dim=-1) + 1, 0)
+             for f in (0.90, 0.99)}
+    return {"fro": total_energy.sqrt(), "spectral": top, "effective_rank": effective,
+            "stable_rank": stable, "energy_rank_90": ranks[0.90], "energy_rank_99": ranks[0.99]}
+
+
+def batched_row_norms(x: torch.Tensor, singular: torch.Tensor) -> torch.Tensor:
+    """‖ΔW_e[i, :]‖₂ = sqrt(Σ_k x_ik²·σ_k) for ΔW_e = X_e·Y_eᵀ, X = U·√S, Y = V·√S: (E, m)."""
+    return (x.square() * singular.unsqueeze(-2)).sum(dim=-1).sqrt()
+
+
+def batched_entry_sums(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """Σ_ij ΔW_e,ij = s·(1ᵀL_e)·(R_e·1) for every expert: (E,)."""
+    return scale * (left.sum(dim=-2) * right.sum(dim=-1)).sum(dim=-1)
+
+
+def batched_extreme_entries(x: torch.Tensor, y: torch.Tensor, row_tile: int = 64,
+                            seed_rows: int = 8, max_entries: int = 1 << 24):
+    """Exact per-expert (min, max) of ΔW_e = X_e·Y_eᵀ, X (E, m, k), Y (E, n, k): extreme_entries's
+    bound |ΔW_ij| <= ‖x_i‖·‖y_j‖ over rows and columns sorted by norm, one row tile at a time for
+    all experts together (each tile as wide as the expert needing the most columns); only the rows
+    and columns a tile needs are gathered."""
+    x_norms, row_order = x.norm(dim=-1).sort(dim=-1, descending=True)
+    y_norms, col_order = y.norm(dim=-1).sort(dim=-1, descending=True)
+
+    def rows_of(matrix, order, start, stop):
+        index = order[:, start:stop]
+        return matrix.gather(1, index.unsqueeze(-1).expand(-1, -1, matrix.shape[-1]))
+
+    seed_x = rows_of(x, row_order, 0, seed_rows) @ y.transpose(-2, -1)
+    seed_y = x @ rows_of(y, col_order, 0, seed_rows).transpose(-2, -1)
+    high = torch.maximum(seed_x.amax(dim=(1, 2)), seed_y.amax(dim=(1, 2)))
+    low = torch.minimum(seed_x.amin(dim=(1, 2)), seed_y.amin(dim=(1, 2)))
+    columns, gathered = None, 0
+    for start in range(seed_rows, x.shape[1], row_tile):
+        threshold = torch.minimum(high, -low).clamp_min(0)
+        # Columns j that row `start` (the tile's largest norm) could still need, per expert.
+        reach = x_norms[:, start:start + 1] * y_norms * (1 + _BOUND_SLACK)
+        needed = int((reach > threshold.unsqueeze(-1)).sum(dim=-1).max())
+        if needed == 0:
+            break
+        if needed > gathered:  # the sorted column prefix grows only as the tiles need it
+            columns, gathered = rows_of(y, col_order, 0, needed), needed
+        rows = rows_of(x, row_order, start, start + row_tile)
+        chunk = max(1, max_entries // (rows.shape[1] * needed))
+        for first in range(0, x.shape[0], chunk):
+            tile = rows[first:first + chunk] @ columns[first:first + chunk, :needed].transpose(-2, -1)
+            high[first:first + chunk] = torch.maximum(high[first:first + chunk], tile.amax(dim=(1, 2)))
+            low[first:first + chunk] = torch.minimum(low[first:first + chunk], tile.amin(dim=(1, 2)))
+    return low, high

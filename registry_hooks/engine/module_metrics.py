@@ -205,3 +205,43 @@ def count_nonfinite(*tensors: torch.Tensor | None) -> int:
     """NaN and ±Inf entries across the given tensors (a finite sum proves there are none)."""
     return sum(int((~torch.isfinite(t)).sum()) for t in tensors
                if t is not None and not torch.isfinite(t.sum()))
+
+
+def factored_experts(names: list[str], where: ModulePath, left: torch.Tensor, right: torch.Tensor,
+                     scale: float, rank: int, settings: AnalysisSettings,
+                     base: torch.Tensor | None = None, right_root=None) -> list[ModuleAnalysis]:
+    """One record per expert of ΔW_e = scale·L_e·R_e, L (E, m, r), R (E, r, n), computed for the
+    whole stack at once; `base` (E, m, n) adds ‖ΔW_e‖/‖W_e‖; `right_root`: lora_math.gram_root of
+    R·Rᵀ, shared by the parts of one fused parameter. No heatmap per expert: the report's
+    layer × expert grid shows where the experts moved."""
+    experts, m, n = left.shape[0], left.shape[1], right.shape[-1]
+    x, singular, y = lora_math.batched_factored_svd(left, right, scale, right_root)
+    spectrum = {k: t.tolist() for k, t in lora_math.batched_spectrum(singular).items()}
+    totals = lora_math.batched_entry_sums(left, right, scale).tolist()
+    low, high = (t.tolist() for t in lora_math.batched_extreme_entries(x, y))
+    top_values, top_rows = lora_math.batched_row_norms(x, singular).topk(
+        min(settings.top_neurons, m), dim=-1)
+    relative = None
+    if base is not None:
+        base_fro = base.norm(dim=(1, 2))
+        relative = torch.where(base_fro > 0, torch.tensor(spectrum["fro"], dtype=base_fro.dtype,
+                                                          device=base_fro.device) / base_fro,
+                               math.inf).tolist()
+    singular_lists, top_values, top_rows = singular.tolist(), top_values.tolist(), top_rows.tolist()
+    max_rank = min(rank, m, n)
+    out = []
+    for e in range(experts):
+        fro, mean = spectrum["fro"][e], totals[e] / (m * n)
+        metrics = ModuleMetrics(
+            name=names[e], layer=where.layer, component=where.component, group=where.group,
+            shape=[m, n], rank=rank, scale=scale, fro=fro, spectral=spectrum["spectral"][e],
+            singular_values=singular_lists[e], effective_rank=spectrum["effective_rank"][e],
+            stable_rank=spectrum["stable_rank"][e], energy_rank_90=spectrum["energy_rank_90"][e],
+            energy_rank_99=spectrum["energy_rank_99"][e],
+            rank_utilisation=spectrum["effective_rank"][e] / max_rank if max_rank else 0.0,
+            mean=mean, std=math.sqrt(max(fro * fro / (m * n) - mean * mean, 0.0)), min=low[e],
+            max=high[e], relative_fro=relative[e] if relative is not None else None, kind="lora",
+            expert=e)
+        out.append(ModuleAnalysis(metrics, None, list(zip(top_rows[e], top_values[e])),
+                                  FactoredEntries(x[e], y[e]), totals[e]))
+    return out

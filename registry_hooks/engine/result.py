@@ -74,6 +74,7 @@ class ModuleMetrics:
     kind: str = "lora"
     nonfinite: int = 0  # NaN/Inf entries found in this module's tensors
     bias_delta_norm: float | None = None  # ‖scale·lora_B.bias‖₂ when the adapter trains a LoRA bias
+    expert: int | None = None  # the expert's index for one expert of a 3-D experts parameter
 
 
 @dataclass
@@ -86,6 +87,36 @@ class LayerProfile:
     groups: dict[str, float]
     # The Q/K/V/O breakdown: Σ ‖ΔW‖_F per attention role ("QKV" = an unsplit fused one).
     roles: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ExpertLayer:
+    """One MoE layer: Σ over its adapted expert parameters of ‖ΔW_e‖_F, for each expert e."""
+
+    layer: int
+    fro_by_expert: list[float]
+    top_experts: list[int]  # the top_k experts by that sum, largest first
+    top_share: float  # their share of the layer's total
+
+
+@dataclass
+class ExpertSummary:
+    """Experts adapted through target_parameters (3-D MoE parameters), aggregated.
+
+    Each expert's ΔW_e is a module record of its own (ModuleMetrics.expert set); these are the sums
+    of their ‖ΔW_e‖_F per layer × expert, per parameter (gate_proj, up_proj, down_proj) and per
+    expert index across layers. top_share is the layers' mean share held by their top_k experts;
+    uniform_share = top_k / num_experts is that share had every expert moved alike.
+    """
+
+    num_experts: int
+    parameters: list[str]
+    layers: list[ExpertLayer]
+    fro_by_parameter: dict[str, float]
+    fro_by_expert: list[float]
+    top_k: int
+    top_share: float
+    uniform_share: float
 
 
 @dataclass
@@ -304,6 +335,7 @@ class AnalysisResult:
     # Optional sections (docs/analysis-json.md): a full fine-tune diff, a training evolution.
     full_diff: FullDiffSection | None = None
     checkpoints: CheckpointEvolution | None = None
+    experts: ExpertSummary | None = None  # MoE experts adapted through target_parameters
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(self)
@@ -327,12 +359,20 @@ class AnalysisResult:
                           if data.get("full_diff") else None),
             "checkpoints": (CheckpointEvolution.from_dict(data["checkpoints"])
                             if data.get("checkpoints") else None),
+            "experts": _experts_from_dict(data.get("experts")),
         })
 
 
 def _source(data: dict[str, Any]) -> AdapterInfo | FullFinetuneInfo:
     kind = FullFinetuneInfo if str(data.get("peft_type")).upper() == "FULL" else AdapterInfo
     return kind(**_fields(kind, data))
+
+
+def _experts_from_dict(data: dict[str, Any] | None) -> ExpertSummary | None:
+    if data is None:
+        return None
+    return ExpertSummary(**{**_fields(ExpertSummary, data), "layers": [
+        ExpertLayer(**_fields(ExpertLayer, layer)) for layer in data["layers"]]})
 
 
 def _fields(cls, data: dict[str, Any]) -> dict[str, Any]:

@@ -10,11 +10,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .naming import PART_SUFFIXES
 from .result import AdapterInfo, AnalysisResult
 
 PLANS = {"soloist": 1, "ensemble": 3}
 GROUPS = ("attention", "mlp")
-_PART_SUFFIXES = ("q", "k", "v", "gate", "up")
 DEFAULT_RANK = 16  # for a full fine-tune diff, which has no LoRA rank of its own
 
 
@@ -44,7 +44,7 @@ def group_targets(result: AnalysisResult, group: str) -> list[str]:
     for m in result.modules:
         if m.group == group and m.layer is not None:
             segments = m.component.split(".")
-            if segments[-1] in _PART_SUFFIXES and len(segments) > 1:
+            if segments[-1] in PART_SUFFIXES and len(segments) > 1:
                 segments = segments[:-1]
             names.add(".".join(segments))
     return sorted(names)

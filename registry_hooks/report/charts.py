@@ -11,13 +11,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from tunelens.registry_hooks.engine.naming import ROLE_ORDER, attention_role
-
-from .narrative import ROLE_NAMES, component_order, fmt
+from tunelens.registry_hooks.engine.naming import ROLE_NAMES, ROLE_ORDER, role_of
 from tunelens.registry_hooks.engine.result import AnalysisResult, ModuleMetrics
+
+from .narrative import component_order, fmt
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
              "#000000", "#999999"]
@@ -31,8 +29,13 @@ DPI = 110
 
 
 def _figure(width: float, height: float, *, left: float = 0.9, right: float = 0.25,
-            bottom: float = 0.7, top: float = 0.5, **grid) -> Figure:
-    """A figure with margins given in inches (title on top, axis labels left and bottom)."""
+            bottom: float = 0.7, top: float = 0.5, **grid):
+    """A figure with margins given in inches (title on top, axis labels left and bottom).
+    matplotlib is imported here, on the first chart: report.py reads this module's component
+    choice without drawing, and a run without PNG charts never loads it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
@@ -120,7 +123,7 @@ def qkvo_stacked(result: AnalysisResult, path: Path) -> Path | None:
     """Stacked bars: the attention roles' ‖ΔW‖_F per layer."""
     per_layer: dict[int, dict[str, float]] = {}
     for m in result.modules:
-        role = attention_role(m)
+        role = role_of(m)
         if role and m.layer is not None and math.isfinite(m.fro):
             roles = per_layer.setdefault(m.layer, {})
             roles[role] = roles.get(role, 0.0) + m.fro
@@ -257,6 +260,29 @@ def top_neurons(result: AnalysisResult, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def experts(result: AnalysisResult, path: Path) -> Path | None:
+    """MoE layers × experts coloured by Σ‖ΔW_e‖_F over the adapted expert matrices."""
+    summary = result.experts
+    if summary is None or not summary.layers:
+        return None
+    grid = np.array([[np.nan if v is None else v for v in layer.fro_by_expert]
+                     for layer in summary.layers], float)
+    fig = _figure(10, min(9.0, 1.4 + 0.16 * len(summary.layers)), left=0.8, right=1.3, bottom=0.6)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", interpolation="nearest", vmin=0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ticks = list(range(0, len(summary.layers), max(1, math.ceil(len(summary.layers) / 24))))
+    ax.set_yticks(ticks, [str(summary.layers[i].layer) for i in ticks])
+    _style(ax, "expert", "layer")
+    ax.grid(False)
+    fig.colorbar(image, ax=ax, pad=0.02).set_label("Σ ‖ΔW_e‖_F")
+    _title(fig, f"Which experts moved: top {summary.top_k} per layer hold "
+                f"{summary.top_share:.0%} of the change (uniform: {summary.uniform_share:.0%})")
+    return _save(fig, path)
+
+
 CHARTS = {
     "layers_by_component.png": layers_by_component,
     "qkvo_stacked.png": qkvo_stacked,
@@ -265,6 +291,7 @@ CHARTS = {
     "histogram.png": histogram,
     "heatmaps.png": heatmaps,
     "top_neurons.png": top_neurons,
+    "experts.png": experts,
 }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .charts import chart_components
 from .document import analysis_document
-from tunelens.registry_hooks.engine.naming import attention_role
+from tunelens.registry_hooks.engine.naming import role_of
 
 from .narrative import (SECTION_TITLES, glossary_for, is_full_finetune, narrate_layer,
                         narrate_sections)
@@ -107,7 +107,7 @@ def report_payload(result: AnalysisResult, data: dict | None = None, *,
         "sections": narrate_sections(result),
         "section_titles": SECTION_TITLES,
         "glossary": glossary_for(result),
-        "roles": {m.name: role for m in result.modules if (role := attention_role(m))},
+        "roles": {m.name: role for m in result.modules if (role := role_of(m))},
         # Bar series and grid rows: the largest components; the page sums the rest into "other".
         "components": shown,
         "components_folded": len(folded),

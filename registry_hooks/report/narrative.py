@@ -9,7 +9,7 @@ import math
 from collections import Counter, defaultdict
 from statistics import fmean
 
-from tunelens.registry_hooks.engine.naming import ROLE_ORDER, attention_role
+from tunelens.registry_hooks.engine.naming import LEAF_ORDER, ROLE_NAMES, ROLE_ORDER, role_of
 from tunelens.registry_hooks.engine.result import AnalysisResult, FullDiffSection, FullFinetuneInfo
 
 NORMAL_SHARE_WITHIN_ONE_STD = 0.6827  # P(|x - μ| < σ) for a normal distribution
@@ -22,14 +22,16 @@ TREND_MIN_RATIO = 1.2  # ...and only when the layers differ this much (no trend 
 SAME_SIZE_RATIO = 1.1  # two sizes within this factor read as "about as much"
 AMPLIFICATION_HIGH = 2.0  # above: ΔW boosts directions W barely emphasised (LoRA paper, §7)
 TOP_NEURONS_READ = 10
+# The experts' change reads as concentrated when a layer's top experts hold at least this many
+# times the share they would hold if every expert had moved alike.
+EXPERT_CONCENTRATED = 2.0
 
-ROLE_NAMES = {"Q": "Query (Q)", "K": "Key (K)", "V": "Value (V)", "O": "Output (O)",
-              "QKV": "fused Q/K/V"}
 
 SECTION_TITLES = {
     "summary": "Overall footprint",
     "layers": "Where the change landed",
     "qkvo": "Inside attention: Q / K / V / O",
+    "experts": "Which experts moved",
     "rank": "How much of the rank was used",
     "histogram": "Shape of the change",
     "neurons": "Where specialisation concentrated",
@@ -64,6 +66,9 @@ GLOSSARY: dict[str, str] = {
                      "information is combined and written back.",
     "MLP": "The feed-forward part of each layer (gate/up/down or fc/proj): where much of a "
            "model's stored knowledge is thought to live.",
+    "Expert": "In a mixture-of-experts (MoE) model, one of the parallel MLPs of a layer; a router "
+              "sends each token to a few of them. Each expert's change ΔW_e is analysed as a "
+              "matrix of its own.",
     "Neuron": "One output unit of a weight matrix: one row of W (and of ΔW).",
     "Parameter": "One trainable number. The trainable share is adapter parameters divided by "
                  "the base model's parameters.",
@@ -140,14 +145,6 @@ def _group(name: str) -> str:
 
 
 _GROUP_ORDER = {"embedding": 0, "attention": 1, "mlp": 2, "other": 3}
-# Within a group: attention's Q, K, V, O (fused QKV first), then the MLP's gate/up/fc before down.
-_LEAF_ORDER = {"qkv_proj": 0, "c_attn": 0, "query_key_value": 0, "Wqkv": 0, "q_proj": 1, "q": 1,
-               "query": 1, "k_proj": 2, "k": 2, "key": 2, "v_proj": 3, "v": 3, "value": 3,
-               "o_proj": 4, "out_proj": 4, "o": 4, "dense": 4, "gate_up_proj": 5, "gate_proj": 6,
-               "gate": 6, "w1": 6, "up_proj": 7, "up": 7, "w3": 7, "c_fc": 7, "fc1": 7,
-               "dense_h_to_4h": 7, "down_proj": 8, "w2": 8, "fc2": 8, "dense_4h_to_h": 8}
-
-
 def component_order(result: AnalysisResult) -> list[str]:
     """Components of the layer stack in reading order: attention Q, K, V, O, then the MLP."""
     groups = {m.component: m.group for m in result.modules if m.layer is not None}
@@ -156,7 +153,7 @@ def component_order(result: AnalysisResult) -> list[str]:
         # A fused part (attn.c_attn.q) sorts by its part; GPT-2's c_proj is attention's O or the
         # MLP's down projection depending on where it sits.
         leaf, group = component.rsplit(".", 1)[-1], groups[component]
-        rank = _LEAF_ORDER.get(leaf, (8 if group == "mlp" else 4) if leaf == "c_proj" else 9)
+        rank = LEAF_ORDER.get(leaf, (8 if group == "mlp" else 4) if leaf == "c_proj" else 9)
         return _GROUP_ORDER.get(group, 3), rank, component
 
     return sorted(groups, key=key)
@@ -220,7 +217,7 @@ def role_totals(result: AnalysisResult) -> dict[str, float]:
     """Σ ‖ΔW‖_F over all layers for each attention role present (Q, K, V, O, QKV)."""
     totals: dict[str, float] = defaultdict(float)
     for module in result.modules:
-        role = attention_role(module)
+        role = role_of(module)
         if role and math.isfinite(module.fro):
             totals[role] += module.fro
     return {r: totals[r] for r in ROLE_ORDER if r in totals}
@@ -608,12 +605,36 @@ def _training(result: AnalysisResult) -> list[str]:
                "the directions were still moving.")]
 
 
+def _experts(result: AnalysisResult) -> list[str]:
+    """Whether the experts' change concentrated in few of them, and which moved most."""
+    summary = result.experts
+    if summary is None or not summary.layers or not math.isfinite(summary.top_share):
+        return []
+    k, experts = summary.top_k, summary.num_experts
+    share, uniform = summary.top_share, summary.uniform_share
+    concentrated = share >= EXPERT_CONCENTRATED * uniform
+    out = [f"{len(summary.layers)} MoE layers with {experts} experts each were adapted "
+           f"({', '.join(summary.parameters)}). In the average layer its top {k} "
+           f"expert{'s hold' if k > 1 else ' holds'} {pct(share, 0)} of the experts' change (sum of "
+           f"‖ΔW_e‖_F), against {pct(uniform, 0)} had every expert moved alike: "
+           + ("the change concentrated in a few experts." if concentrated else
+              "the change is spread across the experts, none did all the work.")]
+    totals = summary.fro_by_expert
+    best = max(range(len(totals)), key=lambda e: totals[e])
+    mean = fmean(totals)
+    if mean > 0:
+        out.append(f"Across layers expert {best} moved most (summed ‖ΔW_e‖_F {fmt(totals[best])}, "
+                   f"{totals[best] / mean:.1f}× the mean expert).")
+    return out
+
+
 def narrate_sections(result: AnalysisResult) -> dict[str, list[str]]:
     """The narrative by report section (keys of SECTION_TITLES), empty sections left out."""
     sections = {
         "health": _health(result), "summary": _summary(result), "layers": _layers(result),
-        "qkvo": _qkvo(result), "rank": _rank(result), "histogram": _histogram(result),
-        "neurons": _neurons(result), "base": _base(result), "training": _training(result),
+        "qkvo": _qkvo(result), "experts": _experts(result), "rank": _rank(result),
+        "histogram": _histogram(result), "neurons": _neurons(result), "base": _base(result),
+        "training": _training(result),
     }
     return {k: v for k, v in sections.items() if v}
 

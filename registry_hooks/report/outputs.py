@@ -11,10 +11,10 @@ from pathlib import Path
 
 from tunelens.config import load_config
 
-from .charts import render_charts
+from tunelens.registry_hooks.engine.result import AnalysisResult
+
 from .document import analysis_document
 from .html import render_report
-from tunelens.registry_hooks.engine.result import AnalysisResult
 
 
 @dataclass
@@ -27,9 +27,10 @@ class AnalysisFiles:
 
 
 def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
-                   config: dict | None = None) -> AnalysisFiles:
+                   config: dict | None = None, charts: bool | None = None) -> AnalysisFiles:
     """Write out_dir/analysis.json, out_dir/report.html and out_dir/charts/*.png (`config`:
-    load_config()'s settings; None reads conf.yaml and $TUNELENS_CONFIG)."""
+    load_config()'s settings, None reads conf.yaml and $TUNELENS_CONFIG; `charts`: draw the PNGs,
+    None = analysis.png_charts)."""
     settings = (config if config is not None else load_config())["analysis"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,5 +42,9 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
     html_path = out / "report.html"
     html_path.write_text(render_report(result, data, max_heatmaps=settings["report_max_heatmaps"]),
                          encoding="utf-8")
-    chart_paths = render_charts(result, out / "charts")
+    chart_paths = []
+    if settings.get("png_charts", True) if charts is None else charts:
+        from .charts import render_charts  # matplotlib: imported only when drawing
+
+        chart_paths = render_charts(result, out / "charts")
     return AnalysisFiles(json_path=json_path, html_path=html_path, chart_paths=chart_paths)

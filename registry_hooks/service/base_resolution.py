@@ -4,13 +4,18 @@
    a hub id looked up in conf.yaml's hooks.base_models);
 2. conf.yaml's hooks.base_models map, for the hub id the model names (MLmodel's
    source_model_name, then the adapter's base_model_name_or_path);
-3. the transformers flavor's `local_base_model_path` in MLmodel;
-4. the adapter's `base_model_name_or_path`, when it is a local directory.
-Nothing is downloaded. No base found -> path None and `tried` says what was looked at.
+3. that hub id's snapshot in the local Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
+   ~/.cache/huggingface/hub), when it holds config.json and safetensors weights (a hub id in a
+   tag is looked up there too, after the map);
+4. the transformers flavor's `local_base_model_path` in MLmodel;
+5. the adapter's `base_model_name_or_path`, when it is a local directory.
+Nothing is downloaded. No base found -> path None and `tried` says what was looked at; `source`
+says which step found it.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +39,40 @@ def _local_dir(value: str | None) -> Path | None:
         return None
     path = Path(value).expanduser()
     return path if path.is_dir() else None
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as huggingface_hub finds it, read from the environment now."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache"),
+                                             "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_snapshot(hub_id: str | None) -> Path | None:
+    """The local snapshot of model `hub_id` (`org/name`) in the Hugging Face cache, never a
+    download: the revision refs/main names (huggingface_hub's try_to_load_from_cache), else the
+    newest snapshot; only one with config.json and *.safetensors weights counts."""
+    if not hub_id or hub_id.count("/") != 1 or hub_id.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    cache = hub_cache_dir()
+    try:
+        config = try_to_load_from_cache(hub_id, "config.json", cache_dir=cache)
+    except HFValidationError:
+        return None
+    candidates = [Path(config).parent] if isinstance(config, str) else []
+    snapshots = cache / f"models--{hub_id.replace('/', '--')}" / "snapshots"
+    if snapshots.is_dir():
+        candidates += sorted(snapshots.iterdir(), key=lambda d: d.stat().st_mtime, reverse=True)
+    for snapshot in candidates:
+        if (snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors")):
+            return snapshot
+    return None
 
 
 def _read_model_dir(model_dir: Path | None) -> tuple[dict, dict]:
@@ -78,8 +117,11 @@ def resolve_base_model(client: MlflowClient, name: str, version: str | int, conf
             return mapped
         if value in hub_map:
             tried.append(f"{where} {value!r} maps to {hub_map[value]!r}, which is not a directory")
-        else:
-            tried.append(f"{where} {value!r} is neither a local directory nor in hooks.base_models")
+        cached = cached_snapshot(value)
+        if cached is not None:
+            return cached
+        tried.append(f"{where} {value!r} is neither a local directory, nor in hooks.base_models, "
+                     f"nor in the Hugging Face cache {hub_cache_dir()}")
         return None
 
     version_tags = client.get_model_version(name, str(version)).tags
@@ -87,7 +129,8 @@ def resolve_base_model(client: MlflowClient, name: str, version: str | int, conf
                         ("registered model tag", client.get_registered_model(name).tags)):
         found = candidate(tags.get(BASE_MODEL_TAG), f"{where} {BASE_MODEL_TAG}")
         if found is not None:
-            return BaseModelResolution(found, f"{where} {BASE_MODEL_TAG}", tried)
+            via = " (Hugging Face cache)" if found.is_relative_to(hub_cache_dir()) else ""
+            return BaseModelResolution(found, f"{where} {BASE_MODEL_TAG}{via}", tried)
         if BASE_MODEL_TAG not in tags:
             tried.append(f"no {where} {BASE_MODEL_TAG}")
 
@@ -104,6 +147,15 @@ def resolve_base_model(client: MlflowClient, name: str, version: str | int, conf
         tried.append("hooks.base_models has no entry for the model's hub id")
     else:
         tried.append("hooks.base_models is empty")
+    for where, hub_id in (("MLmodel source_model_name", flavor.get("source_model_name")),
+                          ("adapter base_model_name_or_path",
+                           adapter.get("base_model_name_or_path"))):
+        if hub_id and _local_dir(hub_id) is None:
+            found = cached_snapshot(hub_id)
+            if found is not None:
+                return BaseModelResolution(found, f"Hugging Face cache {hub_id!r} ({where})",
+                                           tried)
+            tried.append(f"{hub_id!r} ({where}) is not in the Hugging Face cache {hub_cache_dir()}")
 
     local_base = flavor.get("local_base_model_path")
     if _local_dir(local_base) is not None:

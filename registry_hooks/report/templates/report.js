@@ -175,7 +175,12 @@
   function gridChart(metric) {
     const [key, label, show] = GRID_METRICS.find(([k]) => k === metric);
     const byCell = {};
-    R.modules.forEach((mod) => { if (mod.layer !== null && shownComponents.has(mod.component)) byCell[mod.component + "@" + mod.layer] = mod; });
+    // An experts component has one record per expert: its cell shows the largest expert's.
+    R.modules.forEach((mod) => {
+      if (mod.layer === null || !shownComponents.has(mod.component)) return;
+      const cell = mod.component + "@" + mod.layer, held = byCell[cell];
+      if (!held || (mod.expert !== null && mod.expert !== undefined && (mod[key] || 0) > (held[key] || 0))) byCell[cell] = mod;
+    });
     const vals = Object.values(byCell).map((mod) => mod[key]).filter((v) => v !== null && v !== undefined);
     // A loop, not Math.min(...vals): spreading tens of thousands of arguments overflows the stack.
     const lo = vals.reduce((p, v) => Math.min(p, v), Infinity), hi = vals.reduce((p, v) => Math.max(p, v), -Infinity);
@@ -188,7 +193,7 @@
         const mod = byCell[c + "@" + l.layer], v = mod ? mod[key] : null;
         const x = labelW + i * cw, y = 14 + r * ch;
         if (v === null || v === undefined) s += `<rect x="${x}" y="${y}" width="${cw - 1}" height="${ch - 1}" fill="#f0f2f6" data-tip="layer ${l.layer} · ${esc(c)}: not modified"/>`;
-        else s += `<rect class="cell" x="${x}" y="${y}" width="${cw - 1}" height="${ch - 1}" fill="${viridis(hi > lo ? (v - lo) / (hi - lo) : 0.5)}" data-tip="layer ${l.layer} · ${esc(c)}: ${esc(label)} ${esc(show(v))}"/>`;
+        else s += `<rect class="cell" x="${x}" y="${y}" width="${cw - 1}" height="${ch - 1}" fill="${viridis(hi > lo ? (v - lo) / (hi - lo) : 0.5)}" data-tip="layer ${l.layer} · ${esc(c)}${mod.expert !== null && mod.expert !== undefined ? " (largest expert: " + mod.expert + ")" : ""}: ${esc(label)} ${esc(show(v))}"/>`;
       });
     });
     const every = Math.ceil(layers.length / 40), yb = 14 + ch * components.length;
@@ -233,6 +238,37 @@
     legend($("#qkvo-legend"), roleSeries);
   } else {
     $("#qkvo-chart").innerHTML = `<p class="hint">This ${FULL ? "fine-tune" : "adapter"} does not touch the attention projections.</p>`;
+  }
+
+  // ---- MoE experts: layer × expert grid and each layer's top experts ----
+  const EX = R.experts;
+  if (!EX) { $("#experts").hidden = true; $("#toc-experts").hidden = true; }
+  else {
+    let hi = 0;
+    EX.layers.forEach((l) => l.fro_by_expert.forEach((v) => { if (v !== null && v > hi) hi = v; }));
+    const W = widthOf("#expert-chart"), labelW = 60, cw = (W - labelW - 10) / EX.num_experts;
+    const ch = Math.max(4, Math.min(18, 640 / EX.layers.length)), H = 20 + ch * EX.layers.length + 50;
+    let s = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="layer by expert grid">`;
+    const every = Math.ceil(EX.layers.length / 24);
+    EX.layers.forEach((l, r) => {
+      const y = 10 + r * ch;
+      if (r % every === 0) s += `<text x="${labelW - 8}" y="${y + ch / 2 + 4}" text-anchor="end">${l.layer}</text>`;
+      l.fro_by_expert.forEach((v, e) => {
+        s += `<rect class="cell" x="${labelW + e * cw}" y="${y}" width="${Math.max(cw - 0.5, 0.5)}" height="${Math.max(ch - 0.5, 0.5)}" fill="${viridis(hi > 0 && v !== null ? v / hi : 0)}" data-tip="layer ${l.layer} · expert ${e}: Σ‖ΔW_e‖_F ${esc(fmt(v))}"/>`;
+      });
+    });
+    const yb = 10 + ch * EX.layers.length, xEvery = Math.ceil(EX.num_experts / 32);
+    for (let e = 0; e < EX.num_experts; e += xEvery) s += `<text x="${labelW + (e + 0.5) * cw}" y="${yb + 14}" text-anchor="middle">${e}</text>`;
+    s += `<text x="${labelW + (W - labelW) / 2}" y="${yb + 32}" text-anchor="middle" font-weight="600">Expert (rows: layers)</text>`;
+    for (let k = 0; k < 50; k++) s += `<rect x="${W - 270 + k * 4}" y="${H - 12}" width="4" height="10" fill="${viridis(k / 49)}"/>`;
+    s += `<text x="${W - 276}" y="${H - 3}" text-anchor="end">Σ‖ΔW_e‖_F: 0</text><text x="${W - 66}" y="${H - 3}">${esc(fmt(hi))}</text>`;
+    $("#expert-chart").innerHTML = s + "</svg>";
+    table($("#expert-table"), [
+      {key: "layer", title: "Layer", num: true},
+      {key: "top", title: `Top ${EX.top_k} expert(s), largest first`},
+      {key: "top_share", title: "Their share", num: true, fmt: (v) => pct(v, 0)},
+      {key: "uniform", title: "If all moved alike", num: true, fmt: (v) => pct(v, 0)},
+    ], EX.layers.map((l) => ({layer: l.layer, top: l.top_experts.join(", "), top_share: l.top_share, uniform: EX.uniform_share})));
   }
 
   // ---- layer picker: heatmap + singular-value spectrum per module ----
@@ -419,11 +455,13 @@
     {key: "layer", title: "Layer", num: true},
     {key: "component", title: "Component", html: (r) => `<span data-tip="${esc(r.name)}">${esc(r.component)}</span>`},
     {key: "group", title: "Group"},
+  ];
+  if (R.experts) modCols.push({key: "expert", title: "Expert", num: true});
+  modCols.push(
     {key: "shape_text", title: "Shape"}, {key: "rank", title: "r", num: true},
     {key: "fro", title: "‖ΔW‖_F", num: true, fmt}, {key: "spectral", title: "σ₁", num: true, fmt},
     {key: "effective_rank", title: "Eff. rank", num: true, fmt}, {key: "stable_rank", title: "Stable rank", num: true, fmt},
-    {key: "rank_utilisation", title: "Util.", num: true, fmt: (v) => pct(v, 0)},
-  ];
+    {key: "rank_utilisation", title: "Util.", num: true, fmt: (v) => pct(v, 0)});
   if (R.modules.some((mod) => mod.relative_fro !== null && mod.relative_fro !== undefined)) modCols.push({key: "relative_fro", title: "Rel. change", num: true, fmt: (v) => (v === null ? "—" : pct(v, 2))});
   if (R.modules.some((mod) => mod.amplification !== null && mod.amplification !== undefined)) modCols.push({key: "amplification", title: "Amplif.", num: true, fmt});
   if (R.modules.some((mod) => mod.intruder_dimensions !== null && mod.intruder_dimensions !== undefined)) modCols.push({key: "intruder_dimensions", title: "Intruders", num: true});

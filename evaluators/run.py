@@ -72,6 +72,27 @@ class EvaluationOutcome:
     engine_settings: dict = field(default_factory=dict)  # how the engine ran (parallelism, dtype)
 
 
+    def per_model(self) -> dict[str, dict[str, float]]:
+        """The logged metrics grouped by model label: {label: {metric: value}}."""
+        return {label: {key.split("/", 1)[1]: value for key, value in self.metrics.items()
+                        if key.startswith(f"{label}/")} for label in self.labels}
+
+    def to_dict(self) -> dict:
+        """The outcome as one JSON-ready object (`tunelens evaluate --json`)."""
+        deltas = {label: {key.split("/", 1)[1]: value for key, value in self.metrics.items()
+                          if key.startswith(f"delta_vs_{label}/")}
+                  for label in self.labels[2:]}
+        deltas = {"base": {key.split("/", 1)[1]: value for key, value in self.metrics.items()
+                           if key.startswith("delta/")}, **deltas}
+        return {"model": f"models:/{self.model_name}/{self.version}", "run_id": self.run_id,
+                **self.verdict.to_dict(), "primary_metric": self.primary_metric,
+                "holder_label": self.holder_label, "labels": self.labels,
+                "rows_evaluated": self.rows_evaluated,
+                "rows_skipped_too_long": self.rows_skipped_too_long,
+                "backend": {"name": self.backend.name, "reason": self.backend.reason},
+                "metrics": self.per_model(), "deltas": deltas, "notes": self.notes}
+
+
 def choose_backend(requested: str, adapters: list[Path]) -> BackendChoice:
     """vLLM when asked or available and able to serve every adapter; else transformers, with why."""
     if requested not in ("auto", "vllm", "transformers"):
@@ -469,6 +490,7 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
         client.set_tag(run_id, REASONS_TAG, verdict.reasons)
         if verdict.holder is not None:
             client.set_tag(run_id, HOLDER_TAG, verdict.holder.tag_value)
+        _log_inputs(client, run_id, plan, owned)
     except Exception:
         if owned:
             client.set_terminated(run_id, status="FAILED")
@@ -482,8 +504,55 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
         if verdict.holder is not None:
             client.set_model_version_tag(ref.name, ref.version, HOLDER_TAG,
                                          verdict.holder.tag_value)
+        _describe_on_version(client, plan, scored, run_id)
         client.set_model_version_tag(ref.name, ref.version, VERDICT_TAG, verdict.decision.value)
     return run_id
+
+
+def _log_inputs(client, run_id: str, plan: EvaluationPlan, owned: bool) -> None:
+    """The test set as the run's dataset input (when we own the run: mlflow.models.evaluate logs
+    its own), and the version's logged model as a model input, where MLflow 3 records one."""
+    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    datasets = []
+    if owned:
+        import mlflow.data
+
+        path = Path(plan.dataset.source)
+        frame = pd.DataFrame({"inputs": plan.dataset.inputs, "targets": plan.dataset.targets})
+        # a local file is its own source; a frame passed in memory has none to name
+        dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()) if path.is_file()
+                                          else None, targets="targets",
+                                          name=path.name if path.is_file() else "test set")
+        datasets.append(DatasetInput(dataset._to_mlflow_entity(),
+                                     [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")]))
+    model_id = getattr(client.get_model_version(plan.ref.name, plan.ref.version), "model_id", None)
+    models = [LoggedModelInput(model_id)] if model_id else []
+    if datasets or models:
+        client.log_inputs(run_id, datasets=datasets or None, models=models or None)
+
+
+def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: str) -> None:
+    """The comparison section of the version's description, beside the analysis's."""
+    from tunelens.registry_hooks.mlflow_logging import with_section
+
+    from .version_page import EVALUATION_HEADING, comparison_section
+
+    ref = plan.ref
+    names = {BASE: "base", FINETUNED: f"v{ref.version} (candidate)"}
+    for candidate in plan.candidates:
+        if candidate.label not in names:
+            names[candidate.label] = (f"{candidate.label} (v{candidate.version})"
+                                      if candidate.label == plan.holder_label else candidate.label)
+    section = comparison_section(
+        verdict=scored.verdict, labels=plan.labels, names=names, metrics=scored.metrics,
+        primary=plan.primary.name, test=scored.comparison.test_name, rows=len(plan.kept),
+        experiment_id=client.get_run(run_id).info.experiment_id, run_id=run_id,
+        report_file=REPORT_FILE)
+    description = client.get_model_version(ref.name, ref.version).description
+    client.update_model_version(ref.name, ref.version,
+                                description=with_section(description, section, EVALUATION_HEADING))
 
 
 def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,

@@ -286,7 +286,7 @@ def paired_bca(base, other, *, n_resamples: int, level: float, seed: int) -> Con
     other = np.asarray(other, dtype=np.float64)
     differences = other - base
     estimate = float(differences.mean())
-    if np.ptp(differences) == 0:
+    if np.ptp(differences) <= 1e-12:  # equal up to rounding: scipy's BCa would divide by zero
         return ConfidenceInterval(estimate, math.nan, math.nan, level)
     result = bootstrap((base, other), lambda b, o, axis: o.mean(axis=axis) - b.mean(axis=axis),
                        paired=True, vectorized=True, n_resamples=n_resamples,

@@ -132,8 +132,8 @@ def _quality_rule(comparison: PairedComparison, margin: float) -> RuleOutcome:
     passed = (True if significant is True or non_inferior else
               False if significant is False or below else None)
     name, test = comparison.metric, comparison.test_name
-    intervals = f"bootstrap CI {comparison.quality_delta.low:+.3f} to " \
-                f"{comparison.quality_delta.high:+.3f}"
+    intervals = (f"{'percentile' if comparison.binary else 'paired BCa'} bootstrap CI "
+                 f"{comparison.quality_delta.low:+.3f} to {comparison.quality_delta.high:+.3f}")
     if comparison.binary:
         mcnemar = comparison.mcnemar
         intervals += (f", score CI {comparison.quality_score_ci.low:+.3f} to "

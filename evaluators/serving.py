@@ -17,9 +17,9 @@ base again) and every row's three requests are minutes apart.
 The latency rule judges the median over rows of c_i / sqrt(b1_i * b2_i) (candidate against the
 base just before and after it on the same prompt), with a bootstrap interval, and the same median of
 b2_i / b1_i (the base against itself, A/A) as the noise floor: it fails only when the whole interval
-is above limit x noise. Load that slows every request alike cancels in each ratio; a burst that hits
-one request moves one row, not the median; a noisier machine widens the floor, and a wider floor
-can only turn a fail into "undecided", never a pass into a fail.
+is above both the limit and the noise floor. Load that slows every request alike cancels in each
+ratio; a burst that hits one request moves one row, not the median; a noisier machine raises the
+floor, and a higher floor can only turn a fail into "undecided", never a pass into a fail.
 
 Figures per model (milliseconds, over the sampled requests):
 
@@ -246,15 +246,16 @@ def compare_latency(base: LatencyProfile, candidate: LatencyProfile, *, level: f
 def latency_rule(base: LatencyProfile, candidate: LatencyProfile, limit: float, *, level: float,
                  n_resamples: int, seed: int, name: str = "latency_ratio") -> "RuleOutcome":
     """Pass when the served latency ratio is within `limit`; fail only when its whole interval lies
-    above limit x noise (the A/A factor): a difference within the machine's noise never fails."""
+    above both the limit and the noise factor (how far the base lands from itself, A/A): a
+    difference within the machine's noise never fails."""
     from tunelens.evaluators.verdict import RuleOutcome
 
     compared = compare_latency(base, candidate, level=level, n_resamples=n_resamples, seed=seed)
     noise = compared.noise_factor
     passed = (True if compared.estimate <= limit else
-              False if compared.low > limit * noise else None)
-    relation = {True: "within the limit", False: "above the limit by more than the noise",
-                None: "above the limit, but not by more than the noise and its interval"}[passed]
+              False if compared.low > max(limit, noise) else None)
+    relation = {True: "within the limit", False: "above the limit and the noise",
+                None: "above the limit, but its interval reaches the limit or the noise"}[passed]
     detail = (f"served latency {candidate.label}/{base.label} per prompt (median of paired ratios) "
               f"{compared.estimate:.3f} ({level:.0%} CI {compared.low:.3f} to {compared.high:.3f})"
               f" {relation} {limit:g}; noise x{noise:.3f} (base against itself: "

@@ -24,7 +24,7 @@ from tunelens.evaluators.serving import (LatencyProfile, MemoryProfile, ServingS
                                          memory_rules, sample_rows)
 
 SENTENCES = ["she go to school every day", "they was happy", "i has a apple", "he dont like it",
-             "the cat sat on the mat", "correct the grammar of this sentence"] * 4
+             "the cat sat on the mat", "correct the grammar of this sentence"] * 7
 MAX_NEW = 8
 LORA_TARGETS = {"q_proj": ("hidden", "hidden"), "k_proj": ("hidden", "hidden"),
                 "v_proj": ("hidden", "hidden"), "o_proj": ("hidden", "hidden"),
@@ -51,13 +51,13 @@ def test_latency_rule_passes_fails_and_waits_on_noise():
     same, slow = rng.normal(100, 2, 20), rng.normal(160, 2, 20)
     assert latency_rule(profile("base", base, again), profile("c", same), 1.2, **RULE).passed
     failed = latency_rule(profile("base", base, again), profile("c", slow), 1.2, **RULE)
-    assert failed.passed is False and "more than the noise" in failed.detail
-    # The same slow candidate on a machine whose base timings alone differ by x1.6: not a fail.
-    noisy_again = again * np.where(np.arange(20) % 2 == 0, 1.0, 1.7)
+    assert failed.passed is False and "above the limit and the noise" in failed.detail
+    # The same slow candidate on a machine whose base differs from itself by as much: not a fail.
+    noisy_again = again * np.where(np.arange(20) % 2 == 0, 1.0, 2.6)
     noisy = latency_rule(profile("base", base, noisy_again), profile("c", slow), 1.2, **RULE)
     assert noisy.passed is None
     assert compare_latency(profile("base", base, noisy_again), profile("c", slow),
-                           **RULE).noise_factor > 1.3
+                           **RULE).noise_factor > 1.6
 
 
 def test_latency_rule_same_status_when_the_machine_slows_down_steadily():
@@ -200,14 +200,14 @@ def rule_statuses(figures) -> list[tuple[str, bool | None]]:
     return [(rule.name, rule.passed) for rule in rules]
 
 
-@pytest.mark.parametrize("served_as", ["merged", "adapter"])
-def test_same_verdict_idle_and_under_load(served, served_as):
-    """Merged (as fast as the base) passes and adapter (PEFT's extra work on a tiny model, about
-    x1.4 here) stays undecided at the default limit x1.2, whether the cores are free or all busy."""
-    idle = served["measure"](served_as, rows=20)
+@pytest.mark.parametrize("served_as, rows", [("merged", 20), ("adapter", 40)])
+def test_same_verdict_idle_and_under_load(served, served_as, rows):
+    """Merged (as fast as the base) passes, and adapter (PEFT's extra work per layer on a tiny
+    model, about x1.4 here) fails at the default limit x1.2, whether the cores are free or busy."""
+    idle = served["measure"](served_as, rows=rows)
     burners = burn_cores(os.cpu_count() or 2)
     try:
-        loaded = served["measure"](served_as, rows=20)
+        loaded = served["measure"](served_as, rows=rows)
     finally:
         for burner in burners:
             burner.kill()
@@ -216,3 +216,25 @@ def test_same_verdict_idle_and_under_load(served, served_as):
         f"idle: {latency_rule(idle.latency_of('base'), idle.latency_of('finetuned'), 1.2, **RULE)}"
         f"\nloaded: {latency_rule(loaded.latency_of('base'), loaded.latency_of('finetuned'), 1.2, **RULE)}")
     assert loaded.memory == idle.memory
+    # Whatever the load, merged is never failed and PEFT's extra work is never passed.
+    latency = {status for statuses in (rule_statuses(idle), rule_statuses(loaded))
+               for name, status in statuses if name == "latency_ratio"}
+    assert (False not in latency) if served_as == "merged" else (True not in latency)
+
+
+def test_merge_adapter_folds_the_adapter_into_a_plain_model(llama_base, llama_adapter, tmp_path):
+    """The merged folder vLLM serves for `served: merged` computes what base + adapter computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelens.evaluators.serving import merge_adapter
+
+    merged_dir = merge_adapter(llama_base, llama_adapter, tmp_path / "merged")
+    ids = AutoTokenizer.from_pretrained(merged_dir)(SENTENCES[0], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_base),
+                                            llama_adapter)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(llama_base)(ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-4) and not torch.allclose(merged, base, atol=1e-2)
+    assert not (merged_dir / "adapter_config.json").exists()

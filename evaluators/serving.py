@@ -215,8 +215,13 @@ def _across_passes(c, b1, b2, statistic) -> float:
 
 
 def compare_latency(base: LatencyProfile, candidate: LatencyProfile, *, level: float,
-                    n_resamples: int, seed: int) -> LatencyRatio:
-    """Per-row paired ratios with percentile bootstrap intervals (scipy.stats.bootstrap)."""
+                    n_resamples: int, seed: int,
+                    reference: LatencyProfile | None = None) -> LatencyRatio:
+    """Per-row paired ratios with percentile bootstrap intervals (scipy.stats.bootstrap).
+
+    `reference`: another candidate timed in the same rows (the alias's holder): the ratios are then
+    c_i / r_i; the noise floor is still the base's A/A.
+    """
     from scipy.stats import bootstrap
 
     if base.repeat_e2e_ms is None:
@@ -226,9 +231,17 @@ def compare_latency(base: LatencyProfile, candidate: LatencyProfile, *, level: f
         raise TunelensError(f"{base.label!r} and {candidate.label!r} were timed on different rows")
     if len(base.rows) < 2:
         raise TunelensError("the served-latency comparison needs at least 2 sampled rows")
+    if reference is not None and reference.rows != candidate.rows:
+        raise TunelensError(f"{reference.label!r} and {candidate.label!r} were timed on different "
+                            "rows")
     first, second = np.asarray(base.e2e_ms), np.asarray(base.repeat_e2e_ms)
     other = np.asarray(candidate.e2e_ms)
-    ratios, base_vs_base = other / np.sqrt(first * second), second / first
+    base_vs_base = second / first
+    if reference is None:
+        ratios = other / np.sqrt(first * second)
+    else:  # the reference stands in for both base passes
+        first = second = np.asarray(reference.e2e_ms)
+        ratios = other / first
     options = dict(vectorized=True, method="percentile", n_resamples=n_resamples,
                    confidence_level=level)
     interval = bootstrap((ratios,), np.median, rng=np.random.default_rng(seed),
@@ -244,24 +257,33 @@ def compare_latency(base: LatencyProfile, candidate: LatencyProfile, *, level: f
 
 
 def latency_rule(base: LatencyProfile, candidate: LatencyProfile, limit: float, *, level: float,
-                 n_resamples: int, seed: int, name: str = "latency_ratio") -> "RuleOutcome":
+                 n_resamples: int, seed: int, reference: LatencyProfile | None = None,
+                 name: str = "latency_ratio") -> "RuleOutcome":
     """Pass when the served latency ratio is within `limit`; fail only when its whole interval lies
     above both the limit and the noise factor (how far the base lands from itself, A/A): a
-    difference within the machine's noise never fails."""
+    difference within the machine's noise never fails.
+
+    Against the base by default, against `reference` (e.g. the alias's holder) when given. Named
+    `latency_ratio`: it judges a median of per-prompt ratios, not a ratio of p95s, so it takes the
+    place of the batch phases' `latency_p95_ratio` rule rather than sharing its name.
+    """
     from tunelens.evaluators.verdict import RuleOutcome
 
-    compared = compare_latency(base, candidate, level=level, n_resamples=n_resamples, seed=seed)
+    compared = compare_latency(base, candidate, level=level, n_resamples=n_resamples, seed=seed,
+                               reference=reference)
+    against = base if reference is None else reference
     noise = compared.noise_factor
     passed = (True if compared.estimate <= limit else
               False if compared.low > max(limit, noise) else None)
     relation = {True: "within the limit", False: "above the limit and the noise",
                 None: "above the limit, but its interval reaches the limit or the noise"}[passed]
-    detail = (f"served latency {candidate.label}/{base.label} per prompt (median of paired ratios) "
+    detail = (f"served latency {candidate.label}/{against.label} per prompt (median of paired "
+              f"ratios) "
               f"{compared.estimate:.3f} ({level:.0%} CI {compared.low:.3f} to {compared.high:.3f})"
               f" {relation} {limit:g}; noise x{noise:.3f} (base against itself: "
               f"{compared.base_vs_base:.3f}, CI {compared.base_vs_base_low:.3f} to "
-              f"{compared.base_vs_base_high:.3f}); p50 {base.e2e_p50_ms:.1f} -> "
-              f"{candidate.e2e_p50_ms:.1f} ms, p95 {base.e2e_p95_ms:.1f} -> "
+              f"{compared.base_vs_base_high:.3f}); p50 {against.e2e_p50_ms:.1f} -> "
+              f"{candidate.e2e_p50_ms:.1f} ms, p95 {against.e2e_p95_ms:.1f} -> "
               f"{candidate.e2e_p95_ms:.1f} ms (p95 ratio {compared.p95_ratio:.3f}); "
               f"{candidate.n_requests} requests each at concurrency 1, {candidate.label} served as "
               f"{candidate.served_as}")

@@ -238,3 +238,16 @@ def test_merge_adapter_folds_the_adapter_into_a_plain_model(llama_base, llama_ad
         base = AutoModelForCausalLM.from_pretrained(llama_base)(ids).logits
     assert torch.allclose(merged, adapted, atol=1e-4) and not torch.allclose(merged, base, atol=1e-2)
     assert not (merged_dir / "adapter_config.json").exists()
+
+
+def test_latency_rule_against_a_reference_timed_in_the_same_rows():
+    """Against the alias's holder: c_i / h_i per row, the base's A/A still the noise floor."""
+    rng = np.random.default_rng(2)
+    base, again = rng.normal(100, 2, 20), rng.normal(100, 2, 20)
+    holder, candidate = rng.normal(150, 2, 20), rng.normal(155, 2, 20)
+    against_holder = latency_rule(profile("base", base, again), profile("c", candidate), 1.2,
+                                  reference=profile("v1", holder), **RULE)
+    assert against_holder.passed and against_holder.observed == pytest.approx(155 / 150, abs=0.03)
+    assert "c/v1" in against_holder.detail
+    assert latency_rule(profile("base", base, again), profile("c", candidate), 1.2,
+                        **RULE).passed is False

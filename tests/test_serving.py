@@ -251,3 +251,21 @@ def test_latency_rule_against_a_reference_timed_in_the_same_rows():
     assert "c/v1" in against_holder.detail
     assert latency_rule(profile("base", base, again), profile("c", candidate), 1.2,
                         **RULE).passed is False
+
+
+def test_adapter_server_shares_the_base_weights_and_leaves_the_base_plain(llama_base,
+                                                                          llama_adapter):
+    """One copy of the weights for base and adapter; the base itself gets no LoRA layers."""
+    from tunelens.evaluators.serving import _TransformersServer
+
+    options = load_config()["evaluation"]["transformers"]
+    server = _TransformersServer(llama_base, [Candidate("base"), Candidate("ft", llama_adapter)],
+                                 options, "adapter")
+    try:
+        base, adapted = server.models["base"], server.models["ft"]
+        assert not any("lora" in name for name, _ in base.named_parameters())
+        shared = {id(p) for p in base.parameters()}
+        frozen = [p for name, p in adapted.named_parameters() if "lora_" not in name]
+        assert frozen and all(id(p) in shared for p in frozen)
+    finally:
+        server.close()

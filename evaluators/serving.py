@@ -39,7 +39,7 @@ process's RSS or total-minus-free device memory. Bytes:
   and for a merged candidate (folded into ``weights``);
 * ``lora_buffers``: what the engine preallocates for LoRA (vLLM's stacked LoRA slots, one slot's
   share); 0 where nothing is preallocated (PEFT, plain engines);
-* ``kv_cache_peak``: the KV cache the test set actually used at its peak at concurrency 1 (vLLM:
+* ``kv_cache_peak``: the KV cache the sampled rows actually used at its peak at concurrency 1 (vLLM:
   the blocks the longest request held x the engine's bytes per block; transformers: the bytes of the
   largest cache a request left behind);
 * ``peak_allocated``: torch's ``max_memory_allocated`` over the model's requests (transformers on
@@ -77,11 +77,12 @@ class LatencyProfile:
     """One model's served latency: per-request timings at concurrency 1, after warm-up.
 
     Row i of every profile of one evaluation is the same prompt. `repeat_e2e_ms` is the base's
-    second pass (after the candidates'): the A/A pair that gives the noise floor; None for others.
+    second request on each row, after the candidates' (the A/A pair that gives the noise floor);
+    None for the others.
     """
 
     label: str
-    served_as: str  # how its server ran it, in words ("base on a plain engine", ...)
+    served_as: str  # how its server ran it, in words ("the base alone (no LoRA)", ...)
     backend: str  # "vllm" or "transformers"
     rows: tuple[int, ...]  # indices of the sampled rows among the evaluated rows, request order
     e2e_ms: tuple[float, ...]
@@ -90,7 +91,7 @@ class LatencyProfile:
     warmup_requests: int
     repeat_e2e_ms: tuple[float, ...] | None = None
     batch_tokens_per_s: float | None = None  # the batched generation's throughput, if known
-    load_average: float | None = None  # 1-minute load average when this model's pass ended
+    load_average: float | None = None  # 1-minute load average when the timing ended
 
     def __post_init__(self):
         lengths = {len(self.rows), len(self.e2e_ms), len(self.ttft_ms), len(self.output_tokens)}

@@ -29,6 +29,8 @@ from .profiles import TaskProfile, task_profile
 from .prompts import GenerationSettings, build_prompts
 from .quality import QualityMetric, quality_metrics
 from .report import render_report
+from .serving import (ServingFigures, ServingSettings, latency_rule, measure_serving,
+                      memory_rules, with_batch_throughput)
 from .sources import (ModelRef, check_adapter_fits, download_version, parse_model_uri,
                       resolve_version)
 from .stats import ModelScores, PairedComparison, QualityMetricInfo, compare_paired
@@ -251,6 +253,7 @@ def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
                               extra_metrics, primary_name)
     primary = next(m for m in metrics if m.name == primary_name)
     profile = task_profile(config)
+    ServingSettings.from_config(evaluation)  # a bad latency setting fails here, not after generating
 
     name, version, alias = parse_model_uri(model_uri)
     version = resolve_version(client, name, version or alias)
@@ -328,16 +331,22 @@ def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
 class Generated:
     phases: dict[str, Phase]  # by label, in plan.labels order
     engine_settings: dict  # how the (first) engine ran: parallelism, dtype
+    # latency and memory as served for the models on the candidate's base (None: sample_rows 0)
+    serving: ServingFigures | None = None
 
 
 def generate(plan: EvaluationPlan) -> Generated:
-    """Every model's outputs on the kept rows, one engine at a time (closed before the next)."""
+    """Every model's outputs on the kept rows, one engine at a time (closed before the next), then
+    latency and memory as served for the models on the candidate's base (servers of their own)."""
+    import tempfile
+
     from transformers import AutoTokenizer
 
     evaluation = plan.config["evaluation"]
     phases: dict[str, Phase] = {}
     engine_settings: dict = {}
-    for group in plan.groups:
+    serving = None
+    for index, group in enumerate(plan.groups):
         adapters = [c.adapter_dir for c in group.candidates if c.adapter_dir is not None]
         engine = _start_backend(plan.backend, group.base_dir, adapters, evaluation, plan.settings,
                                 group.max_model_len)
@@ -349,7 +358,34 @@ def generate(plan: EvaluationPlan) -> Generated:
         finally:
             engine.close()
         phases |= {c.label: phase for c, phase in zip(group.candidates, done)}
-    return Generated({label: phases[label] for label in plan.labels}, engine_settings)
+        if index == 0 and ServingSettings.from_config(evaluation).sample_rows > 0:
+            with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
+                serving = measure_serving(group.base_dir, group.candidates,
+                                          [group.prompt_ids[i] for i in plan.kept], tokenizer,
+                                          plan.settings, evaluation, plan.backend.name,
+                                          max_model_len=group.max_model_len, work_dir=work_dir)
+            serving = with_batch_throughput(serving, {c.label: phases[c.label].tokens_per_s
+                                                      for c in group.candidates})
+    return Generated({label: phases[label] for label in plan.labels}, engine_settings, serving)
+
+
+def _served_rules(serving: ServingFigures | None, reference: str, config: dict,
+                  latency: bool) -> list:
+    """The rules from latency and memory as served (replacing the batch-phase ones of the same
+    name): memory for any reference served here; latency only against the base, whose A-B-A
+    passes give the noise floor. None served: no replacements."""
+    if serving is None or reference not in {p.label for p in serving.memory}:
+        return []
+    settings = config["verdict"]
+    rules = memory_rules(serving.memory_of(reference), serving.memory_of(FINETUNED),
+                         settings["max_memory_ratio"], settings["max_memory_gib"])
+    if latency and settings["max_p95_latency_ratio"] is not None:
+        rules.insert(0, latency_rule(serving.latency_of(reference), serving.latency_of(FINETUNED),
+                                     float(settings["max_p95_latency_ratio"]),
+                                     level=float(settings["confidence_level"]),
+                                     n_resamples=int(settings["bootstrap_resamples"]),
+                                     seed=int(settings["seed"])))
+    return rules
 
 
 # --- stage 3: score ------------------------------------------------------------------------------
@@ -422,9 +458,17 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
                          for label in plan.labels if label not in (BASE, FINETUNED)}
     for label, other in other_comparisons.items():
         metrics |= other.metrics(f"delta_vs_{label}/")
-    parts = [decide_part(comparison, config, "base")]
+    serving = generated.serving
+    if serving is not None:
+        for profile in (*serving.latency, *serving.memory):
+            metrics |= {f"{profile.label}/{k}": v for k, v in profile.metrics().items()}
+    parts = [decide_part(comparison, config, "base",
+                         _served_rules(serving, BASE, config, latency=True))]
     if plan.holder_label:
-        parts.append(decide_part(other_comparisons[plan.holder_label], config, "holder"))
+        # Against the holder, latency stays the batch phases' ratio: both are adapters on the same
+        # LoRA-enabled engine, in the same kind of batch, so neither is favoured.
+        parts.append(decide_part(other_comparisons[plan.holder_label], config, "holder",
+                                 _served_rules(serving, plan.holder_label, config, latency=False)))
     verdict = combine(FINETUNED, len(plan.kept), parts, plan.holder)
     metrics |= {"rows_evaluated": float(len(plan.kept)),
                 "rows_skipped_too_long": float(plan.skipped)}
@@ -443,7 +487,7 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
              + (f"v{holder.version}, compared as {plan.holder_label!r}" if plan.holder_label else
                 "this version itself" if holder.version else "held by no version")
              + f"; primary metric {plan.primary.name} ({comparison.test_name})",
-             *plan.notes]
+             *plan.notes, *(serving.notes if serving is not None else ())]
     for label in plan.labels[1:]:
         if metrics[f"{label}/identical_to_base"] == 1.0 and plan.base_of(label) == plan.base_dir:
             notes.append(f"{label} gave exactly the base's output on every row: the adapter "

@@ -214,8 +214,8 @@ def decide_part(comparison: PairedComparison, config: dict | None = None, agains
                 extra_rules: list[RuleOutcome] = ()) -> VerdictPart:
     """One part of the verdict from the rules of conf.yaml's `verdict:` section.
 
-    `extra_rules` replace the built-in rule of the same name (the serving measurements' latency
-    and memory rules) or are added.
+    `extra_rules` (the serving measurements' latency and memory rules) replace the built-in rule of
+    the same name, and any latency rule among them the batch-phase `latency_p95_ratio`.
     """
     settings = verdict_settings(config)
     rules = [_quality_rule(comparison, float(settings["noninferiority_margin"]))]
@@ -231,6 +231,8 @@ def decide_part(comparison: PairedComparison, config: dict | None = None, agains
                                     f"mean words {comparison.mean_words_base:.1f} -> "
                                     f"{comparison.mean_words_other:.1f}, ratio", ".3f"))
     replaced = {rule.name for rule in extra_rules}
+    if any(rule.name.startswith("latency") for rule in extra_rules):
+        replaced.add("latency_p95_ratio")  # a latency rule as served supersedes the batch one
     rules = [rule for rule in rules if rule.name not in replaced] + list(extra_rules)
     warnings = [comparison.warning] if comparison.warning else []
     return VerdictPart(against, comparison.base_label, _decision(rules), rules, warnings)

@@ -59,12 +59,14 @@ def world(mlflow_server, llama_base, tmp_path_factory):
     pd.DataFrame({"inputs": inputs, "targets": targets}).to_json(data, orient="records",
                                                                   lines=True)
     settings = {"evaluation": {"backend": "transformers", "generation": {"max_new_tokens": MAX_NEW},
-                               "metrics": ["exact_match", "chrf"]},
+                               "metrics": ["exact_match", "chrf"], "latency": {"sample_rows": 0}},
                 "verdict": {"bootstrap_resamples": 300, "max_p95_latency_ratio": None,
                             "max_memory_ratio": None}}
     policy = root / "policy.yaml"
     policy.write_text(yaml.safe_dump(settings))
-    settings["evaluation"]["max_rows"] = 16  # the extra-metric test needs no more
+    # the extra-metric test needs no more rows; it also times a few as served
+    settings["evaluation"] |= {"max_rows": 16, "latency": {"sample_rows": 4, "warmup_requests": 1}}
+    settings["verdict"] |= {"max_p95_latency_ratio": 1.2, "max_memory_ratio": 1.25}
     few_rows = root / "few_rows.yaml"
     few_rows.write_text(yaml.safe_dump(settings))
     yield {"client": client, "data": data, "policy": policy, "config": load_config(policy),
@@ -204,3 +206,11 @@ def test_an_extra_metric_is_logged_and_as_primary_decides_the_quality_rule(world
                                                 - logged["base/shared_first_word"])
     assert "BCa" in quality["detail"]  # scores 0, 0.5 and 1: continuous, so the bootstrap
     assert "delta/shared_first_word_ci_low" in logged
+    # latency and memory as served decide their rules against the base
+    rules = {rule["name"]: rule for rule in verdict["parts"][0]["rules"]}
+    latency = [rule for name, rule in rules.items() if name.startswith("latency")]
+    assert len(latency) == 1 and "served" in latency[0]["detail"]  # the batch rule is replaced
+    assert "memory as served" in rules["memory_ratio"]["detail"]
+    for label in ("base", "finetuned"):
+        assert logged[f"{label}/served_latency_requests"] == 4
+        assert logged[f"{label}/memory_weights_gib"] > 0

@@ -193,13 +193,90 @@ def cpu_workers_bound(workers: int):
         del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
+INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+
+
+@dataclass(frozen=True)
+class ServedRequest:
+    """One request timed alone: send -> last token, send -> first token, tokens generated."""
+
+    e2e_ms: float
+    ttft_ms: float  # NaN where the engine cannot tell
+    output_tokens: int
+    # prompt + output - 1: the positions the KV cache held at the request's end (the last token
+    # generated is never fed back, so never cached)
+    tokens_in_cache: int
+
+
+@dataclass(frozen=True)
+class EngineAccounting:
+    """What a vLLM engine's workers hold, from their own tensors and KV-cache configuration."""
+
+    weights_bytes: int  # model parameters and buffers, LoRA slots excluded
+    # of which: weights vllm-cpu packed for its GEMM kernels, at their logical size (in x out x
+    # element size): the packed copy is not a torch tensor, so its layout's padding is not seen
+    packed_weights_bytes: int
+    lora_buffers_bytes: int  # the stacked LoRA slots, all of them (0 without LoRA)
+    lora_slots: int  # max_loras: the slots those buffers hold
+    kv_block_size: int  # tokens per KV-cache block
+    kv_bytes_per_block: int  # one block's bytes over every attention layer (and worker)
+    dtype_bytes: int  # bytes per element of the served weights
+
+    def kv_bytes(self, tokens: int) -> int:
+        """KV cache held by one request of `tokens` positions: whole blocks, ceil(tokens / size)."""
+        return -(-tokens // self.kv_block_size) * self.kv_bytes_per_block
+
+
+_LORA_BUFFERS = ("lora_a_stacked", "lora_b_stacked", "lora_bias_stacked")
+
+
+def _worker_tensor_bytes(worker) -> dict:
+    """Runs inside one vLLM worker: bytes of its weights and LoRA slots, and its KV block layout."""
+    model = worker.get_model()
+    lora_ids, lora_bytes = set(), 0
+    for module in model.modules():
+        for attribute in _LORA_BUFFERS:
+            tensors = getattr(module, attribute, None)
+            for tensor in (tensors if isinstance(tensors, (tuple, list)) else (tensors,)):
+                if tensor is not None and id(tensor) not in lora_ids:
+                    lora_ids.add(id(tensor))
+                    lora_bytes += tensor.numel() * tensor.element_size()
+    seen, weights, packed = set(), 0, 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen and id(tensor) not in lora_ids:
+            seen.add(id(tensor))
+            weights += tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        # vllm-cpu hands a linear layer's weight to its GEMM kernel (oneDNN or a packed copy) and
+        # leaves an empty parameter of the same dtype: count the weight at its logical size.
+        weight = getattr(module, "weight", None)
+        # A LoRA wrapper shows its base layer's attributes too: count the base layer only.
+        if (hasattr(module, "cpu_linear") and weight is not None and weight.numel() == 0
+                and hasattr(module, "input_size_per_partition")
+                and not hasattr(module, "base_layer")):
+            packed += (module.input_size_per_partition * module.output_size_per_partition
+                       * weight.element_size())
+    groups = worker.model_runner.kv_cache_config.kv_cache_groups
+    return {"weights": weights + packed, "packed_weights": packed, "lora_buffers": lora_bytes,
+            "block_size": groups[0].kv_cache_spec.block_size,
+            "bytes_per_block": sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names)
+                                   for g in groups),
+            "dtype_bytes": next(model.parameters()).element_size()}
+
+
 class VllmBackend:
     """ONE engine holding the base; every adapter is a LoRARequest on it (base never loaded twice)."""
 
     name = "vllm"
 
     def __init__(self, base_dir: Path, adapters: list[Path], options: dict, *, seed: int = 0,
-                 max_model_len: int):
+                 max_model_len: int, inspect_workers: bool = False):
+        """`inspect_workers`: let `accounting()` run a function in the engine's worker processes.
+
+        vLLM sends such a function (pickled) over its own local IPC sockets, which it allows only
+        with VLLM_ALLOW_INSECURE_SERIALIZATION=1; it is set for this engine's life and restored by
+        close(). The only function sent is this module's `_worker_tensor_bytes`.
+        """
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -222,18 +299,66 @@ class VllmBackend:
                                                  options["max_lora_rank"]),
                 max_loras=len(adapters))
         workers = int(options["tensor_parallel_size"]) * int(options["pipeline_parallel_size"])
+        self._previous_serialization = os.environ.get(INSECURE_SERIALIZATION)
+        if inspect_workers:
+            os.environ[INSECURE_SERIALIZATION] = "1"
         try:
             with cpu_workers_bound(workers if on_cpu else 1):
                 self.llm = LLM(**self.engine_options)
         except TunelensError:
+            self._restore_serialization()
             raise
         except Exception as exc:  # engine start failures come from many layers (OOM, config, CUDA)
+            self._restore_serialization()
             detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise TunelensError(f"the vLLM engine failed to start ({detail}); most often not "
                                 "enough memory for the weights plus KV cache: free memory, adjust "
                                 "evaluation.vllm.gpu_memory_utilization or max_model_len, or use "
                                 "--backend transformers") from None
         self._lora_ids: dict[Path, int] = {}
+
+    def _restore_serialization(self) -> None:
+        if self._previous_serialization is None:
+            os.environ.pop(INSECURE_SERIALIZATION, None)
+        else:
+            os.environ[INSECURE_SERIALIZATION] = self._previous_serialization
+
+    def lora_request(self, candidate: Candidate):
+        """The LoRARequest serving `candidate` (one stable id per adapter), None for the base."""
+        from vllm.lora.request import LoRARequest
+
+        if candidate.adapter_dir is None:
+            return None
+        lora_id = self._lora_ids.setdefault(candidate.adapter_dir, len(self._lora_ids) + 1)
+        return LoRARequest(candidate.label, lora_id, str(candidate.adapter_dir))
+
+    def serve_one(self, candidate: Candidate, prompt_ids: list[int], settings: GenerationSettings
+                  ) -> "ServedRequest":
+        """One request alone (concurrency 1): wall time around it, TTFT from the engine's stats."""
+        from vllm.inputs import TokensPrompt
+
+        lora, params = self.lora_request(candidate), vllm_sampling_params(settings)
+        start = time.perf_counter()
+        output = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params,
+                                   lora_request=lora, use_tqdm=False)[0]
+        e2e_ms = (time.perf_counter() - start) * 1e3
+        stats = output.metrics
+        # first_token_latency: the frontend's arrival -> first token, on one (wall) clock.
+        ttft_ms = stats.first_token_latency * 1e3 if stats is not None else math.nan
+        generated = len(output.outputs[0].token_ids)
+        return ServedRequest(e2e_ms, ttft_ms, generated, len(prompt_ids) + max(generated - 1, 0))
+
+    def accounting(self) -> "EngineAccounting":
+        """Bytes the engine's workers hold, summed over workers, from their tensors and configs."""
+        per_worker = self.llm.collective_rpc(_worker_tensor_bytes)
+        return EngineAccounting(
+            weights_bytes=sum(w["weights"] for w in per_worker),
+            packed_weights_bytes=sum(w["packed_weights"] for w in per_worker),
+            lora_buffers_bytes=sum(w["lora_buffers"] for w in per_worker),
+            lora_slots=int(self.engine_options.get("max_loras", 0)),
+            kv_block_size=per_worker[0]["block_size"],
+            kv_bytes_per_block=sum(w["bytes_per_block"] for w in per_worker),
+            dtype_bytes=per_worker[0]["dtype_bytes"])
 
     @property
     def settings(self) -> dict:
@@ -242,17 +367,10 @@ class VllmBackend:
 
     def generate(self, candidate: Candidate, prompt_ids: list[list[int]], tokenizer,
                  settings: GenerationSettings) -> Phase:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
 
-        lora = None
-        if candidate.adapter_dir is not None:
-            lora_id = self._lora_ids.setdefault(candidate.adapter_dir, len(self._lora_ids) + 1)
-            lora = LoRARequest(candidate.label, lora_id, str(candidate.adapter_dir))
-        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                                seed=settings.seed, max_tokens=settings.max_new_tokens,
-                                stop=list(settings.stop) or None)
+        lora = self.lora_request(candidate)
+        params = vllm_sampling_params(settings)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         with timed_phase(candidate.label) as record:
             try:
@@ -282,9 +400,31 @@ class VllmBackend:
         if shutdown is not None:
             shutdown()
         del self.llm
+        self._restore_serialization()
 
 
-def _torch_setup(options: dict):
+def vllm_sampling_params(settings: GenerationSettings):
+    """vLLM's SamplingParams for `settings` (the same for the batch and the served-latency passes)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                          seed=settings.seed, max_tokens=settings.max_new_tokens,
+                          stop=list(settings.stop) or None)
+
+
+def hf_sampling_options(settings: GenerationSettings, tokenizer) -> dict:
+    """transformers `generate` options for `settings` (max_new_tokens, sampling, stop, padding)."""
+    options = {"do_sample": False} if settings.greedy else {
+        "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+    if settings.stop:
+        options.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
+    options["pad_token_id"] = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                               else tokenizer.eos_token_id)
+    return options
+
+
+def torch_setup(options: dict):
+    """The torch device and dtype of `evaluation.transformers` ("auto" resolved)."""
     import torch
 
     device = options["device"]
@@ -305,7 +445,7 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.device, dtype = _torch_setup(options)
+        self.device, dtype = torch_setup(options)
         try:
             self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(self.device)
         except (OSError, ValueError) as exc:
@@ -345,10 +485,7 @@ class TransformersBackend:
                  settings: GenerationSettings) -> Phase:
         torch = self._torch
         context = self._activate(candidate)
-        sampling = {"do_sample": False} if settings.greedy else {
-            "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
-        if settings.stop:
-            sampling.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
+        sampling = hf_sampling_options(settings, tokenizer)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         generations = []
@@ -359,8 +496,7 @@ class TransformersBackend:
                 output = self.model.generate(
                     input_ids=torch.tensor([ids], device=self.device),
                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
-                    max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id
-                    if tokenizer.pad_token_id is not None else tokenizer.eos_token_id, **sampling)
+                    max_new_tokens=settings.max_new_tokens, **sampling)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 latency = (time.perf_counter() - start) * 1e3

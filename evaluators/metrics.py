@@ -1,4 +1,4 @@
-"""Per-row scores and per-model summaries: exact match, length, latency, seed 004's behaviour checks."""
+"""Per-row scores and per-model summaries: quality metrics, length, latency, the grammar profile's checks."""
 from __future__ import annotations
 
 import math
@@ -42,7 +42,7 @@ def exact_match(predictions: list[str], references: list[str], *, strip: bool = 
 
 
 def word_count(text: str) -> int:
-    """Whitespace-separated words, as seed 004 counted them."""
+    """Whitespace-separated words."""
     return len(text.split())
 
 
@@ -64,45 +64,65 @@ def matches_any(patterns: list[str], text: str) -> bool:
 
 
 @dataclass(frozen=True)
-class RowScores:
-    """One model's per-row values, aligned with the dataset rows that were evaluated."""
+class GrammarChecks:
+    """The grammar profile's per-row checks of one model's outputs."""
 
-    outputs: list[str]
-    exact_match: np.ndarray  # bool
-    words: np.ndarray  # int
-    tokens: np.ndarray  # int
-    latency_ms: np.ndarray  # float
-    ttft_ms: np.ndarray  # float, NaN where the backend does not report it
     preamble: np.ndarray  # bool: a chatty lead-in ("The corrected sentence is:")
     explanation: np.ndarray  # bool: an explanation or alternatives added
     edits_to_input: np.ndarray  # int: word edits from the input to the output
     edits_to_target: np.ndarray  # int: word edits from the output to the reference
     over_correction: np.ndarray  # bool: wrong, and more edits to the input than the reference made
+
+
+@dataclass(frozen=True)
+class RowScores:
+    """One model's per-row values, aligned with the dataset rows that were evaluated."""
+
+    outputs: list[str]
+    quality: dict[str, np.ndarray]  # metric name -> float per row
+    words: np.ndarray  # int
+    tokens: np.ndarray  # int
+    latency_ms: np.ndarray  # float
+    ttft_ms: np.ndarray  # float, NaN where the backend does not report it
     identical_to_base: np.ndarray  # bool
+    grammar: GrammarChecks | None = None  # only with evaluation.task_profile: grammar
 
 
-def score_rows(phase: Phase, inputs: list[str], targets: list[str], base_outputs: list[str],
-               evaluation: dict) -> RowScores:
-    """Every per-row value for one model's phase against the targets and the base's outputs."""
-    outputs = [g.text for g in phase.generations]
-    behaviour = evaluation["behaviour"]
+def grammar_checks(outputs: list[str], inputs: list[str], targets: list[str],
+                   matched: np.ndarray, behaviour: dict) -> GrammarChecks:
+    """Preamble / explanation patterns, word edit distances and over-correction, per row."""
     edits_to_input = np.array([word_edit_distance(i, o) for i, o in zip(inputs, outputs)])
     reference_edits = np.array([word_edit_distance(i, t) for i, t in zip(inputs, targets)])
-    matched = exact_match(outputs, targets, **evaluation["exact_match"])
-    return RowScores(
-        outputs=outputs, exact_match=matched,
-        words=np.array([word_count(o) for o in outputs], dtype=int),
-        tokens=np.array([g.n_tokens for g in phase.generations], dtype=int),
-        latency_ms=np.array([g.latency_ms for g in phase.generations], dtype=float),
-        ttft_ms=np.array([g.ttft_ms for g in phase.generations], dtype=float),
+    return GrammarChecks(
         preamble=np.array([matches_any(behaviour["preamble_patterns"], o.lstrip()[:200])
                            for o in outputs], dtype=bool),
         explanation=np.array([matches_any(behaviour["explanation_patterns"], o) for o in outputs],
                              dtype=bool),
         edits_to_input=edits_to_input,
         edits_to_target=np.array([word_edit_distance(o, t) for o, t in zip(outputs, targets)]),
-        over_correction=~matched & (edits_to_input > reference_edits),
-        identical_to_base=np.array([o == b for o, b in zip(outputs, base_outputs)], dtype=bool))
+        over_correction=~matched & (edits_to_input > reference_edits))
+
+
+def score_rows(phase: Phase, inputs: list[str], targets: list[str], base_outputs: list[str],
+               evaluation: dict, metrics, profile=None) -> RowScores:
+    """Every per-row value for one model's phase against the targets and the base's outputs.
+
+    `metrics`: the QualityMetric list; `profile`: the TaskProfile (None: no task-specific checks).
+    """
+    outputs = [g.text for g in phase.generations]
+    quality = {metric.name: metric.per_row(outputs, targets, inputs) for metric in metrics}
+    grammar = None
+    if profile is not None and profile.behaviour_checks:
+        matched = exact_match(outputs, targets, **evaluation["exact_match"])
+        grammar = grammar_checks(outputs, inputs, targets, matched, evaluation["behaviour"])
+    return RowScores(
+        outputs=outputs, quality=quality,
+        words=np.array([word_count(o) for o in outputs], dtype=int),
+        tokens=np.array([g.n_tokens for g in phase.generations], dtype=int),
+        latency_ms=np.array([g.latency_ms for g in phase.generations], dtype=float),
+        ttft_ms=np.array([g.ttft_ms for g in phase.generations], dtype=float),
+        identical_to_base=np.array([o == b for o, b in zip(outputs, base_outputs)], dtype=bool),
+        grammar=grammar)
 
 
 def _nan_percentile(values: np.ndarray, q: float) -> float:
@@ -114,7 +134,7 @@ def summarize(rows: RowScores, phase: Phase, *, weights_gib: float, adapter_mib:
               ) -> dict[str, float]:
     """The per-model metrics logged under `<label>/` (NaN-free: absent values are left out)."""
     metrics = {
-        "exact_match": float(rows.exact_match.mean()),
+        **{name: float(values.mean()) for name, values in rows.quality.items()},
         "mean_words": float(rows.words.mean()),
         "median_words": float(np.median(rows.words)),
         "mean_tokens": float(rows.tokens.mean()),
@@ -128,12 +148,14 @@ def summarize(rows: RowScores, phase: Phase, *, weights_gib: float, adapter_mib:
         "weights_gib": weights_gib,
         "adapter_mib": adapter_mib,
         "identical_to_base": float(rows.identical_to_base.mean()),
-        "preamble_rate": float(rows.preamble.mean()),
-        "explanation_rate": float(rows.explanation.mean()),
-        "over_correction_rate": float(rows.over_correction.mean()),
-        "mean_edits_to_input": float(rows.edits_to_input.mean()),
-        "mean_edits_to_target": float(rows.edits_to_target.mean()),
     }
+    if rows.grammar is not None:
+        checks = rows.grammar
+        metrics |= {"preamble_rate": float(checks.preamble.mean()),
+                    "explanation_rate": float(checks.explanation.mean()),
+                    "over_correction_rate": float(checks.over_correction.mean()),
+                    "mean_edits_to_input": float(checks.edits_to_input.mean()),
+                    "mean_edits_to_target": float(checks.edits_to_target.mean())}
     if phase.peak_device_gib is not None:
         metrics["peak_device_gib"] = phase.peak_device_gib
     return {k: v for k, v in metrics.items() if not math.isnan(v)}

@@ -1,4 +1,10 @@
-"""Move a registry alias to a version only on a PROMOTE verdict, and undo it.
+"""Move a registry alias to a version only on a PROMOTE verdict that covered the alias's holder.
+
+A PROMOTE verdict says the version beat its base and held its own against the version that held
+the promotion alias when it was evaluated (tag `tunelens.verdict.holder`, "<alias>=<version>" or
+"<alias>=none"). If the alias has moved since, or the verdict compared against nobody and a
+version holds the alias now, the verdict does not speak to the current holder: promote refuses
+and says to re-evaluate.
 
 The alias's earlier holders are kept, oldest first, in the registered-model tag
 `tunelens.alias.<alias>.previous` (e.g. "3,5"); `rollback` moves the alias back to the last of
@@ -7,13 +13,17 @@ earlier holder recorded, rollback refuses and changes nothing: the alias is neve
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from tunelens.errors import TunelensError
-from tunelens.evaluators.verdict import REASONS_TAG, VERDICT_TAG, Decision
+from tunelens.evaluators.verdict import (HOLDER_TAG, REASONS_TAG, VERDICT_TAG, Decision,
+                                         HolderCoverage)
+
+log = logging.getLogger(__name__)
 
 # Shown in the refusal so the user sees why without opening the UI; the full text is in the tag.
 _REASONS_SHOWN = 400
@@ -102,6 +112,23 @@ def _write_history(client, name: str, alias: str, history: list[str]) -> None:
         client.delete_registered_model_tag(name, history_tag(alias))
 
 
+def _check_holder_covered(name: str, version: str, alias: str, holder: str | None,
+                          covered: HolderCoverage | None) -> None:
+    """Refuse when the verdict did not compare against the version holding `alias` now."""
+    if holder is None:
+        return  # nobody to beat: a verdict against the base alone suffices
+    if covered is not None and covered.alias == alias and covered.version == holder:
+        return
+    then = ("no holder recorded" if covered is None else
+            f"{covered.alias} held by v{covered.version}" if covered.version else
+            f"{covered.alias} held by no version")
+    raise PromotionRefused(
+        f"{name} version {version}'s verdict was made with {then}, but {name}@{alias} is now "
+        f"version {holder}: the verdict does not cover the current holder, so {name}@{alias} is "
+        f"unchanged. Re-evaluate with promotion.alias {alias!r} (`tunelens evaluate "
+        f"models:/{name}/{version} --data FILE`), or override with --force --reason TEXT")
+
+
 def promote(client, name: str, version, alias: str = "production", *, force: bool = False,
             reason: str | None = None) -> PromotionResult:
     """Point `name@alias` at `version` if its tag tunelens.verdict is PROMOTE (or force + reason)."""
@@ -133,6 +160,9 @@ def promote(client, name: str, version, alias: str = "production", *, force: boo
     if previous == version:
         return PromotionResult(name, alias, version, previous, changed=False, forced=force,
                                verdict=verdict)
+    if not force:
+        _check_holder_covered(name, version, alias, previous,
+                              HolderCoverage.from_tag(model_version.tags.get(HOLDER_TAG)))
     history = _history(model, alias)
     if previous is not None:
         # recorded before the alias moves: a failure in between must not lose the way back
@@ -155,13 +185,18 @@ def promote(client, name: str, version, alias: str = "production", *, force: boo
 
 def auto_promote(client, name: str, version, config: dict) -> PromotionResult | None:
     """The hook worker's step after an evaluation: promote when promotion.auto_promote is on and
-    the version's verdict is PROMOTE; None (nothing changed) otherwise."""
+    the version's verdict is PROMOTE and covered the alias's current holder (the same rule as
+    `tunelens promote`); None (nothing changed) otherwise, with the refusal logged."""
     settings = config["promotion"]
     if not settings["auto_promote"]:
         return None
     if client.get_model_version(name, str(version)).tags.get(VERDICT_TAG) != Decision.PROMOTE:
         return None
-    return promote(client, name, version, settings["alias"])
+    try:
+        return promote(client, name, version, settings["alias"])
+    except PromotionRefused as refused:  # the holder moved while this version was evaluated
+        log.warning("auto-promote of %s v%s refused: %s", name, version, refused)
+        return None
 
 
 def rollback(client, name: str, alias: str = "production") -> RollbackResult:

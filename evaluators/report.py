@@ -18,8 +18,7 @@ pre{white-space:pre-wrap;margin:0;font-family:inherit} .note{color:#666}
 .bar{background:#5b8def;height:14px;display:inline-block;vertical-align:middle}
 """
 
-CHARTS = [("exact_match", "exact match (higher is better)", "{:.0%}"),
-          ("mean_words", "words per output (lower is more concise)", "{:.1f}"),
+CHARTS = [("mean_words", "words per output (lower is more concise)", "{:.1f}"),
           ("latency_ms_p95", "p95 latency, ms", "{:.0f}"),
           ("over_correction_rate", "over-corrections", "{:.0%}")]
 
@@ -42,23 +41,27 @@ def _cell(value, css: str = "") -> str:
     return f'<td class="{css}"><pre>{text}</pre></td>' if not css else f'<td class="{css}">{text}</td>'
 
 
-def _charts(labels: list[str], metrics: dict[str, float]) -> str:
-    """Seed 004's bar charts, one per metric, drawn with plain CSS widths."""
+def _charts(labels: list[str], metrics: dict[str, float], primary: str) -> str:
+    """Bar charts, one per metric (the primary quality metric first), drawn with plain CSS widths;
+    a metric no model has (the grammar profile's, without it) gets no chart."""
     charts = []
-    for metric, title, fmt in CHARTS:
+    for metric, title, fmt in [(primary, f"{primary} (primary quality metric)", "{:.3g}"),
+                               *CHARTS]:
         values = {label: metrics.get(f"{label}/{metric}") for label in labels}
         top = max((v for v in values.values() if v is not None), default=0) or 1
         lines = "".join(
             f"<tr><td>{html.escape(label)}</td><td><span class=\"bar\" style=\"width:"
             f"{180 * v / top:.0f}px\"></span> {fmt.format(v)}</td></tr>"
             for label, v in values.items() if v is not None)
+        if not lines:
+            continue
         charts.append(f'<div class="chart"><b>{html.escape(title)}</b><table>{lines}</table></div>')
     return '<div class="bars">' + "".join(charts) + "</div>"
 
 
 def render_report(*, title: str, labels: list[str], table: pd.DataFrame,
                   metrics: dict[str, float], verdict_lines: list[str], decision: str,
-                  notes: list[str]) -> str:
+                  notes: list[str], primary: str = "exact_match") -> str:
     """The page: verdict, one metrics row per model, then every row side by side with a filter."""
     metric_names = sorted({key.split("/", 1)[1] for key in metrics if key.split("/")[0] in labels})
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metric_names)
@@ -74,10 +77,12 @@ def render_report(*, title: str, labels: list[str], table: pd.DataFrame,
         differs = int(len(set(outputs)) > 1)
         cells = [_cell(row["row"], "num"), _cell(row["input"]), _cell(row["target"])]
         for label in labels:
-            ok = bool(row[f"{label}_exact_match"])
-            cells.append(f'<td class="{"ok" if ok else "bad"}"><pre>'
+            ok = bool(row[f"{label}_exact_match"]) if f"{label}_exact_match" in row else None
+            css = {True: "ok", False: "bad", None: ""}[ok]
+            cells.append(f'<td class="{css}"><pre>'
                          f'{html.escape(str(row[f"{label}_output"]))}</pre>'
-                         f'<span class="note">{row[f"{label}_words"]} words, '
+                         f'<span class="note">{html.escape(primary)} '
+                         f'{row[f"{label}_{primary}"]:.3g}, {row[f"{label}_words"]} words, '
                          f'{row[f"{label}_latency_ms"]:.0f} ms</span></td>')
         body.append(f'<tr data-differs="{differs}">' + "".join(cells) + "</tr>")
     rules = "".join(f"<li>{html.escape(line)}</li>" for line in verdict_lines)
@@ -91,7 +96,7 @@ def render_report(*, title: str, labels: list[str], table: pd.DataFrame,
 <ul>{rules}</ul>
 <ul class="note">{note_items}</ul>
 <h2>Per model</h2>
-{_charts(labels, metrics)}
+{_charts(labels, metrics, primary)}
 <table><thead><tr><th>model</th>{head}</tr></thead><tbody>{summary}</tbody></table>
 <h2>Side by side</h2>
 <p><label><input type="checkbox" id="diffonly" onchange="applyFilter()"> differences only</label>

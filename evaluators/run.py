@@ -1,8 +1,12 @@
-"""evaluate_version: base and fine-tuned (and optional others) side by side, logged to one run.
+"""evaluate_version: base, fine-tuned and the alias holder (and optional others) side by side.
 
-Order matters for "no half-written verdict": everything that can fail on bad input (dataset, model
-resolution, base, fit, prompt lengths, engine start) happens before anything is written to the
-model version; the version's tags are set last, after the run holds every metric and artifact.
+Four stages with a typed value between each: `plan_evaluation` checks every input (dataset, model
+versions, the promotion alias's holder, bases, adapter fit, metrics, prompt lengths) and writes
+nothing; `generate` runs each engine in turn (one per base: the base never twice in memory, and
+two bases never at once); `score` turns outputs into per-row scores, comparisons and the verdict;
+`log_evaluation` writes the run, then the version's tags last, so `tunelens promote` never reads a
+verdict whose run is incomplete. An engine that cannot start fails in `generate`, before anything
+is written.
 """
 from __future__ import annotations
 
@@ -21,12 +25,17 @@ from .backends import (Candidate, Phase, TransformersBackend, VllmBackend, vllm_
                        vllm_refusal)
 from .datasets import EvalDataset, load_dataset
 from .metrics import RowScores, score_rows, summarize
+from .profiles import TaskProfile, task_profile
 from .prompts import GenerationSettings, build_prompts
+from .quality import QualityMetric, quality_metrics
 from .report import render_report
+from .serving import (ServingFigures, ServingSettings, latency_rule, measure_serving,
+                      memory_rules, with_batch_throughput)
 from .sources import (ModelRef, check_adapter_fits, download_version, parse_model_uri,
                       resolve_version)
-from .stats import ModelScores, PairedComparison, compare_paired
-from .verdict import EVAL_RUN_TAG, REASONS_TAG, VERDICT_TAG, Verdict, decide
+from .stats import ModelScores, PairedComparison, QualityMetricInfo, compare_paired
+from .verdict import (EVAL_RUN_TAG, HOLDER_TAG, REASONS_TAG, VERDICT_TAG, HolderCoverage,
+                      Verdict, combine, decide_part)
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +60,39 @@ class EvaluationOutcome:
     version: str
     base_path: Path
     backend: BackendChoice
-    labels: list[str]  # "base", "finetuned", then one per --against model
+    labels: list[str]  # "base", "finetuned", the holder's alias if any, then one per --against
     rows_evaluated: int
     rows_skipped_too_long: int
     metrics: dict[str, float]
     table: pd.DataFrame
     comparison: PairedComparison  # finetuned against base
     verdict: Verdict
-    other_comparisons: dict[str, PairedComparison] = field(default_factory=dict)
+    primary_metric: str
+    holder_label: str | None = None  # the alias, when a version holds it and is compared
+    other_comparisons: dict[str, PairedComparison] = field(default_factory=dict)  # vs holder, --against
     notes: list[str] = field(default_factory=list)  # backend, skipped rows, unchanged adapters
     engine_settings: dict = field(default_factory=dict)  # how the engine ran (parallelism, dtype)
+
+
+    def per_model(self) -> dict[str, dict[str, float]]:
+        """The logged metrics grouped by model label: {label: {metric: value}}."""
+        return {label: {key.split("/", 1)[1]: value for key, value in self.metrics.items()
+                        if key.startswith(f"{label}/")} for label in self.labels}
+
+    def to_dict(self) -> dict:
+        """The outcome as one JSON-ready object (`tunelens evaluate --json`)."""
+        deltas = {label: {key.split("/", 1)[1]: value for key, value in self.metrics.items()
+                          if key.startswith(f"delta_vs_{label}/")}
+                  for label in self.labels[2:]}
+        deltas = {"base": {key.split("/", 1)[1]: value for key, value in self.metrics.items()
+                           if key.startswith("delta/")}, **deltas}
+        return {"model": f"models:/{self.model_name}/{self.version}", "run_id": self.run_id,
+                **self.verdict.to_dict(), "primary_metric": self.primary_metric,
+                "holder_label": self.holder_label, "labels": self.labels,
+                "rows_evaluated": self.rows_evaluated,
+                "rows_skipped_too_long": self.rows_skipped_too_long,
+                "backend": {"name": self.backend.name, "reason": self.backend.reason},
+                "metrics": self.per_model(), "deltas": deltas, "notes": self.notes}
 
 
 def choose_backend(requested: str, adapters: list[Path]) -> BackendChoice:
@@ -136,6 +168,240 @@ def run_phases(backend, candidates: list[Candidate], prompt_ids: list[list[int]]
     return [backend.generate(c, prompt_ids, tokenizer, settings) for c in candidates]
 
 
+# --- stage 1: plan -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineGroup:
+    """The models one engine serves: a base and adapters trained on it."""
+
+    base_dir: Path
+    candidates: list[Candidate]
+    max_model_len: int
+    prompt_ids: list[list[int]]  # per dataset row (all rows; the plan's `kept` picks)
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """Every checked input of one evaluation; nothing has been written when it exists."""
+
+    model_uri: str
+    ref: ModelRef
+    base_dir: Path
+    dataset: EvalDataset
+    kept: list[int]  # dataset rows evaluated, for every model alike
+    skipped: int  # rows left out because a prompt + max_new_tokens exceeds an engine's context
+    settings: GenerationSettings
+    backend: BackendChoice
+    groups: list[EngineGroup]  # run in turn: one engine (one base) in memory at a time
+    labels: list[str]
+    against: tuple[str, ...]
+    holder: HolderCoverage | None  # None only when promotion.alias is not looked at
+    holder_label: str | None  # the holder's label when it is compared (not the candidate itself)
+    metrics: list[QualityMetric]
+    primary: QualityMetric
+    profile: TaskProfile | None
+    config: dict
+    notes: list[str]
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [c for group in self.groups for c in group.candidates]
+
+    def base_of(self, label: str) -> Path:
+        return next(g.base_dir for g in self.groups if any(c.label == label for c in g.candidates))
+
+
+def _holder(client, name: str, alias: str) -> str | None:
+    """The version holding `name@alias`, None if nobody does."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _holder_base(client, ref: ModelRef, config: dict, fallback: Path) -> Path:
+    """The holder's own base by the registry's resolution order; the candidate's when none is
+    found (check_adapter_fits then says if the holder was trained on another one)."""
+    try:
+        return resolve_base(client, ref, None, config)
+    except TunelensError:
+        return fallback
+
+
+def _tokenize(base_dir: Path, dataset: EvalDataset, settings: GenerationSettings):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    prompts = build_prompts(dataset.inputs, tokenizer, settings)
+    # A chat template already carries the BOS token; plain prompts get the tokenizer's specials.
+    return [tokenizer(p, add_special_tokens=not settings.chat_template)["input_ids"]
+            for p in prompts]
+
+
+def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
+                    against, config: dict, backend: str | None, max_new_tokens: int | None,
+                    extra_metrics=(), primary_metric: str | None = None) -> EvaluationPlan:
+    """Check every input and decide what runs where; raises TunelensError, writes nothing."""
+    evaluation = config["evaluation"]
+    dataset = load_dataset(data, inputs_column=evaluation["inputs_column"],
+                           targets_column=evaluation["targets_column"])
+    settings = GenerationSettings.from_config(evaluation, max_new_tokens=max_new_tokens)
+    primary_name = primary_metric or config["verdict"]["primary_metric"]
+    metrics = quality_metrics(list(evaluation["metrics"]), evaluation["exact_match"],
+                              extra_metrics, primary_name)
+    primary = next(m for m in metrics if m.name == primary_name)
+    profile = task_profile(config)
+    ServingSettings.from_config(evaluation)  # a bad latency setting fails here, not after generating
+
+    name, version, alias = parse_model_uri(model_uri)
+    version = resolve_version(client, name, version or alias)
+    ref = download_version(client, name, version)
+    base_dir = resolve_base(client, ref, base, config)
+
+    promotion_alias = config["promotion"]["alias"]
+    holder_version = _holder(client, name, promotion_alias)
+    holder = HolderCoverage(promotion_alias, holder_version)
+    holder_label = promotion_alias if holder_version not in (None, version) else None
+    if holder_label in (BASE, FINETUNED):
+        raise TunelensError(f"promotion.alias {promotion_alias!r} collides with a model label: "
+                            "choose another alias name")
+    compared: list[tuple[str, ModelRef]] = []
+    if holder_label:
+        compared.append((holder_label, download_version(client, name, holder_version)))
+    notes: list[str] = []
+    for reference in against:
+        other_version = resolve_version(client, name, str(reference))
+        label = f"v{other_version}" if str(reference).lstrip("v").isdigit() else str(reference)
+        if other_version == version or label in (BASE, FINETUNED):
+            raise TunelensError(f"--against {reference} is the version under evaluation itself")
+        if other_version == holder_version or label == holder_label:
+            notes.append(f"--against {reference}: v{other_version} holds {promotion_alias} and is "
+                         "compared as the holder")
+            continue
+        compared.append((label, download_version(client, name, other_version)))
+
+    # One group per base: the candidate's base serves base, candidate and every version that
+    # resolves to it; a version on another base gets an engine of its own, after.
+    groups_by_base: dict[Path, list[Candidate]] = {
+        base_dir: [Candidate(BASE), Candidate(FINETUNED, ref.adapter_dir, ref.version)]}
+    for label, other in compared:
+        other_base = _holder_base(client, other, config, base_dir)
+        key = next((b for b in groups_by_base if b.resolve() == other_base.resolve()), other_base)
+        groups_by_base.setdefault(key, []).append(Candidate(label, other.adapter_dir,
+                                                            other.version))
+    adapters = []
+    for group_base, members in groups_by_base.items():
+        for member in members:
+            if member.adapter_dir is not None:
+                check_adapter_fits(group_base, member.adapter_dir)
+                adapters.append(member.adapter_dir)
+    choice = choose_backend(backend or evaluation["backend"], adapters)
+    log.info("tunelens evaluate: %s backend (%s)", choice.name, choice.reason)
+
+    groups = []
+    for group_base, members in groups_by_base.items():
+        max_len = _max_model_len(group_base, evaluation["vllm"]["max_model_len"])
+        groups.append(EngineGroup(group_base, members, max_len,
+                                  _tokenize(group_base, dataset, settings)))
+    limit = len(dataset) if evaluation["max_rows"] is None else int(evaluation["max_rows"])
+    considered = range(min(limit, len(dataset)))
+    kept = [i for i in considered
+            if all(len(g.prompt_ids[i]) + settings.max_new_tokens <= g.max_model_len for g in groups)]
+    skipped = len(considered) - len(kept)
+    if not kept:
+        raise TunelensError(f"every prompt is longer than max_model_len "
+                            f"{min(g.max_model_len for g in groups)} minus "
+                            f"{settings.max_new_tokens} new tokens: nothing to evaluate")
+    labels = [c.label for group in groups for c in group.candidates]
+    if len(groups) > 1:
+        notes.append("; ".join(f"{', '.join(c.label for c in g.candidates)} on {g.base_dir}"
+                               for g in groups[1:]) + ": another base, its own engine, after")
+    return EvaluationPlan(model_uri=model_uri, ref=ref, base_dir=base_dir, dataset=dataset,
+                          kept=kept, skipped=skipped, settings=settings, backend=choice,
+                          groups=groups, labels=labels, against=tuple(against), holder=holder,
+                          holder_label=holder_label, metrics=metrics, primary=primary,
+                          profile=profile, config=config, notes=notes)
+
+
+# --- stage 2: generate ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Generated:
+    phases: dict[str, Phase]  # by label, in plan.labels order
+    engine_settings: dict  # how the (first) engine ran: parallelism, dtype
+    # latency and memory as served for the models on the candidate's base (None: sample_rows 0)
+    serving: ServingFigures | None = None
+
+
+def generate(plan: EvaluationPlan) -> Generated:
+    """Every model's outputs on the kept rows, one engine at a time (closed before the next), then
+    latency and memory as served for the models on the candidate's base (servers of their own)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    evaluation = plan.config["evaluation"]
+    phases: dict[str, Phase] = {}
+    engine_settings: dict = {}
+    serving = None
+    for index, group in enumerate(plan.groups):
+        adapters = [c.adapter_dir for c in group.candidates if c.adapter_dir is not None]
+        engine = _start_backend(plan.backend, group.base_dir, adapters, evaluation, plan.settings,
+                                group.max_model_len)
+        engine_settings = engine_settings or engine.settings
+        tokenizer = AutoTokenizer.from_pretrained(group.base_dir)
+        try:
+            done = run_phases(engine, group.candidates, [group.prompt_ids[i] for i in plan.kept],
+                              tokenizer, plan.settings)
+        finally:
+            engine.close()
+        phases |= {c.label: phase for c, phase in zip(group.candidates, done)}
+        if index == 0 and ServingSettings.from_config(evaluation).sample_rows > 0:
+            with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
+                serving = measure_serving(group.base_dir, group.candidates,
+                                          [group.prompt_ids[i] for i in plan.kept], tokenizer,
+                                          plan.settings, evaluation, plan.backend.name,
+                                          max_model_len=group.max_model_len, work_dir=work_dir)
+            serving = with_batch_throughput(serving, {c.label: phases[c.label].tokens_per_s
+                                                      for c in group.candidates})
+    return Generated({label: phases[label] for label in plan.labels}, engine_settings, serving)
+
+
+def _served_rules(serving: ServingFigures | None, reference: str, config: dict,
+                  latency: bool) -> list:
+    """The rules from latency and memory as served (replacing the batch-phase ones of the same
+    name): memory for any reference served here; latency only against the base, whose A-B-A
+    passes give the noise floor. None served: no replacements."""
+    if serving is None or reference not in {p.label for p in serving.memory}:
+        return []
+    settings = config["verdict"]
+    rules = memory_rules(serving.memory_of(reference), serving.memory_of(FINETUNED),
+                         settings["max_memory_ratio"], settings["max_memory_gib"])
+    if latency and settings["max_p95_latency_ratio"] is not None:
+        rules.insert(0, latency_rule(serving.latency_of(reference), serving.latency_of(FINETUNED),
+                                     float(settings["max_p95_latency_ratio"]),
+                                     level=float(settings["confidence_level"]),
+                                     n_resamples=int(settings["bootstrap_resamples"]),
+                                     seed=int(settings["seed"])))
+    return rules
+
+
+# --- stage 3: score ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scored:
+    rows: dict[str, RowScores]
+    metrics: dict[str, float]
+    comparison: PairedComparison  # finetuned vs base
+    other_comparisons: dict[str, PairedComparison]  # finetuned vs the holder and each --against
+    verdict: Verdict
+    table: pd.DataFrame
+    notes: list[str]
+    html: str
+
+
 def build_table(dataset: EvalDataset, kept: list[int], labels: list[str],
                 rows: dict[str, RowScores]) -> pd.DataFrame:
     """One line per evaluated row: input, target, and each model's output and scores."""
@@ -143,24 +409,102 @@ def build_table(dataset: EvalDataset, kept: list[int], labels: list[str],
              "target": [dataset.targets[i] for i in kept]}
     for label in labels:
         r = rows[label]
-        table |= {f"{label}_output": r.outputs, f"{label}_exact_match": r.exact_match.tolist(),
-                  f"{label}_words": r.words.tolist(), f"{label}_tokens": r.tokens.tolist(),
-                  f"{label}_latency_ms": np.round(r.latency_ms, 3).tolist(),
-                  f"{label}_preamble": r.preamble.tolist(),
-                  f"{label}_explanation": r.explanation.tolist(),
-                  f"{label}_over_correction": r.over_correction.tolist()}
+        table[f"{label}_output"] = r.outputs
+        table |= {f"{label}_{name}": (values.astype(bool) if name == "exact_match" else
+                                      np.round(values, 4)).tolist()
+                  for name, values in r.quality.items()}
+        table |= {f"{label}_words": r.words.tolist(), f"{label}_tokens": r.tokens.tolist(),
+                  f"{label}_latency_ms": np.round(r.latency_ms, 3).tolist()}
+        if r.grammar is not None:
+            table |= {f"{label}_preamble": r.grammar.preamble.tolist(),
+                      f"{label}_explanation": r.grammar.explanation.tolist(),
+                      f"{label}_over_correction": r.grammar.over_correction.tolist()}
         if label != BASE:
             table[f"{label}_identical_to_base"] = r.identical_to_base.tolist()
     return pd.DataFrame(table)
 
 
-def _model_scores(label: str, rows: RowScores, phase: Phase, weights_gib: float,
+def _model_scores(label: str, rows: RowScores, primary: str, phase: Phase, weights_gib: float,
                   adapter_mib: float) -> ModelScores:
     peak = phase.peak_device_gib if phase.peak_device_gib is not None else phase.peak_rss_gib
-    return ModelScores(label=label, exact_match=rows.exact_match, words=rows.words,
+    return ModelScores(label=label, quality=rows.quality[primary], words=rows.words,
                        latency_ms=rows.latency_ms, peak_memory_gib=peak, weights_gib=weights_gib,
                        adapter_mib=adapter_mib)
 
+
+def score(plan: EvaluationPlan, generated: Generated) -> Scored:
+    """Per-row scores, per-model metrics, the paired comparisons and the two-part verdict."""
+    config, evaluation = plan.config, plan.config["evaluation"]
+    inputs = [plan.dataset.inputs[i] for i in plan.kept]
+    targets = [plan.dataset.targets[i] for i in plan.kept]
+    phases = generated.phases
+    base_outputs = [g.text for g in phases[BASE].generations]
+    rows = {label: score_rows(phases[label], inputs, targets, base_outputs, evaluation,
+                              plan.metrics, plan.profile) for label in plan.labels}
+    metrics: dict[str, float] = {}
+    scores = {}
+    adapters = {c.label: c.adapter_dir for c in plan.candidates}
+    for label in plan.labels:
+        weights = _weights_gib(plan.base_of(label))
+        adapter_mib = _adapter_mib(adapters[label])
+        metrics |= {f"{label}/{k}": v for k, v in summarize(
+            rows[label], phases[label], weights_gib=weights, adapter_mib=adapter_mib).items()}
+        scores[label] = _model_scores(label, rows[label], plan.primary.name, phases[label],
+                                      weights, adapter_mib)
+    info = QualityMetricInfo(plan.primary.name, plan.primary.greater_is_better)
+    comparison = compare_paired(scores[BASE], scores[FINETUNED], config, info)
+    metrics |= comparison.metrics("delta/")
+    other_comparisons = {label: compare_paired(scores[label], scores[FINETUNED], config, info)
+                         for label in plan.labels if label not in (BASE, FINETUNED)}
+    for label, other in other_comparisons.items():
+        metrics |= other.metrics(f"delta_vs_{label}/")
+    serving = generated.serving
+    if serving is not None:
+        for profile in (*serving.latency, *serving.memory):
+            metrics |= {f"{profile.label}/{k}": v for k, v in profile.metrics().items()}
+    parts = [decide_part(comparison, config, "base",
+                         _served_rules(serving, BASE, config, latency=True))]
+    if plan.holder_label:
+        # Against the holder, latency stays the batch phases' ratio: both are adapters on the same
+        # LoRA-enabled engine, in the same kind of batch, so neither is favoured.
+        parts.append(decide_part(other_comparisons[plan.holder_label], config, "holder",
+                                 _served_rules(serving, plan.holder_label, config, latency=False)))
+    verdict = combine(FINETUNED, len(plan.kept), parts, plan.holder)
+    metrics |= {"rows_evaluated": float(len(plan.kept)),
+                "rows_skipped_too_long": float(plan.skipped)}
+    table = build_table(plan.dataset, plan.kept, plan.labels, rows)
+
+    ref, settings = plan.ref, plan.settings
+    max_len = min(g.max_model_len for g in plan.groups)
+    holder = plan.holder
+    notes = [f"model: models:/{ref.name}/{ref.version}; base: {plan.base_dir}",
+             f"backend: {plan.backend.name} ({plan.backend.reason}); {len(plan.kept)} rows "
+             f"evaluated, {plan.skipped} skipped (prompt + {settings.max_new_tokens} new tokens > "
+             f"max_model_len {max_len})",
+             f"generation: {'greedy' if settings.greedy else f'temperature {settings.temperature}'}"
+             f", max {settings.max_new_tokens} new tokens, stop {list(settings.stop)}",
+             f"holder: {holder.alias} is "
+             + (f"v{holder.version}, compared as {plan.holder_label!r}" if plan.holder_label else
+                "this version itself" if holder.version else "held by no version")
+             + f"; primary metric {plan.primary.name} ({comparison.test_name})",
+             *plan.notes, *(serving.notes if serving is not None else ())]
+    for label in plan.labels[1:]:
+        if metrics[f"{label}/identical_to_base"] == 1.0 and plan.base_of(label) == plan.base_dir:
+            notes.append(f"{label} gave exactly the base's output on every row: the adapter "
+                         "changed nothing here (untrained, or its scale is ~0)")
+    parts_named = {"base": "vs base", "holder": f"vs {plan.holder_label}"}
+    html = render_report(title=f"{ref.name} v{ref.version}: side by side with its base"
+                         + (f" and {plan.holder_label}" if plan.holder_label else ""),
+                         labels=plan.labels, table=table, metrics=metrics,
+                         verdict_lines=[f"{parts_named[p.against]} {p.decision.value}: {r.name}: "
+                                        f"{r.status} ({r.detail})"
+                                        for p in verdict.parts for r in p.rules]
+                         + [f"warning: {w}" for w in verdict.warnings],
+                         decision=verdict.decision.value, notes=notes, primary=plan.primary.name)
+    return Scored(rows, metrics, comparison, other_comparisons, verdict, table, notes, html)
+
+
+# --- stage 4: log --------------------------------------------------------------------------------
 
 def _open_run(client, run_id: str | None, evaluation: dict, ref: ModelRef) -> tuple[str, bool]:
     """The run to log into: the caller's (mlflow.models.evaluate's) or a new one we own."""
@@ -174,117 +518,23 @@ def _open_run(client, run_id: str | None, evaluation: dict, ref: ModelRef) -> tu
     return run.info.run_id, True
 
 
-def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
-                     against: tuple[str, ...] | list[str] = (), config: dict | None = None,
-                     backend: str | None = None, max_new_tokens: int | None = None,
-                     run_id: str | None = None, client=None,
-                     set_version_tags: bool = True) -> EvaluationOutcome:
-    """Evaluate models:/NAME/VERSION against its base (and `against` aliases/versions) on `data`.
-
-    Logs metrics `base/…`, `finetuned/…`, `<alias or vN>/…`, `delta/…` (finetuned minus base),
-    the per-row table and the side-by-side HTML report to one run, then tags the version with the
-    verdict. Raises TunelensError, before any tag is written, for every bad input.
-    """
-    from mlflow import MlflowClient
-
-    config = config or load_config()
-    evaluation = config["evaluation"]
-    client = client or MlflowClient()
-    dataset = load_dataset(data, inputs_column=evaluation["inputs_column"],
-                           targets_column=evaluation["targets_column"])
-    settings = GenerationSettings.from_config(evaluation, max_new_tokens=max_new_tokens)
-
-    name, version, alias = parse_model_uri(model_uri)
-    version = resolve_version(client, name, version or alias)
-    ref = download_version(client, name, version)
-    base_dir = resolve_base(client, ref, base, config)
-    others: list[tuple[str, ModelRef]] = []
-    for reference in against:
-        other_version = resolve_version(client, name, str(reference))
-        label = f"v{other_version}" if str(reference).lstrip("v").isdigit() else str(reference)
-        if other_version == version or label in (BASE, FINETUNED):
-            raise TunelensError(f"--against {reference} is the version under evaluation itself")
-        others.append((label, download_version(client, name, other_version)))
-    candidates = [Candidate(BASE), Candidate(FINETUNED, ref.adapter_dir, ref.version),
-                  *(Candidate(label, o.adapter_dir, o.version) for label, o in others)]
-    adapters = [c.adapter_dir for c in candidates if c.adapter_dir is not None]
-    for adapter in adapters:
-        check_adapter_fits(base_dir, adapter)
-    choice = choose_backend(backend or evaluation["backend"], adapters)
-    log.info("tunelens evaluate: %s backend (%s)", choice.name, choice.reason)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    prompts = build_prompts(dataset.inputs, tokenizer, settings)
-    max_len = _max_model_len(base_dir, evaluation["vllm"]["max_model_len"])
-    # A chat template already carries the BOS token; plain prompts get the tokenizer's specials.
-    ids = [tokenizer(p, add_special_tokens=not settings.chat_template)["input_ids"] for p in prompts]
-    limit = len(ids) if evaluation["max_rows"] is None else int(evaluation["max_rows"])
-    kept = [i for i in range(min(limit, len(ids))) if len(ids[i]) + settings.max_new_tokens <= max_len]
-    skipped = min(limit, len(ids)) - len(kept)
-    if not kept:
-        raise TunelensError(f"every prompt is longer than max_model_len {max_len} minus "
-                            f"{settings.max_new_tokens} new tokens: nothing to evaluate")
-
-    engine = _start_backend(choice, base_dir, adapters, evaluation, settings, max_len)
-    engine_settings = engine.settings
+def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: Scored,
+                   run_id: str | None, set_version_tags: bool) -> str:
+    """Everything to one run, then (last) the verdict on the version; returns the run id."""
+    ref, verdict = plan.ref, scored.verdict
+    run_id, owned = _open_run(client, run_id, plan.config["evaluation"], ref)
     try:
-        phases = run_phases(engine, candidates, [ids[i] for i in kept], tokenizer, settings)
-    finally:
-        engine.close()
-
-    inputs = [dataset.inputs[i] for i in kept]
-    targets = [dataset.targets[i] for i in kept]
-    labels = [c.label for c in candidates]
-    base_outputs = [g.text for g in phases[0].generations]
-    rows = {c.label: score_rows(p, inputs, targets, base_outputs, evaluation)
-            for c, p in zip(candidates, phases)}
-    weights = _weights_gib(base_dir)
-    metrics: dict[str, float] = {}
-    scores = {}
-    for candidate, phase in zip(candidates, phases):
-        adapter_mib = _adapter_mib(candidate.adapter_dir)
-        metrics |= {f"{candidate.label}/{k}": v for k, v in summarize(
-            rows[candidate.label], phase, weights_gib=weights, adapter_mib=adapter_mib).items()}
-        scores[candidate.label] = _model_scores(candidate.label, rows[candidate.label], phase,
-                                                weights, adapter_mib)
-    comparison = compare_paired(scores[BASE], scores[FINETUNED], config)
-    verdict = decide(comparison, config)
-    metrics |= comparison.metrics("delta/")
-    other_comparisons = {label: compare_paired(scores[label], scores[FINETUNED], config)
-                         for label in labels[2:]}
-    for label, other in other_comparisons.items():
-        metrics |= other.metrics(f"delta_vs_{label}/")
-    metrics |= {"rows_evaluated": float(len(kept)), "rows_skipped_too_long": float(skipped)}
-    table = build_table(dataset, kept, labels, rows)
-
-    notes = [f"model: models:/{name}/{version}; base: {base_dir}",
-             f"backend: {choice.name} ({choice.reason}); {len(kept)} rows evaluated, {skipped} "
-             f"skipped (prompt + {settings.max_new_tokens} new tokens > max_model_len {max_len})",
-             f"generation: {'greedy' if settings.greedy else f'temperature {settings.temperature}'}"
-             f", max {settings.max_new_tokens} new tokens, stop {list(settings.stop)}"]
-    for label in labels[1:]:
-        if metrics[f"{label}/identical_to_base"] == 1.0:
-            notes.append(f"{label} gave exactly the base's output on every row: the adapter "
-                         "changed nothing here (untrained, or its scale is ~0)")
-    html = render_report(title=f"{name} v{version}: side by side with its base",
-                         labels=labels, table=table, metrics=metrics,
-                         verdict_lines=[f"{r.name}: {r.status} ({r.detail})" for r in verdict.rules]
-                         + [f"warning: {w}" for w in verdict.warnings],
-                         decision=verdict.decision.value, notes=notes)
-
-    run_id, owned = _open_run(client, run_id, evaluation, ref)
-    try:
-        client.log_batch(run_id, params=_params(model_uri, ref, base_dir, choice, settings,
-                                                against, max_len, engine_settings))
-        _log_metrics(client, run_id, metrics)
-        client.log_table(run_id, data=table, artifact_file=TABLE_FILE)
-        client.log_text(run_id, html, REPORT_FILE)
-        client.log_dict(run_id, {"model": f"models:/{name}/{version}", **verdict.to_dict(),
-                                 "notes": notes}, VERDICT_FILE)
+        client.log_batch(run_id, params=_params(plan, generated.engine_settings))
+        _log_metrics(client, run_id, scored.metrics)
+        client.log_table(run_id, data=scored.table, artifact_file=TABLE_FILE)
+        client.log_text(run_id, scored.html, REPORT_FILE)
+        client.log_dict(run_id, {"model": f"models:/{ref.name}/{ref.version}",
+                                 **verdict.to_dict(), "notes": scored.notes}, VERDICT_FILE)
         client.set_tag(run_id, VERDICT_TAG, verdict.decision.value)
         client.set_tag(run_id, REASONS_TAG, verdict.reasons)
+        if verdict.holder is not None:
+            client.set_tag(run_id, HOLDER_TAG, verdict.holder.tag_value)
+        _log_inputs(client, run_id, plan, owned)
     except Exception:
         if owned:
             client.set_terminated(run_id, status="FAILED")
@@ -293,27 +543,113 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
         client.set_terminated(run_id)
     if set_version_tags:
         # The verdict tag last: `tunelens promote` reads it, and it must point at a complete run.
-        client.set_model_version_tag(name, version, EVAL_RUN_TAG, run_id)
-        client.set_model_version_tag(name, version, REASONS_TAG, verdict.reasons)
-        client.set_model_version_tag(name, version, VERDICT_TAG, verdict.decision.value)
-    return EvaluationOutcome(run_id=run_id, model_name=name, version=version, base_path=base_dir,
-                             backend=choice, labels=labels, rows_evaluated=len(kept),
-                             rows_skipped_too_long=skipped, metrics=metrics, table=table,
-                             comparison=comparison, verdict=verdict,
-                             other_comparisons=other_comparisons, notes=notes,
-                             engine_settings=engine_settings)
+        client.set_model_version_tag(ref.name, ref.version, EVAL_RUN_TAG, run_id)
+        client.set_model_version_tag(ref.name, ref.version, REASONS_TAG, verdict.reasons)
+        if verdict.holder is not None:
+            client.set_model_version_tag(ref.name, ref.version, HOLDER_TAG,
+                                         verdict.holder.tag_value)
+        _describe_on_version(client, plan, scored, run_id)
+        client.set_model_version_tag(ref.name, ref.version, VERDICT_TAG, verdict.decision.value)
+    return run_id
 
 
-def _params(model_uri, ref, base_dir, choice, settings, against, max_len, engine_settings):
+def _log_inputs(client, run_id: str, plan: EvaluationPlan, owned: bool) -> None:
+    """The test set as the run's dataset input (when we own the run: mlflow.models.evaluate logs
+    its own), and the version's logged model as a model input, where MLflow 3 records one."""
+    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    datasets = []
+    if owned:
+        import mlflow.data
+
+        path = Path(plan.dataset.source)
+        frame = pd.DataFrame({"inputs": plan.dataset.inputs, "targets": plan.dataset.targets})
+        # a local file is its own source; a frame passed in memory has none to name
+        dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()) if path.is_file()
+                                          else None, targets="targets",
+                                          name=path.name if path.is_file() else "test set")
+        datasets.append(DatasetInput(dataset._to_mlflow_entity(),
+                                     [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")]))
+    model_id = getattr(client.get_model_version(plan.ref.name, plan.ref.version), "model_id", None)
+    models = [LoggedModelInput(model_id)] if model_id else []
+    if datasets or models:
+        client.log_inputs(run_id, datasets=datasets or None, models=models or None)
+
+
+def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: str) -> None:
+    """The comparison section of the version's description, beside the analysis's."""
+    from tunelens.registry_hooks.mlflow_logging import with_section
+
+    from .version_page import EVALUATION_HEADING, comparison_section
+
+    ref = plan.ref
+    names = {BASE: "base", FINETUNED: f"v{ref.version} (candidate)"}
+    for candidate in plan.candidates:
+        if candidate.label not in names:
+            names[candidate.label] = (f"{candidate.label} (v{candidate.version})"
+                                      if candidate.label == plan.holder_label else candidate.label)
+    section = comparison_section(
+        verdict=scored.verdict, labels=plan.labels, names=names, metrics=scored.metrics,
+        primary=plan.primary.name, test=scored.comparison.test_name, rows=len(plan.kept),
+        experiment_id=client.get_run(run_id).info.experiment_id, run_id=run_id,
+        report_file=REPORT_FILE)
+    description = client.get_model_version(ref.name, ref.version).description
+    client.update_model_version(ref.name, ref.version,
+                                description=with_section(description, section, EVALUATION_HEADING))
+
+
+def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
+                     against: tuple[str, ...] | list[str] = (), config: dict | None = None,
+                     backend: str | None = None, max_new_tokens: int | None = None,
+                     run_id: str | None = None, client=None, set_version_tags: bool = True,
+                     extra_metrics=(), primary_metric: str | None = None) -> EvaluationOutcome:
+    """Evaluate models:/NAME/VERSION against its base and the holder of promotion.alias (and
+    `against` aliases/versions) on `data`.
+
+    Logs metrics `base/…`, `finetuned/…`, `<alias or vN>/…`, `delta/…` (finetuned minus base),
+    `delta_vs_<label>/…`, the per-row table and the side-by-side HTML report to one run, then
+    tags the version with the verdict and the holder it covered. `extra_metrics`: metrics made
+    with mlflow.metrics.make_metric, scored per row like the built-ins; `primary_metric`
+    overrides verdict.primary_metric. Raises TunelensError, before anything is written, for every
+    bad input.
+    """
+    from mlflow import MlflowClient
+
+    config = config or load_config()
+    client = client or MlflowClient()
+    plan = plan_evaluation(client, model_uri, data, base=base, against=against, config=config,
+                           backend=backend, max_new_tokens=max_new_tokens,
+                           extra_metrics=extra_metrics, primary_metric=primary_metric)
+    generated = generate(plan)
+    scored = score(plan, generated)
+    run_id = log_evaluation(client, plan, generated, scored, run_id, set_version_tags)
+    return EvaluationOutcome(run_id=run_id, model_name=plan.ref.name, version=plan.ref.version,
+                             base_path=plan.base_dir, backend=plan.backend, labels=plan.labels,
+                             rows_evaluated=len(plan.kept), rows_skipped_too_long=plan.skipped,
+                             metrics=scored.metrics, table=scored.table,
+                             comparison=scored.comparison, verdict=scored.verdict,
+                             primary_metric=plan.primary.name, holder_label=plan.holder_label,
+                             other_comparisons=scored.other_comparisons, notes=scored.notes,
+                             engine_settings=generated.engine_settings)
+
+
+def _params(plan: EvaluationPlan, engine_settings: dict):
     from mlflow.entities import Param
 
-    values = {"tunelens.model_uri": model_uri, "tunelens.version": ref.version,
-              "tunelens.base": str(base_dir), "tunelens.backend": choice.name,
-              "tunelens.backend_reason": choice.reason, "tunelens.against": ",".join(against),
+    settings = plan.settings
+    values = {"tunelens.model_uri": plan.model_uri, "tunelens.version": plan.ref.version,
+              "tunelens.base": str(plan.base_dir), "tunelens.backend": plan.backend.name,
+              "tunelens.backend_reason": plan.backend.reason,
+              "tunelens.against": ",".join(plan.against),
+              "tunelens.holder": plan.holder.tag_value if plan.holder else "",
+              "tunelens.primary_metric": plan.primary.name,
+              "tunelens.metrics": ",".join(m.name for m in plan.metrics),
+              "tunelens.task_profile": plan.profile.name if plan.profile else "none",
               "tunelens.max_new_tokens": settings.max_new_tokens,
               "tunelens.temperature": settings.temperature, "tunelens.stop": list(settings.stop),
               "tunelens.prompt_template": settings.prompt_template,
-              "tunelens.chat_template": settings.chat_template, "tunelens.max_model_len": max_len,
+              "tunelens.chat_template": settings.chat_template, "tunelens.max_model_len": min(g.max_model_len for g in plan.groups),
               **{f"tunelens.engine.{k}": v for k, v in engine_settings.items()}}
     return [Param(k, str(v)[:6000]) for k, v in values.items()]
 

@@ -1,9 +1,12 @@
 """Paired statistics for a side-by-side evaluation: the same rows, scored for two models.
 
-Exact match is compared with the exact McNemar test (only the rows where the two models disagree
-carry information) and, besides the bootstrap, Tango's score interval (sound when the models rarely
-disagree); every difference gets a paired bootstrap interval (rows resampled jointly, so the pairing
-is kept), and a power note says when the test set is too small to decide.
+The primary quality metric gets the paired test that fits it. A binary per-row score (exact match,
+or any metric whose scores are all 0 or 1) gets the exact McNemar test (only the rows where the two
+models disagree carry information) and, besides the percentile bootstrap, Tango's score interval
+(sound when the models rarely disagree), with a power note saying when the test set is too small to
+decide. A continuous score (token F1, chrF, ROUGE-L, most extra metrics) gets a paired BCa bootstrap
+interval of the mean difference (scipy.stats.bootstrap, paired=True). Words and latency get paired
+percentile bootstrap intervals (rows resampled jointly, so the pairing is kept).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ class ModelScores:
     """One model's per-row scores on the evaluation rows (row i is the same prompt for every model)."""
 
     label: str
-    exact_match: np.ndarray  # bool per row
+    quality: np.ndarray  # float per row: the primary quality metric (0/1 for a binary one)
     words: np.ndarray  # int per row: words in the output
     latency_ms: np.ndarray  # float per row: time to produce the output
     peak_memory_gib: float | None = None
@@ -34,15 +37,17 @@ class ModelScores:
     adapter_mib: float | None = None
 
     def __post_init__(self):
-        arrays = {"exact_match": np.asarray(self.exact_match, dtype=bool),
+        arrays = {"quality": np.asarray(self.quality, dtype=np.float64),
                   "words": np.asarray(self.words, dtype=np.int64),
                   "latency_ms": np.asarray(self.latency_ms, dtype=np.float64)}
         lengths = {name: a.shape for name, a in arrays.items()}
         if any(a.ndim != 1 for a in arrays.values()) or len(set(lengths.values())) != 1:
             raise TunelensError(f"scores of {self.label!r} must be 1-D arrays of one length per row, "
                                 f"got shapes {lengths}")
-        if arrays["exact_match"].size == 0:
+        if arrays["quality"].size == 0:
             raise TunelensError(f"scores of {self.label!r} have no rows: evaluate at least one row")
+        if not np.all(np.isfinite(arrays["quality"])):
+            raise TunelensError(f"quality scores of {self.label!r} must be finite")
         if not np.all(np.isfinite(arrays["latency_ms"])) or np.any(arrays["latency_ms"] < 0):
             raise TunelensError(f"latencies of {self.label!r} must be finite and >= 0 ms")
         for name, array in arrays.items():
@@ -50,7 +55,7 @@ class ModelScores:
 
     @property
     def n_rows(self) -> int:
-        return int(self.exact_match.size)
+        return int(self.quality.size)
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,14 @@ class MemoryComparison:
 
 
 @dataclass(frozen=True)
+class QualityMetricInfo:
+    """What the paired test needs to know of the primary metric."""
+
+    name: str = "exact_match"
+    greater_is_better: bool = True
+
+
+@dataclass(frozen=True)
 class PairedComparison:
     """`other` against `base` on the same rows: deltas are other - base, ratios other / base."""
 
@@ -114,56 +127,86 @@ class PairedComparison:
     other_label: str
     n_rows: int
     alpha: float
-    exact_match_base: float
-    exact_match_other: float
-    exact_match_delta: ConfidenceInterval  # paired bootstrap
-    exact_match_score_ci: ConfidenceInterval  # Tango's score interval: sound with few discordant rows
-    mcnemar: McNemarResult
+    metric: str  # the primary quality metric's name
+    binary: bool  # every per-row score 0 or 1: McNemar; else the paired BCa bootstrap
+    greater_is_better: bool
+    quality_base: float
+    quality_other: float
+    quality_delta: ConfidenceInterval  # other - base: percentile (binary) or BCa bootstrap
+    quality_score_ci: ConfidenceInterval | None  # binary only: Tango's score interval
+    mcnemar: McNemarResult | None  # binary only
     mean_words_base: float
     mean_words_other: float
     mean_words_delta: ConfidenceInterval
+    mean_words_ratio: ConfidenceInterval  # mean words other / base
     latency_p50_ratio: ConfidenceInterval
     latency_p95_ratio: ConfidenceInterval
     memory: MemoryComparison
-    power: PowerNote
-    warning: str | None  # set when the test set is too small to decide the exact-match question
+    power: PowerNote | None  # binary only
+    warning: str | None  # set when the test set is too small to decide the quality question
 
     @property
     def too_small(self) -> bool:
         return self.warning is not None
 
     @property
-    def exact_match_cautious(self) -> ConfidenceInterval:
-        """The union of the bootstrap and score intervals: what the verdict judges exact match on.
+    def test_name(self) -> str:
+        return "exact McNemar" if self.binary else "paired BCa bootstrap"
 
-        With few discordant rows the percentile bootstrap collapses (0 of 30 rows discordant gives
-        [0, 0]); the score interval does not (-0.11 there), so neither alone decides.
-        """
-        return _union(self.exact_match_delta, self.exact_match_score_ci)
+    @property
+    def quality_cautious(self) -> ConfidenceInterval:
+        """What the verdict judges quality on: for a binary metric the union of the bootstrap and
+        score intervals (with few discordant rows the percentile bootstrap collapses: 0 of 30 rows
+        discordant gives [0, 0], the score interval -0.11), else the BCa interval."""
+        if self.quality_score_ci is None:
+            return self.quality_delta
+        return _union(self.quality_delta, self.quality_score_ci)
+
+    @property
+    def quality_gain(self) -> ConfidenceInterval:
+        """The cautious interval oriented so that positive is better (flipped for lower-is-better)."""
+        ci = self.quality_cautious
+        if self.greater_is_better:
+            return ci
+        return ConfidenceInterval(-ci.estimate, -ci.high, -ci.low, ci.level)
+
+    def significant_gain(self) -> bool | None:
+        """A gain (or loss) significant at alpha: McNemar for binary, the BCa interval excluding 0
+        otherwise. True gain, False loss, None neither."""
+        if self.binary:
+            if not self.mcnemar.significant(self.alpha):
+                return None
+            return (self.quality_gain.estimate > 0) if self.quality_gain.estimate != 0 else None
+        gain = self.quality_gain
+        return True if gain.low > 0 else False if gain.high < 0 else None
 
     def metrics(self, prefix: str = "delta/") -> dict[str, float]:
         """Flat metrics for `mlflow.log_metrics`; `verdict.metric_thresholds` uses the same names."""
+        name = self.metric
         values = {
-            "exact_match": self.exact_match_delta.estimate,
-            "exact_match_ci_low": self.exact_match_delta.low,
-            "exact_match_ci_high": self.exact_match_delta.high,
-            "exact_match_score_ci_low": self.exact_match_score_ci.low,
-            "exact_match_score_ci_high": self.exact_match_score_ci.high,
-            "mcnemar_p_value": self.mcnemar.p_value,
-            "discordant_rows": self.mcnemar.n_discordant,
+            name: self.quality_delta.estimate,
+            f"{name}_ci_low": self.quality_delta.low,
+            f"{name}_ci_high": self.quality_delta.high,
             "mean_words": self.mean_words_delta.estimate,
             "mean_words_ci_low": self.mean_words_delta.low,
             "mean_words_ci_high": self.mean_words_delta.high,
+            "mean_words_ratio": self.mean_words_ratio.estimate,
             "latency_ms_p50_ratio": self.latency_p50_ratio.estimate,
             "latency_ms_p95_ratio": self.latency_p95_ratio.estimate,
             "latency_ms_p95_ratio_ci_low": self.latency_p95_ratio.low,
             "latency_ms_p95_ratio_ci_high": self.latency_p95_ratio.high,
         }
+        if self.binary:
+            values |= {f"{name}_score_ci_low": self.quality_score_ci.low,
+                       f"{name}_score_ci_high": self.quality_score_ci.high,
+                       "mcnemar_p_value": self.mcnemar.p_value,
+                       "discordant_rows": self.mcnemar.n_discordant}
         if self.memory.other_gib is not None:
             values["memory_gib"] = self.memory.other_gib
         if self.memory.ratio is not None:
             values["memory_ratio"] = self.memory.ratio
-        return {f"{prefix}{name}": float(value) for name, value in values.items()}
+        return {f"{prefix}{key}": float(value) for key, value in values.items()
+                if math.isfinite(value)}
 
 
 def _union(first: ConfidenceInterval, second: ConfidenceInterval) -> ConfidenceInterval:
@@ -231,6 +274,27 @@ def paired_bootstrap(base, other, statistic: Callable = np.mean, *, n_resamples:
     return ConfidenceInterval(estimate=estimate, low=float(low), high=float(high), level=level)
 
 
+def paired_bca(base, other, *, n_resamples: int, level: float, seed: int) -> ConfidenceInterval:
+    """BCa interval of mean(other) - mean(base), rows resampled in pairs (scipy.stats.bootstrap).
+
+    When every row differs by the same amount the bootstrap has no spread to measure: the bounds
+    are NaN (undecided), never a zero-width interval claiming certainty.
+    """
+    from scipy.stats import bootstrap
+
+    base = np.asarray(base, dtype=np.float64)
+    other = np.asarray(other, dtype=np.float64)
+    differences = other - base
+    estimate = float(differences.mean())
+    if np.ptp(differences) <= 1e-12:  # equal up to rounding: scipy's BCa would divide by zero
+        return ConfidenceInterval(estimate, math.nan, math.nan, level)
+    result = bootstrap((base, other), lambda b, o, axis: o.mean(axis=axis) - b.mean(axis=axis),
+                       paired=True, vectorized=True, n_resamples=n_resamples,
+                       confidence_level=level, method="BCa", rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return ConfidenceInterval(estimate, float(low), float(high), level)
+
+
 def paired_score_interval(mcnemar: McNemarResult, n_rows: int, level: float) -> ConfidenceInterval:
     """Tango (1998) score CI of Δ = (c - b)/n: all Δ with |c - b - nΔ| ≤ z·√(n(2p̃_b + Δ - Δ²)).
 
@@ -293,25 +357,38 @@ def _power_note(n_rows: int, mcnemar: McNemarResult, alpha: float, power: float)
 
 
 def _too_small_warning(n_rows: int, mcnemar: McNemarResult, note: PowerNote, alpha: float,
-                       cautious: ConfidenceInterval, margin: float) -> str | None:
-    """Set exactly when exact match is undecided: no significant result, and the interval
+                       cautious: ConfidenceInterval, margin: float, metric: str) -> str | None:
+    """Set exactly when a binary metric is undecided: no significant result, and the interval
     straddles the non-inferiority margin."""
     if mcnemar.significant(alpha) or cautious.low > -margin or cautious.high < -margin:
         return None
-    problems = [f"the exact-match interval {cautious.low:+.3f} to {cautious.high:+.3f} reaches "
+    problems = [f"the {metric} interval {cautious.low:+.3f} to {cautious.high:+.3f} reaches "
                 f"below the non-inferiority margin -{margin:g}"]
     if mcnemar.n_discordant < note.min_discordant:
-        problems.append(f"only {mcnemar.n_discordant} rows where the models disagree on exact "
-                        f"match: no split of them can reach p < {alpha:g} (needs at least "
+        problems.append(f"only {mcnemar.n_discordant} rows where the models disagree on "
+                        f"{metric}: no split of them can reach p < {alpha:g} (needs at least "
                         f"{note.min_discordant})")
     if note.rows_needed is not None and note.rows_needed > n_rows:
         diff = (mcnemar.other_only - mcnemar.base_only) / n_rows
-        problems.append(f"detecting the observed exact-match difference of {diff * 100:+.1f} points "
+        problems.append(f"detecting the observed {metric} difference of {diff * 100:+.1f} points "
                         f"with {note.power:.0%} power needs about {note.rows_needed} rows")
     if note.min_detectable_gain is not None:
         problems.append(f"with these rows the smallest significant gain is "
                         f"{note.min_detectable_gain * 100:+.1f} points")
     return f"too small to decide on {n_rows} rows: " + "; ".join(problems)
+
+
+def _continuous_warning(n_rows: int, gain: ConfidenceInterval, margin: float,
+                        metric: str) -> str | None:
+    """Set exactly when a continuous metric is undecided (its interval straddles 0 and -margin)."""
+    if math.isnan(gain.low):
+        return (f"too small to decide on {n_rows} rows: every row's {metric} differs by the same "
+                f"amount ({gain.estimate:+.3f}), so the bootstrap cannot measure the spread")
+    if gain.low > 0 or gain.low > -margin or gain.high < -margin:
+        return None
+    return (f"too small to decide on {n_rows} rows: the {metric} BCa interval {gain.low:+.3f} to "
+            f"{gain.high:+.3f} reaches below the non-inferiority margin -{margin:g}; more rows "
+            "narrow it")
 
 
 def _memory(base: ModelScores, other: ModelScores) -> MemoryComparison:
@@ -336,30 +413,49 @@ def verdict_settings(config: dict | None) -> dict:
     return settings
 
 
-def compare_paired(base: ModelScores, other: ModelScores, config: dict | None = None
-                   ) -> PairedComparison:
-    """Every paired difference of `other` against `base`, with CIs, McNemar and a power note."""
+def compare_paired(base: ModelScores, other: ModelScores, config: dict | None = None,
+                   metric: QualityMetricInfo = QualityMetricInfo()) -> PairedComparison:
+    """Every paired difference of `other` against `base`, with CIs, the fitting test and a power
+    note; `metric` names the primary quality metric the `quality` arrays hold."""
     if base.n_rows != other.n_rows:
         raise TunelensError(f"{base.label} has {base.n_rows} rows and {other.label} "
                             f"{other.n_rows}: a paired comparison needs the same rows in the same "
                             f"order")
     settings = verdict_settings(config)
     alpha = float(settings["alpha"])
+    margin = float(settings["noninferiority_margin"])
     boot = dict(n_resamples=int(settings["bootstrap_resamples"]),
                 level=float(settings["confidence_level"]), seed=int(settings["seed"]))
-    mcnemar = mcnemar_exact(base.exact_match, other.exact_match)
-    note = _power_note(base.n_rows, mcnemar, alpha, float(settings["power"]))
-    bootstrap = paired_bootstrap(base.exact_match, other.exact_match, **boot)
-    score = paired_score_interval(mcnemar, base.n_rows, boot["level"])
-    warning = _too_small_warning(base.n_rows, mcnemar, note, alpha, _union(bootstrap, score),
-                                 float(settings["noninferiority_margin"]))
+    binary = bool(np.isin(base.quality, (0.0, 1.0)).all() and np.isin(other.quality, (0.0, 1.0)).all())
+    sign = 1.0 if metric.greater_is_better else -1.0
+    mcnemar = note = score = None
+    if binary:
+        # McNemar counts "right" rows: for a lower-is-better binary score, 0 is right.
+        right_base, right_other = (base.quality == 1, other.quality == 1) if sign > 0 else (
+            base.quality == 0, other.quality == 0)
+        mcnemar = mcnemar_exact(right_base, right_other)
+        note = _power_note(base.n_rows, mcnemar, alpha, float(settings["power"]))
+        delta = paired_bootstrap(base.quality, other.quality, **boot)
+        score = paired_score_interval(mcnemar, base.n_rows, boot["level"])
+        if sign < 0:  # the score interval is of (right other - right base): back to other - base
+            score = ConfidenceInterval(-score.estimate, -score.high, -score.low, score.level)
+        cautious = _union(delta, score)
+        gain = cautious if sign > 0 else ConfidenceInterval(-cautious.estimate, -cautious.high,
+                                                            -cautious.low, cautious.level)
+        warning = _too_small_warning(base.n_rows, mcnemar, note, alpha, gain, margin, metric.name)
+    else:
+        delta = paired_bca(base.quality, other.quality, **boot)
+        gain = delta if sign > 0 else ConfidenceInterval(-delta.estimate, -delta.high, -delta.low,
+                                                         delta.level)
+        warning = _continuous_warning(base.n_rows, gain, margin, metric.name)
     return PairedComparison(
         base_label=base.label, other_label=other.label, n_rows=base.n_rows, alpha=alpha,
-        exact_match_base=float(base.exact_match.mean()),
-        exact_match_other=float(other.exact_match.mean()),
-        exact_match_delta=bootstrap, exact_match_score_ci=score, mcnemar=mcnemar,
+        metric=metric.name, binary=binary, greater_is_better=metric.greater_is_better,
+        quality_base=float(base.quality.mean()), quality_other=float(other.quality.mean()),
+        quality_delta=delta, quality_score_ci=score, mcnemar=mcnemar,
         mean_words_base=float(base.words.mean()), mean_words_other=float(other.words.mean()),
         mean_words_delta=paired_bootstrap(base.words, other.words, **boot),
+        mean_words_ratio=paired_bootstrap(base.words, other.words, combine="ratio", **boot),
         latency_p50_ratio=paired_bootstrap(base.latency_ms, other.latency_ms, np.median,
                                            combine="ratio", **boot),
         latency_p95_ratio=paired_bootstrap(base.latency_ms, other.latency_ms, _p95,

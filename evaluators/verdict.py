@@ -1,27 +1,42 @@
-"""The deploy decision from a paired comparison and the `verdict:` policy in conf.yaml.
+"""The deploy decision from paired comparisons and the `verdict:` policy in conf.yaml.
 
-Each rule is tri-state: passed (True), failed with confidence (False), or undecided on this test set
-(None). Any failed rule gives REJECT; otherwise any undecided rule gives INCONCLUSIVE; otherwise
-PROMOTE. So INCONCLUSIVE always means "more rows (or a missing measurement) could change the
-answer", and REJECT never does.
+The verdict has up to two parts. *vs base*: did fine-tuning help (the candidate against its own
+base). *vs holder*: is the candidate at least as good as the version that holds the promotion alias
+now (non-inferior on quality within the margin, within the latency and memory limits); there is
+no such part when nobody holds the alias or the candidate is the holder. Each part's rules are
+tri-state: passed (True), failed with confidence (False), or undecided on this test set (None).
+Any failed rule gives REJECT; otherwise any undecided rule gives INCONCLUSIVE; otherwise PROMOTE.
+The whole verdict is the worse of its parts (REJECT over INCONCLUSIVE over PROMOTE), so PROMOTE
+needs both, and INCONCLUSIVE always means "more rows (or a missing measurement) could change the
+answer" while REJECT never does.
+
+`RuleOutcome` is the record every rule produces (the serving measurements' rules too); keep its
+fields stable.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
+from tunelens.evaluators.profiles import task_profile
 from tunelens.evaluators.stats import PairedComparison, verdict_settings
 
 # Model-version tags the evaluator writes and `tunelens promote` reads.
 VERDICT_TAG = "tunelens.verdict"
 REASONS_TAG = "tunelens.verdict.reasons"
 EVAL_RUN_TAG = "tunelens.eval.run_id"
+# "<alias>=<version>" or "<alias>=none": the alias holder the verdict compared against.
+HOLDER_TAG = "tunelens.verdict.holder"
 
 
 class Decision(StrEnum):
     PROMOTE = "PROMOTE"
     REJECT = "REJECT"
     INCONCLUSIVE = "INCONCLUSIVE"
+
+
+_SEVERITY = {Decision.PROMOTE: 0, Decision.INCONCLUSIVE: 1, Decision.REJECT: 2}
 
 
 @dataclass(frozen=True)
@@ -38,47 +53,116 @@ class RuleOutcome:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class HolderCoverage:
+    """Which version held the promotion alias when the verdict was made (None: nobody)."""
+
+    alias: str
+    version: str | None
+
+    @property
+    def tag_value(self) -> str:
+        return f"{self.alias}={self.version or 'none'}"
+
+    @classmethod
+    def from_tag(cls, value: str | None) -> "HolderCoverage | None":
+        """None for a verdict from before holders were recorded (it covered no holder)."""
+        if not value or "=" not in value:
+            return None
+        alias, version = value.split("=", 1)
+        return cls(alias, None if version == "none" else version)
+
+
+@dataclass(frozen=True)
+class VerdictPart:
+    """One side of the verdict: the candidate against `reference` ("base" or the holder's label)."""
+
+    against: str  # "base" or "holder"
+    reference: str  # the label of the model compared against
     decision: Decision
     rules: list[RuleOutcome]
-    reasons: str  # one line, for the tag tunelens.verdict.reasons
     warnings: list[str] = field(default_factory=list)
 
+    def deciding(self) -> list[RuleOutcome]:
+        """The rules that made this part's decision: failed for REJECT, undecided for INCONCLUSIVE."""
+        wanted = {Decision.REJECT: False, Decision.INCONCLUSIVE: None}
+        if self.decision not in wanted:
+            return []
+        return [rule for rule in self.rules if rule.passed is wanted[self.decision]]
+
     def to_dict(self) -> dict:
-        return {"decision": self.decision.value, "reasons": self.reasons, "warnings": self.warnings,
+        return {"against": self.against, "reference": self.reference,
+                "decision": self.decision.value, "warnings": self.warnings,
                 "rules": [{**asdict(rule), "status": rule.status} for rule in self.rules]}
 
 
-def _exact_match_rule(comparison: PairedComparison, margin: float) -> RuleOutcome:
-    interval, test, alpha = comparison.exact_match_cautious, comparison.mcnemar, comparison.alpha
-    significant = test.significant(alpha)
-    gain = significant and interval.estimate > 0
-    loss = significant and interval.estimate < 0
-    non_inferior = interval.low > -margin
-    passed = (True if gain or non_inferior else
-              False if loss or interval.high < -margin else None)
-    evidence = (f"exact match {comparison.exact_match_base:.1%} -> {comparison.exact_match_other:.1%}"
-                f", difference {interval.estimate:+.3f} (bootstrap CI "
-                f"{comparison.exact_match_delta.low:+.3f} to {comparison.exact_match_delta.high:+.3f}"
-                f", score CI {comparison.exact_match_score_ci.low:+.3f} to "
-                f"{comparison.exact_match_score_ci.high:+.3f}); McNemar p={test.p_value:.3g} "
-                f"({test.other_only} rows only {comparison.other_label} right, {test.base_only} "
-                f"only {comparison.base_label})")
-    if gain:
-        why = f"significant gain at alpha={alpha:g}"
+@dataclass(frozen=True)
+class Verdict:
+    decision: Decision
+    parts: list[VerdictPart]
+    reasons: str  # one line, for the tag tunelens.verdict.reasons
+    holder: HolderCoverage | None = None  # None: no promotion alias was looked at
+
+    @property
+    def rules(self) -> list[RuleOutcome]:
+        return [rule for part in self.parts for rule in part.rules]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for part in self.parts for w in part.warnings]
+
+    def part(self, against: str) -> VerdictPart | None:
+        return next((p for p in self.parts if p.against == against), None)
+
+    def to_dict(self) -> dict:
+        return {"decision": self.decision.value, "reasons": self.reasons,
+                "warnings": self.warnings,
+                "holder": None if self.holder is None else asdict(self.holder),
+                "parts": [part.to_dict() for part in self.parts],
+                "rules": [{**asdict(rule), "status": rule.status} for rule in self.rules]}
+
+
+def _quality_rule(comparison: PairedComparison, margin: float) -> RuleOutcome:
+    """Pass on a significant gain or non-inferiority (interval above -margin); fail on a
+    significant loss not shown within the margin, or an interval wholly below -margin."""
+    gain = comparison.quality_gain
+    significant = comparison.significant_gain()
+    undefined = math.isnan(gain.low)
+    non_inferior = not undefined and gain.low > -margin
+    below = not undefined and gain.high < -margin
+    passed = (True if significant is True or non_inferior else
+              False if significant is False or below else None)
+    name, test = comparison.metric, comparison.test_name
+    intervals = (f"{'percentile' if comparison.binary else 'paired BCa'} bootstrap CI "
+                 f"{comparison.quality_delta.low:+.3f} to {comparison.quality_delta.high:+.3f}")
+    if comparison.binary:
+        mcnemar = comparison.mcnemar
+        intervals += (f", score CI {comparison.quality_score_ci.low:+.3f} to "
+                      f"{comparison.quality_score_ci.high:+.3f}); McNemar p={mcnemar.p_value:.3g} "
+                      f"({mcnemar.other_only} rows only {comparison.other_label} right, "
+                      f"{mcnemar.base_only} only {comparison.base_label}")
+    fmt = ".1%" if comparison.binary else ".3f"
+    evidence = (f"{name} {comparison.quality_base:{fmt}} -> {comparison.quality_other:{fmt}}, "
+                f"difference {comparison.quality_delta.estimate:+.3f} ({intervals})"
+                + ("" if comparison.greater_is_better else "; lower is better"))
+    if significant is True:
+        why = f"significant gain ({test}, alpha={comparison.alpha:g})"
     elif non_inferior:
-        why = f"non-inferior: both CIs' lower bounds above -{margin:g}"
-    elif loss:
-        why = f"significant loss at alpha={alpha:g}, not shown within -{margin:g}"
+        why = f"non-inferior: the lower bound of the gain above -{margin:g}"
+    elif significant is False:
+        why = f"significant loss ({test}, alpha={comparison.alpha:g}), not shown within -{margin:g}"
     elif passed is False:
-        why = f"worse by more than the margin: both CIs below -{margin:g}"
+        why = f"worse by more than the margin: the interval below -{margin:g}"
+    elif undefined:
+        why = "every row differs by the same amount: the bootstrap cannot measure the spread"
     else:
         why = f"no significant gain, and the CIs reach below -{margin:g}"
-    return RuleOutcome("exact_match", interval.estimate, -margin, passed, f"{why}; {evidence}")
+    return RuleOutcome(name, gain.estimate, -margin, passed, f"{why}; {evidence}")
 
 
 def _interval_rule(name: str, ci, limit: float, what: str, fmt: str) -> RuleOutcome:
     """Lower is better: pass when the estimate is within `limit`; fail when the whole CI is above."""
+    if not math.isfinite(ci.estimate):
+        return RuleOutcome(name, None, limit, None, f"{what} cannot be computed (a zero base)")
     passed = True if ci.estimate <= limit else False if ci.low > limit else None
     relation = {True: "within", False: "above", None: "above, but its CI reaches below,"}[passed]
     return RuleOutcome(name, ci.estimate, limit, passed,
@@ -106,40 +190,92 @@ def _memory_rules(comparison: PairedComparison, max_ratio, max_gib) -> list[Rule
     return rules
 
 
-def decide(comparison: PairedComparison, config: dict | None = None) -> Verdict:
-    """PROMOTE / REJECT / INCONCLUSIVE from the rules of conf.yaml's `verdict:` section."""
+def words_limit(config: dict | None) -> float | None:
+    """verdict.max_mean_words_ratio, else the task profile's conciseness limit, else None (off)."""
+    from tunelens.config import load_config
+
+    config = config if config is not None else load_config()
+    limit = config["verdict"]["max_mean_words_ratio"]
+    if limit is None:
+        profile = task_profile(config)
+        limit = profile.max_mean_words_ratio if profile else None
+    return None if limit is None else float(limit)
+
+
+def _decision(rules: list[RuleOutcome]) -> Decision:
+    if any(rule.passed is False for rule in rules):
+        return Decision.REJECT
+    if any(rule.passed is None for rule in rules):
+        return Decision.INCONCLUSIVE
+    return Decision.PROMOTE
+
+
+def decide_part(comparison: PairedComparison, config: dict | None = None, against: str = "base",
+                extra_rules: list[RuleOutcome] = ()) -> VerdictPart:
+    """One part of the verdict from the rules of conf.yaml's `verdict:` section.
+
+    `extra_rules` (the serving measurements' latency and memory rules) replace the built-in rule of
+    the same name, and any latency rule among them the batch-phase `latency_p95_ratio`.
+    """
     settings = verdict_settings(config)
-    rules = [_exact_match_rule(comparison, float(settings["noninferiority_margin"]))]
+    rules = [_quality_rule(comparison, float(settings["noninferiority_margin"]))]
     if settings["max_p95_latency_ratio"] is not None:
         rules.append(_interval_rule("latency_p95_ratio", comparison.latency_p95_ratio,
                                     float(settings["max_p95_latency_ratio"]),
                                     f"p95 latency ratio {comparison.other_label}/"
                                     f"{comparison.base_label}", ".3f"))
     rules += _memory_rules(comparison, settings["max_memory_ratio"], settings["max_memory_gib"])
-    if settings["max_mean_words_increase"] is not None:
-        rules.append(_interval_rule("mean_words", comparison.mean_words_delta,
-                                    float(settings["max_mean_words_increase"]),
+    limit = words_limit(config)
+    if limit is not None:
+        rules.append(_interval_rule("mean_words_ratio", comparison.mean_words_ratio, limit,
                                     f"mean words {comparison.mean_words_base:.1f} -> "
-                                    f"{comparison.mean_words_other:.1f}, difference", "+.2f"))
-    if any(rule.passed is False for rule in rules):
-        decision = Decision.REJECT
-    elif any(rule.passed is None for rule in rules):
-        decision = Decision.INCONCLUSIVE
-    else:
-        decision = Decision.PROMOTE
+                                    f"{comparison.mean_words_other:.1f}, ratio", ".3f"))
+    replaced = {rule.name for rule in extra_rules}
+    if any(rule.name.startswith("latency") for rule in extra_rules):
+        replaced.add("latency_p95_ratio")  # a latency rule as served supersedes the batch one
+    rules = [rule for rule in rules if rule.name not in replaced] + list(extra_rules)
     warnings = [comparison.warning] if comparison.warning else []
-    return Verdict(decision, rules, _reasons(decision, comparison, rules, warnings), warnings)
+    return VerdictPart(against, comparison.base_label, _decision(rules), rules, warnings)
 
 
-def _reasons(decision: Decision, comparison: PairedComparison, rules: list[RuleOutcome],
-             warnings: list[str]) -> str:
-    """One line: the deciding rules first (failed, then undecided), then the rest."""
+def combine(candidate: str, n_rows: int, parts: list[VerdictPart],
+            holder: HolderCoverage | None = None) -> Verdict:
+    """The verdict: the worse of its parts, with one line of reasons naming the deciding part."""
+    decision = max((part.decision for part in parts), key=_SEVERITY.__getitem__)
+    return Verdict(decision, parts, _reasons(decision, candidate, n_rows, parts, holder), holder)
+
+
+def decide(comparison: PairedComparison, config: dict | None = None) -> Verdict:
+    """The verdict of a comparison against the base alone (no alias holder looked at)."""
+    part = decide_part(comparison, config)
+    return combine(comparison.other_label, comparison.n_rows, [part])
+
+
+def _reasons(decision: Decision, candidate: str, n_rows: int, parts: list[VerdictPart],
+             holder: HolderCoverage | None) -> str:
+    """One line: which part decided, then per part its rules (failed, then undecided, then the rest)."""
     order = {False: 0, None: 1, True: 2}
-    parts = [f"{rule.name} {rule.status}: {rule.detail}"
-             for rule in sorted(rules, key=lambda rule: order[rule.passed])]
-    head = (f"{decision.value} {comparison.other_label} vs {comparison.base_label} on "
-            f"{comparison.n_rows} rows")
-    return " | ".join([head, *parts, *(f"warning: {w}" for w in warnings)])
+    names = {"base": "vs base", "holder": f"vs holder {holder.alias}=v{holder.version}"
+             if holder and holder.version else "vs holder"}
+    deciding = [names[p.against] for p in parts if p.decision is decision]
+    head = (f"{decision.value} {candidate} on {n_rows} rows"
+            + (f", decided by {' and '.join(deciding)}" if decision is not Decision.PROMOTE
+               else f", {' and '.join(deciding)} pass"))
+    if holder is not None and holder.version is None:
+        head += f" (no version held {holder.alias})"
+    pieces = [head]
+    for part in parts:
+        pieces += [f"[{names[part.against]} {part.decision.value}] {rule.name} {rule.status}: "
+                   f"{rule.detail}" for rule in sorted(part.rules, key=lambda r: order[r.passed])]
+        pieces += [f"warning: {w}" for w in part.warnings]
+    return " | ".join(pieces)
+
+
+def primary_metric(config: dict | None) -> str:
+    """The quality metric the verdict's quality rule judges (verdict.primary_metric)."""
+    from tunelens.config import load_config
+
+    return (config if config is not None else load_config())["verdict"]["primary_metric"]
 
 
 def metric_thresholds(config: dict | None = None, prefix: str = "delta/") -> dict:
@@ -159,12 +295,17 @@ def metric_thresholds(config: dict | None = None, prefix: str = "delta/") -> dic
 
     settings = verdict_settings(config)
     margin = float(settings["noninferiority_margin"])
+    primary = primary_metric(config)
+    # Only a greater-is-better built-in has a known direction here; exact match is binary, so it
+    # also gets the score interval's bound.
+    bounds = [f"{primary}_ci_low"] + ([f"{primary}_score_ci_low"] if primary == "exact_match"
+                                      else [])
     thresholds = {f"{prefix}{name}": MetricThreshold(threshold=-margin, greater_is_better=True)
-                  for name in ("exact_match_ci_low", "exact_match_score_ci_low")}
+                  for name in bounds}
     lower_is_better = {"latency_ms_p95_ratio": settings["max_p95_latency_ratio"],
                        "memory_ratio": settings["max_memory_ratio"],
                        "memory_gib": settings["max_memory_gib"],
-                       "mean_words": settings["max_mean_words_increase"]}
+                       "mean_words_ratio": words_limit(config)}
     for name, limit in lower_is_better.items():
         if limit is not None:
             thresholds[f"{prefix}{name}"] = MetricThreshold(threshold=float(limit),

@@ -1,10 +1,30 @@
-"""`tunelens evaluate models:/NAME/VERSION --data FILE`: base vs fine-tuned, verdict on the version."""
+"""`tunelens evaluate models:/NAME/VERSION --data FILE`: base, fine-tuned and the alias holder side
+by side, verdict on the version; `--json` and `--fail-on` make it a CI gate."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
+import os
+import sys
 
-HELP = ("run a registered LoRA version and its base (and other versions) side by side on a test "
-        "set, log everything to one MLflow run and tag the version with a verdict")
+from tunelens.errors import TunelensError
+
+HELP = ("run a registered LoRA version, its base and the version holding the promotion alias (and "
+        "other versions) side by side on a test set, log everything to one MLflow run and tag the "
+        "version with a verdict")
+DECISIONS = ("promote", "reject", "inconclusive")
+
+
+def fail_on(value: str) -> frozenset[str]:
+    """--fail-on reject,inconclusive -> {"REJECT", "INCONCLUSIVE"}."""
+    chosen = {part.strip().lower() for part in value.split(",") if part.strip()}
+    unknown = chosen - set(DECISIONS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown decision(s) {', '.join(sorted(unknown))}: use "
+                                         f"a comma-separated list of {', '.join(DECISIONS)}")
+    return frozenset(c.upper() for c in chosen)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,30 +39,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, metavar="N",
                         help="tokens generated per row at most (default: conf.yaml)")
     parser.add_argument("--against", nargs="+", default=[], metavar="ALIAS_OR_VERSION",
-                        help="also run these versions or aliases (e.g. production, 3)")
+                        help="also run these versions or aliases (e.g. staging, 3); the holder of "
+                        "promotion.alias always runs")
+    parser.add_argument("--primary-metric", metavar="NAME", help="the quality metric the verdict "
+                        "judges: exact_match, token_f1, chrf, rouge_l (default: "
+                        "verdict.primary_metric)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout "
+                        "(verdict, its parts, rules with observed values, metrics per model); "
+                        "everything else goes to stderr")
+    parser.add_argument("--fail-on", type=fail_on, default=frozenset(), metavar="DECISIONS",
+                        help="exit 1 when the verdict is one of these (comma-separated: "
+                        "reject,inconclusive); errors exit 2")
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Route file descriptor 1 to 2 (engine workers and libraries print there too), so that
+    stdout carries nothing but the JSON object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _finite(value):
+    """JSON has no NaN: unmeasured figures become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _print_text(outcome) -> None:
+    primary = outcome.primary_metric
+    print(f"{outcome.model_name} v{outcome.version}: {outcome.verdict.decision.value}  "
+          f"({outcome.rows_evaluated} rows, {outcome.rows_skipped_too_long} skipped as too long; "
+          f"backend {outcome.backend.name}: {outcome.backend.reason})")
+    for label, values in outcome.per_model().items():
+        print(f"  {label:>12}: {primary} {values.get(primary, math.nan):.3f}, "
+              f"{values.get('mean_words', math.nan):.1f} words, p95 "
+              f"{values.get('latency_ms_p95', math.nan):.0f} ms, identical to base "
+              f"{values.get('identical_to_base', math.nan):.0%}")
+    for part in outcome.verdict.parts:
+        print(f"  vs {part.reference} ({part.against}): {part.decision.value}")
+        for rule in part.rules:
+            print(f"    [{rule.status}] {rule.name}: {rule.detail}")
+    for note in outcome.notes[3:]:  # the first three repeat the header
+        print(f"  note: {note}")
+    for warning in outcome.verdict.warnings:
+        print(f"  warning: {warning}")
+    print(f"run {outcome.run_id}")
 
 
 def run(args: argparse.Namespace) -> int:
     from tunelens.config import load_config
     from tunelens.evaluators.run import evaluate_version
 
-    outcome = evaluate_version(args.model_uri, args.data, base=args.base, against=args.against,
-                               backend=args.backend, max_new_tokens=args.max_new_tokens,
-                               config=load_config(args.config))
-    metrics = outcome.metrics
-    print(f"{outcome.model_name} v{outcome.version}: {outcome.verdict.decision.value}  "
-          f"({outcome.rows_evaluated} rows, {outcome.rows_skipped_too_long} skipped as too long; "
-          f"backend {outcome.backend.name}: {outcome.backend.reason})")
-    for label in outcome.labels:
-        print(f"  {label:>12}: exact match {metrics[f'{label}/exact_match']:.1%}, "
-              f"{metrics[f'{label}/mean_words']:.1f} words, p95 "
-              f"{metrics.get(f'{label}/latency_ms_p95', float('nan')):.0f} ms, identical to base "
-              f"{metrics[f'{label}/identical_to_base']:.0%}")
-    for rule in outcome.verdict.rules:
-        print(f"  [{rule.status}] {rule.name}: {rule.detail}")
-    for note in outcome.notes[3:]:  # the first three repeat the header
-        print(f"  note: {note}")
-    for warning in outcome.verdict.warnings:
-        print(f"  warning: {warning}")
-    print(f"run {outcome.run_id}")
-    return 0
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise TunelensError("--max-new-tokens must be at least 1")
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():
+        outcome = evaluate_version(args.model_uri, args.data, base=args.base,
+                                   against=args.against, backend=args.backend,
+                                   max_new_tokens=args.max_new_tokens,
+                                   config=load_config(args.config),
+                                   primary_metric=args.primary_metric)
+    if args.json:
+        print(json.dumps(_finite(outcome.to_dict()), indent=None, default=str))
+    else:
+        _print_text(outcome)
+    return 1 if outcome.verdict.decision.value in args.fail_on else 0

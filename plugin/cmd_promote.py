@@ -1,4 +1,5 @@
-"""`tunelens promote NAME VERSION`: move an alias to a version whose verdict is PROMOTE."""
+"""`tunelens promote NAME VERSION`: move an alias to a version whose verdict is PROMOTE and covered
+the alias's current holder."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,8 @@ from tunelens.config import load_config
 from tunelens.errors import TunelensError
 
 HELP = ("point a registry alias (default: production) at a model version, only if its "
-        "tunelens.verdict tag is PROMOTE; exit 1 and change nothing otherwise")
+        "tunelens.verdict tag is PROMOTE and that verdict compared it with the alias's current "
+        "holder; exit 1 and change nothing otherwise")
 
 
 def add_registry_arguments(parser: argparse.ArgumentParser) -> None:

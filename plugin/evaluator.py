@@ -7,7 +7,10 @@ in its own engine. So the model goes in the evaluator config and `model` stays N
                            evaluators=["tunelens"],
                            evaluator_config={"tunelens": {"model_uri": "models:/NAME/3"}})
 
-Config keys: model_uri (required), base, against, backend, max_new_tokens, config (a conf file).
+Config keys: model_uri (required), base, against, backend, max_new_tokens, primary_metric,
+config (a conf file). `extra_metrics` (made with mlflow.metrics.make_metric, returning per-row
+scores) are scored for every model like the built-ins, logged as `<model>/<name>`, and one can be
+named primary_metric to decide the verdict's quality rule.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from mlflow.models.evaluation.base import EvaluationResult
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
 
-CONFIG_KEYS = {"model_uri", "base", "against", "backend", "max_new_tokens", "config"}
+CONFIG_KEYS = {"model_uri", "base", "against", "backend", "max_new_tokens", "primary_metric",
+               "config"}
 
 
 class TunelensEvaluator(ModelEvaluator):
@@ -50,7 +54,8 @@ class TunelensEvaluator(ModelEvaluator):
                                    against=tuple(evaluator_config.get("against") or ()),
                                    backend=evaluator_config.get("backend"),
                                    max_new_tokens=evaluator_config.get("max_new_tokens"),
-                                   config=config, run_id=run_id)
+                                   config=config, run_id=run_id, extra_metrics=extra_metrics or (),
+                                   primary_metric=evaluator_config.get("primary_metric"))
         from mlflow import MlflowClient
 
         artifact_uri = MlflowClient().get_run(run_id).info.artifact_uri

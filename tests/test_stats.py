@@ -149,7 +149,7 @@ def test_comparison_fields_follow_from_the_arrays():
         scores("base", base_exact, base_words, base_lat, peak_memory_gib=6.5, weights_gib=6.0),
         scores("ft", other_exact, other_words, other_lat, peak_memory_gib=7.8, weights_gib=6.0,
                adapter_mib=40.0))
-    assert comparison.exact_match_delta.estimate == pytest.approx(0.2)
+    assert comparison.quality_delta.estimate == pytest.approx(0.2)
     assert comparison.mean_words_delta.estimate == pytest.approx(other_words.mean() -
                                                                  base_words.mean())
     assert comparison.latency_p95_ratio.estimate == pytest.approx(

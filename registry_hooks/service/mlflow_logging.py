@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ MODEL_VERSION_TAG = "tunelens.model_version"
 ARTIFACT_DIR = "tunelens"
 TABLE_FILE = "tunelens/modules.json"
 DESCRIPTION_HEADING = "### tunelens analysis"
+# Every tunelens section of a version description starts with a heading "### tunelens <what>"
+# (the analysis; the evaluation's comparison); the user's own text is what comes before the first.
+_SECTION_START = re.compile(r"(?m)^### tunelens ")
 _MAX_PARAM = 6000
 _MAX_DESCRIPTION = 5000  # the registry's description column
 
@@ -147,11 +151,22 @@ def description_section(result: AnalysisResult, experiment: str, run_id: str,
     return "\n".join(lines)
 
 
-def with_section(description: str | None, section: str) -> str:
-    """The description with its tunelens section replaced (or appended), within 5000 chars."""
-    kept = (description or "").split(DESCRIPTION_HEADING)[0].rstrip()
-    room = _MAX_DESCRIPTION - len(kept) - 2
-    if room < len(DESCRIPTION_HEADING) + 50:
-        return kept[:_MAX_DESCRIPTION]
+def with_section(description: str | None, section: str, heading: str = DESCRIPTION_HEADING) -> str:
+    """The description with tunelens's section under `heading` replaced (or appended), within
+    5000 chars; the user's text (before the first tunelens heading) and other tunelens sections
+    are kept. `section` starts with `heading`."""
+    text = description or ""
+    starts = [match.start() for match in _SECTION_START.finditer(text)]
+    kept = (text[:starts[0]] if starts else text).rstrip()
+    sections = [text[a:b].strip() for a, b in zip(starts, starts[1:] + [len(text)])]
+    others = [s for s in sections if s.splitlines()[0].strip() != heading]
+    fixed = "\n\n".join([kept, *others]) if kept else "\n\n".join(others)
+    room = _MAX_DESCRIPTION - len(fixed) - 2
+    if room < len(heading) + 50:
+        return fixed[:_MAX_DESCRIPTION]
     section = section if len(section) <= room else section[:room - 1] + "…"
-    return f"{kept}\n\n{section}" if kept else section
+    # the sections keep their order; a new one goes last
+    ordered = [section if s.splitlines()[0].strip() == heading else s for s in sections]
+    if section not in ordered:
+        ordered.append(section)
+    return "\n\n".join([kept, *ordered]) if kept else "\n\n".join(ordered)

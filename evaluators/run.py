@@ -579,7 +579,7 @@ def _log_inputs(client, run_id: str, plan: EvaluationPlan, owned: bool) -> None:
 
 def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: str) -> None:
     """The comparison section of the version's description, beside the analysis's."""
-    from tunelens.registry_hooks.mlflow_logging import with_section
+    from tunelens.registry_hooks.service.mlflow_logging import with_section
 
     from .version_page import EVALUATION_HEADING, comparison_section
 

@@ -402,15 +402,9 @@ def _memory(base: ModelScores, other: ModelScores) -> MemoryComparison:
 
 
 def verdict_settings(config: dict | None) -> dict:
-    """The `verdict:` section of a load_config() dict (the packaged defaults when None), checked."""
-    settings = (config if config is not None else load_config())["verdict"]
-    for key in ("alpha", "confidence_level", "power"):
-        if not 0 < float(settings[key]) < 1:
-            raise TunelensError(f"verdict.{key} must be between 0 and 1, got {settings[key]}")
-    for key, least in (("bootstrap_resamples", 1), ("noninferiority_margin", 0)):
-        if float(settings[key]) < least:
-            raise TunelensError(f"verdict.{key} must be at least {least}, got {settings[key]}")
-    return settings
+    """The `verdict:` section of a load_config() dict (the packaged defaults when None); its values
+    were checked when the settings were loaded (tunelens.settings.VerdictSettings)."""
+    return (config if config is not None else load_config())["verdict"]
 
 
 def compare_paired(base: ModelScores, other: ModelScores, config: dict | None = None,

@@ -90,12 +90,22 @@ class TransformersSettings(Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"]
 
 
+class LatencySettings(Section):
+    sample_rows: Count
+    warmup_requests: Count
+
+
 class EvaluationSettings(Section):
     inputs_column: Name
     targets_column: Name
     backend: Literal["auto", "vllm", "transformers"]
     max_rows: Annotated[int, Field(ge=1)] | None
     experiment: Name
+    metrics: Annotated[list[Literal["exact_match", "token_f1", "chrf", "rouge_l"]],
+                       Field(min_length=1)]
+    task_profile: Literal["grammar"] | None
+    served: Literal["adapter", "merged"]
+    latency: LatencySettings
     generation: GenerationSettings
     exact_match: ExactMatchSettings
     behaviour: BehaviourSettings
@@ -104,6 +114,7 @@ class EvaluationSettings(Section):
 
 
 class VerdictSettings(Section):
+    primary_metric: Name  # a built-in metric or an extra_metrics name, known only at evaluation
     alpha: Share
     confidence_level: Share
     bootstrap_resamples: Annotated[int, Field(ge=100)]
@@ -113,7 +124,7 @@ class VerdictSettings(Section):
     max_p95_latency_ratio: Annotated[float, Field(gt=0)] | None
     max_memory_ratio: Annotated[float, Field(gt=0)] | None
     max_memory_gib: Annotated[float, Field(gt=0)] | None
-    max_mean_words_increase: Annotated[float, Field(ge=0)] | None
+    max_mean_words_ratio: Annotated[float, Field(gt=0)] | None
 
 
 class PromotionSettings(Section):

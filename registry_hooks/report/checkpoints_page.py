@@ -8,22 +8,23 @@ from tunelens.registry_hooks.engine.result import AnalysisResult, CheckpointEvol
 
 from .narrative import narrate_sections
 from .outputs import write_analysis
-from .sections import append_section, figure, html_table, save_png, section_html
+from .figures import figure, save_png
+from .sections import Section, Table
 
 
 def write_checkpoints(result: AnalysisResult, out_dir: str | Path, *,
                       config: dict | None = None):
     """write_analysis's files plus the per-layer profile over steps: PNG frames and an animated GIF."""
-    files = write_analysis(result, out_dir, config=config)
-    chart_dir = files.html_path.parent / "charts"
+    chart_dir = Path(out_dir) / "charts"
     frames = render_frames(result.checkpoints, chart_dir / "checkpoints")
     gif = frames_to_gif(frames, chart_dir / "checkpoints_profile.gif")
-    rows = [[p.from_, p.to, p.mean, p.min] for p in result.checkpoints.subspace_similarity]
-    table = html_table(["from", "to", "mean subspace similarity", "min"], rows)
-    append_section(files.html_path, section_html(
-        "Training evolution", [f"{len(frames)} checkpoints; changes are measured from "
-                               f"{result.checkpoints.reference}.", *narrate_sections(result).get(
-                                   "training", [])], [gif], [table]))
+    table = Table(["from", "to", "mean subspace similarity", "min"],
+                  [[p.from_, p.to, p.mean, p.min] for p in result.checkpoints.subspace_similarity])
+    section = Section("Training evolution",
+                      [f"{len(frames)} checkpoints; changes are measured from "
+                       f"{result.checkpoints.reference}.",
+                       *narrate_sections(result).get("training", [])], [gif], [table])
+    files = write_analysis(result, out_dir, config=config, sections=[section])
     files.chart_paths.extend([*frames, gif])
     return files
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
-from html import escape
 from pathlib import Path
 
 from tunelens.registry_hooks.engine.compare import Comparison
 from tunelens.registry_hooks.engine.result import json_safe
 
-from .sections import figure, html_table, save_png, section_html
+from .figures import figure, save_png
+from .html import PAGES
+from .sections import Section, Table
 
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 
@@ -23,29 +24,25 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path,
                          encoding="utf-8")
     charts = [_profile_chart(comparison, out / "charts" / "compare_profiles.png"),
               _share_chart(comparison, out / "charts" / "compare_group_shares.png")]
-    sections = [section_html("Per-layer profiles and attention vs MLP share", [
+    groups = sorted({g for shares in comparison.group_shares.values() for g in shares})
+    sections = [Section("Per-layer profiles and attention vs MLP share", [
         f"{len(comparison.labels)} inputs on base {comparison.base_model or 'unknown'}: "
         "S_ℓ = Σ‖ΔW‖_F per layer, and each group's share of the total."], charts,
-        [html_table(["input", *sorted({g for s in comparison.group_shares.values() for g in s})],
-                    [[label, *[comparison.group_shares[label].get(g) for g in sorted(
-                        {g for s in comparison.group_shares.values() for g in s})]]
-                     for label in comparison.labels])])]
+        [Table(["input", *groups], [[label, *[comparison.group_shares[label].get(g) for g in groups]]
+                                    for label in comparison.labels])])]
     for pair in comparison.overlaps:
-        sections.append(section_html(
+        sections.append(Section(
             f"Subspace overlap {pair.a} vs {pair.b}",
             [f"Mean over {pair.shared_modules} shared modules: "
              f"{pair.mean:.3f}" if pair.mean is not None else "No shared modules.",
              "φ = ‖U_aᵀU_b‖_F² / min(r_a, r_b) of the two ΔW's column spaces: 1 = the same "
              "directions, near r/m = unrelated."], [],
-            [html_table(["module", "φ"], sorted(pair.modules.items()))]))
-    sections += [section_html("Warnings", comparison.warnings, [])] if comparison.warnings else []
+            [Table(["module", "φ"], sorted(pair.modules.items()))]))
+    if comparison.warnings:
+        sections.append(Section("Warnings", comparison.warnings))
     html_path = out / "compare.html"
-    html_path.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>tunelens compare · "
-        f"{escape(' vs '.join(comparison.labels))}</title></head><body>"
-        f"<h1 style='font-family:system-ui,sans-serif;max-width:1100px;margin:16px auto'>"
-        f"tunelens compare: {escape(' · '.join(comparison.labels))}</h1>"
-        + "\n".join(sections) + "</body></html>", encoding="utf-8")
+    html_path.write_text(PAGES.get_template("compare.html").render(
+        labels=comparison.labels, sections=sections), encoding="utf-8")
     return json_path, html_path, charts
 
 

@@ -6,28 +6,29 @@ from pathlib import Path
 from tunelens.registry_hooks.engine.result import AnalysisResult
 
 from .outputs import write_analysis
-from .sections import append_section, grid_heatmap, section_html
+from .figures import grid_heatmap
+from .sections import Section
 
 
 def write_full_diff(result: AnalysisResult, out_dir: str | Path, *,
                     config: dict | None = None):
     """write_analysis's files plus the layer × matrix type charts and a report section."""
-    files = write_analysis(result, out_dir, config=config)
+    chart_dir = Path(out_dir) / "charts"
     grid = result.full_diff.grid
     charts = []
     if grid.layers:
         charts.append(grid_heatmap(grid.rows("relative_fro"), grid.layers,
                                    grid.matrix_types, "Relative change ‖ΔW‖_F / ‖W‖_F",
-                                   files.html_path.parent / "charts" / "full_diff_relative_change.png",
-                                   "relative change"))
+                                   chart_dir / "full_diff_relative_change.png", "relative change"))
         charts.append(grid_heatmap(grid.rows("spectral"), grid.layers, grid.matrix_types,
-                                   "Spectral norm ‖ΔW‖_2", files.html_path.parent / "charts" /
-                                   "full_diff_spectral_norm.png", "σ_1(ΔW)"))
+                                   "Spectral norm ‖ΔW‖_2", chart_dir / "full_diff_spectral_norm.png",
+                                   "σ_1(ΔW)"))
     reading = [f"Each cell is one weight matrix: rows are layers, columns matrix types "
                f"({', '.join(grid.matrix_types)}); blank where a layer has no such matrix. "
                "The relative change ‖ΔW‖_F / ‖W‖_F says how far fine-tuning moved a matrix for "
                "its size; the spectral norm σ_1(ΔW) is the most it stretches any one input "
                "direction."] if grid.layers else []
-    append_section(files.html_path, section_html("Full fine-tune diff", reading, charts))
+    files = write_analysis(result, out_dir, config=config,
+                           sections=[Section("Full fine-tune diff", reading, charts)])
     files.chart_paths.extend(charts)
     return files

@@ -10,10 +10,11 @@ import base64
 import heapq
 import json
 import math
-from html import escape
 from importlib import resources
 
 import numpy as np
+from jinja2 import Environment, PackageLoader
+from markupsafe import Markup
 
 from .charts import chart_components
 from .document import analysis_document
@@ -21,16 +22,17 @@ from tunelens.registry_hooks.engine.naming import role_of
 
 from .narrative import (SECTION_TITLES, glossary_for, is_full_finetune, narrate_layer,
                         narrate_sections)
+from .sections import Section, data_uri
 from tunelens.registry_hooks.engine.result import AnalysisResult
 
 DATA_ELEMENT_ID = "tunelens-data"
 
-# The page's fixed text, worded for a LoRA adapter or for a full fine-tune diff (peft_type FULL).
+# The page's fixed text (our own markup), worded for a LoRA adapter or for a full fine-tune diff.
 WORDING = {
     "lora": {
-        "__BRAND__": "adapter analysis",
-        "__HEADLINE__": "How this LoRA adapter changed the model",
-        "__INTRO__": """<p>Think of the base model as a brain that already knows how to read, write
+        "brand": "adapter analysis",
+        "headline": "How this LoRA adapter changed the model",
+        "intro": """<p>Think of the base model as a brain that already knows how to read, write
       and follow instructions. Fine-tuning teaches it a specialty. LoRA does that without rewriting
       the brain: the original weights stay untouched and the adapter adds a small set of
       adjustments, like sticky notes in a textbook. For every weight matrix it touches, the
@@ -39,15 +41,15 @@ WORDING = {
       <p>This page measures those adjustments: which layers and parts of each layer changed most,
       how big the changes are, how much of the rank they use, and which individual neurons
       moved.</p>""",
-        "__SPECTRUM__": """at most <i>r</i> of them. Bars of similar height: the full rank is in use.
+        "spectrum": """at most <i>r</i> of them. Bars of similar height: the full rank is in use.
       A stair-step falling off: the typical healthy pattern. One dominant bar: the change is
       essentially one direction and the rank is more than needed.""",
-        "__WHO__": "the adapter",
+        "who": "the adapter",
     },
     "full": {
-        "__BRAND__": "full fine-tune analysis",
-        "__HEADLINE__": "How fine-tuning changed the model",
-        "__INTRO__": """<p>Think of the base model as a brain that already knows how to read, write
+        "brand": "full fine-tune analysis",
+        "headline": "How fine-tuning changed the model",
+        "intro": """<p>Think of the base model as a brain that already knows how to read, write
       and follow instructions. Fine-tuning teaches it a specialty. A full fine-tune lets every
       weight move, so the change to each weight matrix is the difference
       <b>ΔW = W<sub>tuned</sub> − W<sub>base</sub></b> between the fine-tuned and the base
@@ -55,16 +57,23 @@ WORDING = {
       <p>This page measures those differences: how many parameters changed, which layers and
       matrix types (q/k/v/o, gate/up/down) moved most relative to their base weights, how many
       directions each change spans (its rank), and which individual neurons moved.</p>""",
-        "__SPECTRUM__": """the largest ones (from a randomized SVD for large matrices). A steep
+        "spectrum": """the largest ones (from a randomized SVD for large matrices). A steep
       fall-off: the update is effectively low-rank, as LoRA assumes; a flat run of bars: the
       change is spread over many directions.""",
-        "__WHO__": "the fine-tune",
+        "who": "the fine-tune",
     },
 }
 
 
-def _template(name: str) -> str:
-    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+# One way to make HTML: these templates, autoescaped; only our own fixed markup (the wording's
+# tags, the stylesheet, the script, the <script>-safe JSON) is marked safe.
+PAGES = Environment(loader=PackageLoader(__package__, "templates"), autoescape=True,
+                    keep_trailing_newline=True)
+PAGES.filters["data_uri"] = data_uri
+
+
+def _asset(name: str) -> Markup:
+    return Markup(resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8"))
 
 
 def embedded_json(payload: dict) -> str:
@@ -129,22 +138,16 @@ def heatmap_note(result: AnalysisResult, shown: int) -> str:
 
 
 def render_report(result: AnalysisResult, data: dict | None = None, *,
-                  max_heatmaps: int | None = None) -> str:
+                  max_heatmaps: int | None = None, sections: list[Section] = ()) -> str:
     """The full report.html text for `result` (`data`: its analysis_document(), when at hand), with
-    the heatmaps of at most max_heatmaps modules, the largest (None: all)."""
+    the heatmaps of at most max_heatmaps modules, the largest (None: all), and `sections` below."""
     full = is_full_finetune(result)
     base = result.adapter.base_model_name_or_path
     title = ("tunelens · full fine-tune of " + (base or "a base model") if full else
              "tunelens · " + (base or "LoRA adapter") + " adapter")
-    page = _template("report.html")
-    # The wording first: its text holds no marker. Then one pass over fixed markers, in an order
-    # where no inserted text can contain a later marker.
-    for marker, text in WORDING["full" if full else "lora"].items():
-        page = page.replace(marker, text)
     payload = report_payload(result, data, max_heatmaps=max_heatmaps)
-    note = heatmap_note(result, len(payload["result"]["heatmaps"]))
-    for marker, text in (("__CSS__", _template("report.css")), ("__JS__", _template("report.js")),
-                         ("__HEATMAP_NOTE__", escape(note)), ("__TITLE__", escape(title)),
-                         ("__DATA__", embedded_json(payload))):
-        page = page.replace(marker, text, 1)
-    return page
+    return PAGES.get_template("report.html").render(
+        title=title, wording={k: Markup(v) for k, v in WORDING["full" if full else "lora"].items()},
+        css=_asset("report.css"), js=_asset("report.js"),
+        heatmap_note=heatmap_note(result, len(payload["result"]["heatmaps"])),
+        data_json=Markup(embedded_json(payload)), sections=list(sections))

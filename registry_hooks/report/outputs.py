@@ -15,6 +15,7 @@ from tunelens.registry_hooks.engine.result import AnalysisResult
 
 from .document import analysis_document
 from .html import render_report
+from .sections import Section
 
 
 @dataclass
@@ -27,10 +28,11 @@ class AnalysisFiles:
 
 
 def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
-                   config: dict | None = None, charts: bool | None = None) -> AnalysisFiles:
+                   config: dict | None = None, charts: bool | None = None,
+                   sections: list[Section] = ()) -> AnalysisFiles:
     """Write out_dir/analysis.json, out_dir/report.html and out_dir/charts/*.png (`config`:
     load_config()'s settings, None reads conf.yaml and $TUNELENS_CONFIG; `charts`: draw the PNGs,
-    None = analysis.png_charts)."""
+    None = analysis.png_charts; `sections`: more of the page, below the report)."""
     settings = (config if config is not None else load_config())["analysis"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,8 +42,8 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
     json_path = out / "analysis.json"
     json_path.write_text(json.dumps(data, allow_nan=False), encoding="utf-8")
     html_path = out / "report.html"
-    html_path.write_text(render_report(result, data, max_heatmaps=settings["report_max_heatmaps"]),
-                         encoding="utf-8")
+    html_path.write_text(render_report(result, data, max_heatmaps=settings["report_max_heatmaps"],
+                                       sections=sections), encoding="utf-8")
     chart_paths = []
     if settings.get("png_charts", True) if charts is None else charts:
         from .charts import render_charts  # matplotlib: imported only when drawing

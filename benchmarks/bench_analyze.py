@@ -164,6 +164,15 @@ def run_child(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def build_in_child(name: str, out: Path, factors: str) -> Path:
+    """Build a synthetic adapter (or the dense module) in a child process: Linux keeps a
+    process's peak RSS across fork and exec, so building the 1.2 GB MoE adapter here would show
+    up as every later child's peak."""
+    proc = subprocess.run([sys.executable, __file__, "--factors", factors, "--child", "build",
+                           name, str(out)], capture_output=True, text=True, check=True)
+    return Path(json.loads(proc.stdout.strip().splitlines()[-1])["path"])
+
+
 def startup_costs() -> dict:
     """Wall seconds to start Python alone, Python + `import torch`, and `tunelens --help`."""
     def wall(*argv: str) -> float:
@@ -188,6 +197,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         kind, *paths = args.child
+        if kind == "build":  # a child of its own: see build_in_child
+            name, out = paths[0], Path(paths[1])
+            path = (build_dense_module(out) if name == "dense"
+                    else build_adapter(out, name, args.factors))
+            print(json.dumps({"path": str(path)}))
+            return 0
         figures = (child_analyze(Path(paths[0]), Path(paths[1])) if kind == "analyze"
                    else child_dense(Path(paths[0])))
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -209,9 +224,9 @@ def main() -> int:
                     names[name] = FIXTURES[name]
                 else:
                     start = time.perf_counter()
-                    names[name] = build_adapter(root / name, name, args.factors)
+                    names[name] = build_in_child(name, root / name, args.factors)
                     print(f"built {name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        dense = run_child("dense", str(build_dense_module(root / "dense")))
+        dense = run_child("dense", str(build_in_child("dense", root / "dense", args.factors)))
         startup = startup_costs()
         for name, adapter in names.items():
             print(f"analysing {name} ...", file=sys.stderr)

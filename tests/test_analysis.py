@@ -22,7 +22,9 @@ from tunelens.registry_hooks.engine.result import AnalysisResult
 from tunelens.registry_hooks.report.narrative import narrate
 
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TINY = {"analysis": {"heatmap_size": 8, "top_neurons": 15, "histogram_bins": 30}}
+# Exact histograms up to 50M entries: these tests check every count against the dense ΔW.
+TINY = {"analysis": {"heatmap_size": 8, "top_neurons": 15, "histogram_bins": 30,
+                     "histogram_exact_max_entries": 50_000_000}}
 
 
 @pytest.fixture(scope="module")

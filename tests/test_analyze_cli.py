@@ -191,3 +191,26 @@ def test_analyze_without_png_charts_never_loads_matplotlib(tmp_path):
     assert "and 0 charts" in proc.stdout
     assert (out / "analysis.json").is_file() and (out / "report.html").is_file()
     assert not (out / "charts").exists()
+
+
+def test_analyze_falcon_fused_query_key_value_split_with_base(tmp_path):
+    """Falcon-40B's grouped query_key_value through the CLI: q/k/v parts sized by the base
+    config.json (4 query heads in 2 KV groups of head_dim 16: q 64 rows, k and v 32 each)."""
+    from factories import make_lora_adapter, save_tiny_model
+    from transformers import FalconConfig
+
+    base = save_tiny_model(FalconConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_kv_heads=2,
+                                        new_decoder_architecture=True, bos_token_id=1,
+                                        eos_token_id=2), tmp_path / "base")
+    adapter = make_lora_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8,
+                                target_modules=["query_key_value"])
+    out = tmp_path / "out"
+    proc = tunelens("analyze", str(adapter), "--base", str(base), "--out", str(out), "--no-charts")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "analysis.json").read_text())
+    shapes = {m["component"]: m["shape"] for m in data["modules"]}
+    assert shapes == {"self_attention.query_key_value.q": [64, 64],
+                      "self_attention.query_key_value.k": [32, 64],
+                      "self_attention.query_key_value.v": [32, 64]}
+    assert {role for layer in data["layers"] for role in layer["roles"]} == {"Q", "K", "V"}

@@ -175,7 +175,8 @@ def test_histogram_never_samples_more_entries_than_exist(pair):
     """A pair smaller than analysis.histogram_sample_entries: every entry once, an exact histogram
     (the old draw with replacement reported 1,999,998 samples of 783,360 entries)."""
     base, tuned = pair
-    result = diff_models(tuned, base, progress=False)
+    result = diff_models(tuned, base, config={"analysis": {"histogram_sample_entries": 2_000_000}},
+                         progress=False)
     dense = _dense(base, tuned)
     entries = torch.cat([d.reshape(-1) for _, d in dense.values() if d.ndim == 2])
     h = result.histogram

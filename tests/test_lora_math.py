@@ -118,3 +118,36 @@ def test_amplification_factor_and_intruders_against_dense():
     spike = torch.zeros(40, 30, dtype=torch.float64)
     spike[:, 0] = 1000 * torch.linalg.svd(base)[0][:, -1]
     assert lora_math.intruder_dimensions(base, base + spike, 1, 0.5) == 1
+
+
+def test_batched_expert_math_matches_each_dense_delta():
+    """Stacks of experts, one of them untouched (B = 0, as an expert the router never picked) and
+    one rank-deficient: singular values, spectrum metrics, row norms, sums and exact extremes
+    against each materialised ΔW_e."""
+    g = torch.Generator().manual_seed(3)
+    left = torch.randn(5, 40, 4, generator=g, dtype=torch.float64)
+    right = torch.randn(5, 4, 30, generator=g, dtype=torch.float64)
+    left[1] = 0.0
+    left[2, :, 3] = left[2, :, 0]  # rank 3
+    scale = 0.5
+    x, singular, y = lora_math.batched_factored_svd(left, right, scale)
+    dense = scale * left @ right
+    np.testing.assert_allclose(x @ y.transpose(-2, -1), dense, atol=1e-12)
+    for e in range(5):
+        expected = torch.linalg.svdvals(dense[e])[:4]
+        np.testing.assert_allclose(singular[e], expected, atol=1e-9 * max(float(expected[0]), 1))
+    spectrum = lora_math.batched_spectrum(singular)
+    np.testing.assert_allclose(spectrum["fro"], dense.norm(dim=(1, 2)), rtol=1e-12)
+    assert spectrum["fro"][1] == 0 and spectrum["effective_rank"][1] == 0
+    assert spectrum["energy_rank_99"][1] == 0 and spectrum["stable_rank"][1] == 0
+    for e in (0, 2, 3):
+        assert spectrum["effective_rank"][e] == pytest.approx(
+            lora_math.effective_rank(singular[e]), rel=1e-12)
+        assert spectrum["energy_rank_90"][e] == lora_math.energy_rank(singular[e], 0.90)
+    np.testing.assert_allclose(lora_math.batched_row_norms(x, singular), dense.norm(dim=2),
+                               atol=1e-12)
+    np.testing.assert_allclose(lora_math.batched_entry_sums(left, right, scale),
+                               dense.sum(dim=(1, 2)), atol=1e-12)
+    low, high = lora_math.batched_extreme_entries(x, y, row_tile=4, seed_rows=2)
+    np.testing.assert_allclose(high, dense.amax(dim=(1, 2)), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(low, dense.amin(dim=(1, 2)), rtol=1e-12, atol=1e-15)

@@ -345,3 +345,22 @@ def test_full_finetune_report_speaks_of_the_fine_tune_not_an_adapter(llama_base,
     assert f"The largest relative change is layer 1's up matrix ({100 * up.relative_fro:.3f}%)" in text
     assert "the up matrices moved most" in text and "largest in layer 1" in text
     assert "How fine-tuning changed the model" in shown and "<title>tunelens · full fine-tune of" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_moe_report_draws_the_layer_by_expert_grid_in_a_real_browser(tmp_path):
+    """A Qwen3-MoE target_parameters adapter: the page's script draws one cell per layer and
+    expert and a row per layer of top experts, and the rest of the page still renders."""
+    from factories import make_moe_adapter, tiny_moe
+
+    from tunelens.registry_hooks.analysis import analyze_adapter
+
+    base = tiny_moe(tmp_path / "base")
+    result = analyze_adapter(make_moe_adapter(base, tmp_path / "adapter"), progress=False)
+    files = write_analysis(result, tmp_path / "out", charts=False)
+    dom = _rendered_dom(files.html_path)
+    assert 'data-rendered="true"' in dom
+    grid = dom.split('id="expert-chart"', 1)[1].split("</svg>", 1)[0]
+    assert grid.count('class="cell"') == 2 * 6  # 2 layers x 6 experts
+    table = dom.split('id="expert-table"', 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr>") == 1 + 2  # header + one row per layer

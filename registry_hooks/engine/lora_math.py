@@ -161,8 +161,10 @@ def sample_entries(x: torch.Tensor, y: torch.Tensor, count: int, generator: torc
     in chunks: a million rows of X and Y gathered at once cost more than the products)."""
     rows = torch.randint(0, x.shape[0], (count,), generator=generator).to(x.device)
     cols = torch.randint(0, y.shape[0], (count,), generator=generator).to(x.device)
+    if count <= chunk:
+        return torch.linalg.vecdot(x[rows], y[cols])
     return torch.cat([torch.linalg.vecdot(x[rows[i:i + chunk]], y[cols[i:i + chunk]])
-                      for i in range(0, count, chunk)]) if count else x.new_zeros(0)
+                      for i in range(0, count, chunk)])
 
 
 def amplification_factor(u: torch.Tensor, v: torch.Tensor, singular: torch.Tensor,
@@ -270,15 +272,19 @@ def batched_extreme_entries(x: torch.Tensor, y: torch.Tensor, row_tile: int = 64
         threshold = torch.minimum(high, -low).clamp_min(0)
         # Columns j that row `start` (the tile's largest norm) could still need, per expert.
         reach = x_norms[:, start:start + 1] * y_norms * (1 + _BOUND_SLACK)
-        needed = int((reach > threshold.unsqueeze(-1)).sum(dim=-1).max())
-        if needed == 0:
+        wanted = (reach > threshold.unsqueeze(-1)).sum(dim=-1)
+        active = wanted.nonzero().squeeze(-1)
+        if active.numel() == 0:
             break
+        needed = int(wanted.max())
         if needed > gathered:  # the sorted column prefix grows only as the tiles need it
             columns, gathered = rows_of(y, col_order, 0, needed), needed
-        rows = rows_of(x, row_order, start, start + row_tile)
+        # Only the experts still unsettled: the others' remaining entries cannot beat their extremes.
+        rows = rows_of(x, row_order, start, start + row_tile)[active]
         chunk = max(1, max_entries // (rows.shape[1] * needed))
-        for first in range(0, x.shape[0], chunk):
-            tile = rows[first:first + chunk] @ columns[first:first + chunk, :needed].transpose(-2, -1)
-            high[first:first + chunk] = torch.maximum(high[first:first + chunk], tile.amax(dim=(1, 2)))
-            low[first:first + chunk] = torch.minimum(low[first:first + chunk], tile.amin(dim=(1, 2)))
+        for first in range(0, active.numel(), chunk):
+            which = active[first:first + chunk]
+            tile = rows[first:first + chunk] @ columns[which, :needed].transpose(-2, -1)
+            high[which] = torch.maximum(high[which], tile.amax(dim=(1, 2)))
+            low[which] = torch.minimum(low[which], tile.amin(dim=(1, 2)))
     return low, high

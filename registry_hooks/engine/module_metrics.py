@@ -23,8 +23,8 @@ class AnalysisSettings:
     top_neurons: int = 20
     heatmap_size: int = 64
     histogram_bins: int = 80
-    histogram_exact_max_entries: int = 50_000_000
-    histogram_sample_entries: int = 2_000_000
+    histogram_exact_max_entries: int = 250_000
+    histogram_sample_entries: int = 250_000
     intruder_top_k: int = 10
     intruder_cos_threshold: float = 0.5
     seed: int = 0

@@ -27,7 +27,7 @@ from tunelens.config import load_config
 from tunelens.evaluators.promotion import PromotionRefused, promote
 from tunelens.evaluators.run import evaluate_version
 from tunelens.evaluators.verdict import HOLDER_TAG, VERDICT_TAG
-from tunelens.registry_hooks.log_adapter import log_adapter
+from tunelens.registry_hooks.service.log_adapter import log_adapter
 
 NAME = "champion"
 MAX_NEW = 6

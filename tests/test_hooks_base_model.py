@@ -77,7 +77,7 @@ def test_hub_id_base_from_the_local_hugging_face_cache(mlflow_server, tmp_path, 
                                                        llama_base, llama_adapter):
     """A hub id no map names is found in the HF cache (after the tag and the map), analysed from
     its linked blobs; a hub id absent from the cache is said so, nothing is downloaded."""
-    from tunelens.registry_hooks.analysis import analyze_adapter
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
     cache = tmp_path / "hf-cache"
     snapshot = _hub_cache(cache, "meta-llama/Llama-3.1-8B", llama_base)

@@ -353,7 +353,7 @@ def test_moe_report_draws_the_layer_by_expert_grid_in_a_real_browser(tmp_path):
     expert and a row per layer of top experts, and the rest of the page still renders."""
     from factories import make_moe_adapter, tiny_moe
 
-    from tunelens.registry_hooks.analysis import analyze_adapter
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
     base = tiny_moe(tmp_path / "base")
     result = analyze_adapter(make_moe_adapter(base, tmp_path / "adapter"), progress=False)

@@ -1,4 +1,4 @@
-"""Which local base model goes with a registered adapter version (issue 4 item 5's order).
+"""Which local base model goes with a registered adapter version (in the order docs/hooks.md gives).
 
 1. tag `tunelens.base_model` on the version, then on the registered model (a local directory, or
    a hub id looked up in conf.yaml's hooks.base_models);

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from scale_support import EXPERT_PROJECTIONS, expert_lora_adapter  # noqa: E402
+from support.scale_support import EXPERT_PROJECTIONS, expert_lora_adapter  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = {"gpt2-causal": REPO / "tests/data/adapters/gpt2-causal-c_attn-c_proj",

@@ -33,7 +33,7 @@ SENTENCES = ["she go to school every day", "they was happy", "i has a apple", "h
 
 
 def build_models(root: Path) -> tuple[Path, Path]:
-    from factories import make_lora_adapter, tiny_llama
+    from support.factories import make_lora_adapter, tiny_llama
 
     base = tiny_llama(root / "base")
     adapter = make_lora_adapter(base, root / "adapter", r=8, lora_alpha=16,

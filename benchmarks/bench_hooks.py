@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from factories import make_lora_adapter, tiny_llama  # noqa: E402
-from mlflow_server import free_port  # noqa: E402
+from support.factories import make_lora_adapter, tiny_llama  # noqa: E402
+from support.mlflow_server import free_port  # noqa: E402
 
 
 def main() -> int:

@@ -25,10 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from factories import make_lora_adapter, tiny_llama  # noqa: E402
-from hooks_support import deliveries_only_hooks  # noqa: E402
-from mlflow_server import MlflowServer, postgres_database  # noqa: E402
-from reliability import (SECRET, Chaos, Fleet, audit, flood, register_versions,  # noqa: E402
+from support.factories import make_lora_adapter, tiny_llama  # noqa: E402
+from support.hooks_support import deliveries_only_hooks  # noqa: E402
+from support.mlflow_server import MlflowServer, postgres_database  # noqa: E402
+from support.reliability import (SECRET, Chaos, Fleet, audit, flood, register_versions,  # noqa: E402
                          source_run, wait_final)
 
 

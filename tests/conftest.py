@@ -1,15 +1,11 @@
 """Shared fixtures: tiny models and real adapters, built once per test session."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from factories import make_lora_adapter, tiny_llama  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from support.factories import make_lora_adapter, tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +23,7 @@ def llama_adapter(llama_base, tmp_path_factory) -> Path:
 
 
 # --- MLflow servers (HOOKS) -------------------------------------------------------------------
-from mlflow_server import MlflowServer, postgres_database  # noqa: E402
+from support.mlflow_server import MlflowServer, postgres_database  # noqa: E402 - grouped with its fixtures
 
 
 @pytest.fixture(scope="session")

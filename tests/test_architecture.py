@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "registry_hooks"
+from support import REPO
+
+PACKAGE = REPO / "registry_hooks"
 # What each package may not import: a later layer, or a library that belongs to a later layer.
 FORBIDDEN = {
     "engine": ("tunelens.registry_hooks.report", "tunelens.registry_hooks.service", "mlflow",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from golden_outputs import REPO, fingerprint_outputs
+from support.golden_outputs import REPO, fingerprint_outputs
 
 
 def test_outputs_match_the_recorded_fingerprints(tmp_path):

@@ -6,7 +6,7 @@ adapters, a perturbed full copy, a short real training run), runs the CLI comman
 each top-level key of analysis.json / compare.json and of the data embedded in report.html (paths
 made relative, floats rounded to 9 significant digits), the pages' visible text, the chart names.
 tests/data/golden_outputs.json holds the digests made by the code before the package split;
-`python tests/golden_outputs.py OUT.json` writes them anew.
+`PYTHONPATH=tests python -m support.golden_outputs OUT.json` writes them anew.
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "data" / "adapters"
+from support import ADAPTER_FIXTURES as FIXTURES, REPO
 DATA_ELEMENT = re.compile(r'<script[^>]*id="tunelens-data"[^>]*>(.*?)</script>', re.S)
 
 
@@ -66,8 +65,7 @@ def _visible_text(page: str) -> str:
 
 
 def fingerprint_outputs(workdir: Path) -> dict:
-    sys.path.insert(0, str(REPO / "tests"))
-    from factories import make_lora_adapter, perturbed_copy, tiny_llama, train_lora_checkpoints
+    from support.factories import make_lora_adapter, perturbed_copy, tiny_llama, train_lora_checkpoints
     from tunelens.plugin.cli import main
 
     root = str(workdir)

@@ -11,8 +11,8 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from hooks_support import REPO, HooksProcess, register, wait_status, write_config
-from mlflow_server import MlflowServer, free_port, postgres_database
+from support.hooks_support import REPO, HooksProcess, register, wait_status, write_config
+from support.mlflow_server import MlflowServer, free_port, postgres_database
 from tunelens.registry_hooks.service.embedded import KEY_FILE
 from tunelens.registry_hooks.service.state import STATUS
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scale_support import expert_lora_adapter
+from support.scale_support import expert_lora_adapter
 from test_report import CHROMIUM, _rendered_dom, _scan
 from tunelens.config import load_config
 from tunelens.registry_hooks.report.charts import CHARTS, MAX_COMPONENT_SERIES

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from eval_support import greedy, prompt_pool, rows_owned_by
-from factories import make_lora_adapter
+from support.eval_support import greedy, prompt_pool, rows_owned_by
+from support.factories import make_lora_adapter
 from tunelens.config import load_config
 from tunelens.evaluators.promotion import PromotionRefused, promote
 from tunelens.evaluators.run import evaluate_version

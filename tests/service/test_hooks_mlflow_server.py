@@ -5,7 +5,7 @@ from mlflow import MlflowClient
 
 
 def test_sqlite_server_survives_restart(tmp_path):
-    from mlflow_server import MlflowServer
+    from support.mlflow_server import MlflowServer
 
     server = MlflowServer(tmp_path / "srv").start()
     try:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dense_result import llama_like_result
+from support import ADAPTER_FIXTURES
+from support.dense_result import llama_like_result
 from tunelens.registry_hooks.engine.naming import role_of
 from tunelens.registry_hooks.report.document import analysis_document, analysis_json
 from tunelens.registry_hooks.report.narrative import glossary_for, narrate, narrate_layer
@@ -59,7 +60,7 @@ def _scan(html: str) -> _Scan:
 
 
 FIXTURE_ADAPTERS = Path("/work/shared/fixtures/adapters")
-REPO_ADAPTERS = Path(__file__).parent / "data" / "adapters"
+REPO_ADAPTERS = ADAPTER_FIXTURES
 
 
 def _fixture_adapter(name: str) -> Path:
@@ -84,7 +85,7 @@ def written(request, tmp_path_factory):
             result = analyze_adapter(request.getfixturevalue("llama_adapter"), base, progress=False)
         elif request.param == "llama-embedding-and-saved-head":
             # Embedding LoRA and a fully saved lm_head: modules outside the layer stack.
-            from factories import make_lora_adapter
+            from support.factories import make_lora_adapter
 
             base = request.getfixturevalue("llama_base")
             adapter = make_lora_adapter(base, tmp_path_factory.mktemp("emb-adapter"), r=4,
@@ -225,7 +226,7 @@ def test_report_renders_in_a_real_browser(written):
 def test_nan_weights_are_reported_not_a_crash(llama_base, tmp_path):
     """A real adapter with NaN in one lora_B: strict JSON, charts, and a page that names it."""
     from safetensors.torch import load_file, save_file
-    from factories import make_lora_adapter
+    from support.factories import make_lora_adapter
     from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
     adapter = make_lora_adapter(llama_base, tmp_path / "adapter", r=4, lora_alpha=8,
@@ -316,7 +317,7 @@ def test_full_finetune_report_speaks_of_the_fine_tune_not_an_adapter(llama_base,
     """report.html of `tunelens analyze FINETUNED --base BASE`: no adapter, rank r or trainable
     parameters anywhere in its text; the parameters changed, the relative change and the layer and
     matrix type that moved most, as the numbers say."""
-    from factories import perturbed_copy
+    from support.factories import perturbed_copy
     from tunelens.registry_hooks.engine.full_diff import diff_models
     from tunelens.registry_hooks.report.full_diff_page import write_full_diff
 
@@ -351,7 +352,7 @@ def test_full_finetune_report_speaks_of_the_fine_tune_not_an_adapter(llama_base,
 def test_moe_report_draws_the_layer_by_expert_grid_in_a_real_browser(tmp_path):
     """A Qwen3-MoE target_parameters adapter: the page's script draws one cell per layer and
     expert and a row per layer of top experts, and the rest of the page still renders."""
-    from factories import make_moe_adapter, tiny_moe
+    from support.factories import make_moe_adapter, tiny_moe
 
     from tunelens.registry_hooks.engine.analysis import analyze_adapter
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import make_lora_adapter, make_moe_adapter, save_tiny_model, tiny_moe
+from support.factories import make_lora_adapter, make_moe_adapter, save_tiny_model, tiny_moe
 from safetensors.torch import load_file, save_file
 
 from tunelens.registry_hooks.engine.analysis import analyze_adapter

@@ -20,8 +20,8 @@ import torch
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval_support import greedy as greedy_outputs
-from factories import make_lora_adapter, tiny_llama
+from support.eval_support import greedy as greedy_outputs
+from support.factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
 from tunelens.evaluators.backends import cpu_worker_binding

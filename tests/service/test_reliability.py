@@ -8,9 +8,9 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from hooks_support import deliveries_only_hooks
-from mlflow_server import MlflowServer, postgres_database
-from reliability import (SECRET, Chaos, Fleet, audit, flood, register_versions, source_run,
+from support.hooks_support import deliveries_only_hooks
+from support.mlflow_server import MlflowServer, postgres_database
+from support.reliability import (SECRET, Chaos, Fleet, audit, flood, register_versions, source_run,
                          wait_final)
 
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ui_checks import CHROMIUM, check_ui
+from support.ui_checks import CHROMIUM, check_ui
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None,
                                 reason="chromium is not installed (apt-get install chromium)")
@@ -25,7 +25,7 @@ def test_version_page_report_and_evaluation_table_render(tmp_path, llama_base, l
     from tunelens.evaluators.run import evaluate_version
     from tunelens.registry_hooks.service.embedded import EmbeddedServer
     from tunelens.registry_hooks.service.log_adapter import log_adapter
-    from mlflow_server import free_port
+    from support.mlflow_server import free_port
 
     data = tmp_path / "test.jsonl"
     rows = [{"inputs": f"she go to school {i}", "targets": "she goes to school"} for i in range(4)]

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mlflow import MlflowClient
 
-from hooks_support import register
+from support.hooks_support import register
 from tunelens.config import load_config
 from tunelens.registry_hooks.service.state import (ERROR, LEASE, STATUS, Lease, VersionState, claim_name,
                                             try_claim)

@@ -9,7 +9,7 @@ import time
 import yaml
 from mlflow import MlflowClient
 
-from hooks_support import HooksProcess, register, wait_status
+from support.hooks_support import HooksProcess, register, wait_status
 from tunelens.evaluators.verdict import EVAL_RUN_TAG, VERDICT_TAG
 from tunelens.registry_hooks.service.worker import EVAL_DATASET_TAG
 

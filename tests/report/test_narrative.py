@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from dense_result import dense_result, llama_like_result, lora_delta
+from support.dense_result import dense_result, llama_like_result, lora_delta
 from tunelens.registry_hooks.engine.result import FullFinetuneInfo
 from tunelens.registry_hooks.report.narrative import (GLOSSARY, component_order, fmt, narrate,
                                                narrate_layer, narrate_sections)
@@ -182,7 +182,7 @@ def test_glossary_covers_every_term_the_report_uses():
 def _planted_adapter(llama_base, out_dir, layer_factor: float):
     """A real PEFT adapter with layer 1's lora_B multiplied by `layer_factor`."""
     from safetensors.torch import load_file, save_file
-    from factories import make_lora_adapter
+    from support.factories import make_lora_adapter
 
     adapter = make_lora_adapter(llama_base, out_dir, r=8, lora_alpha=16,
                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",

@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from factories import make_lora_adapter, tiny_llama
+from support import ADAPTER_FIXTURES
+from support.factories import make_lora_adapter, tiny_llama
 from tunelens.registry_hooks.engine.analysis import analyze_adapter
 from tunelens.registry_hooks.engine.retune import rank_layers, retune_plans, write_retune_configs
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-REAL = Path(__file__).parent / "data" / "adapters"
+REAL = ADAPTER_FIXTURES
 
 
 @pytest.fixture(scope="module")

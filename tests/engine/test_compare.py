@@ -9,12 +9,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from factories import make_lora_adapter
+from support.factories import make_lora_adapter
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.engine.analysis import analyze_adapter
 from tunelens.registry_hooks.engine.compare import compare
 from tunelens.registry_hooks.report.outputs import write_analysis
-from cli_support import assert_one_line_error
+from support.cli_support import assert_one_line_error
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
 

@@ -11,13 +11,14 @@ import torch
 from peft.utils.other import get_pattern_key as peft_get_pattern_key
 from safetensors.torch import load_file
 
+from support import ADAPTER_FIXTURES
 from tunelens.registry_hooks.engine.analysis import analyze_adapter
 from tunelens.registry_hooks.engine.loading import (AnalysisInputError, find_adapter_dir, get_pattern_key,
                                              open_adapter)
 from tunelens.registry_hooks.engine.naming import fused_split, parse_module_path
 from tunelens.registry_hooks.report.document import analysis_json
 
-REAL = Path(__file__).parent / "data" / "adapters"
+REAL = ADAPTER_FIXTURES
 
 
 def test_find_adapter_dir_direct_and_under_mlflow_peft(tmp_path, llama_adapter):

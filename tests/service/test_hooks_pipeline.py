@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from mlflow import MlflowClient
 
-from factories import make_lora_adapter
-from hooks_support import HooksProcess, analysis_runs, register, wait_status, write_config
-from mlflow_server import MlflowServer, postgres_database
+from support.factories import make_lora_adapter
+from support.hooks_support import HooksProcess, analysis_runs, register, wait_status, write_config
+from support.mlflow_server import MlflowServer, postgres_database
 from tunelens.registry_hooks.service.state import ERROR, LEASE, STATUS, Lease
 
 SECRET = "pipeline-secret"
@@ -134,7 +134,7 @@ def test_killed_worker_is_resumed_with_one_run(server, tmp_path, llama_adapter):
 def test_moe_target_parameters_version_is_analysed_per_expert(mlflow_server, tmp_path):
     """A registered Mixtral adapter made with target_parameters: the hook analyses every expert
     and logs the experts section with the analysis."""
-    from factories import make_moe_adapter, tiny_moe
+    from support.factories import make_moe_adapter, tiny_moe
 
     base = tiny_moe(tmp_path / "base", "mixtral")
     adapter = make_moe_adapter(base, tmp_path / "adapter")

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import psutil
 from mlflow import MlflowClient
 
-from hooks_support import HooksProcess, delivery, post, write_config
+from support.hooks_support import HooksProcess, delivery, post, write_config
 from tunelens.registry_hooks.service.state import ERROR, FINAL, STATUS
 
 SECRET = "reliability-secret"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from factories import CORPUS
+from support.factories import CORPUS
 
 
 def greedy(base_dir, adapter_dir, texts: list[str], max_new_tokens: int) -> list[str]:

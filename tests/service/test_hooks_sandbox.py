@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from hooks_support import register
+from support.hooks_support import register
 from tunelens.config import load_config
 from tunelens.registry_hooks.service.sandbox import AnalysisFailed, AnalysisProcess, AnalysisStopped
 from tunelens.registry_hooks.service.state import ERROR, STATUS

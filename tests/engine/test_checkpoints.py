@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from factories import make_lora_adapter, train_lora_checkpoints
+from support.factories import make_lora_adapter, train_lora_checkpoints
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.engine.checkpoints import checkpoint_evolution, find_checkpoints
 from tunelens.registry_hooks.engine.result import CheckpointEvolution, json_safe
-from cli_support import assert_one_line_error
+from support.cli_support import assert_one_line_error
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

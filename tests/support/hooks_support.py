@@ -14,11 +14,11 @@ import requests
 import yaml
 from mlflow import MlflowClient
 
-from mlflow_server import free_port
+from support.mlflow_server import free_port
 from tunelens.registry_hooks.service.state import FINAL, STATUS
 from tunelens.registry_hooks.service.webhook import DELIVERY_ID, SIGNATURE, TIMESTAMP, sign
 
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO
 
 
 def register(client: MlflowClient, name: str, adapter_dir: Path) -> str:

@@ -10,7 +10,7 @@ import tempfile
 import pandas as pd
 import pytest
 
-from factories import make_lora_adapter, tiny_llama
+from support.factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
 from tunelens.evaluators.backends import vllm_max_lora_rank, vllm_refusal

@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from support import ADAPTER_FIXTURES
 from tunelens.registry_hooks.engine.result import SCHEMA, AnalysisResult
 
-REAL = Path(__file__).parent / "data" / "adapters"
+REAL = ADAPTER_FIXTURES
 
 
 def tunelens(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -136,9 +137,7 @@ def test_lora_a_without_b(adapter_copy):
 
 
 def test_base_with_mismatching_shapes(adapter_copy, tmp_path):
-    import sys as _sys
-    _sys.path.insert(0, str(Path(__file__).parent))
-    from factories import tiny_llama
+    from support.factories import tiny_llama
 
     other_base = tiny_llama(tmp_path / "other-base", hidden=64, heads=1, intermediate=128)
     assert_one_line_error(tunelens("analyze", str(adapter_copy), "--base", str(other_base)),
@@ -154,7 +153,7 @@ def test_base_directory_without_weights(adapter_copy, tmp_path):
 def test_analyze_moe_target_parameters_adapter(tmp_path):
     """A Qwen3-MoE adapter made with target_parameters, through the CLI: every expert a module,
     the experts section in analysis.json, the report's layer × expert section and chart."""
-    from factories import make_moe_adapter, tiny_moe
+    from support.factories import make_moe_adapter, tiny_moe
 
     base = tiny_moe(tmp_path / "base")
     adapter = make_moe_adapter(base, tmp_path / "adapter")
@@ -196,7 +195,7 @@ def test_analyze_without_png_charts_never_loads_matplotlib(tmp_path):
 def test_analyze_falcon_fused_query_key_value_split_with_base(tmp_path):
     """Falcon-40B's grouped query_key_value through the CLI: q/k/v parts sized by the base
     config.json (4 query heads in 2 KV groups of head_dim 16: q 64 rows, k and v 32 each)."""
-    from factories import make_lora_adapter, save_tiny_model
+    from support.factories import make_lora_adapter, save_tiny_model
     from transformers import FalconConfig
 
     base = save_tiny_model(FalconConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2,

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from factories import perturbed_copy
+from support.factories import perturbed_copy
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.engine import lora_math
 from tunelens.registry_hooks.engine.full_diff import diff_models, randomized_svd, stratified_positions
 from tunelens.registry_hooks.engine.result import AnalysisResult, json_safe
-from cli_support import assert_one_line_error
+from support.cli_support import assert_one_line_error
 
 SCALES = {"layers.1.mlp.down_proj": 0.05, "layers.0.self_attn.q_proj": 0.01,
           "layers.1.self_attn.v_proj": 0.02}

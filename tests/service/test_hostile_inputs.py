@@ -19,18 +19,19 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import FileInfo
 
-from cli_support import assert_one_line_error
-from hooks_support import HooksProcess, register, wait_status, write_config
+from support import DATA
+from support.cli_support import assert_one_line_error
+from support.hooks_support import HooksProcess, register, wait_status, write_config
 from hostile.build_corpus import MARKER_ENV, SHARED, files_of, write_case
 from hostile.build_corpus import main as main_of_generator
-from mlflow_server import MlflowServer
+from support.mlflow_server import MlflowServer
 from tunelens.config import load_config
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.service.detection import AdapterDetectionError, _names, detect_adapter
 from tunelens.registry_hooks.service.state import ERROR, STATUS
 from tunelens.registry_hooks.service.worker import Worker
 
-CORPUS = Path(__file__).parent / "data" / "hostile"
+CORPUS = DATA / "hostile"
 CASES = json.loads((CORPUS / "cases.json").read_text())
 PICKLES = ["pickle-bin-os-system", "pickle-bin-exec", "torch-zip-malicious-global"]
 # The hook service's peak RSS bound: its own baseline (torch, mlflow, matplotlib, the webhook

@@ -7,10 +7,10 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from hooks_support import (analysis_runs, deliveries_only_hooks, delivery, post, register,
+from support.hooks_support import (analysis_runs, deliveries_only_hooks, delivery, post, register,
                            wait_status)
-from mlflow_server import MlflowServer
-from reliability import raw_post
+from support.mlflow_server import MlflowServer
+from support.reliability import raw_post
 from tunelens.registry_hooks.service.state import STATUS
 from tunelens.registry_hooks.service.webhook import WebhookReceiver
 

@@ -1,6 +1,7 @@
 """`tunelens server` (embedded MLflow + hooks) and the registry-store plugin, as real processes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,10 +12,14 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from hooks_support import REPO, HooksProcess, register, wait_status, write_config
+import psutil
+
+from hooks_support import (REPO, HooksProcess, analysis_runs, register, wait_status,
+                           write_config)
 from mlflow_server import MlflowServer, free_port, postgres_database
-from tunelens.registry_hooks.embedded import KEY_FILE
+from tunelens.registry_hooks.embedded import KEY_FILE, PID_FILE
 from tunelens.registry_hooks.state import STATUS
+from tunelens.registry_hooks.supervisor import MARKER_ENV
 
 
 def _answers(url: str) -> bool:
@@ -25,10 +30,11 @@ def _answers(url: str) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, data_dir, config, log_path):
-        self.port = free_port()
+    def __init__(self, data_dir, config, log_path, *, port=None, jobs=False):
+        self.port = port or free_port()
+        self.data_dir = data_dir
         self.log_path = log_path
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(jobs).lower(),
                "PYTHONUNBUFFERED": "1"}
         env.pop("TUNELENS_WEBHOOK_SECRET", None)
         with open(log_path, "ab") as log:
@@ -47,6 +53,10 @@ class ServerProcess:
 
     def log_tail(self):
         return self.log_path.read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -118,3 +128,64 @@ def test_registry_store_plugin_enqueues_inside_the_request(backend, tmp_path, ll
     finally:
         if with_db:
             with_db.__exit__(None, None, None)
+
+
+def _processes_of(data_dir) -> list[psutil.Process]:
+    """This user's processes started for the server on `data_dir` (they carry it in their env)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(MARKER_ENV) == str(data_dir.resolve()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return [p for p in found if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _kill_mid_analysis(server: ServerProcess, client: MlflowClient, name: str, versions,
+                       *, with_supervisor: bool = False) -> None:
+    """SIGKILL the whole `tunelens server` (and its supervisor too) while a version is analysed."""
+    deadline = time.monotonic() + 240
+    while not any(client.get_model_version(name, v).tags.get(STATUS) == "running"
+                  for v in versions):
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.1)
+    if with_supervisor:  # as an OOM kill of both would (the supervisor first, or it would still
+        # end the tree on its parent's death): MLflow is orphaned, holding the port
+        os.kill(json.loads((server.data_dir / PID_FILE).read_text())["supervisor"], signal.SIGKILL)
+    server.kill()
+
+def test_sigkilled_server_leaves_nothing_and_restarts_to_finish_every_version(
+        tmp_path, llama_adapter):
+    data_dir = tmp_path / "data"
+    # Leases far longer than the test: versions finish only if the restart takes over the dead
+    # worker's leases at once.
+    config = write_config(tmp_path / "conf.yaml", lease_seconds=3600, poll_interval=2)
+    server = ServerProcess(data_dir, config, tmp_path / "server1.log", jobs=True)
+    port = server.port
+    client = MlflowClient(server.url)
+    versions = [register(client, "killed", llama_adapter) for _ in range(3)]
+    _kill_mid_analysis(server, client, "killed", versions)
+    # the parent-death path: MLflow, its workers, job runner and the analysis child all end
+    deadline = time.monotonic() + 30
+    while _processes_of(data_dir) or _answers(server.url):
+        assert time.monotonic() < deadline, [p.cmdline() for p in _processes_of(data_dir)]
+        time.sleep(0.2)
+
+    server = ServerProcess(data_dir, config, tmp_path / "server2.log", port=port, jobs=True)
+    versions += [register(client, "killed", llama_adapter) for _ in range(2)]
+    _kill_mid_analysis(server, client, "killed", versions, with_supervisor=True)
+    time.sleep(2)
+    assert _processes_of(data_dir)  # the orphans a double kill leaves: the next start's job
+
+    server = ServerProcess(data_dir, config, tmp_path / "server3.log", port=port, jobs=True)
+    try:
+        assert "stopped" in server.log_tail() and "earlier, killed run" in server.log_tail()
+        for version in versions:
+            tags = wait_status(client, "killed", version)
+            assert tags[STATUS] == "done", (version, tags, server.log_tail())
+            assert len(analysis_runs(client, "killed", version)) == 1, version
+    finally:
+        assert server.terminate() == 0, server.log_tail()
+    assert not _processes_of(data_dir)
+    assert not (data_dir / PID_FILE).exists()

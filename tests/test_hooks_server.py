@@ -116,9 +116,13 @@ def test_registry_store_plugin_enqueues_inside_the_request(backend, tmp_path, ll
     try:
         with MlflowServer(tmp_path / "mlflow", uri, args=["--registry-store-uri", registry]) as srv:
             client = MlflowClient(srv.url)
+            # outside `tunelens server` only opted-in models are in scope (hooks.models_tag)
+            client.create_registered_model("plugged", tags={"tunelens.enabled": "true"})
             version = register(client, "plugged", llama_adapter)
             # queued in the same insert as the version, with no hook service running at all
             assert client.get_model_version("plugged", version).tags[STATUS] == "queued"
+            outside = register(client, "not-opted-in", llama_adapter)
+            assert STATUS not in client.get_model_version("not-opted-in", outside).tags
             hooks = HooksProcess(srv.url, write_config(tmp_path / "conf.yaml"),
                                  tmp_path / "hooks.log", secret="x", webhook=False)
             try:

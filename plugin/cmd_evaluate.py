@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
+
 HELP = ("run a registered LoRA version and its base (and other versions) side by side on a test "
         "set, log everything to one MLflow run and tag the version with a verdict")
 
@@ -20,11 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens generated per row at most (default: conf.yaml)")
     parser.add_argument("--against", nargs="+", default=[], metavar="ALIAS_OR_VERSION",
                         help="also run these versions or aliases (e.g. production, 3)")
+    add_tracking_uri_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from tunelens.config import load_config
     from tunelens.evaluators.run import evaluate_version
+
+    tracking_uri(args)  # MLflow's default server for this process
 
     outcome = evaluate_version(args.model_uri, args.data, base=args.base, against=args.against,
                                backend=args.backend, max_new_tokens=args.max_new_tokens,

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from tunelens.plugin.install_check import check_torch_extensions
+
+        check_torch_extensions()
         return _load(args.command).run(args) or 0
     except (TunelensError, ConfigError) as exc:
         print(f"tunelens {args.command}: error: {exc}", file=sys.stderr)

@@ -183,6 +183,9 @@ class EmbeddedServer:
     def start(self, timeout: float = 300) -> "EmbeddedServer":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         earlier_run = self._clear_earlier_run()
+        # Every child of this process carries the mark too (the analysis child, an evaluation's
+        # vLLM engine), so a later start finds whatever of them outlived a kill.
+        os.environ[MARKER_ENV] = str(self.data_dir)
         # A port the killed run held is released a moment after its processes end.
         if not _wait_port_free(self.host, self.port, 10 if earlier_run else 0):
             raise TunelensError(f"port {self.port} on {self.host} is in use; pick another with "

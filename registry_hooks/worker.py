@@ -185,11 +185,16 @@ class Worker:
                     continue
                 self._pending.add(key)
             try:
-                if not self.in_scope(client, key[0]):
-                    log.debug("%s v%s: model outside hooks.models; not touched", *key)
-                    with self._pending_lock:
-                        self._pending.discard(key)
-                    continue
+                in_scope = self.in_scope(client, key[0])
+            except MlflowException as exc:  # the model is gone, or the server blinked: the
+                in_scope = False            # scan looks again
+                log.warning("could not read registered model %s: %s", key[0], exc)
+            if not in_scope:
+                log.debug("%s v%s: model outside hooks.models; not touched", *key)
+                with self._pending_lock:
+                    self._pending.discard(key)
+                continue
+            try:
                 state.mark_queued(client, *key)
             except MlflowException as exc:
                 log.warning("could not mark %s v%s queued: %s", *key, exc)

@@ -7,8 +7,8 @@
 It runs inside MLflow's request, so it only enqueues: the `tunelens.analysis.status=queued` tag is
 written in the same insert as the version (nothing can be lost between them). The hook service's
 scan picks queued versions up; nothing is computed here. Only models in the hook service's scope
-(`hooks.models` / `hooks.models_tag` from $TUNELENS_CONFIG; every model under `tunelens server`)
-are tagged: outside it tunelens writes nothing.
+(`hooks.models` / `hooks.models_tag` from $TUNELENS_CONFIG, or the scope `tunelens server` hands
+it) are tagged: outside it tunelens writes nothing.
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ from mlflow.entities.model_registry import ModelVersionTag
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
 from tunelens.config import load_config
-from tunelens.registry_hooks.scope import EVERYTHING, Scope, with_default_models
+from tunelens.registry_hooks.scope import SCOPE_ENV, Scope, with_default_models
 from tunelens.registry_hooks.state import QUEUED, STATUS
-from tunelens.registry_hooks.supervisor import MARKER_ENV
 
 PREFIX = "tunelens+"
 
@@ -39,9 +38,9 @@ class EnqueueingRegistryStore(SqlAlchemyStore):
 
     def __init__(self, store_uri: str, read_db_uri: str | None = None):
         super().__init__(inner_uri(store_uri), read_db_uri)
-        embedded = bool(os.environ.get(MARKER_ENV))  # run by `tunelens server`: its own registry
-        self.scope = Scope.from_config(with_default_models(load_config(),
-                                                           EVERYTHING if embedded else ()))
+        handed = os.environ.get(SCOPE_ENV)  # run by `tunelens server`: its hook service's scope
+        self.scope = (Scope.from_json(handed) if handed
+                      else Scope.from_config(with_default_models(load_config(), ())))
 
     def _in_scope(self, name: str) -> bool:
         if self.scope.everything or self.scope.matches_name(name):

@@ -30,7 +30,7 @@ from tunelens.errors import TunelensError
 
 import psutil
 
-from .scope import EVERYTHING, with_default_models
+from .scope import EVERYTHING, SCOPE_ENV, Scope, with_default_models
 from .service import HookService
 from .supervisor import MARKER_ENV, end_processes, stop_leftovers
 
@@ -131,7 +131,8 @@ class EmbeddedServer:
                 "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": stable_encryption_key(self.data_dir),
                 "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
                 "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-                MARKER_ENV: str(self.data_dir)}
+                MARKER_ENV: str(self.data_dir),
+                SCOPE_ENV: Scope.from_config(self.config).to_json()}
 
     @property
     def pid_file(self) -> Path:

@@ -10,9 +10,12 @@ model, `tunelens hooks` (usually a shared server) only the tagged ones.
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass
 
 EVERYTHING = ("*",)
+# The hook service's scope handed to the registry-store plugin inside the MLflow server it runs.
+SCOPE_ENV = "TUNELENS_HOOKS_SCOPE"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,14 @@ class Scope:
             key, _, value = str(tag_setting).partition("=")
             tag = (key.strip(), value.strip())
         return cls(tuple(str(p) for p in patterns), tag)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Scope":
+        return cls.from_config({"hooks": json.loads(text)})
+
+    def to_json(self) -> str:
+        tag = f"{self.tag[0]}={self.tag[1]}" if self.tag else None
+        return json.dumps({"models": list(self.patterns), "models_tag": tag})
 
     @property
     def everything(self) -> bool:

@@ -23,6 +23,8 @@ def test_scope_matches_names_patterns_and_the_opt_in_tag():
     assert not scope.includes("team-b/chat", {"tunelens.enabled": "false"})
     assert not Scope.from_config({"hooks": {"models": None, "models_tag": None}}).includes("x", {})
     assert Scope.from_config({"hooks": {"models": ["*"], "models_tag": None}}).everything
+    # handed to the registry-store plugin inside `tunelens server`'s MLflow as JSON
+    assert Scope.from_json(scope.to_json()) == scope
 
 
 def test_replace_section_changes_only_its_own_part():

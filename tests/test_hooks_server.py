@@ -13,6 +13,7 @@ import requests
 from mlflow import MlflowClient
 
 import psutil
+import yaml
 
 from hooks_support import (REPO, HooksProcess, analysis_runs, register, wait_status,
                            write_config)
@@ -193,3 +194,20 @@ def test_sigkilled_server_leaves_nothing_and_restarts_to_finish_every_version(
         assert server.terminate() == 0, server.log_tail()
     assert not _processes_of(data_dir)
     assert not (data_dir / PID_FILE).exists()
+
+
+def test_embedded_server_hands_its_scope_to_the_registry_store_plugin(tmp_path, llama_adapter):
+    config = tmp_path / "conf.yaml"
+    config.write_text(yaml.safe_dump({"hooks": {"models": ["team-*"], "poll_interval": 2},
+                                      "server": {"registry_store_plugin": True}}))
+    server = ServerProcess(tmp_path / "data", config, tmp_path / "server.log")
+    try:
+        client = MlflowClient(server.url)
+        inside = register(client, "team-chat", llama_adapter)
+        outside = register(client, "other-chat", llama_adapter)
+        assert wait_status(client, "team-chat", inside)[STATUS] == "done", server.log_tail()
+        time.sleep(3)  # another scan
+        tags = client.get_model_version("other-chat", outside).tags
+        assert not [k for k in tags if k.startswith("tunelens.")], tags
+    finally:
+        assert server.terminate() == 0, server.log_tail()

@@ -579,9 +579,9 @@ def _log_inputs(client, run_id: str, plan: EvaluationPlan, owned: bool) -> None:
 
 def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: str) -> None:
     """The comparison section of the version's description, beside the analysis's."""
-    from tunelens.registry_hooks.service.mlflow_logging import with_section
+    from tunelens.registry_hooks.service.mlflow_logging import replace_section
 
-    from .version_page import EVALUATION_HEADING, comparison_section
+    from .version_page import EVALUATION_SECTION, comparison_section
 
     ref = plan.ref
     names = {BASE: "base", FINETUNED: f"v{ref.version} (candidate)"}
@@ -596,7 +596,7 @@ def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: s
         report_file=REPORT_FILE)
     description = client.get_model_version(ref.name, ref.version).description
     client.update_model_version(ref.name, ref.version,
-                                description=with_section(description, section, EVALUATION_HEADING))
+                                description=replace_section(description, EVALUATION_SECTION, section))
 
 
 def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,

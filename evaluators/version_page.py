@@ -1,7 +1,7 @@
 """The comparison on the model version's page: a markdown section of its description.
 
-It sits next to the weight analysis's section, under its own heading, through the same
-`with_section` the analysis uses (the user's text and the analysis stay): the verdict and its
+It sits next to the weight analysis's section, between markers of its own, through the same
+`replace_section` the analysis uses (the user's text and the analysis stay): the verdict and its
 parts, a table of base / candidate / holder (primary metric, words, p50 / p95 latency, memory),
 one line per deciding rule, and links to the side-by-side page and the evaluation run.
 """
@@ -11,6 +11,7 @@ import math
 
 from .verdict import Decision, Verdict
 
+EVALUATION_SECTION = "evaluation"  # the key of its markers in the description
 EVALUATION_HEADING = "### tunelens evaluation"
 _RULE_CHARS = 300  # one rule's line on the page; the full text is in verdict.json
 

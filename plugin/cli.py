@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from tunelens import __version__
@@ -26,6 +27,29 @@ SUBCOMMANDS = {
     "compare": "cmd_compare",
     "demo": "cmd_demo",
 }
+
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+def add_tracking_uri_argument(parser: argparse.ArgumentParser) -> None:
+    """--tracking-uri for every subcommand that talks to MLflow; $MLFLOW_TRACKING_URI by default."""
+    parser.add_argument("--tracking-uri", metavar="URI", help="the MLflow tracking/registry "
+                        f"server, e.g. http://127.0.0.1:5000 (default: ${TRACKING_URI_ENV})")
+
+
+def tracking_uri(args: argparse.Namespace, *, required: bool = False) -> str | None:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI; also made MLflow's default for this process."""
+    uri = args.tracking_uri or os.environ.get(TRACKING_URI_ENV) or None
+    if uri is None:
+        if required:
+            raise TunelensError(f"no MLflow server given: pass --tracking-uri URI or set "
+                                f"{TRACKING_URI_ENV}")
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def _load(name: str):
@@ -47,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from tunelens.plugin.install_check import check_torch_extensions
+
+        check_torch_extensions()
         return _load(args.command).run(args) or 0
     except (TunelensError, ConfigError) as exc:
         print(f"tunelens {args.command}: error: {exc}", file=sys.stderr)

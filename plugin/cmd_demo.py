@@ -17,11 +17,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="MLflow port (default: conf server.port, 5000)")
     parser.add_argument("--no-serve", dest="serve", action="store_false",
                         help="exit when the story is done instead of serving the UI")
+    parser.add_argument("--verbose", action="store_true", help="show engine and library logs on "
+                        "the console (default: DATA_DIR/demo.log)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunelens.demo.story import run_demo
-    from tunelens.plugin.cmd_hooks import configure_logging
+    from tunelens.demo.console import quiet_console
+    from tunelens.demo.story import run_demo, say
 
-    configure_logging()
-    return run_demo(load_config(args.config), Path(args.data_dir), args.port, args.serve)
+    log_path = Path(args.data_dir).expanduser().resolve() / "demo.log"
+    if not args.verbose:
+        say(f"engine and library logs go to {log_path} (--verbose shows them here)")
+    with quiet_console(log_path, args.verbose):
+        return run_demo(load_config(args.config), Path(args.data_dir), args.port, args.serve)

@@ -10,6 +10,7 @@ import os
 import sys
 
 from tunelens.errors import TunelensError
+from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
 
 HELP = ("run a registered LoRA version, its base and the version holding the promotion alias (and "
         "other versions) side by side on a test set, log everything to one MLflow run and tag the "
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fail-on", type=fail_on, default=frozenset(), metavar="DECISIONS",
                         help="exit 1 when the verdict is one of these (comma-separated: "
                         "reject,inconclusive); errors exit 2")
+    add_tracking_uri_argument(parser)
 
 
 @contextlib.contextmanager
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise TunelensError("--max-new-tokens must be at least 1")
+    tracking_uri(args)  # MLflow's default server for this process
     with stdout_to_stderr() if args.json else contextlib.nullcontext():
         outcome = evaluate_version(args.model_uri, args.data, base=args.base,
                                    against=args.against, backend=args.backend,

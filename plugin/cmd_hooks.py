@@ -8,6 +8,7 @@ import sys
 import threading
 
 from tunelens.config import load_config
+from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
 
 HELP = ("run only the tunelens hook service (webhook receiver, worker, reconciling scan) against "
         "an existing MLflow server")
@@ -19,8 +20,7 @@ def configure_logging() -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", required=True, metavar="URI",
-                        help="the MLflow server, e.g. http://127.0.0.1:5000")
+    add_tracking_uri_argument(parser)
     parser.add_argument("--host", help="webhook receiver address (default: conf hooks.host)")
     parser.add_argument("--port", type=int, help="webhook receiver port (default: conf "
                         "hooks.port; 0 = any free port)")
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tunelens.registry_hooks.service.service import HookService
 
+    uri = tracking_uri(args, required=True)
     configure_logging()
     config = load_config(args.config)
     for key, value in (("host", args.host), ("port", args.port), ("public_url", args.public_url)):
@@ -41,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
-    service = HookService(args.tracking_uri, config, register_webhook=not args.no_webhook).start()
-    print(f"tunelens hooks: watching {args.tracking_uri}; webhooks on {service.webhook_url}",
+    service = HookService(uri, config, register_webhook=not args.no_webhook).start()
+    print(f"tunelens hooks: watching {uri}; webhooks on {service.webhook_url}",
           file=sys.stderr, flush=True)
     try:
         while not stopped.wait(1):

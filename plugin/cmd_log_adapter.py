@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
+
 HELP = "log a PEFT LoRA adapter (adapter only, on a local base) as an MLflow model and register it"
 
 
@@ -13,8 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "adapter's base_model_name_or_path when it is a local directory)")
     parser.add_argument("--name", dest="registered_model_name", metavar="NAME",
                         help="registered model name (omit to log without registering)")
-    parser.add_argument("--tracking-uri", metavar="URI", help="MLflow server (default: "
-                        "MLFLOW_TRACKING_URI)")
+    add_tracking_uri_argument(parser)
     parser.add_argument("--task", default="text-generation", help="transformers pipeline task")
 
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     logged = log_adapter(args.adapter_dir, args.base, task=args.task,
                          registered_model_name=args.registered_model_name,
-                         tracking_uri=args.tracking_uri)
+                         tracking_uri=tracking_uri(args))
     where = (f"registered as {logged.registered_model_name} version {logged.version}"
              if logged.registered_model_name else "not registered")
     print(f"logged {logged.model_uri} (run {logged.run_id}); {where}", file=sys.stderr)

@@ -7,6 +7,7 @@ import contextlib
 
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
+from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
 
 HELP = ("point a registry alias (default: production) at a model version, only if its "
         "tunelens.verdict tag is PROMOTE and that verdict compared it with the alias's current "
@@ -17,8 +18,7 @@ def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
     """--alias and --tracking-uri, shared with `tunelens rollback`."""
     parser.add_argument("--alias", help="the alias to move (default: conf promotion.alias, "
                         "'production')")
-    parser.add_argument("--tracking-uri", metavar="URI", help="the MLflow tracking/registry server "
-                        "(default: $MLFLOW_TRACKING_URI)")
+    add_tracking_uri_argument(parser)
 
 
 @contextlib.contextmanager
@@ -28,7 +28,7 @@ def registry_client(args: argparse.Namespace):
     from mlflow.exceptions import MlflowException
 
     try:
-        yield MlflowClient(tracking_uri=args.tracking_uri)
+        yield MlflowClient(tracking_uri=tracking_uri(args))
     except MlflowException as exc:
         raise TunelensError(f"MLflow refused the request: {exc.message.splitlines()[0]}") from None
 

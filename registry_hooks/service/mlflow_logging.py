@@ -3,7 +3,12 @@
 The run lives in experiment hooks.experiment (default `tunelens-analysis`), tagged
 tunelens.model_name / tunelens.model_version. The per-layer profile is logged as stepped metrics
 (step = layer index) so MLflow's own charts draw it. The version gets the summary tags and a
-short markdown section at the end of its description pointing to the run's report.
+short markdown section in its description pointing to the run's report.
+
+tunelens writes the description only between its own markers (`replace_section`): the user's
+text around them is kept as it is, and any tunelens section (the analysis, an evaluation) can be
+replaced on its own. The markers are markdown link-reference definitions, which every markdown
+renderer (MLflow's UI included) shows as nothing.
 """
 from __future__ import annotations
 
@@ -28,9 +33,7 @@ MODEL_VERSION_TAG = "tunelens.model_version"
 ARTIFACT_DIR = "tunelens"
 TABLE_FILE = "tunelens/modules.json"
 DESCRIPTION_HEADING = "### tunelens analysis"
-# Every tunelens section of a version description starts with a heading "### tunelens <what>"
-# (the analysis; the evaluation's comparison); the user's own text is what comes before the first.
-_SECTION_START = re.compile(r"(?m)^### tunelens ")
+ANALYSIS_SECTION = "analysis"
 _MAX_PARAM = 6000
 _MAX_DESCRIPTION = 5000  # the registry's description column
 
@@ -132,41 +135,59 @@ def log_analysis_run(client: MlflowClient, experiment: str, name: str, version: 
     return run_id
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#])")
+
+
+def escape_markdown(text: str) -> str:
+    """`text` shown literally by a markdown renderer (‖ΔW‖_F must not open an italic)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+
+
 def description_section(result: AnalysisResult, experiment: str, run_id: str,
                         base: BaseModelResolution) -> str:
     """A short markdown summary of the analysis, linking to the run's report."""
     summary = result.summary
     layer = top_layer(result)
+    base_text = f"`{base.path}`" if base.path else "not found, adapter-only analysis"
     lines = [DESCRIPTION_HEADING, "",
              f"- trainable parameters: **{summary.trainable_params:,}**"
              + (f" ({summary.trainable_share:.3%} of the base)" if summary.trainable_share else ""),
              f"- layers modified: **{len(summary.layers_modified)}**"
              + (f" of {summary.num_layers}" if summary.num_layers else "")
              + (f"; most changed: layer **{layer}**" if layer is not None else ""),
-             f"- mean per-layer ‖ΔW‖_F (S_ℓ, summed over its matrices): **{summary.mean_delta_fro:.4g}**",
-             f"- base model: {base.path or 'not found, adapter-only analysis'}"]
-    lines += [f"- {line}" for line in narrate(result)[:3]]
+             f"- mean per-layer {escape_markdown('‖ΔW‖_F (S_ℓ, summed over its matrices)')}: "
+             f"**{summary.mean_delta_fro:.4g}**",
+             f"- base model: {base_text}"]
+    lines += [f"- {escape_markdown(line)}" for line in narrate(result)[:3]]
     lines += ["", f"Report: [run {run_id[:8]}](#/experiments/{experiment}/runs/{run_id}), "
                   f"artifact `{ARTIFACT_DIR}/report.html`."]
     return "\n".join(lines)
 
 
-def with_section(description: str | None, section: str, heading: str = DESCRIPTION_HEADING) -> str:
-    """The description with tunelens's section under `heading` replaced (or appended), within
-    5000 chars; the user's text (before the first tunelens heading) and other tunelens sections
-    are kept. `section` starts with `heading`."""
-    text = description or ""
-    starts = [match.start() for match in _SECTION_START.finditer(text)]
-    kept = (text[:starts[0]] if starts else text).rstrip()
-    sections = [text[a:b].strip() for a, b in zip(starts, starts[1:] + [len(text)])]
-    others = [s for s in sections if s.splitlines()[0].strip() != heading]
-    fixed = "\n\n".join([kept, *others]) if kept else "\n\n".join(others)
-    room = _MAX_DESCRIPTION - len(fixed) - 2
-    if room < len(heading) + 50:
-        return fixed[:_MAX_DESCRIPTION]
-    section = section if len(section) <= room else section[:room - 1] + "…"
-    # the sections keep their order; a new one goes last
-    ordered = [section if s.splitlines()[0].strip() == heading else s for s in sections]
-    if section not in ordered:
-        ordered.append(section)
-    return "\n\n".join([kept, *ordered]) if kept else "\n\n".join(ordered)
+def _marker(key: str, end: str) -> str:
+    return f"[//]: # (tunelens:{key}:{end})"
+
+
+def replace_section(description: str | None, key: str, text: str | None) -> str:
+    """`description` with tunelens's section `key` set to `text` (None removes it): only the
+    part between the section's markers changes; a new section goes at the end. The whole stays
+    within the registry's 5000 characters by shortening the section, never the user's text."""
+    description = description or ""
+    start, end = _marker(key, "start"), _marker(key, "end")
+    if start in description and end in description.split(start, 1)[1]:
+        before, rest = description.split(start, 1)
+        after = rest.split(end, 1)[1]
+    elif key == ANALYSIS_SECTION and DESCRIPTION_HEADING in description:
+        # written before the markers existed: the analysis section ran to the end of the text
+        before, after = description.split(DESCRIPTION_HEADING, 1)[0], ""
+    else:
+        before, after = description, ""
+    before, after = before.rstrip(), after.strip()
+    if text is None:
+        return "\n\n".join(part for part in (before, after) if part)
+    room = (_MAX_DESCRIPTION - len(before) - len(after) - len(start) - len(end) - 8)
+    if room < 80:  # the user's text leaves no useful room: keep it whole, without the section
+        return "\n\n".join(part for part in (before, after) if part)[:_MAX_DESCRIPTION]
+    text = text if len(text) <= room else text[:room - 1] + "…"
+    section = f"{start}\n{text.strip()}\n{end}"
+    return "\n\n".join(part for part in (before, section, after) if part)

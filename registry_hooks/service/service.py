@@ -47,14 +47,15 @@ def ensure_webhook(client: MlflowClient, name: str, url: str, secret: str) -> st
 class HookService:
     """Receiver, worker and scan; start() returns once deliveries can be received."""
 
-    def __init__(self, tracking_uri: str, config: dict, *, register_webhook: bool = True):
+    def __init__(self, tracking_uri: str, config: dict, *, register_webhook: bool = True,
+                 dead_workers: frozenset[str] = frozenset()):
         self.tracking_uri = tracking_uri
         self.config = config
         hooks = config["hooks"]
         # A fixed secret (several hook services behind one URL) comes from the environment, never
         # from a settings file; otherwise each start generates one and updates the webhook.
         self.secret = os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32)
-        self.worker = Worker(tracking_uri, config)
+        self.worker = Worker(tracking_uri, config, dead_workers=dead_workers)
         self.receiver = WebhookReceiver(hooks["host"], int(hooks["port"]), self.secret,
                                         self.worker.enqueue,
                                         max_body_bytes=int(hooks["max_body_bytes"]),
@@ -94,7 +95,8 @@ class HookService:
                 log.warning("no MLflow webhook (%s); relying on the scan every %s s",
                             exc.message.splitlines()[0], self.config["hooks"]["poll_interval"])
         self.worker.start()
-        log.info("tunelens hooks: receiving on %s, worker %s", self.webhook_url, self.worker.owner)
+        log.info("tunelens hooks: receiving on %s, worker %s, analysing %s", self.webhook_url,
+                 self.worker.owner, self.worker.scope.describe())
         return self
 
     def stop(self) -> None:

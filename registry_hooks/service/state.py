@@ -76,12 +76,15 @@ class VersionState:
     def of(cls, tags: dict[str, str]) -> "VersionState":
         return cls(tags.get(STATUS), Lease.parse(tags.get(LEASE)), tags.get(RUN_ID))
 
-    def needs_work(self, now: float | None = None) -> bool:
-        """Not final, and no live lease: nobody is (still) working on it."""
+    def needs_work(self, now: float | None = None,
+                   dead_workers: frozenset[str] = frozenset()) -> bool:
+        """Not final, and no live lease: nobody is (still) working on it. A lease held by one of
+        `dead_workers` (known killed) is as good as expired."""
         if self.status in FINAL:
             return False
         # A live lease wins over any status: a racing "queued" write must not start a second job.
-        return self.lease is None or self.lease.expired(now)
+        return (self.lease is None or self.lease.expired(now)
+                or self.lease.owner in dead_workers)
 
     @property
     def next_attempt(self) -> int:

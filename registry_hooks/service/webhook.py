@@ -6,23 +6,33 @@ when it is unsigned or the signature does not match (401), older or further ahea
 (401: a captured delivery cannot be replayed later), a delivery id already accepted within max_age
 (409), or larger than max_body_bytes (413, unread). Only then is the body parsed.
 
-A flood of forged requests must not delay real deliveries: each connection has its own thread, a
-rejection costs one HMAC, a connection that stalls is dropped after `read_timeout` seconds, and
-rejections are logged as one summary line per interval instead of one line each.
+It is a Starlette app served by uvicorn (both come with MLflow) on a thread of the hook service.
+A flood of forged requests must not delay real deliveries: connections are asyncio tasks, not
+threads, a rejection costs one HMAC, a body that stalls is answered 408 and the connection closed
+after `read_timeout` seconds, a malformed request (a Content-Length that is not a plain number,
+say) is refused 400 by uvicorn's HTTP parser before it reaches the app, and rejections are logged
+as one summary line per interval instead of one line each.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
 DELIVERY_ID = "X-MLflow-Delivery-Id"
 TIMESTAMP = "X-MLflow-Timestamp"
@@ -127,7 +137,7 @@ class RejectionLog:
 
 
 class WebhookReceiver:
-    """A small threaded HTTP server on POST /webhook; `on_version(name, version)` must not block."""
+    """POST /webhook (and GET /health) on uvicorn; `on_version(name, version)` must not block."""
 
     def __init__(self, host: str, port: int, secret: str, on_version: Callable[[str, str], None],
                  *, max_body_bytes: int, max_age: float, read_timeout: float = 10.0):
@@ -135,53 +145,54 @@ class WebhookReceiver:
         self.on_version = on_version
         self.max_body_bytes = max_body_bytes
         self.max_age = max_age
+        self.read_timeout = read_timeout
         self.replay = ReplayGuard(max_age)
         self.accepted = 0
         self.rejected = 0
         self.rejections = RejectionLog()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            timeout = read_timeout  # a client that stalls mid-request cannot hold its thread
-
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                status, message = receiver.handle(self.path, self.headers, self._read_body)
-                data = json.dumps({"status": status, "message": message}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if status >= 400:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):  # noqa: N802
-                ok = self.path == "/health"
-                data = b"OK" if ok else b"not found"
-                self.send_response(200 if ok else 404)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _read_body(self) -> bytes | None:
-                length = self.headers.get("Content-Length") or "0"
-                if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
-                    raise DeliveryRejected(400, f"bad Content-Length {length[:40]!r}")
-                if int(length) > receiver.max_body_bytes:
-                    return None
-                return self.rfile.read(int(length))
-
-            def log_message(self, fmt, *args):
-                log.debug("webhook receiver: " + fmt, *args)
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        # Bound now, so the port (0 = any free one) is known before start().
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        app = Starlette(routes=[Route("/{path:path}", self._endpoint, methods=["GET", "POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, lifespan="off", access_log=False, log_level="warning", log_config=None,
+            timeout_keep_alive=int(read_timeout), timeout_graceful_shutdown=2))
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        return self.httpd.server_address[1]
+        return self._socket.getsockname()[1]
+
+    async def _endpoint(self, request: Request) -> Response:
+        if request.method == "GET":
+            ok = request.url.path == "/health"
+            return PlainTextResponse("OK" if ok else "not found", status_code=200 if ok else 404)
+        if request.url.path.rstrip("/") != "/webhook":
+            return JSONResponse({"status": 404, "message": "not found"}, status_code=404,
+                                headers={"Connection": "close"})
+        try:
+            body = await self._read_body(request)
+            status, message = self.handle(request.url.path, request.headers, lambda: body)
+        except TimeoutError:
+            status, message = 408, f"stalled: body not received within {self.read_timeout:g} s"
+            self.rejected += 1
+            self.rejections.add(status, message)
+        return JSONResponse({"status": status, "message": message}, status_code=status,
+                            headers={"Connection": "close"} if status >= 400 else None)
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None when it is (or announces to be) over max_body_bytes: not read on."""
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > self.max_body_bytes:  # h11 checked it is digits
+            return None
+        body = bytearray()
+        async with asyncio.timeout(self.read_timeout):  # a client that stalls mid-body
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.max_body_bytes:
+                    return None
+        return bytes(body)
 
     def handle(self, path: str, headers, read_body: Callable[[], bytes | None]) -> tuple[int, str]:
         if path.rstrip("/") != "/webhook":
@@ -202,11 +213,18 @@ class WebhookReceiver:
         return 200, f"ignored event {delivery.entity}.{delivery.action}"
 
     def start(self) -> "WebhookReceiver":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="tunelens-webhook",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
+                                        name="tunelens-webhook", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the webhook receiver did not start")
+            time.sleep(0.02)
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self._socket.close()

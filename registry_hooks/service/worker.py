@@ -25,9 +25,10 @@ from tunelens.errors import one_line
 from . import state
 from .base_resolution import resolve_base_model
 from .detection import detect_adapter
-from .mlflow_logging import (analysis_runs, description_section, experiment_id,
-                             log_analysis_run, top_layer, with_section)
+from .mlflow_logging import (ANALYSIS_SECTION, analysis_runs, description_section,
+                             experiment_id, log_analysis_run, replace_section, top_layer)
 from .sandbox import AnalysisProcess
+from .scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,20 @@ class _Heartbeat:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """No more renewals (before the lease is deleted, so none can write it back)."""
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
 
 
 class Worker:
     """Processes queued versions on `threads` threads; enqueue() never blocks."""
 
-    def __init__(self, tracking_uri: str, config: dict, *, threads: int | None = None):
+    def __init__(self, tracking_uri: str, config: dict, *, threads: int | None = None,
+                 dead_workers: frozenset[str] = frozenset()):
         self.tracking_uri = tracking_uri
         self.config = config
         hooks = config["hooks"]
@@ -131,6 +138,10 @@ class Worker:
         self.experiment_name = hooks["experiment"]
         self.threads = threads or int(hooks["workers"])
         self.owner = state.worker_id()
+        # Workers known to be dead (a killed `tunelens server` on the same data dir): their
+        # leases are taken over at once rather than after they expire.
+        self.dead_workers = dead_workers
+        self.scope = Scope.from_config(config)
         self._inbox: queue.Queue[tuple[str, str]] = queue.Queue()
         self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._pending: set[tuple[str, str]] = set()
@@ -147,6 +158,16 @@ class Worker:
         return MlflowClient(self.tracking_uri)
 
     # --- intake ---------------------------------------------------------------------------------
+    def in_scope(self, client: MlflowClient, name: str, model_tags: dict | None = None) -> bool:
+        """Whether `name` is tunelens's to analyse (hooks.models / hooks.models_tag)."""
+        if self.scope.everything or self.scope.matches_name(name):
+            return True
+        if self.scope.tag is None:
+            return False
+        if model_tags is None:
+            model_tags = client.get_registered_model(name).tags
+        return self.scope.includes(name, model_tags)
+
     def enqueue(self, name: str, version: str) -> None:
         """Hand a version to the worker; returns at once (the webhook answers right after)."""
         self._inbox.put((name, str(version)))
@@ -164,19 +185,36 @@ class Worker:
                     continue
                 self._pending.add(key)
             try:
+                in_scope = self.in_scope(client, key[0])
+            except MlflowException as exc:  # the model is gone, or the server blinked: the
+                in_scope = False            # scan looks again
+                log.warning("could not read registered model %s: %s", key[0], exc)
+            if not in_scope:
+                log.debug("%s v%s: model outside hooks.models; not touched", *key)
+                with self._pending_lock:
+                    self._pending.discard(key)
+                continue
+            try:
                 state.mark_queued(client, *key)
             except MlflowException as exc:
                 log.warning("could not mark %s v%s queued: %s", *key, exc)
             self._jobs.put(key)
 
     def scan(self) -> list[tuple[str, str]]:
-        """Versions with no final status (none, queued, or running under an expired lease)."""
+        """In-scope versions with no final status (none, queued, or running under an expired
+        lease or a dead worker's)."""
         client, found, token = self.client(), [], None
         now = time.time()
+        scope: dict[str, bool] = {}  # registered model -> in scope, looked up once per scan
         while True:
             page = client.search_model_versions(max_results=1000, page_token=token)
-            found += [(mv.name, str(mv.version)) for mv in page
-                      if state.VersionState.of(mv.tags).needs_work(now)]
+            for mv in page:
+                if not state.VersionState.of(mv.tags).needs_work(now, self.dead_workers):
+                    continue
+                if mv.name not in scope:
+                    scope[mv.name] = self.in_scope(client, mv.name)
+                if scope[mv.name]:
+                    found.append((mv.name, str(mv.version)))
             token = page.token
             if not token:
                 return found
@@ -239,7 +277,7 @@ class Worker:
         """Bring one version to done/skipped/failed, unless another worker holds it."""
         client = self.client()
         current = state.VersionState.of(client.get_model_version(name, version).tags)
-        if not current.needs_work():
+        if not current.needs_work(dead_workers=self.dead_workers):
             return JobOutcome(name, version, None, f"status {current.status}")
         attempt = current.next_attempt
         while not state.try_claim(client, name, version, attempt):
@@ -253,7 +291,7 @@ class Worker:
             # by the server: stop retrying what may be killing workers.
             error = (f"no attempt finished in {self.max_attempts} tries (each ended with its worker "
                      f"killed or the MLflow server unreachable); see the hook service's log, then "
-                     f"delete the version's {state.STATUS} and {state.LEASE} tags to retry")
+                     f"delete the version's {state.STATUS} tag to retry")
             log.warning("analysis of %s v%s failed: %s", name, version, error)
             self._finish(client, name, version, state.FAILED, {state.ERROR: error})
             return JobOutcome(name, version, state.FAILED, error)
@@ -288,7 +326,7 @@ class Worker:
         if not detection.is_lora:
             beat.check()
             self._finish(client, name, version, state.SKIPPED,
-                         {SKIP_REASON: detection.skip_reason})
+                         {SKIP_REASON: detection.skip_reason}, beat)
             return JobOutcome(name, version, state.SKIPPED, detection.skip_reason)
         base = resolve_base_model(client, name, version, self.config, detection.model_dir)
         sandbox = self._sandboxes.get()
@@ -309,28 +347,35 @@ class Worker:
             raise
         summary = result.summary
         layer = top_layer(result)
-        description = with_section(client.get_model_version(name, version).description,
-                                   description_section(result, experiment, run_id, base))
+        description = replace_section(client.get_model_version(name, version).description,
+                                      ANALYSIS_SECTION,
+                                      description_section(result, experiment, run_id, base))
         client.update_model_version(name, version, description=description)
         self._finish(client, name, version, state.DONE, {
             state.RUN_ID: run_id,
             "tunelens.trainable_params": str(summary.trainable_params),
             "tunelens.layers_modified": str(len(summary.layers_modified)),
             "tunelens.top_layer": "" if layer is None else str(layer),
-            "tunelens.mean_delta_fro": f"{summary.mean_delta_fro:.6g}"})
+            "tunelens.mean_delta_fro": f"{summary.mean_delta_fro:.6g}"}, beat)
         clock.lap("mlflow")
         log.info("%s v%s done in %s", name, version, clock)
         self.after_analysis(client, name, version, base)
         return JobOutcome(name, version, state.DONE, run_id)
 
     def _finish(self, client: MlflowClient, name: str, version: str, status: str,
-                tags: dict[str, str]) -> None:
-        """Write the outcome's tags, then the final status last (it is what readers wait for)."""
+                tags: dict[str, str], beat: _Heartbeat | None = None) -> None:
+        """Write the outcome's tags, then the final status (it is what readers wait for), then
+        drop the lease: internal state has no place among the user's tags once a job is final.
+        The lease goes after the status, so no scan ever sees an unleased job that is not final
+        (it would start it again); the heartbeat stops first, so nothing writes the lease back."""
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         if status != state.FAILED and state.ERROR in client.get_model_version(name, version).tags:
             client.delete_model_version_tag(name, version, state.ERROR)
+        if beat is not None:
+            beat.stop()
         client.set_model_version_tag(name, version, state.STATUS, status)
+        client.delete_model_version_tag(name, version, state.LEASE)
 
     # --- issue 5 item 7: evaluate on registration (the evaluator is tunelens.evaluators') ---------
     def after_analysis(self, client: MlflowClient, name: str, version: str, base) -> None:

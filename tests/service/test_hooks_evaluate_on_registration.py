@@ -21,7 +21,8 @@ def test_worker_evaluates_and_promotes_after_the_analysis(tmp_path, mlflow_serve
                                         "targets": "she goes to school"}) + "\n" for i in range(4)))
     config = tmp_path / "conf.yaml"
     config.write_text(yaml.safe_dump({
-        "hooks": {"lease_seconds": 30, "poll_interval": 2, "evaluate_on_registration": True},
+        "hooks": {"lease_seconds": 30, "poll_interval": 2, "evaluate_on_registration": True,
+                  "models": ["*"]},
         "evaluation": {"backend": "transformers", "generation": {"max_new_tokens": 4}},
         "promotion": {"auto_promote": True}}))
     client = MlflowClient(mlflow_server.url)

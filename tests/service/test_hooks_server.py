@@ -1,6 +1,7 @@
 """`tunelens server` (embedded MLflow + hooks) and the registry-store plugin, as real processes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,10 +12,15 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from support.hooks_support import REPO, HooksProcess, register, wait_status, write_config
+import psutil
+import yaml
+
+from support.hooks_support import (REPO, HooksProcess, analysis_runs, register, wait_status,
+                           write_config)
 from support.mlflow_server import MlflowServer, free_port, postgres_database
-from tunelens.registry_hooks.service.embedded import KEY_FILE
+from tunelens.registry_hooks.service.embedded import KEY_FILE, PID_FILE
 from tunelens.registry_hooks.service.state import STATUS
+from tunelens.registry_hooks.service.supervisor import MARKER_ENV
 
 
 def _answers(url: str) -> bool:
@@ -25,10 +31,11 @@ def _answers(url: str) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, data_dir, config, log_path):
-        self.port = free_port()
+    def __init__(self, data_dir, config, log_path, *, port=None, jobs=False):
+        self.port = port or free_port()
+        self.data_dir = data_dir
         self.log_path = log_path
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(jobs).lower(),
                "PYTHONUNBUFFERED": "1"}
         env.pop("TUNELENS_WEBHOOK_SECRET", None)
         with open(log_path, "ab") as log:
@@ -47,6 +54,10 @@ class ServerProcess:
 
     def log_tail(self):
         return self.log_path.read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -106,9 +117,13 @@ def test_registry_store_plugin_enqueues_inside_the_request(backend, tmp_path, ll
     try:
         with MlflowServer(tmp_path / "mlflow", uri, args=["--registry-store-uri", registry]) as srv:
             client = MlflowClient(srv.url)
+            # outside `tunelens server` only opted-in models are in scope (hooks.models_tag)
+            client.create_registered_model("plugged", tags={"tunelens.enabled": "true"})
             version = register(client, "plugged", llama_adapter)
             # queued in the same insert as the version, with no hook service running at all
             assert client.get_model_version("plugged", version).tags[STATUS] == "queued"
+            outside = register(client, "not-opted-in", llama_adapter)
+            assert STATUS not in client.get_model_version("not-opted-in", outside).tags
             hooks = HooksProcess(srv.url, write_config(tmp_path / "conf.yaml"),
                                  tmp_path / "hooks.log", secret="x", webhook=False)
             try:
@@ -118,3 +133,81 @@ def test_registry_store_plugin_enqueues_inside_the_request(backend, tmp_path, ll
     finally:
         if with_db:
             with_db.__exit__(None, None, None)
+
+
+def _processes_of(data_dir) -> list[psutil.Process]:
+    """This user's processes started for the server on `data_dir` (they carry it in their env)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(MARKER_ENV) == str(data_dir.resolve()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return [p for p in found if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _kill_mid_analysis(server: ServerProcess, client: MlflowClient, name: str, versions,
+                       *, with_supervisor: bool = False) -> None:
+    """SIGKILL the whole `tunelens server` (and its supervisor too) while a version is analysed."""
+    deadline = time.monotonic() + 240
+    while not any(client.get_model_version(name, v).tags.get(STATUS) == "running"
+                  for v in versions):
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.1)
+    if with_supervisor:  # as an OOM kill of both would (the supervisor first, or it would still
+        # end the tree on its parent's death): MLflow is orphaned, holding the port
+        os.kill(json.loads((server.data_dir / PID_FILE).read_text())["supervisor"], signal.SIGKILL)
+    server.kill()
+
+def test_sigkilled_server_leaves_nothing_and_restarts_to_finish_every_version(
+        tmp_path, llama_adapter):
+    data_dir = tmp_path / "data"
+    # Leases far longer than the test: versions finish only if the restart takes over the dead
+    # worker's leases at once.
+    config = write_config(tmp_path / "conf.yaml", lease_seconds=3600, poll_interval=2)
+    server = ServerProcess(data_dir, config, tmp_path / "server1.log", jobs=True)
+    port = server.port
+    client = MlflowClient(server.url)
+    versions = [register(client, "killed", llama_adapter) for _ in range(3)]
+    _kill_mid_analysis(server, client, "killed", versions)
+    # the parent-death path: MLflow, its workers, job runner and the analysis child all end
+    deadline = time.monotonic() + 30
+    while _processes_of(data_dir) or _answers(server.url):
+        assert time.monotonic() < deadline, [p.cmdline() for p in _processes_of(data_dir)]
+        time.sleep(0.2)
+
+    server = ServerProcess(data_dir, config, tmp_path / "server2.log", port=port, jobs=True)
+    versions += [register(client, "killed", llama_adapter) for _ in range(2)]
+    _kill_mid_analysis(server, client, "killed", versions, with_supervisor=True)
+    time.sleep(2)
+    assert _processes_of(data_dir)  # the orphans a double kill leaves: the next start's job
+
+    server = ServerProcess(data_dir, config, tmp_path / "server3.log", port=port, jobs=True)
+    try:
+        assert "stopped" in server.log_tail() and "earlier, killed run" in server.log_tail()
+        for version in versions:
+            tags = wait_status(client, "killed", version)
+            assert tags[STATUS] == "done", (version, tags, server.log_tail())
+            assert len(analysis_runs(client, "killed", version)) == 1, version
+    finally:
+        assert server.terminate() == 0, server.log_tail()
+    assert not _processes_of(data_dir)
+    assert not (data_dir / PID_FILE).exists()
+
+
+def test_embedded_server_hands_its_scope_to_the_registry_store_plugin(tmp_path, llama_adapter):
+    config = tmp_path / "conf.yaml"
+    config.write_text(yaml.safe_dump({"hooks": {"models": ["team-*"], "poll_interval": 2},
+                                      "server": {"registry_store_plugin": True}}))
+    server = ServerProcess(tmp_path / "data", config, tmp_path / "server.log")
+    try:
+        client = MlflowClient(server.url)
+        inside = register(client, "team-chat", llama_adapter)
+        outside = register(client, "other-chat", llama_adapter)
+        assert wait_status(client, "team-chat", inside)[STATUS] == "done", server.log_tail()
+        time.sleep(3)  # another scan
+        tags = client.get_model_version("other-chat", outside).tags
+        assert not [k for k in tags if k.startswith("tunelens.")], tags
+    finally:
+        assert server.terminate() == 0, server.log_tail()

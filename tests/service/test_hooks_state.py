@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 
 from support.hooks_support import register
 from tunelens.config import load_config
-from tunelens.registry_hooks.service.state import (ERROR, LEASE, STATUS, Lease, VersionState, claim_name,
+from tunelens.registry_hooks.service.state import (ERROR, LEASE, RUN_ID, STATUS, Lease, VersionState, claim_name,
                                             try_claim)
 from tunelens.registry_hooks.service.worker import Worker
 
@@ -25,6 +25,10 @@ def test_needs_work_follows_status_and_lease():
         assert not VersionState.of({STATUS: final, LEASE: dead}).needs_work()
     assert VersionState.of({STATUS: "running", LEASE: dead}).next_attempt == 2
     assert Lease.parse("garbage") is None and VersionState.of({}).next_attempt == 1
+    # a lease held by a worker known dead (a killed server on the same data dir) is taken over now
+    assert VersionState.of({STATUS: "running", LEASE: live}).needs_work(dead_workers={"w"})
+    assert not VersionState.of({STATUS: "running", LEASE: live}).needs_work(dead_workers={"x"})
+    assert not VersionState.of({STATUS: "done", LEASE: live}).needs_work(dead_workers={"w"})
 
 
 def test_racing_claims_have_one_winner_per_attempt(mlflow_server):
@@ -59,7 +63,8 @@ def test_claim_stranded_by_a_claimant_killed_before_its_lease_is_taken_over(mlfl
     outcome = worker.process("stranded", version)
     assert outcome.status == "done", outcome.detail
     tags = client.get_model_version("stranded", version).tags
-    assert Lease.parse(tags[LEASE]).attempt == 2
+    assert LEASE not in tags  # dropped once final
+    assert client.get_run(tags[RUN_ID]).data.tags["tunelens.analysis.attempt"] == "2"
     assert client.get_experiment(stranded).lifecycle_stage == "deleted"
 
 

@@ -21,7 +21,7 @@ SECRET = "s3cret-for-tests"
 def receiver():
     calls = []
     rx = WebhookReceiver("127.0.0.1", 0, SECRET, lambda n, v: calls.append((n, v)),
-                         max_body_bytes=4096, max_age=300).start()
+                         max_body_bytes=4096, max_age=300, read_timeout=1).start()
     rx.calls = calls
     yield rx
     rx.stop()
@@ -43,10 +43,15 @@ def test_receiver_rejects_forged_unsigned_stale_replayed_and_oversized(receiver)
     assert post(url, headers, body) == 409  # the same delivery id again: a replay
     assert receiver.calls == [("m", "1")]
     assert (receiver.accepted, receiver.rejected) == (1, 7)
-    # A Content-Length that is not a plain non-negative number is a 400, not a crashed handler.
+    # A Content-Length that is not a plain non-negative number is a 400 from the HTTP parser,
+    # before the app: nothing reaches the handler.
     for length in ("-5", "abc", "\u00b2"):
         assert raw_post(url, length, b"{}") == 400, length
-    assert receiver.rejected == 10
+    assert receiver.rejected == 7 and receiver.calls == [("m", "1")]
+    # A body announced but not sent is answered 408 after the read timeout.
+    started = time.monotonic()
+    assert raw_post(url, "100", b"{" * 10) == 408
+    assert 0.5 <= time.monotonic() - started < 10 and receiver.rejected == 8
 
 
 def test_forged_stale_and_replayed_deliveries_analyse_nothing(tmp_path, llama_adapter):

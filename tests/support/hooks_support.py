@@ -21,7 +21,8 @@ from tunelens.registry_hooks.service.webhook import DELIVERY_ID, SIGNATURE, TIME
 from support import REPO
 
 
-def register(client: MlflowClient, name: str, adapter_dir: Path) -> str:
+def register(client: MlflowClient, name: str, adapter_dir: Path, *,
+             description: str | None = None) -> str:
     """Log a directory as run artifacts and register it (the normal client path); its version."""
     experiment = client.get_experiment_by_name("sources")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("sources")
@@ -33,7 +34,7 @@ def register(client: MlflowClient, name: str, adapter_dir: Path) -> str:
     except Exception:  # noqa: BLE001 - already registered by an earlier call
         pass
     return str(client.create_model_version(name, f"runs:/{run.info.run_id}/adapter",
-                                           run.info.run_id).version)
+                                           run.info.run_id, description=description).version)
 
 
 def wait_status(client: MlflowClient, name: str, version: str, timeout: float = 240,
@@ -58,7 +59,8 @@ def analysis_runs(client: MlflowClient, name: str, version: str) -> list:
 
 
 def write_config(path: Path, **hooks) -> Path:
-    settings = {"lease_seconds": 6, "poll_interval": 2, **hooks}
+    """Hook settings for a test: short leases and scans; every model in scope unless narrowed."""
+    settings = {"lease_seconds": 6, "poll_interval": 2, "models": ["*"], **hooks}
     path.write_text(yaml.safe_dump({"hooks": settings}))
     return path
 

@@ -26,6 +26,17 @@ class UiFindings:
     screenshots: list[Path]
 
 
+# MLflow's UI opens its assistant panel on a browser's first visit, covering a quarter of the page.
+# Its state lives in localStorage as `<key>_v<version>` JSON (the UI's useLocalStorage hook):
+# mark the first-visit opening as done and the panel as closed before any page script runs.
+CLOSE_ASSISTANT = """
+try {
+  localStorage.setItem("mlflow.assistant.fab.autoOpenedOnFirstLoad_v1", "true");
+  localStorage.setItem("mlflow.assistant.panelOpen_v1", "false");
+} catch (e) {}
+"""
+
+
 def _frame_with(page, selector: str, timeout_ms: int):
     """The artifact viewer renders HTML in a sandboxed iframe: find the frame holding `selector`."""
     deadline_steps = timeout_ms // 500
@@ -54,6 +65,7 @@ def check_ui(url: str, model: str, version: str, out_dir: Path, timeout_ms: int 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.add_init_script(CLOSE_ASSISTANT)
 
         page.goto(f"{url}/#/models/{model}/versions/{version}")
         page.wait_for_selector("text=tunelens.analysis.status", timeout=timeout_ms)

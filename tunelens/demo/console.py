@@ -1,0 +1,61 @@
+"""The demo's console shows its story and progress bars; engine and library output goes to a file.
+
+vLLM's engine runs in child processes and native libraries (torch, Triton) write straight to file
+descriptors 1 and 2, so redirecting Python's loggers is not enough: the descriptors themselves
+are pointed at the log file (children inherit that), while `sys.stdout` / `sys.stderr`, which the
+story and its progress bars write to, keep a copy of the terminal.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def quiet_console(log_path: Path, verbose: bool = False):
+    """Within the block: fds 1/2, logging and warnings -> `log_path`; sys.stdout/stderr -> the
+    terminal. `verbose` leaves everything on the terminal."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
+        yield
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal_out, terminal_err = os.dup(1), os.dup(2)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    previous = sys.stdout, sys.stderr, os.environ.get("VLLM_CONFIGURE_LOGGING")
+    root = logging.getLogger()
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    try:
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        sys.stdout = open(terminal_out, "w", buffering=1, closefd=False)
+        sys.stderr = open(terminal_err, "w", buffering=1, closefd=False)
+        # vLLM would otherwise give its loggers their own handler on sys.stdout (the terminal)
+        os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        handler.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr, vllm_logging = previous
+        if vllm_logging is None:
+            os.environ.pop("VLLM_CONFIGURE_LOGGING", None)
+        else:
+            os.environ["VLLM_CONFIGURE_LOGGING"] = vllm_logging
+        os.dup2(terminal_out, 1)
+        os.dup2(terminal_err, 2)
+        for fd in (terminal_out, terminal_err, log_fd):
+            os.close(fd)

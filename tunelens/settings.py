@@ -133,7 +133,7 @@ class PromotionSettings(Section):
 
 
 class HooksSettings(Section):
-    models: list[Name] | None  # names or glob patterns; None: the command's default scope
+    models: list[Name] | Name | None  # names or glob patterns; None: the command's default scope
     models_tag: Annotated[str, Field(pattern=r"^[^=]+=.*$")] | None  # KEY=VALUE opt-in tag
     experiment: Name
     base_models: dict[str, str]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -369,22 +370,22 @@ def generate(plan: EvaluationPlan) -> Generated:
     return Generated({label: phases[label] for label in plan.labels}, engine_settings, serving)
 
 
-def _served_rules(serving: ServingFigures | None, reference: str, config: dict,
-                  latency: bool) -> list:
-    """The rules from latency and memory as served (replacing the batch-phase ones of the same
-    name): memory for any reference served here; latency only against the base, whose A-B-A
-    passes give the noise floor. None served: no replacements."""
+def _served_rules(serving: ServingFigures | None, reference: str, config: dict) -> list:
+    """The rules from latency and memory as served, replacing the batch-phase ones: memory totals
+    of the candidate against `reference`, and the served latency ratio against it (request by
+    request on the same rows, with the base timed before and after as the noise floor). Nothing
+    when `reference` was not served here (sample_rows 0, or the holder on another base)."""
     if serving is None or reference not in {p.label for p in serving.memory}:
         return []
     settings = config["verdict"]
     rules = memory_rules(serving.memory_of(reference), serving.memory_of(FINETUNED),
                          settings["max_memory_ratio"], settings["max_memory_gib"])
-    if latency and settings["max_p95_latency_ratio"] is not None:
-        rules.insert(0, latency_rule(serving.latency_of(reference), serving.latency_of(FINETUNED),
-                                     float(settings["max_p95_latency_ratio"]),
-                                     level=float(settings["confidence_level"]),
-                                     n_resamples=int(settings["bootstrap_resamples"]),
-                                     seed=int(settings["seed"])))
+    if settings["max_p95_latency_ratio"] is not None:
+        rules.insert(0, latency_rule(
+            serving.latency_of(BASE), serving.latency_of(FINETUNED),
+            float(settings["max_p95_latency_ratio"]), level=float(settings["confidence_level"]),
+            n_resamples=int(settings["bootstrap_resamples"]), seed=int(settings["seed"]),
+            reference=None if reference == BASE else serving.latency_of(reference)))
     return rules
 
 
@@ -462,13 +463,10 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
     if serving is not None:
         for profile in (*serving.latency, *serving.memory):
             metrics |= {f"{profile.label}/{k}": v for k, v in profile.metrics().items()}
-    parts = [decide_part(comparison, config, "base",
-                         _served_rules(serving, BASE, config, latency=True))]
+    parts = [decide_part(comparison, config, "base", _served_rules(serving, BASE, config))]
     if plan.holder_label:
-        # Against the holder, latency stays the batch phases' ratio: both are adapters on the same
-        # LoRA-enabled engine, in the same kind of batch, so neither is favoured.
         parts.append(decide_part(other_comparisons[plan.holder_label], config, "holder",
-                                 _served_rules(serving, plan.holder_label, config, latency=False)))
+                                 _served_rules(serving, plan.holder_label, config)))
     verdict = combine(FINETUNED, len(plan.kept), parts, plan.holder)
     metrics |= {"rows_evaluated": float(len(plan.kept)),
                 "rows_skipped_too_long": float(plan.skipped)}
@@ -565,10 +563,14 @@ def _log_inputs(client, run_id: str, plan: EvaluationPlan, owned: bool) -> None:
 
         path = Path(plan.dataset.source)
         frame = pd.DataFrame({"inputs": plan.dataset.inputs, "targets": plan.dataset.targets})
-        # a local file is its own source; a frame passed in memory has none to name
-        dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()) if path.is_file()
-                                          else None, targets="targets",
-                                          name=path.name if path.is_file() else "test set")
+        # a local file is its own source; a frame passed in memory has none to name. MLflow
+        # registers its local-file source class twice and warns that a path matches both.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The specified dataset source can be "
+                                    "interpreted in multiple ways")
+            dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()) if path.is_file()
+                                              else None, targets="targets",
+                                              name=path.name if path.is_file() else "test set")
         datasets.append(DatasetInput(dataset._to_mlflow_entity(),
                                      [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")]))
     model_id = getattr(client.get_model_version(plan.ref.name, plan.ref.version), "model_id", None)

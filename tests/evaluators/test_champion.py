@@ -211,6 +211,43 @@ def test_an_extra_metric_is_logged_and_as_primary_decides_the_quality_rule(world
     latency = [rule for name, rule in rules.items() if name.startswith("latency")]
     assert len(latency) == 1 and "served" in latency[0]["detail"]  # the batch rule is replaced
     assert "memory as served" in rules["memory_ratio"]["detail"]
+    if len(verdict["parts"]) == 2:  # after the first test v3 holds production: served beside
+        holder_rules = {rule["name"]: rule for rule in verdict["parts"][1]["rules"]}
+        assert "latency_p95_ratio" not in holder_rules and "latency_ratio" in holder_rules
+        assert "memory as served" in holder_rules["memory_ratio"]["detail"]
     for label in ("base", "finetuned"):
         assert logged[f"{label}/served_latency_requests"] == 4
         assert logged[f"{label}/memory_weights_gib"] > 0
+
+
+def test_a_holder_on_another_base_gets_an_engine_of_its_own(world, llama_base, tmp_path):
+    """The holder was trained on another base: base and candidate share the first engine, the
+    holder runs after it on its own base, and its outputs are its true greedy outputs there."""
+    from factories import tiny_llama
+
+    other_base = tiny_llama(tmp_path / "other-base", seed=7)
+    holder_adapter = make_lora_adapter(other_base, tmp_path / "holder", seed=5, r=4,
+                                       target_modules=["q_proj", "v_proj"])
+    candidate_adapter = make_lora_adapter(llama_base, tmp_path / "candidate", seed=6, r=4,
+                                          target_modules=["q_proj", "v_proj"])
+    name, client = "two-bases", world["client"]
+    holder = log_adapter(holder_adapter, other_base, registered_model_name=name,
+                         tracking_uri=world["url"]).version
+    candidate = log_adapter(candidate_adapter, llama_base, registered_model_name=name,
+                            tracking_uri=world["url"]).version
+    client.set_registered_model_alias(name, "production", str(holder))
+    prompts = prompt_pool(6, seed=3)
+    data = tmp_path / "rows.jsonl"
+    pd.DataFrame({"inputs": prompts, "targets": prompts}).to_json(data, orient="records",
+                                                                  lines=True)
+    outcome = evaluate_version(f"models:/{name}/{candidate}", data, config=world["config"],
+                               client=client, set_version_tags=False)
+    assert outcome.labels == ["base", "finetuned", "production"]
+    assert any("production on" in note and "its own engine, after" in note
+               for note in outcome.notes)
+    table = outcome.table
+    assert table["production_output"].tolist() == greedy(other_base, holder_adapter, prompts,
+                                                         MAX_NEW)
+    assert table["finetuned_output"].tolist() == greedy(llama_base, candidate_adapter, prompts,
+                                                        MAX_NEW)
+    assert [part.against for part in outcome.verdict.parts] == ["base", "holder"]

@@ -223,7 +223,7 @@ def test_an_extra_metric_is_logged_and_as_primary_decides_the_quality_rule(world
 def test_a_holder_on_another_base_gets_an_engine_of_its_own(world, llama_base, tmp_path):
     """The holder was trained on another base: base and candidate share the first engine, the
     holder runs after it on its own base, and its outputs are its true greedy outputs there."""
-    from factories import tiny_llama
+    from support.factories import tiny_llama
 
     other_base = tiny_llama(tmp_path / "other-base", seed=7)
     holder_adapter = make_lora_adapter(other_base, tmp_path / "holder", seed=5, r=4,

@@ -5,7 +5,6 @@ so a difference between two models is the models', not the backends'.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -124,11 +123,9 @@ def decode(tokenizer, token_ids, stop: tuple[str, ...]) -> str:
 
 
 def adapter_config(adapter_dir: Path) -> dict:
-    path = Path(adapter_dir) / "adapter_config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise TunelensError(f"{path} cannot be read as a PEFT adapter config: {exc}") from None
+    from tunelens.registry_hooks.engine.loading import read_json_object
+
+    return read_json_object(Path(adapter_dir) / "adapter_config.json")
 
 
 def vllm_refusal(adapter_dir: Path) -> str | None:

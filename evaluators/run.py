@@ -243,8 +243,10 @@ def _tokenize(base_dir: Path, dataset: EvalDataset, settings: GenerationSettings
 
 def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
                     against, config: dict, backend: str | None, max_new_tokens: int | None,
-                    extra_metrics=(), primary_metric: str | None = None) -> EvaluationPlan:
-    """Check every input and decide what runs where; raises TunelensError, writes nothing."""
+                    extra_metrics=(), primary_metric: str | None = None,
+                    fetched: ModelRef | None = None) -> EvaluationPlan:
+    """Check every input and decide what runs where; raises TunelensError, writes nothing.
+    `fetched`: the candidate's files when the caller already has them (the hook worker)."""
     evaluation = config["evaluation"]
     dataset = load_dataset(data, inputs_column=evaluation["inputs_column"],
                            targets_column=evaluation["targets_column"])
@@ -258,7 +260,9 @@ def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
 
     name, version, alias = parse_model_uri(model_uri)
     version = resolve_version(client, name, version or alias)
-    ref = download_version(client, name, version)
+    max_bytes = int(config["hooks"]["max_download_bytes"])
+    ref = (fetched if fetched is not None and (fetched.name, fetched.version) == (name, version)
+           else download_version(client, name, version, max_bytes))
     base_dir = resolve_base(client, ref, base, config)
 
     promotion_alias = config["promotion"]["alias"]
@@ -270,7 +274,8 @@ def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
                             "choose another alias name")
     compared: list[tuple[str, ModelRef]] = []
     if holder_label:
-        compared.append((holder_label, download_version(client, name, holder_version)))
+        compared.append((holder_label,
+                         download_version(client, name, holder_version, max_bytes)))
     notes: list[str] = []
     for reference in against:
         other_version = resolve_version(client, name, str(reference))
@@ -281,7 +286,7 @@ def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
             notes.append(f"--against {reference}: v{other_version} holds {promotion_alias} and is "
                          "compared as the holder")
             continue
-        compared.append((label, download_version(client, name, other_version)))
+        compared.append((label, download_version(client, name, other_version, max_bytes)))
 
     # One group per base: the candidate's base serves base, candidate and every version that
     # resolves to it; a version on another base gets an engine of its own, after.
@@ -605,7 +610,8 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
                      against: tuple[str, ...] | list[str] = (), config: dict | None = None,
                      backend: str | None = None, max_new_tokens: int | None = None,
                      run_id: str | None = None, client=None, set_version_tags: bool = True,
-                     extra_metrics=(), primary_metric: str | None = None) -> EvaluationOutcome:
+                     extra_metrics=(), primary_metric: str | None = None,
+                     fetched: ModelRef | None = None) -> EvaluationOutcome:
     """Evaluate models:/NAME/VERSION against its base and the holder of promotion.alias (and
     `against` aliases/versions) on `data`.
 
@@ -613,8 +619,9 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
     `delta_vs_<label>/…`, the per-row table and the side-by-side HTML report to one run, then
     tags the version with the verdict and the holder it covered. `extra_metrics`: metrics made
     with mlflow.metrics.make_metric, scored per row like the built-ins; `primary_metric`
-    overrides verdict.primary_metric. Raises TunelensError, before anything is written, for every
-    bad input.
+    overrides verdict.primary_metric; `fetched`: the candidate's files, already downloaded (the hook
+    worker's, so a version evaluated on registration is fetched once). Raises TunelensError,
+    before anything is written, for every bad input.
     """
     from mlflow import MlflowClient
 
@@ -622,7 +629,8 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
     client = client or MlflowClient()
     plan = plan_evaluation(client, model_uri, data, base=base, against=against, config=config,
                            backend=backend, max_new_tokens=max_new_tokens,
-                           extra_metrics=extra_metrics, primary_metric=primary_metric)
+                           extra_metrics=extra_metrics, primary_metric=primary_metric,
+                           fetched=fetched)
     generated = generate(plan)
     scored = score(plan, generated)
     run_id = log_evaluation(client, plan, generated, scored, run_id, set_version_tags)

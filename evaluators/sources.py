@@ -6,7 +6,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from safetensors import safe_open
 
@@ -23,12 +22,6 @@ class ModelRef:
     version: str
     model_dir: Path
     adapter_dir: Path
-
-
-def _find_adapter_dir(path: Path) -> Path | None:
-    from tunelens.registry_hooks.engine.loading import find_adapter_dir
-
-    return find_adapter_dir(path)
 
 
 def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
@@ -55,8 +48,13 @@ def resolve_version(client, name: str, reference: str) -> str:
         raise TunelensError(f"model {name!r} has no version or alias {reference!r}") from None
 
 
-def download_version(client, name: str, version: str, into: Path | None = None) -> ModelRef:
-    """The version's artifacts in a local folder, and the PEFT adapter inside them."""
+def download_version(client, name: str, version: str, max_bytes: int,
+                     into: Path | None = None) -> ModelRef:
+    """The version's adapter files in a local folder, fetched as the registry hooks fetch them
+    (service.detection: artifact paths checked, at most `max_bytes` = hooks.max_download_bytes,
+    only the adapter's files and MLmodel)."""
+    from tunelens.registry_hooks.service.detection import detect_adapter
+
     try:
         client.get_model_version(name, version)
     except MlflowException:
@@ -64,19 +62,13 @@ def download_version(client, name: str, version: str, into: Path | None = None) 
                             f"(tracking server {client.tracking_uri})") from None
     target = Path(into or tempfile.mkdtemp(prefix=f"tunelens-{name}-v{version}-"))
     try:
-        # Through the client's server, not the global default: callers (hooks, demo) pass their
-        # own client, and a models:/NAME/V URI would be looked up in the global registry.
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=client.get_model_version_download_uri(name, version),
-            dst_path=str(target), tracking_uri=client.tracking_uri)
+        detection = detect_adapter(client, name, version, target, max_bytes)
     except MlflowException as exc:
         raise TunelensError(f"cannot download models:/{name}/{version}: {exc.message}") from None
-    adapter = _find_adapter_dir(Path(local))
-    if adapter is None:
-        raise TunelensError(f"models:/{name}/{version} holds no PEFT adapter (no "
-                            "adapter_config.json, directly or under peft/): tunelens evaluates "
-                            "LoRA adapters against their base")
-    return ModelRef(name, version, Path(local), adapter)
+    if not detection.is_lora:
+        raise TunelensError(f"models:/{name}/{version}: {detection.skip_reason}; tunelens "
+                            "evaluates LoRA adapters against their base")
+    return ModelRef(name, version, detection.model_dir, detection.adapter_dir)
 
 
 def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:

@@ -7,7 +7,6 @@ when that is a local directory.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +31,9 @@ def _base_dir(adapter_dir: Path, base: str | Path | None) -> Path:
             raise TunelensError(f"base model {path} is not a local transformers model directory "
                                 f"(no config.json); pass the directory the adapter was trained on")
         return path
-    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get(
-        "base_model_name_or_path")
+    from tunelens.registry_hooks.engine.loading import read_json_object
+
+    recorded = read_json_object(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
     if recorded and (Path(recorded).expanduser() / "config.json").is_file():
         return Path(recorded).expanduser()
     raise TunelensError(f"the adapter names base model {recorded!r}, which is not a local "

@@ -24,7 +24,7 @@ from tunelens.errors import one_line
 
 from . import state
 from .base_resolution import resolve_base_model
-from .detection import detect_adapter
+from .detection import Detection, detect_adapter
 from .mlflow_logging import (ANALYSIS_SECTION, analysis_runs, description_section,
                              experiment_id, log_analysis_run, replace_section, top_layer)
 from .sandbox import AnalysisProcess
@@ -359,7 +359,7 @@ class Worker:
             "tunelens.mean_delta_fro": f"{summary.mean_delta_fro:.6g}"}, beat)
         clock.lap("mlflow")
         log.info("%s v%s done in %s", name, version, clock)
-        self.after_analysis(client, name, version, base)
+        self.after_analysis(client, name, version, base, detection)
         return JobOutcome(name, version, state.DONE, run_id)
 
     def _finish(self, client: MlflowClient, name: str, version: str, status: str,
@@ -377,30 +377,35 @@ class Worker:
         client.set_model_version_tag(name, version, state.STATUS, status)
         client.delete_model_version_tag(name, version, state.LEASE)
 
-    # --- issue 5 item 7: evaluate on registration (the evaluator is tunelens.evaluators') ---------
-    def after_analysis(self, client: MlflowClient, name: str, version: str, base) -> None:
-        """Hook point run after `done`: evaluate when conf enables it and the model names a dataset."""
+    # --- evaluate on registration (the evaluator is tunelens.evaluators') -------------------------
+    def after_analysis(self, client: MlflowClient, name: str, version: str, base,
+                       detection: Detection) -> None:
+        """Hook point run after `done`: evaluate when conf enables it and the model names a
+        dataset, on the files the analysis fetched (not a second download)."""
         if not self.config["hooks"].get("evaluate_on_registration"):
             return
         dataset = client.get_registered_model(name).tags.get(EVAL_DATASET_TAG)
         if not dataset:
             return
         try:
-            evaluate_registered_version(client, name, version, dataset, base, self.config)
+            evaluate_registered_version(client, name, version, dataset, base, self.config,
+                                        detection)
         except Exception as exc:  # noqa: BLE001 - the analysis stays done; say why eval did not
             log.warning("evaluation of %s v%s failed: %s", name, version, one_line(exc))
             client.set_model_version_tag(name, version, EVAL_ERROR, one_line(exc))
 
 
 def evaluate_registered_version(client: MlflowClient, name: str, version: str, dataset: str,
-                                base, config: dict) -> None:
+                                base, config: dict, detection: Detection) -> None:
     """The seam for the evaluator: it writes its own tags (tunelens.verdict, ...) on the version,
     then promotion.auto_promote (when on) moves the alias if the verdict is PROMOTE."""
     from tunelens.evaluators.promotion import auto_promote
     from tunelens.evaluators.run import evaluate_version
+    from tunelens.evaluators.sources import ModelRef
 
+    fetched = ModelRef(name, version, detection.model_dir, detection.adapter_dir)
     evaluate_version(f"models:/{name}/{version}", dataset, base=base.path, config=config,
-                     client=client)
+                     client=client, fetched=fetched)
     promoted = auto_promote(client, name, version, config)
     if promoted is not None:
         log.info("%s", promoted.describe())

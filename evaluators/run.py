@@ -36,7 +36,7 @@ from .sources import (ModelRef, check_adapter_fits, download_version, parse_mode
                       resolve_version)
 from .stats import ModelScores, PairedComparison, QualityMetricInfo, compare_paired
 from .verdict import (EVAL_RUN_TAG, HOLDER_TAG, REASONS_TAG, VERDICT_TAG, HolderCoverage,
-                      Verdict, combine, decide_part)
+                      RuleOutcome, Verdict, combine, decide_part)
 
 log = logging.getLogger(__name__)
 
@@ -379,10 +379,14 @@ def _served_rules(serving: ServingFigures | None, reference: str, config: dict) 
     """The rules from latency and memory as served, replacing the batch-phase ones: memory totals
     of the candidate against `reference`, and the served latency ratio against it (request by
     request on the same rows, with the base timed before and after as the noise floor). Nothing
-    when `reference` was not served here (sample_rows 0, or the holder on another base)."""
-    if serving is None or reference not in {p.label for p in serving.memory}:
-        return []
+    when `reference` was not served here (sample_rows 0, or the holder on another base): then each
+    limit that is set gets an undecided rule saying so, never a batch queue time or a process's
+    RSS in place of a figure as served."""
     settings = config["verdict"]
+    if serving is None or reference not in {p.label for p in serving.memory}:
+        why = ("evaluation.latency.sample_rows is 0" if serving is None else
+               f"{reference} ran on an engine of another base and was not timed as served")
+        return _not_served(settings, why)
     rules = memory_rules(serving.memory_of(reference), serving.memory_of(FINETUNED),
                          settings["max_memory_ratio"], settings["max_memory_gib"])
     if settings["max_p95_latency_ratio"] is not None:
@@ -392,6 +396,16 @@ def _served_rules(serving: ServingFigures | None, reference: str, config: dict) 
             n_resamples=int(settings["bootstrap_resamples"]), seed=int(settings["seed"]),
             reference=None if reference == BASE else serving.latency_of(reference)))
     return rules
+
+
+def _not_served(settings: dict, why: str) -> list[RuleOutcome]:
+    """Undecided latency and memory rules, for each limit conf.yaml sets, saying why."""
+    limits = {"latency_ratio": settings["max_p95_latency_ratio"],
+              "memory_ratio": settings["max_memory_ratio"], "memory_gib": settings["max_memory_gib"]}
+    return [RuleOutcome(name, None, float(limit), None,
+                        f"{name.split('_')[0]} as served not measured ({why}), so this rule cannot "
+                        f"decide; set its limit to null in conf.yaml to skip it")
+            for name, limit in limits.items() if limit is not None]
 
 
 # --- stage 3: score ------------------------------------------------------------------------------

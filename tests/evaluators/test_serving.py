@@ -269,3 +269,20 @@ def test_adapter_server_shares_the_base_weights_and_leaves_the_base_plain(llama_
         assert frozen and all(id(p) in shared for p in frozen)
     finally:
         server.close()
+
+
+def test_figures_not_measured_as_served_leave_the_rules_undecided_not_a_batch_proxy():
+    """Without a served measurement (sample_rows 0, or a holder on another base's engine) the
+    latency and memory rules say so and cannot pass: no queue time or RSS stands in for them."""
+    from tunelens.config import load_config
+    from tunelens.evaluators.run import _served_rules
+
+    config = load_config()
+    config["verdict"] |= {"max_p95_latency_ratio": 1.2, "max_memory_ratio": 1.25,
+                          "max_memory_gib": 8.0}
+    rules = {rule.name: rule for rule in _served_rules(None, "base", config)}
+    assert set(rules) == {"latency_ratio", "memory_ratio", "memory_gib"}
+    assert all(rule.passed is None and "not measured" in rule.detail for rule in rules.values())
+    assert "sample_rows is 0" in rules["latency_ratio"].detail
+    config["verdict"] |= {"max_p95_latency_ratio": None, "max_memory_gib": None}
+    assert [rule.name for rule in _served_rules(None, "base", config)] == ["memory_ratio"]

@@ -9,7 +9,7 @@
 3. MLflow's default path: each model logged with mlflow.transformers, loaded as pyfunc
    (`mlflow.pyfunc.load_model`, what `mlflow.models.evaluate(model=uri)` does) and asked row by row.
 
-The model is tests/factories.py's tiny Llama (2 layers, hidden 128, head_dim 64, vocab 500) with a
+The model is tests/support/factories.py's tiny Llama (2 layers, hidden 128, head_dim 64, vocab 500) with a
 real r=8 PEFT adapter on every projection: it measures the serving machinery, not a big model's
 arithmetic. Each path runs in its own child process (engine start and model loading included in
 "total"; "generate" is the two models' generation only).

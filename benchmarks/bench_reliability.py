@@ -1,4 +1,4 @@
-"""The reliability runs at full size: the figures RELIABILITY.md quotes (tests/test_reliability.py runs them small).
+"""The reliability runs at full size: the figures RELIABILITY.md quotes (tests/service/test_reliability.py runs them small).
 
 1. load:   a PostgreSQL-backed `mlflow server --workers 2`, two `tunelens hooks` processes, N versions
            registered in a burst by 8 clients; time to drain, throughput, registration -> done.

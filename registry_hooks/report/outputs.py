@@ -37,7 +37,7 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The document once for both files: on a 224-module adapter it is a second of CPU (the
-    # heatmaps). The text is exactly analysis_json()'s (tests/test_report.py checks it).
+    # heatmaps). The text is exactly analysis_json()'s (tests/report/test_report.py checks it).
     data = analysis_document(result)
     json_path = out / "analysis.json"
     json_path.write_text(json.dumps(data, allow_nan=False), encoding="utf-8")

@@ -6,7 +6,7 @@ than the base, worse than v1), v3 60 % (better than v1), on 40 rows. v1 is evalu
 beats its base but loses to the holder: not PROMOTE, promote refused, production unchanged; v3
 beats the holder and is promoted. The CLI's --json / --fail-on and MLflow extra_metrics as the
 primary metric run on the same versions. transformers+PEFT generate here (one evaluation per
-version, several per test); tests/test_eval_vllm.py covers the holder on the vLLM engine.
+version, several per test); tests/evaluators/test_eval_vllm.py covers the holder on the vLLM engine.
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
     config = load_config()
     config["evaluation"]["generation"]["max_new_tokens"] = MAX_NEW
     config["verdict"]["bootstrap_resamples"] = 200
-    config["evaluation"]["latency"]["sample_rows"] = 0  # served latency: tests/test_serving.py
+    config["evaluation"]["latency"]["sample_rows"] = 0  # served latency: tests/evaluators/test_serving.py
     yield {"data": data, "config": config, "references": references, "base": llama_base,
            "client": client, "root": root, "url": mlflow_server.url}
     if previous is None:

@@ -1,7 +1,7 @@
 """Latency and memory as served: the rules on known timings, real transformers servers on a tiny
 model (memory against its parameter count), and the same verdict idle and under CPU load.
 
-The vLLM servers run in tests/test_serving_vllm.py (several engine starts).
+The vLLM servers run in tests/evaluators/test_serving_vllm.py (several engine starts).
 """
 from __future__ import annotations
 

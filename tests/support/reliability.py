@@ -1,6 +1,6 @@
 """The reliability harness: bursts, crashes, restarts and floods against real processes, then an audit.
 
-Shared by tests/test_reliability.py (bounded sizes, in `make test`) and
+Shared by tests/service/test_reliability.py (bounded sizes, in `make test`) and
 benchmarks/bench_reliability.py (the full sizes whose figures RELIABILITY.md quotes). Everything is
 real: an `mlflow server` process on PostgreSQL (or sqlite), `tunelens hooks` processes killed with
 SIGKILL, MLflow's own webhook deliveries, signed and forged HTTP requests.

@@ -1,6 +1,6 @@
 """What a user sees in the MLflow UI, checked in headless Chromium driven by Playwright.
 
-Used by tests/test_ui_browser.py on its own small server, and by `python tests/ui_checks.py URL
+Used by tests/plugin/test_ui_browser.py on its own small server, and by `PYTHONPATH=tests python -m support.ui_checks URL
 MODEL VERSION OUT_DIR` against a running `tunelens demo` to take the README's screenshots.
 """
 from __future__ import annotations

@@ -376,7 +376,7 @@ def generate(plan: EvaluationPlan) -> Generated:
 
 
 def _served_rules(serving: ServingFigures | None, reference: str, config: dict) -> list:
-    """The rules from latency and memory as served, replacing the batch-phase ones: memory totals
+    """The rules from latency and memory as served: memory totals
     of the candidate against `reference`, and the served latency ratio against it (request by
     request on the same rows, with the base timed before and after as the noise floor). Nothing
     when `reference` was not served here (sample_rows 0, or the holder on another base): then each

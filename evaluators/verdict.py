@@ -169,27 +169,6 @@ def _interval_rule(name: str, ci, limit: float, what: str, fmt: str) -> RuleOutc
                        f"{what} {ci.describe(fmt)} {relation} the limit {limit:g}")
 
 
-def _memory_rules(comparison: PairedComparison, max_ratio, max_gib) -> list[RuleOutcome]:
-    memory, rules = comparison.memory, []
-    unmeasured = (f"memory not measured for both models on one basis (peak or weights), so the "
-                  f"budget cannot be checked; set the limit to null in conf.yaml to skip it")
-    if max_ratio is not None:
-        ratio = memory.ratio
-        rules.append(RuleOutcome(
-            "memory_ratio", ratio, float(max_ratio), None if ratio is None else ratio <= max_ratio,
-            unmeasured if ratio is None else
-            f"{memory.source} memory {memory.base_gib:.3f} -> {memory.other_gib:.3f} GiB, ratio "
-            f"{ratio:.3f} {'<=' if ratio <= max_ratio else '>'} {max_ratio:g}"))
-    if max_gib is not None:
-        gib = memory.other_gib
-        rules.append(RuleOutcome(
-            "memory_gib", gib, float(max_gib), None if gib is None else gib <= max_gib,
-            unmeasured if gib is None else
-            f"{comparison.other_label} {memory.source} memory {gib:.3f} GiB "
-            f"{'<=' if gib <= max_gib else '>'} budget {max_gib:g} GiB"))
-    return rules
-
-
 def words_limit(config: dict | None) -> float | None:
     """verdict.max_mean_words_ratio, else the task profile's conciseness limit, else None (off)."""
     from tunelens.config import load_config
@@ -211,29 +190,20 @@ def _decision(rules: list[RuleOutcome]) -> Decision:
 
 
 def decide_part(comparison: PairedComparison, config: dict | None = None, against: str = "base",
-                extra_rules: list[RuleOutcome] = ()) -> VerdictPart:
-    """One part of the verdict from the rules of conf.yaml's `verdict:` section.
-
-    `extra_rules` (the serving measurements' latency and memory rules) replace the built-in rule of
-    the same name, and any latency rule among them the batch-phase `latency_p95_ratio`.
+                serving_rules: list[RuleOutcome] = ()) -> VerdictPart:
+    """One part of the verdict from the rules of conf.yaml's `verdict:` section: quality and
+    conciseness from the paired rows, plus `serving_rules`, the latency and memory rules of the
+    models as served (evaluators.serving; undecided where they were not measured as served). A
+    batch's queue times and a process's RSS never decide.
     """
     settings = verdict_settings(config)
     rules = [_quality_rule(comparison, float(settings["noninferiority_margin"]))]
-    if settings["max_p95_latency_ratio"] is not None:
-        rules.append(_interval_rule("latency_p95_ratio", comparison.latency_p95_ratio,
-                                    float(settings["max_p95_latency_ratio"]),
-                                    f"p95 latency ratio {comparison.other_label}/"
-                                    f"{comparison.base_label}", ".3f"))
-    rules += _memory_rules(comparison, settings["max_memory_ratio"], settings["max_memory_gib"])
     limit = words_limit(config)
     if limit is not None:
         rules.append(_interval_rule("mean_words_ratio", comparison.mean_words_ratio, limit,
                                     f"mean words {comparison.mean_words_base:.1f} -> "
                                     f"{comparison.mean_words_other:.1f}, ratio", ".3f"))
-    replaced = {rule.name for rule in extra_rules}
-    if any(rule.name.startswith("latency") for rule in extra_rules):
-        replaced.add("latency_p95_ratio")  # a latency rule as served supersedes the batch one
-    rules = [rule for rule in rules if rule.name not in replaced] + list(extra_rules)
+    rules += list(serving_rules)
     warnings = [comparison.warning] if comparison.warning else []
     return VerdictPart(against, comparison.base_label, _decision(rules), rules, warnings)
 
@@ -245,9 +215,10 @@ def combine(candidate: str, n_rows: int, parts: list[VerdictPart],
     return Verdict(decision, parts, _reasons(decision, candidate, n_rows, parts, holder), holder)
 
 
-def decide(comparison: PairedComparison, config: dict | None = None) -> Verdict:
+def decide(comparison: PairedComparison, config: dict | None = None,
+           serving_rules: list[RuleOutcome] = ()) -> Verdict:
     """The verdict of a comparison against the base alone (no alias holder looked at)."""
-    part = decide_part(comparison, config)
+    part = decide_part(comparison, config, serving_rules=serving_rules)
     return combine(comparison.other_label, comparison.n_rows, [part])
 
 

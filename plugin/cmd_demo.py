@@ -1,4 +1,4 @@
-"""`tunelens demo`: seed 004's story on the embedded server, generated locally, no GPU needed."""
+"""`tunelens demo`: a grammar-correction fine-tune's whole story on the embedded server, generated locally, no GPU needed."""
 from __future__ import annotations
 
 import argparse

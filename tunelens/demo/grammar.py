@@ -2,8 +2,8 @@
 
 Each example is one sentence with one error of a known kind and its correction. The demo base model
 is pre-trained to answer like a chatty assistant ("The corrected sentence is: ... Explanation: ...")
-except for a missing "an", which it fixes plainly (so it starts at a low but non-zero exact match); the LoRA adapter teaches it to answer with the
-correction only, as seed 004's fine-tune did.
+except for a missing "an", which it fixes plainly (so it starts at a low but non-zero exact match);
+the LoRA adapter teaches it to answer with the correction only.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seed 004's story, end to end on the embedded server: register, analyse, evaluate, promote.
+"""The demo's story, end to end on the embedded server: register, analyse, evaluate, promote.
 
 1. Build (or reuse) the demo base, a concise adapter and an echo adapter (tunelens.demo.assets).
 2. Start `tunelens server` in-process: a real MLflow server, the hook service and its worker.

@@ -41,7 +41,8 @@ def test_wheel_installs_in_a_fresh_venv_and_analyses(tmp_path, llama_adapter, ll
         names = archive.namelist()
         metadata = next(archive.read(n) for n in names if n.endswith(".dist-info/METADATA"))
     assert "tunelens/conf.yaml" in names
-    assert any(n.startswith("tunelens/registry_hooks/templates/") for n in names)
+    assert "tunelens/registry_hooks/report/templates/report.html" in names
+    assert "tunelens/evaluators/templates/side_by_side.html" in names
     assert not any(n.startswith(("tests/", "plugin/", "registry_hooks/")) for n in names)
 
     # Every declared requirement is met by the lock the project tests with.
@@ -65,9 +66,9 @@ def test_wheel_installs_in_a_fresh_venv_and_analyses(tmp_path, llama_adapter, ll
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True, cwd=tmp_path, capture_output=True)
 
-    where = subprocess.run([str(python), "-c", "import tunelens.registry_hooks.engine.analysis as m; "
-                            "print(m.__file__)"], check=True, capture_output=True, text=True,
-                           cwd=tmp_path).stdout.strip()
+    where = subprocess.run([str(python), "-c", "import tunelens.registry_hooks.engine.analysis "
+                            "as m; print(m.__file__)"], check=True, capture_output=True,
+                           text=True, cwd=tmp_path).stdout.strip()
     assert Path(where).is_relative_to(site), where
     out = tmp_path / "out"
     done = subprocess.run([str(venv / "bin" / "tunelens"), "analyze", str(llama_adapter),

@@ -86,7 +86,9 @@ def assert_comparison_on_the_version_page(client, outcome):
     """The description: user text, analysis, then the comparison (verdict, table, deciding
     rules, links); the run has the test set and the version's model as inputs."""
     description = client.get_model_version(NAME, outcome.version).description
-    assert description.startswith(ANALYSED_DESCRIPTION + "\n\n### tunelens evaluation")
+    start, end = "[//]: # (tunelens:evaluation:start)", "[//]: # (tunelens:evaluation:end)"
+    assert description.startswith(ANALYSED_DESCRIPTION + f"\n\n{start}\n### tunelens evaluation")
+    assert description.rstrip().endswith(end)  # the user's text and the analysis are kept
     section = description.split("### tunelens evaluation", 1)[1]
     assert "**PROMOTE** on 40 rows (vs base **PROMOTE**; vs holder production (v1) **PROMOTE**)" \
         in section

@@ -203,7 +203,10 @@ def rule_statuses(figures) -> list[tuple[str, bool | None]]:
 @pytest.mark.parametrize("served_as, rows", [("merged", 20), ("adapter", 40)])
 def test_same_verdict_idle_and_under_load(served, served_as, rows):
     """Merged (as fast as the base) passes, and adapter (PEFT's extra work per layer on a tiny
-    model, about x1.4 here) fails at the default limit x1.2, whether the cores are free or busy."""
+    model, about x1.4 here) fails at the default limit x1.2, whether the cores are free or busy.
+    Load can widen the measured noise floor and so leave a rule undecided that decided when idle
+    (seen once in a fresh-clone run: adapter x1.44 failed idle, x1.50 undecided under load, noise
+    x1.05 -> x1.43), but it never turns a pass into a fail or a fail into a pass."""
     idle = served["measure"](served_as, rows=rows)
     burners = burn_cores(os.cpu_count() or 2)
     try:
@@ -212,7 +215,10 @@ def test_same_verdict_idle_and_under_load(served, served_as, rows):
         for burner in burners:
             burner.kill()
             burner.wait()
-    assert rule_statuses(loaded) == rule_statuses(idle), (
+    never_contradicts = all(name_l == name_i and {status_l, status_i} != {True, False}
+                            for (name_l, status_l), (name_i, status_i)
+                            in zip(rule_statuses(loaded), rule_statuses(idle)))
+    assert never_contradicts and len(rule_statuses(loaded)) == len(rule_statuses(idle)), (
         f"idle: {latency_rule(idle.latency_of('base'), idle.latency_of('finetuned'), 1.2, **RULE)}"
         f"\nloaded: {latency_rule(loaded.latency_of('base'), loaded.latency_of('finetuned'), 1.2, **RULE)}")
     assert loaded.memory == idle.memory

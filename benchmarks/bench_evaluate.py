@@ -67,8 +67,7 @@ def run_backend(kind: str, base: Path, adapter: Path, n: int, max_new: int) -> d
     done = time.perf_counter()
     backend.close()
     return {"load_s": loaded - start, "generate_s": done - loaded, "total_s": done - start,
-            "tokens": sum(len(g.token_ids) for p in phases for g in p.generations),
-            "peak_rss_gib": max(p.peak_rss_gib for p in phases)}
+            "tokens": sum(len(g.token_ids) for p in phases for g in p.generations)}
 
 
 def run_pyfunc(base: Path, adapter: Path, n: int, max_new: int, root: Path) -> dict:

@@ -8,13 +8,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 from tqdm.auto import tqdm
 
 from tunelens.errors import TunelensError
@@ -24,7 +22,6 @@ from .prompts import GenerationSettings, cut_at_stop
 log = logging.getLogger(__name__)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-GIB = 1024 ** 3
 
 
 @dataclass(frozen=True)
@@ -38,12 +35,10 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Generation:
-    """One model's answer to one prompt. latency: request start to last token; ttft NaN if unknown."""
+    """One model's answer to one prompt, as token ids and the decoded text."""
 
     text: str
     token_ids: tuple[int, ...]
-    latency_ms: float
-    ttft_ms: float = math.nan
 
     @property
     def n_tokens(self) -> int:
@@ -52,69 +47,29 @@ class Generation:
 
 @dataclass(frozen=True)
 class Phase:
-    """All of one model's generations, timed in a phase of their own."""
+    """All of one model's generations, produced as one batch.
+
+    Only the batch's throughput is kept: a row's time inside a batch is its wait behind the other
+    prompts, not what a caller of the served model waits (serving.py times that, one request at a
+    time), and the engine's process memory is not the model's (serving.py accounts for that).
+    """
 
     label: str
     generations: tuple[Generation, ...]
     wall_s: float
-    peak_rss_gib: float  # whole process tree: this process and the engine's children
-    peak_device_gib: float | None  # GPU memory in use on the device (all processes), if a GPU
 
     @property
     def tokens_per_s(self) -> float:
         return sum(g.n_tokens for g in self.generations) / self.wall_s if self.wall_s else math.nan
 
 
-class MemorySampler:
-    """Peak RSS of this process and all its children (vLLM's engine lives there), sampled."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.interval_s = interval_s
-        self.peak_rss = 0
-        self.peak_device: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        root = psutil.Process()
-        rss = 0
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                rss += proc.memory_info().rss
-            except psutil.Error:  # a child that exited between listing and reading
-                pass
-        self.peak_rss = max(self.peak_rss, rss)
-        import torch
-
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            self.peak_device = max(self.peak_device or 0, total - free)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def __enter__(self) -> "MemorySampler":
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-
 @contextmanager
-def timed_phase(label: str):
-    """Wall time and memory peak of one model's phase; yields a dict the caller fills."""
+def timed_phase():
+    """Wall time of one model's batch; yields a dict the caller reads `wall_s` from afterwards."""
     record: dict = {}
-    with MemorySampler() as sampler:
-        start = time.perf_counter()
-        yield record
-        record["wall_s"] = time.perf_counter() - start
-    record["peak_rss_gib"] = sampler.peak_rss / GIB
-    record["peak_device_gib"] = None if sampler.peak_device is None else sampler.peak_device / GIB
+    start = time.perf_counter()
+    yield record
+    record["wall_s"] = time.perf_counter() - start
 
 
 def decode(tokenizer, token_ids, stop: tuple[str, ...]) -> str:
@@ -369,26 +324,16 @@ class VllmBackend:
         lora = self.lora_request(candidate)
         params = vllm_sampling_params(settings)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-        with timed_phase(candidate.label) as record:
+        with timed_phase() as record:
             try:
                 outputs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=True)
             except Exception as exc:
                 raise TunelensError(f"vLLM could not generate with {candidate.label} "
                                     f"({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})"
                                     "; check that the adapter was trained on this base") from None
-        generations = []
-        for out in outputs:
-            completion, stats = out.outputs[0], out.metrics
-            if stats is not None and stats.last_token_ts:
-                # queued -> last token on the engine's monotonic clock; TTFT on the frontend's.
-                latency = (stats.last_token_ts - stats.queued_ts) * 1e3
-                ttft = stats.first_token_latency * 1e3
-            else:
-                latency, ttft = record["wall_s"] * 1e3 / len(outputs), math.nan
-            generations.append(Generation(decode(tokenizer, completion.token_ids, settings.stop),
-                                          tuple(completion.token_ids), latency, ttft))
-        return Phase(candidate.label, tuple(generations), record["wall_s"],
-                     record["peak_rss_gib"], record["peak_device_gib"])
+        generations = [Generation(decode(tokenizer, out.outputs[0].token_ids, settings.stop),
+                                  tuple(out.outputs[0].token_ids)) for out in outputs]
+        return Phase(candidate.label, tuple(generations), record["wall_s"])
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
@@ -483,27 +428,19 @@ class TransformersBackend:
         torch = self._torch
         context = self._activate(candidate)
         sampling = hf_sampling_options(settings, tokenizer)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         generations = []
-        with context, torch.inference_mode(), timed_phase(candidate.label) as record:
+        with context, torch.inference_mode(), timed_phase() as record:
             torch.manual_seed(settings.seed)
             for ids in tqdm(prompt_ids, desc=f"generate {candidate.label}", leave=False):
-                start = time.perf_counter()
                 output = self.model.generate(
                     input_ids=torch.tensor([ids], device=self.device),
                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
                     max_new_tokens=settings.max_new_tokens, **sampling)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                latency = (time.perf_counter() - start) * 1e3
                 new = [int(t) for t in output[0, len(ids):]]
-                generations.append(Generation(decode(tokenizer, new, settings.stop), tuple(new),
-                                              latency))
-        device_peak = (torch.cuda.max_memory_allocated() / GIB if self.device.type == "cuda"
-                       else record["peak_device_gib"])
-        return Phase(candidate.label, tuple(generations), record["wall_s"],
-                     record["peak_rss_gib"], device_peak)
+                generations.append(Generation(decode(tokenizer, new, settings.stop), tuple(new)))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        return Phase(candidate.label, tuple(generations), record["wall_s"])
 
     def close(self) -> None:
         del self.model

@@ -82,8 +82,6 @@ class RowScores:
     quality: dict[str, np.ndarray]  # metric name -> float per row
     words: np.ndarray  # int
     tokens: np.ndarray  # int
-    latency_ms: np.ndarray  # float
-    ttft_ms: np.ndarray  # float, NaN where the backend does not report it
     identical_to_base: np.ndarray  # bool
     grammar: GrammarChecks | None = None  # only with evaluation.task_profile: grammar
 
@@ -119,34 +117,22 @@ def score_rows(phase: Phase, inputs: list[str], targets: list[str], base_outputs
         outputs=outputs, quality=quality,
         words=np.array([word_count(o) for o in outputs], dtype=int),
         tokens=np.array([g.n_tokens for g in phase.generations], dtype=int),
-        latency_ms=np.array([g.latency_ms for g in phase.generations], dtype=float),
-        ttft_ms=np.array([g.ttft_ms for g in phase.generations], dtype=float),
         identical_to_base=np.array([o == b for o, b in zip(outputs, base_outputs)], dtype=bool),
         grammar=grammar)
 
 
-def _nan_percentile(values: np.ndarray, q: float) -> float:
-    finite = values[np.isfinite(values)]
-    return float(np.percentile(finite, q)) if finite.size else math.nan
+def summarize(rows: RowScores, phase: Phase) -> dict[str, float]:
+    """The per-model metrics logged under `<label>/` (NaN-free: absent values are left out).
 
-
-def summarize(rows: RowScores, phase: Phase, *, weights_gib: float, adapter_mib: float
-              ) -> dict[str, float]:
-    """The per-model metrics logged under `<label>/` (NaN-free: absent values are left out)."""
+    Latency and memory are not here: they are measured as served (serving.py), never from the batch.
+    """
     metrics = {
         **{name: float(values.mean()) for name, values in rows.quality.items()},
         "mean_words": float(rows.words.mean()),
         "median_words": float(np.median(rows.words)),
         "mean_tokens": float(rows.tokens.mean()),
-        "latency_ms_p50": _nan_percentile(rows.latency_ms, 50),
-        "latency_ms_p95": _nan_percentile(rows.latency_ms, 95),
-        "ttft_ms_p50": _nan_percentile(rows.ttft_ms, 50),
-        "ttft_ms_p95": _nan_percentile(rows.ttft_ms, 95),
-        "tokens_per_s": phase.tokens_per_s,
-        "phase_wall_s": phase.wall_s,
-        "peak_rss_gib": phase.peak_rss_gib,
-        "weights_gib": weights_gib,
-        "adapter_mib": adapter_mib,
+        "batch_tokens_per_s": phase.tokens_per_s,
+        "batch_wall_s": phase.wall_s,
         "identical_to_base": float(rows.identical_to_base.mean()),
     }
     if rows.grammar is not None:
@@ -156,6 +142,4 @@ def summarize(rows: RowScores, phase: Phase, *, weights_gib: float, adapter_mib:
                     "over_correction_rate": float(checks.over_correction.mean()),
                     "mean_edits_to_input": float(checks.edits_to_input.mean()),
                     "mean_edits_to_target": float(checks.edits_to_target.mean())}
-    if phase.peak_device_gib is not None:
-        metrics["peak_device_gib"] = phase.peak_device_gib
     return {k: v for k, v in metrics.items() if not math.isnan(v)}

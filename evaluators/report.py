@@ -9,7 +9,8 @@ PAGES = Environment(loader=PackageLoader(__package__, "templates"), autoescape=T
                     keep_trailing_newline=True)
 
 CHARTS = [("mean_words", "words per output (lower is more concise)", "{:.1f}"),
-          ("latency_ms_p95", "p95 latency, ms", "{:.0f}"),
+          ("served_latency_ms_p95", "p95 latency as served (one request at a time), ms", "{:.0f}"),
+          ("memory_total_gib", "memory as served, GiB", "{:.3g}"),
           ("over_correction_rate", "over-corrections", "{:.0%}")]
 BAR_PX = 180  # the longest bar of a chart
 
@@ -30,14 +31,14 @@ def _charts(labels: list[str], metrics: dict[str, float], primary: str) -> list[
 
 
 def _rows(table: pd.DataFrame, labels: list[str], primary: str) -> list[dict]:
-    """Every evaluated row: input, target and each model's output with its score, words, latency."""
+    """Every evaluated row: input, target and each model's output with its score and words."""
     rows = []
     for _, row in table.iterrows():
         outputs = [row[f"{label}_output"] for label in labels]
         cells = [{"css": {True: "ok", False: "bad"}.get(bool(row[f"{label}_exact_match"]), "")
                   if f"{label}_exact_match" in row else "",
                   "output": str(row[f"{label}_output"]), "score": row[f"{label}_{primary}"],
-                  "words": row[f"{label}_words"], "latency_ms": row[f"{label}_latency_ms"]}
+                  "words": row[f"{label}_words"]}
                  for label in labels]
         rows.append({"number": row["row"], "input": str(row["input"]),
                      "target": str(row["target"]), "differs": int(len(set(outputs)) > 1),

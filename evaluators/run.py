@@ -31,7 +31,7 @@ from .prompts import GenerationSettings, build_prompts
 from .quality import QualityMetric, quality_metrics
 from .report import render_report
 from .serving import (ServingFigures, ServingSettings, latency_rule, measure_serving,
-                      memory_rules, with_batch_throughput)
+                      memory_rules)
 from .sources import (ModelRef, check_adapter_fits, download_version, parse_model_uri,
                       resolve_version)
 from .stats import ModelScores, PairedComparison, QualityMetricInfo, compare_paired
@@ -141,18 +141,6 @@ def _max_model_len(base_dir: Path, configured: int | None) -> int:
         return int(configured)
     model_config = AutoConfig.from_pretrained(base_dir)
     return int(getattr(model_config, "max_position_embeddings", 2048))
-
-
-def _size(paths) -> int:
-    return sum(p.stat().st_size for p in paths if p.is_file())
-
-
-def _weights_gib(base_dir: Path) -> float:
-    return _size(list(base_dir.glob("*.safetensors")) or list(base_dir.glob("*.bin"))) / 1024 ** 3
-
-
-def _adapter_mib(adapter_dir: Path | None) -> float:
-    return _size(adapter_dir.glob("adapter_model.*")) / 1024 ** 2 if adapter_dir else 0.0
 
 
 def _start_backend(choice: BackendChoice, base_dir: Path, adapters: list[Path], evaluation: dict,
@@ -370,8 +358,6 @@ def generate(plan: EvaluationPlan) -> Generated:
                                           [group.prompt_ids[i] for i in plan.kept], tokenizer,
                                           plan.settings, evaluation, plan.backend.name,
                                           max_model_len=group.max_model_len, work_dir=work_dir)
-            serving = with_batch_throughput(serving, {c.label: phases[c.label].tokens_per_s
-                                                      for c in group.candidates})
     return Generated({label: phases[label] for label in plan.labels}, engine_settings, serving)
 
 
@@ -389,10 +375,10 @@ def _served_rules(serving: ServingFigures | None, reference: str, config: dict) 
         return _not_served(settings, why)
     rules = memory_rules(serving.memory_of(reference), serving.memory_of(FINETUNED),
                          settings["max_memory_ratio"], settings["max_memory_gib"])
-    if settings["max_p95_latency_ratio"] is not None:
+    if settings["max_latency_ratio"] is not None:
         rules.insert(0, latency_rule(
             serving.latency_of(BASE), serving.latency_of(FINETUNED),
-            float(settings["max_p95_latency_ratio"]), level=float(settings["confidence_level"]),
+            float(settings["max_latency_ratio"]), level=float(settings["confidence_level"]),
             n_resamples=int(settings["bootstrap_resamples"]), seed=int(settings["seed"]),
             reference=None if reference == BASE else serving.latency_of(reference)))
     return rules
@@ -400,12 +386,19 @@ def _served_rules(serving: ServingFigures | None, reference: str, config: dict) 
 
 def _not_served(settings: dict, why: str) -> list[RuleOutcome]:
     """Undecided latency and memory rules, for each limit conf.yaml sets, saying why."""
-    limits = {"latency_ratio": settings["max_p95_latency_ratio"],
+    limits = {"latency_ratio": settings["max_latency_ratio"],
               "memory_ratio": settings["max_memory_ratio"], "memory_gib": settings["max_memory_gib"]}
     return [RuleOutcome(name, None, float(limit), None,
                         f"{name.split('_')[0]} as served not measured ({why}), so this rule cannot "
                         f"decide; set its limit to null in conf.yaml to skip it")
             for name, limit in limits.items() if limit is not None]
+
+
+def _rule_metrics(rules: list[RuleOutcome], prefix: str) -> dict[str, float]:
+    """The measured figure of each served rule (`latency_ratio`, `memory_ratio`, `memory_gib`) as a
+    metric, so `verdict.metric_thresholds` can check the same numbers the verdict judged."""
+    return {f"{prefix}{rule.name}": float(rule.observed) for rule in rules
+            if rule.observed is not None and math.isfinite(rule.observed)}
 
 
 # --- stage 3: score ------------------------------------------------------------------------------
@@ -433,8 +426,7 @@ def build_table(dataset: EvalDataset, kept: list[int], labels: list[str],
         table |= {f"{label}_{name}": (values.astype(bool) if name == "exact_match" else
                                       np.round(values, 4)).tolist()
                   for name, values in r.quality.items()}
-        table |= {f"{label}_words": r.words.tolist(), f"{label}_tokens": r.tokens.tolist(),
-                  f"{label}_latency_ms": np.round(r.latency_ms, 3).tolist()}
+        table |= {f"{label}_words": r.words.tolist(), f"{label}_tokens": r.tokens.tolist()}
         if r.grammar is not None:
             table |= {f"{label}_preamble": r.grammar.preamble.tolist(),
                       f"{label}_explanation": r.grammar.explanation.tolist(),
@@ -442,14 +434,6 @@ def build_table(dataset: EvalDataset, kept: list[int], labels: list[str],
         if label != BASE:
             table[f"{label}_identical_to_base"] = r.identical_to_base.tolist()
     return pd.DataFrame(table)
-
-
-def _model_scores(label: str, rows: RowScores, primary: str, phase: Phase, weights_gib: float,
-                  adapter_mib: float) -> ModelScores:
-    peak = phase.peak_device_gib if phase.peak_device_gib is not None else phase.peak_rss_gib
-    return ModelScores(label=label, quality=rows.quality[primary], words=rows.words,
-                       latency_ms=rows.latency_ms, peak_memory_gib=peak, weights_gib=weights_gib,
-                       adapter_mib=adapter_mib)
 
 
 def score(plan: EvaluationPlan, generated: Generated) -> Scored:
@@ -463,14 +447,10 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
                               plan.metrics, plan.profile) for label in plan.labels}
     metrics: dict[str, float] = {}
     scores = {}
-    adapters = {c.label: c.adapter_dir for c in plan.candidates}
     for label in plan.labels:
-        weights = _weights_gib(plan.base_of(label))
-        adapter_mib = _adapter_mib(adapters[label])
-        metrics |= {f"{label}/{k}": v for k, v in summarize(
-            rows[label], phases[label], weights_gib=weights, adapter_mib=adapter_mib).items()}
-        scores[label] = _model_scores(label, rows[label], plan.primary.name, phases[label],
-                                      weights, adapter_mib)
+        metrics |= {f"{label}/{k}": v for k, v in summarize(rows[label], phases[label]).items()}
+        scores[label] = ModelScores(label, rows[label].quality[plan.primary.name],
+                                    rows[label].words)
     info = QualityMetricInfo(plan.primary.name, plan.primary.greater_is_better)
     comparison = compare_paired(scores[BASE], scores[FINETUNED], config, info)
     metrics |= comparison.metrics("delta/")
@@ -482,10 +462,14 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
     if serving is not None:
         for profile in (*serving.latency, *serving.memory):
             metrics |= {f"{profile.label}/{k}": v for k, v in profile.metrics().items()}
-    parts = [decide_part(comparison, config, "base", _served_rules(serving, BASE, config))]
+    served_vs_base = _served_rules(serving, BASE, config)
+    metrics |= _rule_metrics(served_vs_base, "delta/")
+    parts = [decide_part(comparison, config, "base", served_vs_base)]
     if plan.holder_label:
+        served_vs_holder = _served_rules(serving, plan.holder_label, config)
+        metrics |= _rule_metrics(served_vs_holder, f"delta_vs_{plan.holder_label}/")
         parts.append(decide_part(other_comparisons[plan.holder_label], config, "holder",
-                                 _served_rules(serving, plan.holder_label, config)))
+                                 served_vs_holder))
     verdict = combine(FINETUNED, len(plan.kept), parts, plan.holder)
     metrics |= {"rows_evaluated": float(len(plan.kept)),
                 "rows_skipped_too_long": float(plan.skipped)}

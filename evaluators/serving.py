@@ -27,8 +27,8 @@ Figures per model (milliseconds, over the sampled requests):
 * ``ttft``: request sent -> first generated token (NaN where the engine cannot tell);
 * ``tpot``: time per output token after the first, (e2e - ttft) / (tokens - 1), for requests with
   at least two tokens;
-* ``batch_tokens_per_s``: generated tokens per second of the batched generation (all rows at once):
-  throughput, reported apart because it is not what one request feels.
+and, apart from these, ``batch_tokens_per_s`` (metrics.summarize): generated tokens per second of
+the batched generation that scores quality (all rows at once), throughput that no one request feels.
 
 Memory (`MemoryProfile`, one per model) comes from the engines' and torch's own accounting, never a
 process's RSS or total-minus-free device memory. Bytes:
@@ -90,7 +90,6 @@ class LatencyProfile:
     output_tokens: tuple[int, ...]
     warmup_requests: int
     repeat_e2e_ms: tuple[float, ...] | None = None
-    batch_tokens_per_s: float | None = None  # the batched generation's throughput, if known
     load_average: float | None = None  # 1-minute load average when the timing ended
 
     def __post_init__(self):
@@ -138,9 +137,7 @@ class LatencyProfile:
         values = {"served_latency_ms_p50": self.e2e_p50_ms, "served_latency_ms_p95": self.e2e_p95_ms,
                   "served_ttft_ms_p50": self.ttft_p50_ms, "served_ttft_ms_p95": self.ttft_p95_ms,
                   "served_tpot_ms_p50": self.tpot_p50_ms,
-                  "served_latency_requests": float(self.n_requests),
-                  "batch_tokens_per_s": (math.nan if self.batch_tokens_per_s is None
-                                         else self.batch_tokens_per_s)}
+                  "served_latency_requests": float(self.n_requests)}
         return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 
 
@@ -265,8 +262,8 @@ def latency_rule(base: LatencyProfile, candidate: LatencyProfile, limit: float, 
     difference within the machine's noise never fails.
 
     Against the base by default, against `reference` (e.g. the alias's holder) when given. Named
-    `latency_ratio`: it judges a median of per-prompt ratios, not a ratio of p95s, so it takes the
-    place of the batch phases' `latency_p95_ratio` rule rather than sharing its name.
+    `latency_ratio` (limit `verdict.max_latency_ratio`): it judges a median of per-prompt ratios;
+    the p50 and p95 ratios are reported beside it.
     """
     from tunelens.evaluators.verdict import RuleOutcome
 
@@ -807,12 +804,3 @@ def measure_serving(base_dir, candidates: list, prompt_ids: list[list[int]], tok
              f"{serving.warmup_requests} warm-up requests per model; {order}; 1-minute load "
              f"average after each engine: {', '.join(loads)}",)
     return ServingFigures(tuple(profiles), tuple(memory[c.label] for c in candidates), notes)
-
-
-def with_batch_throughput(figures: ServingFigures, tokens_per_s: dict[str, float]
-                          ) -> ServingFigures:
-    """`figures` with each model's batched-generation throughput (Phase.tokens_per_s) filled in."""
-    from dataclasses import replace
-
-    return replace(figures, latency=tuple(
-        replace(p, batch_tokens_per_s=tokens_per_s.get(p.label)) for p in figures.latency))

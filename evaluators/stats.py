@@ -5,8 +5,9 @@ or any metric whose scores are all 0 or 1) gets the exact McNemar test (only the
 models disagree carry information) and, besides the percentile bootstrap, Tango's score interval
 (sound when the models rarely disagree), with a power note saying when the test set is too small to
 decide. A continuous score (token F1, chrF, ROUGE-L, most extra metrics) gets a paired BCa bootstrap
-interval of the mean difference (scipy.stats.bootstrap, paired=True). Words and latency get paired
-percentile bootstrap intervals (rows resampled jointly, so the pairing is kept).
+interval of the mean difference (scipy.stats.bootstrap, paired=True). Words get paired
+percentile bootstrap intervals (rows resampled jointly, so the pairing is kept). Latency and memory
+are compared as served (serving.py), not here.
 """
 from __future__ import annotations
 
@@ -31,15 +32,10 @@ class ModelScores:
     label: str
     quality: np.ndarray  # float per row: the primary quality metric (0/1 for a binary one)
     words: np.ndarray  # int per row: words in the output
-    latency_ms: np.ndarray  # float per row: time to produce the output
-    peak_memory_gib: float | None = None
-    weights_gib: float | None = None
-    adapter_mib: float | None = None
 
     def __post_init__(self):
         arrays = {"quality": np.asarray(self.quality, dtype=np.float64),
-                  "words": np.asarray(self.words, dtype=np.int64),
-                  "latency_ms": np.asarray(self.latency_ms, dtype=np.float64)}
+                  "words": np.asarray(self.words, dtype=np.int64)}
         lengths = {name: a.shape for name, a in arrays.items()}
         if any(a.ndim != 1 for a in arrays.values()) or len(set(lengths.values())) != 1:
             raise TunelensError(f"scores of {self.label!r} must be 1-D arrays of one length per row, "
@@ -48,8 +44,6 @@ class ModelScores:
             raise TunelensError(f"scores of {self.label!r} have no rows: evaluate at least one row")
         if not np.all(np.isfinite(arrays["quality"])):
             raise TunelensError(f"quality scores of {self.label!r} must be finite")
-        if not np.all(np.isfinite(arrays["latency_ms"])) or np.any(arrays["latency_ms"] < 0):
-            raise TunelensError(f"latencies of {self.label!r} must be finite and >= 0 ms")
         for name, array in arrays.items():
             object.__setattr__(self, name, array)
 
@@ -99,19 +93,6 @@ class PowerNote:
 
 
 @dataclass(frozen=True)
-class MemoryComparison:
-    base_gib: float | None
-    other_gib: float | None
-    source: str  # "peak", "weights" or "not measured": both models are compared on the same basis
-
-    @property
-    def ratio(self) -> float | None:
-        if self.base_gib is None or self.other_gib is None or self.base_gib <= 0:
-            return None
-        return self.other_gib / self.base_gib
-
-
-@dataclass(frozen=True)
 class QualityMetricInfo:
     """What the paired test needs to know of the primary metric."""
 
@@ -139,9 +120,6 @@ class PairedComparison:
     mean_words_other: float
     mean_words_delta: ConfidenceInterval
     mean_words_ratio: ConfidenceInterval  # mean words other / base
-    latency_p50_ratio: ConfidenceInterval
-    latency_p95_ratio: ConfidenceInterval
-    memory: MemoryComparison
     power: PowerNote | None  # binary only
     warning: str | None  # set when the test set is too small to decide the quality question
 
@@ -191,20 +169,15 @@ class PairedComparison:
             "mean_words_ci_low": self.mean_words_delta.low,
             "mean_words_ci_high": self.mean_words_delta.high,
             "mean_words_ratio": self.mean_words_ratio.estimate,
-            "latency_ms_p50_ratio": self.latency_p50_ratio.estimate,
-            "latency_ms_p95_ratio": self.latency_p95_ratio.estimate,
-            "latency_ms_p95_ratio_ci_low": self.latency_p95_ratio.low,
-            "latency_ms_p95_ratio_ci_high": self.latency_p95_ratio.high,
+            # The bound the quality rule's non-inferiority judges, oriented so that positive is
+            # better whatever the metric's direction (`metric_thresholds` checks it).
+            "primary_gain_ci_low": self.quality_gain.low,
         }
         if self.binary:
             values |= {f"{name}_score_ci_low": self.quality_score_ci.low,
                        f"{name}_score_ci_high": self.quality_score_ci.high,
                        "mcnemar_p_value": self.mcnemar.p_value,
                        "discordant_rows": self.mcnemar.n_discordant}
-        if self.memory.other_gib is not None:
-            values["memory_gib"] = self.memory.other_gib
-        if self.memory.ratio is not None:
-            values["memory_ratio"] = self.memory.ratio
         return {f"{prefix}{key}": float(value) for key, value in values.items()
                 if math.isfinite(value)}
 
@@ -323,10 +296,6 @@ def paired_score_interval(mcnemar: McNemarResult, n_rows: int, level: float) -> 
     return ConfidenceInterval(observed, bound(observed, -1.0), bound(observed, 1.0), level)
 
 
-def _p95(values, axis):
-    return np.percentile(values, 95, axis=axis)
-
-
 def _power_note(n_rows: int, mcnemar: McNemarResult, alpha: float, power: float) -> PowerNote:
     """Limits of the McNemar test here, and rows needed for the observed difference (Connor 1987)."""
     # 2·(1/2)^D < alpha is the smallest p any split of D discordant rows can give.
@@ -391,16 +360,6 @@ def _continuous_warning(n_rows: int, gain: ConfidenceInterval, margin: float,
             "narrow it")
 
 
-def _memory(base: ModelScores, other: ModelScores) -> MemoryComparison:
-    """Both measured peaks if there are two, else both weights (+ adapter) sizes: never a mix."""
-    if base.peak_memory_gib is not None and other.peak_memory_gib is not None:
-        return MemoryComparison(float(base.peak_memory_gib), float(other.peak_memory_gib), "peak")
-    if base.weights_gib is not None and other.weights_gib is not None:
-        return MemoryComparison(*(float(s.weights_gib) + (s.adapter_mib or 0.0) / 1024
-                                  for s in (base, other)), "weights")
-    return MemoryComparison(None, None, "not measured")
-
-
 def verdict_settings(config: dict | None) -> dict:
     """The `verdict:` section of a load_config() dict (the packaged defaults when None); its values
     were checked when the settings were loaded (tunelens.settings.VerdictSettings)."""
@@ -450,10 +409,5 @@ def compare_paired(base: ModelScores, other: ModelScores, config: dict | None = 
         mean_words_base=float(base.words.mean()), mean_words_other=float(other.words.mean()),
         mean_words_delta=paired_bootstrap(base.words, other.words, **boot),
         mean_words_ratio=paired_bootstrap(base.words, other.words, combine="ratio", **boot),
-        latency_p50_ratio=paired_bootstrap(base.latency_ms, other.latency_ms, np.median,
-                                           combine="ratio", **boot),
-        latency_p95_ratio=paired_bootstrap(base.latency_ms, other.latency_ms, _p95,
-                                           combine="ratio", **boot),
-        memory=_memory(base, other),
         power=note, warning=warning,
     )

@@ -242,38 +242,29 @@ def _reasons(decision: Decision, candidate: str, n_rows: int, parts: list[Verdic
     return " | ".join(pieces)
 
 
-def primary_metric(config: dict | None) -> str:
-    """The quality metric the verdict's quality rule judges (verdict.primary_metric)."""
-    from tunelens.config import load_config
-
-    return (config if config is not None else load_config())["verdict"]["primary_metric"]
-
-
 def metric_thresholds(config: dict | None = None, prefix: str = "delta/") -> dict:
-    """MetricThresholds on `PairedComparison.metrics(prefix)` names, one per configured rule.
+    """MetricThresholds on the evaluator's paired metric names, one per configured rule.
 
     For `mlflow.validate_evaluation_results(thresholds, candidate_result)`, where candidate_result
-    holds the comparison metrics (the tunelens evaluator logs them under `delta/`). A baseline result
-    is not needed; if one is passed it must hold the same metric names (mlflow 3.17 raises KeyError
-    on a non-empty baseline that lacks one), and absolute thresholds ignore it. The rules compare two models on the same rows, which
-    MetricThreshold's min_absolute_change / min_relative_change cannot say (they only accept
+    holds the comparison metrics (the tunelens evaluator logs them under `delta/`, and those against
+    the alias's holder under `delta_vs_<alias>/`). A baseline result is not needed; if one is passed
+    it must hold the same metric names (mlflow 3.17 raises KeyError on a non-empty baseline that
+    lacks one), and absolute thresholds ignore it. The rules compare two models on the same rows,
+    which MetricThreshold's min_absolute_change / min_relative_change cannot say (they only accept
     required improvements, never a tolerance), so each threshold is an absolute bound on a paired
-    metric. The thresholds check point estimates and both exact-match lower bounds (bootstrap and
-    score, >= -margin); `decide` also passes a significant exact-match gain and leaves a straddling
-    interval undecided rather than failed, so it is the authority when the two disagree.
+    figure the verdict judged: `primary_gain_ci_low` (the primary metric's cautious lower bound,
+    oriented so that positive is better) above -margin, and the served `latency_ratio`,
+    `memory_ratio`, `memory_gib` and `mean_words_ratio` within their limits. A figure that was not
+    measured is missing, and a missing metric fails validation. The thresholds check point
+    estimates; the verdict also passes a significant gain and leaves a straddling interval undecided
+    rather than failed, so it is the authority when the two disagree.
     """
     from mlflow.models import MetricThreshold
 
     settings = verdict_settings(config)
-    margin = float(settings["noninferiority_margin"])
-    primary = primary_metric(config)
-    # Only a greater-is-better built-in has a known direction here; exact match is binary, so it
-    # also gets the score interval's bound.
-    bounds = [f"{primary}_ci_low"] + ([f"{primary}_score_ci_low"] if primary == "exact_match"
-                                      else [])
-    thresholds = {f"{prefix}{name}": MetricThreshold(threshold=-margin, greater_is_better=True)
-                  for name in bounds}
-    lower_is_better = {"latency_ms_p95_ratio": settings["max_p95_latency_ratio"],
+    thresholds = {f"{prefix}primary_gain_ci_low": MetricThreshold(
+        threshold=-float(settings["noninferiority_margin"]), greater_is_better=True)}
+    lower_is_better = {"latency_ratio": settings["max_latency_ratio"],
                        "memory_ratio": settings["max_memory_ratio"],
                        "memory_gib": settings["max_memory_gib"],
                        "mean_words_ratio": words_limit(config)}

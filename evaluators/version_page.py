@@ -16,24 +16,10 @@ EVALUATION_HEADING = "### tunelens evaluation"
 _RULE_CHARS = 300  # one rule's line on the page; the full text is in verdict.json
 
 
-def _figure(metrics: dict[str, float], label: str, *names: str, fmt: str) -> str:
-    """The first of `names` logged for `label`, formatted; an en dash when none is."""
-    for name in names:
-        value = metrics.get(f"{label}/{name}")
-        if value is not None and math.isfinite(value):
-            return format(value, fmt)
-    return "–"
-
-
-def _memory(metrics: dict[str, float], label: str) -> str:
-    """Memory as served when measured, else weights + adapter file sizes (said so)."""
-    served = metrics.get(f"{label}/memory_total_gib")
-    if served is not None:
-        return f"{served:.3f}"
-    weights = metrics.get(f"{label}/weights_gib")
-    if weights is None:
-        return "–"
-    return f"{weights + metrics.get(f'{label}/adapter_mib', 0.0) / 1024:.3f} (files)"
+def _figure(metrics: dict[str, float], label: str, name: str, fmt: str) -> str:
+    """`label`'s logged `name`, formatted; "not measured" when it was not (never a stand-in)."""
+    value = metrics.get(f"{label}/{name}")
+    return format(value, fmt) if value is not None and math.isfinite(value) else "not measured"
 
 
 def comparison_section(*, verdict: Verdict, labels: list[str], names: dict[str, str],
@@ -47,14 +33,14 @@ def comparison_section(*, verdict: Verdict, labels: list[str], names: dict[str, 
     lines = [EVALUATION_HEADING, "",
              f"**{verdict.decision.value}** on {rows} rows ({parts}); primary metric `{primary}` "
              f"({test}).", "",
-             f"| model | {primary} | mean words | latency p50 / p95 (ms) | memory (GiB) |",
+             f"| model | {primary} | mean words | served latency p50 / p95 (ms) | memory as served (GiB) |",
              "|---|---|---|---|---|"]
     for label in labels:
-        latency = (f"{_figure(metrics, label, 'served_latency_ms_p50', 'latency_ms_p50', fmt='.0f')}"
-                   f" / {_figure(metrics, label, 'served_latency_ms_p95', 'latency_ms_p95', fmt='.0f')}")
+        latency = (f"{_figure(metrics, label, 'served_latency_ms_p50', fmt='.0f')}"
+                   f" / {_figure(metrics, label, 'served_latency_ms_p95', fmt='.0f')}")
         lines.append(f"| {names.get(label, label)} | {_figure(metrics, label, primary, fmt='.3f')} "
                      f"| {_figure(metrics, label, 'mean_words', fmt='.1f')} | {latency} "
-                     f"| {_memory(metrics, label)} |")
+                     f"| {_figure(metrics, label, 'memory_total_gib', fmt='.3f')} |")
     lines.append("")
     for part in verdict.parts:
         # the rules that decided; for a PROMOTE part, its quality rule (why it counts as better)

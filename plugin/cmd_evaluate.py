@@ -80,6 +80,11 @@ def _finite(value):
     return value
 
 
+def _measured(values: dict[str, float], name: str, fmt: str, unit: str) -> str:
+    value = values.get(name)
+    return "not measured" if value is None else f"{value:{fmt}} {unit}"
+
+
 def _print_text(outcome) -> None:
     primary = outcome.primary_metric
     print(f"{outcome.model_name} v{outcome.version}: {outcome.verdict.decision.value}  "
@@ -87,8 +92,9 @@ def _print_text(outcome) -> None:
           f"backend {outcome.backend.name}: {outcome.backend.reason})")
     for label, values in outcome.per_model().items():
         print(f"  {label:>12}: {primary} {values.get(primary, math.nan):.3f}, "
-              f"{values.get('mean_words', math.nan):.1f} words, p95 "
-              f"{values.get('latency_ms_p95', math.nan):.0f} ms, identical to base "
+              f"{values.get('mean_words', math.nan):.1f} words, served p95 "
+              f"{_measured(values, 'served_latency_ms_p95', '.0f', 'ms')}, memory as served "
+              f"{_measured(values, 'memory_total_gib', '.3f', 'GiB')}, identical to base "
               f"{values.get('identical_to_base', math.nan):.0%}")
     for part in outcome.verdict.parts:
         print(f"  vs {part.reference} ({part.against}): {part.decision.value}")

@@ -121,7 +121,7 @@ class VerdictSettings(Section):
     seed: int
     power: Share
     noninferiority_margin: Annotated[float, Field(ge=0, lt=1)]
-    max_p95_latency_ratio: Annotated[float, Field(gt=0)] | None
+    max_latency_ratio: Annotated[float, Field(gt=0)] | None
     max_memory_ratio: Annotated[float, Field(gt=0)] | None
     max_memory_gib: Annotated[float, Field(gt=0)] | None
     max_mean_words_ratio: Annotated[float, Field(gt=0)] | None

@@ -192,7 +192,6 @@ def _small_report() -> str:
     for label in ("base", "finetuned"):
         table[f"{label}_exact_match"] = table[f"{label}_output"] == table["target"]
         table[f"{label}_words"] = 1
-        table[f"{label}_latency_ms"] = 5.0
     metrics = {"base/exact_match": 2 / 3, "finetuned/exact_match": 2 / 3,
                "base/mean_words": 1.0, "finetuned/mean_words": 1.0}
     return render_report(title="t", labels=["base", "finetuned"], table=table, metrics=metrics,

@@ -114,11 +114,10 @@ def test_metrics_follow_from_the_outputs(setup, vllm_outcome):
         assert metrics[f"{label}/median_words"] == pytest.approx(np.median(words))
         assert metrics[f"{label}/identical_to_base"] == pytest.approx(
             np.mean(outputs.to_numpy() == table["base_output"].to_numpy()))
-        latency = table[f"{label}_latency_ms"].to_numpy()
-        assert metrics[f"{label}/latency_ms_p95"] == pytest.approx(np.percentile(latency, 95),
-                                                                   rel=1e-3)
-        assert metrics[f"{label}/tokens_per_s"] > 0 and metrics[f"{label}/peak_rss_gib"] > 0.1
-        assert f"{label}/ttft_ms_p50" in metrics  # vLLM reports time to first token
+        assert metrics[f"{label}/batch_tokens_per_s"] > 0
+        # latency and memory exist only as served (sample_rows is 0 here): no batch stand-ins
+        assert not {f"{label}/latency_ms_p95", f"{label}/peak_rss_gib",
+                    f"{label}/memory_total_gib"} & set(metrics)
     assert metrics["finetuned/exact_match"] == pytest.approx(0.5)  # targets = its own 3 answers
     assert metrics["delta/exact_match"] == pytest.approx(
         metrics["finetuned/exact_match"] - metrics["base/exact_match"])
@@ -126,7 +125,6 @@ def test_metrics_follow_from_the_outputs(setup, vllm_outcome):
         metrics["finetuned/exact_match"] - metrics["production/exact_match"])
     for label in ("base", "finetuned", "production"):  # the built-in generative metrics
         assert {f"{label}/{m}" for m in ("token_f1", "chrf", "rouge_l")} <= set(metrics)
-    assert metrics["base/adapter_mib"] == 0 and metrics["finetuned/adapter_mib"] > 0
 
 
 def test_run_and_version_hold_the_verdict(setup, vllm_outcome):

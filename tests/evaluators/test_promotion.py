@@ -69,11 +69,11 @@ def test_cli_refuses_a_version_whose_verdict_is_not_promote(mlflow_server, clien
     name = registered.name
     good = registered("PROMOTE")
     promote(client, name, good)
-    rejected = registered("REJECT", "REJECT v2 vs base on 64 rows | latency_p95_ratio FAIL: ...")
+    rejected = registered("REJECT", "REJECT v2 vs base on 64 rows | latency_ratio FAIL: ...")
     before = state(client, name, rejected)
     out = tunelens(mlflow_server, "promote", name, rejected)
     assert out.returncode == 1, out.stderr
-    assert "verdict REJECT, not PROMOTE" in out.stderr and "latency_p95_ratio FAIL" in out.stderr
+    assert "verdict REJECT, not PROMOTE" in out.stderr and "latency_ratio FAIL" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert state(client, name, rejected) == before
     assert before[0] == {"production": good}

@@ -64,9 +64,7 @@ def test_mlflow_metric_gives_per_row_scores_and_refuses_aggregates():
 
 def continuous(base, other, greater_is_better=True, n=200):
     words = np.full(n, 10)
-    latency = np.linspace(100, 200, n)
-    return compare_paired(ModelScores("base", base, words, latency, weights_gib=1.0),
-                          ModelScores("ft", other, words, latency, weights_gib=1.0),
+    return compare_paired(ModelScores("base", base, words), ModelScores("ft", other, words),
                           metric=QualityMetricInfo("token_f1", greater_is_better))
 
 

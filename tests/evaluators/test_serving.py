@@ -194,7 +194,7 @@ def burn_cores(count: int) -> list[subprocess.Popen]:
 def rule_statuses(figures) -> list[tuple[str, bool | None]]:
     settings = load_config()["verdict"]
     rules = [latency_rule(figures.latency_of("base"), figures.latency_of("finetuned"),
-                          settings["max_p95_latency_ratio"], **RULE),
+                          settings["max_latency_ratio"], **RULE),
              *memory_rules(figures.memory_of("base"), figures.memory_of("finetuned"),
                            settings["max_memory_ratio"], 0.01)]
     return [(rule.name, rule.passed) for rule in rules]
@@ -284,11 +284,11 @@ def test_figures_not_measured_as_served_leave_the_rules_undecided_not_a_batch_pr
     from tunelens.evaluators.run import _served_rules
 
     config = load_config()
-    config["verdict"] |= {"max_p95_latency_ratio": 1.2, "max_memory_ratio": 1.25,
+    config["verdict"] |= {"max_latency_ratio": 1.2, "max_memory_ratio": 1.25,
                           "max_memory_gib": 8.0}
     rules = {rule.name: rule for rule in _served_rules(None, "base", config)}
     assert set(rules) == {"latency_ratio", "memory_ratio", "memory_gib"}
     assert all(rule.passed is None and "not measured" in rule.detail for rule in rules.values())
     assert "sample_rows is 0" in rules["latency_ratio"].detail
-    config["verdict"] |= {"max_p95_latency_ratio": None, "max_memory_gib": None}
+    config["verdict"] |= {"max_latency_ratio": None, "max_memory_gib": None}
     assert [rule.name for rule in _served_rules(None, "base", config)] == ["memory_ratio"]

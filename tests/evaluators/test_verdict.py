@@ -12,24 +12,17 @@ from tunelens.config import ConfigError, load_config
 from tunelens.evaluators.stats import ModelScores, compare_paired
 from tunelens.evaluators.verdict import Decision, RuleOutcome, decide, metric_thresholds
 
-WEIGHTS = dict(weights_gib=6.0)
-WITH_ADAPTER = dict(weights_gib=6.0, adapter_mib=40.0)
 # 1000 rows, the models disagree on 2 of them, one each way: non-inferior within 2 points
 CLOSE_ON_1000_ROWS = (500, 1, 1, 498)
 
 
 def pair(both, base_only, other_only, neither, *, base_words=None, other_words=None,
-         base_latency=None, other_latency=None, base_memory=WEIGHTS, other_memory=WITH_ADAPTER,
          config=None):
-    """Compare two models whose exact match follows the 2x2 table; other scores default to equal."""
+    """Compare two models whose exact match follows the 2x2 table; words default to equal."""
     base_exact, other_exact = paired_rows(both, base_only, other_only, neither)
-    n = base_exact.size
-    words = np.arange(n) % 7 + 5
-    latency = np.linspace(100.0, 200.0, n)
-    base = ModelScores("base", base_exact, words if base_words is None else base_words,
-                       latency if base_latency is None else base_latency, **base_memory)
-    other = ModelScores("v2", other_exact, words if other_words is None else other_words,
-                        latency if other_latency is None else other_latency, **other_memory)
+    words = np.arange(base_exact.size) % 7 + 5
+    base = ModelScores("base", base_exact, words if base_words is None else base_words)
+    other = ModelScores("v2", other_exact, words if other_words is None else other_words)
     return compare_paired(base, other, config)
 
 
@@ -46,8 +39,7 @@ def user_config(tmp_path, text):
 def test_significant_gain_on_ten_rows_promotes():
     rng = np.random.default_rng(0)
     comparison = pair(1, 0, 6, 3, base_words=rng.integers(35, 55, 10),
-                      other_words=rng.integers(12, 20, 10),
-                      base_latency=rng.uniform(1900, 2500, 10), other_latency=rng.uniform(450, 700, 10))
+                      other_words=rng.integers(12, 20, 10))
     verdict = decide(comparison)
     assert verdict.decision is Decision.PROMOTE
     exact = rule(verdict, "exact_match")
@@ -143,43 +135,48 @@ def test_verdict_to_dict_lists_every_rule_with_its_status():
     assert {r["name"]: r["status"] for r in data["rules"]}["exact_match"] == "undecided"
 
 
-def evaluation(comparison, prefix="delta/"):
-    return EvaluationResult(metrics=comparison.metrics(prefix), artifacts={}, run_id="test")
+def evaluation(comparison, prefix="delta/", served=None):
+    """What the evaluator logs for a comparison: its paired metrics and the served rules' figures."""
+    served = {f"{prefix}{name}": value for name, value in (served or {}).items()}
+    return EvaluationResult(metrics=comparison.metrics(prefix) | served, artifacts={},
+                            run_id="test")
 
 
 def test_metric_thresholds_pass_with_mlflow_validate_for_a_promoted_comparison():
     comparison = pair(*CLOSE_ON_1000_ROWS)
     assert decide(comparison).decision is Decision.PROMOTE
     thresholds = metric_thresholds()
-    assert set(thresholds) == {"delta/exact_match_ci_low", "delta/exact_match_score_ci_low",
-                               "delta/latency_ms_p95_ratio", "delta/memory_ratio"}
-    mlflow.validate_evaluation_results(thresholds, evaluation(comparison))
+    assert set(thresholds) == {"delta/primary_gain_ci_low", "delta/latency_ratio",
+                               "delta/memory_ratio"}
+    served = {"latency_ratio": 1.05, "memory_ratio": 1.01}
+    mlflow.validate_evaluation_results(thresholds, evaluation(comparison, served=served))
     # a baseline (here: the previous evaluation) is accepted; absolute thresholds never use it
-    previous = evaluation(pair(50, 1, 0, 49))
-    mlflow.validate_evaluation_results(thresholds, evaluation(comparison), previous)
+    previous = evaluation(pair(50, 1, 0, 49), served=served)
+    mlflow.validate_evaluation_results(thresholds, evaluation(comparison, served=served), previous)
 
 
 def test_metric_thresholds_fail_with_mlflow_validate_on_the_rules_decide_fails(tmp_path):
-    latency = np.linspace(100.0, 200.0, 1000)
     words = np.arange(1000) % 7 + 5
-    comparison = pair(*CLOSE_ON_1000_ROWS, base_latency=latency, other_latency=1.5 * latency,
-                      base_words=words, other_words=words + 3)
+    comparison = pair(*CLOSE_ON_1000_ROWS, base_words=words, other_words=words + 3)
     concise = user_config(tmp_path, "verdict:\n  max_mean_words_ratio: 1.2\n")
-    assert decide(comparison, concise).decision is Decision.REJECT
+    slow = RuleOutcome("latency_ratio", 1.5, 1.2, False, "served latency x1.5")
+    assert decide(comparison, concise, serving_rules=[slow]).decision is Decision.REJECT
     with pytest.raises(ModelValidationFailedException) as failure:
-        mlflow.validate_evaluation_results(metric_thresholds(concise), evaluation(comparison))
+        mlflow.validate_evaluation_results(
+            metric_thresholds(concise),
+            evaluation(comparison, served={"latency_ratio": 1.5, "memory_ratio": 1.0}))
     message = str(failure.value)
-    assert "delta/latency_ms_p95_ratio" in message and "delta/mean_words" in message
-    assert "exact_match" not in message
+    assert "delta/latency_ratio" in message and "delta/mean_words_ratio" in message
+    assert "primary_gain" not in message and "memory_ratio" not in message
 
 
 def test_metric_thresholds_follow_the_prefix_and_name_missing_metrics():
-    comparison = pair(20, 12, 2, 6, base_memory={}, other_memory={})
+    comparison = pair(20, 12, 2, 6)
     thresholds = metric_thresholds(prefix="delta/production/")
     with pytest.raises(ModelValidationFailedException) as failure:
         mlflow.validate_evaluation_results(thresholds, evaluation(comparison, "delta/production/"))
     message = str(failure.value)
-    assert "delta/production/exact_match_ci_low" in message  # a real loss: the CI is below -0.02
+    assert "delta/production/primary_gain_ci_low" in message  # a real loss: the CI is below -0.02
     assert "delta/production/memory_ratio was missing" in message  # unmeasured memory is not a pass
 
 

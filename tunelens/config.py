@@ -13,6 +13,8 @@ from .settings import Settings
 
 DEFAULTS_PATH = Path(__file__).with_name("conf.yaml")
 ENV_VAR = "TUNELENS_CONFIG"
+# libyaml's safe loader when PyYAML was built with it: the same documents, ten times faster.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ConfigError(ValueError):
@@ -33,7 +35,7 @@ def _merge(defaults: dict, override: dict, where: str) -> dict:
 
 def _read(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_LOADER) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

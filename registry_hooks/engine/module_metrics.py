@@ -11,48 +11,36 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tunelens.config import section
+from tunelens.settings import AnalysisSettings
+
 from . import lora_math
 from .naming import ModulePath
 from .result import Heatmap, ModuleMetrics
 
 
-@dataclass(frozen=True)
-class AnalysisSettings:
-    """conf.yaml's `analysis:` section, typed."""
+def analysis_settings(config: dict | None) -> AnalysisSettings:
+    """conf.yaml's `analysis:` section, typed (tunelens.settings), over the packaged defaults."""
+    return section(config, "analysis")
 
-    top_neurons: int = 20
-    heatmap_size: int = 64
-    histogram_bins: int = 80
-    histogram_exact_max_entries: int = 250_000
-    histogram_sample_entries: int = 250_000
-    intruder_top_k: int = 10
-    intruder_cos_threshold: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = 1
 
-    @classmethod
-    def from_config(cls, config: dict | None) -> "AnalysisSettings":
-        section = (config or {}).get("analysis") or {}
-        known = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+@contextmanager
+def torch_threads(settings: AnalysisSettings):
+    """torch's CPU threads for the analysis, restored afterwards (None: torch's default)."""
+    previous = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
-    @contextmanager
-    def torch_threads(self):
-        """torch's CPU threads for the analysis, restored afterwards (None: torch's default)."""
-        previous = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
 
-    def torch_device(self) -> torch.device:
-        """"auto": CUDA when torch sees a GPU, else the CPU."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+def torch_device(settings: AnalysisSettings) -> torch.device:
+    """"auto": CUDA when torch sees a GPU, else the CPU."""
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(settings.device)
 
 
 class FactoredEntries:

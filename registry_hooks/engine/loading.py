@@ -386,8 +386,9 @@ class LoraModule:
 
 
 def _finite_max(tensor: torch.Tensor) -> float:
-    """max |x| over the finite entries (one pass when they all are)."""
-    largest = float(tensor.abs().max())
+    """max |x| = max(−min x, max x) over the finite entries (one pass, no copy, when they all are)."""
+    low, high = torch.aminmax(tensor)
+    largest = max(-float(low), float(high))
     if math.isfinite(largest):
         return largest
     return float(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0).abs().max())

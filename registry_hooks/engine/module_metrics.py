@@ -206,7 +206,7 @@ def factored_experts(names: list[str], where: ModulePath, left: torch.Tensor, ri
     x, singular, y = lora_math.batched_factored_svd(left, right, scale, right_root)
     spectrum = {k: t.tolist() for k, t in lora_math.batched_spectrum(singular).items()}
     totals = lora_math.batched_entry_sums(left, right, scale).tolist()
-    low, high = (t.tolist() for t in lora_math.batched_extreme_entries(x, y))
+    low, high = (t.tolist() for t in lora_math.batched_extreme_entries(x, y)[:2])
     top_values, top_rows = lora_math.batched_row_norms(x, singular).topk(
         min(settings.top_neurons, m), dim=-1)
     relative = None

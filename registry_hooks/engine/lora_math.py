@@ -21,10 +21,25 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
 
 def factored_svd(left: torch.Tensor, right: torch.Tensor, scale: float):
     """ΔW = s·L·R = U·diag(S)·Vᵀ: L = Q_L·R_L, Rᵀ = Q_R·R_R (thin QR), SVD of the core s·R_L·R_Rᵀ."""
-    r_left, r_right = _triangular_factor(left), _triangular_factor(right.T)
-    u_core, singular, vh_core = torch.linalg.svd(scale * (r_left @ r_right.T), full_matrices=False)
+    r_left, r_right, u_core, singular, vh_core = _core_svd(left, right, scale)
     return (_orthonormal_side(left, r_left, u_core), singular,
             _orthonormal_side(right.T, r_right, vh_core.T))
+
+
+def balanced_factored_svd(left: torch.Tensor, right: torch.Tensor, scale: float):
+    """ΔW = s·L·R = X·Yᵀ with X = U·√S = Q_L·(U_c·√S), Y = V·√S = Q_R·(V_c·√S) (factored_svd's
+    QRs and core SVD, √S applied to the r×r side: one pass over each factor)."""
+    r_left, r_right, u_core, singular, vh_core = _core_svd(left, right, scale)
+    root = singular.clamp_min(0).sqrt()
+    return (_orthonormal_side(left, r_left, u_core * root), singular,
+            _orthonormal_side(right.T, r_right, vh_core.T * root))
+
+
+def _core_svd(left: torch.Tensor, right: torch.Tensor, scale: float):
+    """R_L, R_R of the thin QRs of L and Rᵀ and the SVD U_c·S·V_cᵀ of the core s·R_L·R_Rᵀ."""
+    r_left, r_right = _triangular_factor(left), _triangular_factor(right.T)
+    u_core, singular, vh_core = torch.linalg.svd(scale * (r_left @ r_right.T), full_matrices=False)
+    return r_left, r_right, u_core, singular, vh_core
 
 
 def _triangular_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -45,6 +60,13 @@ def balanced_factors(u: torch.Tensor, singular: torch.Tensor, v: torch.Tensor):
     """X = U·√S, Y = V·√S so that ΔW = X·Yᵀ with the two sides' row norms balanced."""
     root = singular.clamp_min(0).sqrt()
     return u * root, v * root
+
+
+def singular_vectors(x: torch.Tensor, singular: torch.Tensor, y: torch.Tensor):
+    """U = X·S^-½, V = Y·S^-½ from balanced factors (the columns of σ = 0 left zero)."""
+    root = singular.clamp_min(0).sqrt()
+    inverse = torch.where(root > 0, 1 / root, 0.0)
+    return x * inverse, y * inverse
 
 
 def frobenius(singular: torch.Tensor) -> float:
@@ -215,7 +237,8 @@ def batched_spectrum(singular: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def batched_row_norms(x: torch.Tensor, singular: torch.Tensor) -> torch.Tensor:
-    """‖ΔW_e[i, :]‖₂ = sqrt(Σ_k x_ik²·σ_k) for ΔW_e = X_e·Y_eᵀ, X = U·√S, Y = V·√S: (E, m)."""
+    """‖ΔW_e[i, :]‖₂ = sqrt(Σ_k x_ik²·σ_k) for ΔW_e = X_e·Y_eᵀ, X = U·√S, Y = V·√S: (E, m), or
+    (m,) for one module."""
     return (x.square() * singular.unsqueeze(-2)).sum(dim=-1).sqrt()
 
 

@@ -139,14 +139,14 @@ def factored_module(name: str, where: ModulePath, left: torch.Tensor, right: tor
                     base: torch.Tensor | None = None) -> ModuleAnalysis:
     """Every metric of ΔW = scale·L·R from the factors (the base, when given, is W in [out, in])."""
     m, n = left.shape[0], right.shape[1]
-    u, singular, v = lora_math.factored_svd(left, right, scale)
+    x, singular, y = lora_math.balanced_factored_svd(left, right, scale)
     spectrum = _spectrum_metrics(singular, min(rank, m, n))
     total = lora_math.entry_sum(left, right, scale)
     mean = total / (m * n)
     variance = max(spectrum["fro"] ** 2 / (m * n) - mean * mean, 0.0)
-    x, y = lora_math.balanced_factors(u, singular, v)
     entries = FactoredEntries(x, y)
     low, high = entries.extremes()
+    u, v = lora_math.singular_vectors(x, singular, y) if base is not None else (None, None)
     extra = _base_metrics(spectrum["fro"], base, lambda: scale * (left @ right), settings,
                           u, v, singular)
     metrics = ModuleMetrics(name=name, layer=where.layer, component=where.component,
@@ -155,7 +155,7 @@ def factored_module(name: str, where: ModulePath, left: torch.Tensor, right: tor
                             **spectrum, **extra)
     heat = lora_math.block_means(left, right, scale, settings.heatmap_size)
     return ModuleAnalysis(metrics, heatmap_record(name, heat),
-                          top_rows(lora_math.row_norms(left, right, scale), settings.top_neurons),
+                          top_rows(lora_math.batched_row_norms(x, singular), settings.top_neurons),
                           entries, total)
 
 

@@ -33,6 +33,20 @@ def test_factored_svd_matches_dense_singular_values_and_reconstructs(m, n, r):
     assert lora_math.frobenius(s) == pytest.approx(float(delta.norm()), rel=1e-12)
 
 
+@pytest.mark.parametrize("m,n,r", SHAPES)
+def test_balanced_factors_reconstruct_and_give_back_the_singular_vectors(m, n, r):
+    left, right = _factors(m, n, r)
+    u, s, v = lora_math.factored_svd(left, right, -1.5)
+    x, s_balanced, y = lora_math.balanced_factored_svd(left, right, -1.5)
+    np.testing.assert_allclose(s_balanced, s, rtol=1e-12)
+    np.testing.assert_allclose(x @ y.T, -1.5 * left @ right, atol=1e-12)
+    u_back, v_back = lora_math.singular_vectors(x, s_balanced, y)
+    np.testing.assert_allclose(u_back, u, atol=1e-9)
+    np.testing.assert_allclose(v_back, v, atol=1e-9)
+    np.testing.assert_allclose(lora_math.batched_row_norms(x, s_balanced),
+                               (-1.5 * left @ right).norm(dim=1), rtol=1e-10)
+
+
 def test_rank_measures_on_a_known_spectrum():
     s = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64).sort(descending=True).values
     p = np.array([4, 3]) / 7

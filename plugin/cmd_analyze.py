@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "analyse a LoRA adapter's weight changes: analysis.json, report.html and PNG charts"
+HELP = "analyse a LoRA adapter's weight changes: analysis.json, report.html (PNGs with --charts)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(soloist) and top-3 (ensemble) layers, attention and MLP, to OUT/retune")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--charts", action=argparse.BooleanOptionalAction, default=None,
-                        help="PNG copies of the report's charts in OUT/charts (default: "
-                             "analysis.png_charts in conf.yaml; report.html draws them itself)")
+                        help="--charts: also PNG copies of the report's charts in OUT/charts "
+                             "(report.html draws them itself); default: analysis.png_charts in "
+                             "conf.yaml, off unless set")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,8 +43,8 @@ class _Part:
 def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
                     config: dict | None = None, progress: bool = True) -> AnalysisResult:
     """Analyse a PEFT LoRA adapter (or an MLflow model dir with peft/) against an optional base."""
-    settings = M.AnalysisSettings.from_config(config)
-    device = settings.torch_device()
+    settings = M.analysis_settings(config)
+    device = M.torch_device(settings)
     contents = open_adapter(adapter)
     base_model = BaseModel(base) if base else None
     warnings, needs_base = list(contents.warnings), []
@@ -70,7 +70,7 @@ def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
     work = len(contents.modules) + len(contents.saved) + len(contents.experts)
     bar = tqdm(total=work, desc="tunelens analyze", unit="module", file=sys.stderr,
                disable=not progress, leave=False)
-    with torch.no_grad(), settings.torch_threads(), bar:
+    with torch.no_grad(), M.torch_threads(settings), bar:
         for module in contents.modules:
             for analysis in _analyse_module(module, plans[module.name], contents, base_model,
                                             settings, device, warnings):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import lora_math
 from .analysis import analyze_adapter
 from .loading import AdapterContents, AnalysisInputError, find_adapter_dir, open_adapter
-from .module_metrics import AnalysisSettings
+from .module_metrics import analysis_settings, torch_threads
 from .naming import parse_module_path
 from .result import (AnalysisResult, ChangeStats, CheckpointEvolution, CheckpointRef,
                      LayerEvolution, ModuleEvolution, SimilarityStep)
@@ -111,11 +111,11 @@ def _open_all(checkpoints: list[Checkpoint]) -> list[AdapterContents]:
 def checkpoint_evolution(paths: list[str | Path], *, config: dict | None = None,
                          progress: bool = True) -> CheckpointEvolution:
     """analysis.json's `checkpoints` section: per module and per layer, every checkpoint."""
-    settings = AnalysisSettings.from_config(config)
+    settings = analysis_settings(config)
     checkpoints = find_checkpoints(paths)
     opened = _open_all(checkpoints)
     modules = []
-    with torch.no_grad(), settings.torch_threads(), tqdm(
+    with torch.no_grad(), torch_threads(settings), tqdm(
             total=len(opened[0].modules), desc="tunelens checkpoints", unit="module",
             file=sys.stderr, disable=not progress, leave=False) as bar:
         for module in opened[0].modules:

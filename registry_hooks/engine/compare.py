@@ -17,7 +17,7 @@ import torch
 from .analysis import analyze_adapter
 from .checkpoints import column_space, subspace_similarity
 from .loading import AnalysisInputError, find_adapter_dir, open_adapter
-from .module_metrics import AnalysisSettings
+from .module_metrics import analysis_settings, torch_threads
 from .result import AnalysisResult
 
 COMPARE_SCHEMA = "tunelens.compare/1"
@@ -117,8 +117,8 @@ def compare(paths: list[str | Path], base: str | Path | None = None, *, config: 
     if len(adapters) < len(inputs):
         comparison.warnings.append("subspace overlap needs the adapters' factors: analysis.json "
                                    "inputs are left out of it")
-    settings = AnalysisSettings.from_config(config)
-    with torch.no_grad(), settings.torch_threads():
+    settings = analysis_settings(config)
+    with torch.no_grad(), torch_threads(settings):
         for a, b in combinations(adapters, 2):
             comparison.overlaps.append(module_overlaps(a, b))
     return comparison

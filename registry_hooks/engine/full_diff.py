@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from tunelens.config import section
 
 from . import lora_math
 from . import module_metrics as M
@@ -27,29 +29,6 @@ from .result import (AnalysisResult, FullDiffSection, FullFinetuneInfo, LayerTyp
                      Summary, TensorDiff)
 
 GRID_METRICS = ("relative_fro", "fro", "spectral", "relative_rank")
-
-
-@dataclass(frozen=True)
-class FullDiffSettings:
-    """conf.yaml's `full_diff:` section, typed."""
-
-    top_singular_values: int = 16
-    oversample: int = 8
-    power_iterations: int = 2
-    exact_max_dim: int = 256
-    rank_rtol: float = 0.01
-    intruders_randomized: bool = False
-    intruder_reference_k: int = 64
-    heatmap_max_entries: int = 64_000_000
-
-    @classmethod
-    def from_config(cls, config: dict | None) -> "FullDiffSettings":
-        section = (config or {}).get("full_diff") or {}
-        settings = cls(**{k: v for k, v in section.items() if k in cls.__dataclass_fields__})
-        if settings.power_iterations < 2:
-            raise AnalysisInputError("full_diff.power_iterations must be at least 2 (fewer "
-                                     "misestimate the spectral norm by tens of percent)")
-        return settings
 
 
 def randomized_svd(terms: list[torch.Tensor], k: int, oversample: int, power_iterations: int,
@@ -180,9 +159,9 @@ def check_same_architecture(tuned: BaseModel, base: BaseModel) -> None:
 def diff_models(finetuned: str | Path, base: str | Path, *, config: dict | None = None,
                 progress: bool = True) -> AnalysisResult:
     """Every tensor's ΔW = W_tuned − W_base between two full model directories, streamed."""
-    settings = M.AnalysisSettings.from_config(config)
-    diff_settings = FullDiffSettings.from_config(config)
-    device = settings.torch_device()
+    settings = M.analysis_settings(config)
+    diff_settings = section(config, "full_diff")
+    device = M.torch_device(settings)
     tuned_model, base_model = open_full_model(finetuned, "fine-tuned"), open_full_model(base, "base")
     check_same_architecture(tuned_model, base_model)
     keys = sorted(base_model.keys(), key=_natural_key)
@@ -190,7 +169,7 @@ def diff_models(finetuned: str | Path, base: str | Path, *, config: dict | None 
     total_entries = sum(math.prod(base_model.shape(k)) for k in matrices)
     generator = torch.Generator().manual_seed(settings.seed)
     analyses, diffs, samples, warnings = [], [], [], []
-    with torch.no_grad(), settings.torch_threads(), tqdm(
+    with torch.no_grad(), M.torch_threads(settings), tqdm(
             total=len(keys), desc="tunelens full diff", unit="tensor", file=sys.stderr,
             disable=not progress, leave=False) as bar:
         buffers = _PairBuffers(max((math.prod(base_model.shape(k)) for k in keys), default=0),
@@ -391,7 +370,7 @@ def _section(tuned_model, base_model, diffs: list[TensorDiff], diff_settings) ->
     delta_fro = math.sqrt(sum(d.fro ** 2 for d in diffs))
     return FullDiffSection(
         finetuned_model=str(tuned_model.path), base_model=str(base_model.path),
-        settings=asdict(diff_settings), relative_fro_total=_ratio(delta_fro, base_fro),
+        settings=diff_settings.model_dump(), relative_fro_total=_ratio(delta_fro, base_fro),
         tensors_compared=len(diffs), tensors_unchanged=sum(1 for d in diffs if d.fro == 0),
         tensors=diffs, grid=layer_type_grid(matrices))
 

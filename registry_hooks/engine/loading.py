@@ -386,8 +386,9 @@ class LoraModule:
 
 
 def _finite_max(tensor: torch.Tensor) -> float:
-    """max |x| over the finite entries (one pass when they all are)."""
-    largest = float(tensor.abs().max())
+    """max |x| = max(−min x, max x) over the finite entries (one pass, no copy, when they all are)."""
+    low, high = torch.aminmax(tensor)
+    largest = max(-float(low), float(high))
     if math.isfinite(largest):
         return largest
     return float(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0).abs().max())
@@ -426,10 +427,10 @@ class ExpertModule:
         a = tensors.get(self.keys["A"]).to(device=device, dtype=dtype)
         b = tensors.get(self.keys["B"]).to(device=device)
         right = a.reshape(self.num_experts, self.rank, a.shape[-1])
-        # Expert-major and contiguous for the batched products, reordered before widening to
-        # float64 (a bf16 copy moves a quarter of the bytes).
-        left = b.reshape(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1).contiguous()
-        return left.to(dtype), right
+        # Expert-major and contiguous for the batched products: reordered and widened to float64
+        # in one copy.
+        left = b.reshape(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1)
+        return left.to(dtype, memory_format=torch.contiguous_format), right
 
 
 @dataclass

@@ -21,10 +21,25 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
 
 def factored_svd(left: torch.Tensor, right: torch.Tensor, scale: float):
     """ΔW = s·L·R = U·diag(S)·Vᵀ: L = Q_L·R_L, Rᵀ = Q_R·R_R (thin QR), SVD of the core s·R_L·R_Rᵀ."""
-    r_left, r_right = _triangular_factor(left), _triangular_factor(right.T)
-    u_core, singular, vh_core = torch.linalg.svd(scale * (r_left @ r_right.T), full_matrices=False)
+    r_left, r_right, u_core, singular, vh_core = _core_svd(left, right, scale)
     return (_orthonormal_side(left, r_left, u_core), singular,
             _orthonormal_side(right.T, r_right, vh_core.T))
+
+
+def balanced_factored_svd(left: torch.Tensor, right: torch.Tensor, scale: float):
+    """ΔW = s·L·R = X·Yᵀ with X = U·√S = Q_L·(U_c·√S), Y = V·√S = Q_R·(V_c·√S) (factored_svd's
+    QRs and core SVD, √S applied to the r×r side: one pass over each factor)."""
+    r_left, r_right, u_core, singular, vh_core = _core_svd(left, right, scale)
+    root = singular.clamp_min(0).sqrt()
+    return (_orthonormal_side(left, r_left, u_core * root), singular,
+            _orthonormal_side(right.T, r_right, vh_core.T * root))
+
+
+def _core_svd(left: torch.Tensor, right: torch.Tensor, scale: float):
+    """R_L, R_R of the thin QRs of L and Rᵀ and the SVD U_c·S·V_cᵀ of the core s·R_L·R_Rᵀ."""
+    r_left, r_right = _triangular_factor(left), _triangular_factor(right.T)
+    u_core, singular, vh_core = torch.linalg.svd(scale * (r_left @ r_right.T), full_matrices=False)
+    return r_left, r_right, u_core, singular, vh_core
 
 
 def _triangular_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -45,6 +60,13 @@ def balanced_factors(u: torch.Tensor, singular: torch.Tensor, v: torch.Tensor):
     """X = U·√S, Y = V·√S so that ΔW = X·Yᵀ with the two sides' row norms balanced."""
     root = singular.clamp_min(0).sqrt()
     return u * root, v * root
+
+
+def singular_vectors(x: torch.Tensor, singular: torch.Tensor, y: torch.Tensor):
+    """U = X·S^-½, V = Y·S^-½ from balanced factors (the columns of σ = 0 left zero)."""
+    root = singular.clamp_min(0).sqrt()
+    inverse = torch.where(root > 0, 1 / root, 0.0)
+    return x * inverse, y * inverse
 
 
 def frobenius(singular: torch.Tensor) -> float:
@@ -92,6 +114,8 @@ def block_edges(size: int, blocks: int) -> torch.Tensor:
 def pooled_rows(matrix: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """Mean of the rows of `matrix` within each block [edges[k], edges[k+1])."""
     sizes = edges[1:] - edges[:-1]
+    if int(sizes.min()) == int(sizes.max()):  # equal blocks: a view, one pass
+        return matrix.reshape(sizes.numel(), -1, matrix.shape[1]).mean(dim=1)
     block_of_row = torch.repeat_interleave(torch.arange(sizes.numel()), sizes).to(matrix.device)
     sums = matrix.new_zeros(sizes.numel(), matrix.shape[1]).index_add_(0, block_of_row, matrix)
     return sums / sizes.to(device=matrix.device, dtype=matrix.dtype).unsqueeze(1)
@@ -114,38 +138,10 @@ def entry_sum(left: torch.Tensor, right: torch.Tensor, scale: float) -> float:
     return float(scale * (left.sum(dim=0) @ right.sum(dim=1)))
 
 
-def extreme_entries(x: torch.Tensor, y: torch.Tensor, row_tile: int = 64, seed_rows: int = 8):
-    """Exact (min, max) of ΔW = X·Yᵀ, evaluating only entries whose bound ‖x_i‖·‖y_j‖ can beat them.
-
-    Rows and columns are sorted by norm; the largest rows and columns give a first min/max, then each
-    tile of rows is multiplied only with the prefix of columns where |ΔW_ij| <= ‖x_i‖·‖y_j‖ could
-    still exceed min(max, −min). Returns (min, max, entries evaluated).
-    """
-    x_norms, y_norms = x.norm(dim=1), y.norm(dim=1)
-    x_norms, row_order = x_norms.sort(descending=True)
-    y_norms, col_order = y_norms.sort(descending=True)
-    xs, ys = x[row_order], y[col_order]
-    seed_tiles = (xs[:seed_rows] @ ys.T, xs @ ys[:seed_rows].T)
-    high = max(float(t.max()) for t in seed_tiles)
-    low = min(float(t.min()) for t in seed_tiles)
-    evaluated = sum(t.numel() for t in seed_tiles)
-    # Columns sorted descending: the ones a row of norm ρ still needs are a prefix, found by search.
-    ascending_y = y_norms.flip(0).contiguous()
-    for start in range(0, xs.shape[0], row_tile):
-        threshold = min(high, -low)
-        if threshold <= 0:
-            needed = ys.shape[0]
-        else:
-            limit = torch.tensor([threshold / (float(x_norms[start]) * (1 + _BOUND_SLACK))
-                                  if x_norms[start] > 0 else math.inf], dtype=ascending_y.dtype,
-                                 device=ascending_y.device)
-            needed = ys.shape[0] - int(torch.searchsorted(ascending_y, limit, right=True))
-        if needed == 0:
-            break
-        tile = xs[start:start + row_tile] @ ys[:needed].T
-        high, low = max(high, float(tile.max())), min(low, float(tile.min()))
-        evaluated += tile.numel()
-    return low, high, evaluated
+def extreme_entries(x: torch.Tensor, y: torch.Tensor, **search):
+    """Exact (min, max) of ΔW = X·Yᵀ and the entries evaluated: batched_extreme_entries for one."""
+    low, high, evaluated = batched_extreme_entries(x.unsqueeze(0), y.unsqueeze(0), **search)
+    return float(low[0]), float(high[0]), evaluated
 
 
 def entry_tiles(x: torch.Tensor, y: torch.Tensor, max_entries: int = 1 << 18):
@@ -241,7 +237,8 @@ def batched_spectrum(singular: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def batched_row_norms(x: torch.Tensor, singular: torch.Tensor) -> torch.Tensor:
-    """‖ΔW_e[i, :]‖₂ = sqrt(Σ_k x_ik²·σ_k) for ΔW_e = X_e·Y_eᵀ, X = U·√S, Y = V·√S: (E, m)."""
+    """‖ΔW_e[i, :]‖₂ = sqrt(Σ_k x_ik²·σ_k) for ΔW_e = X_e·Y_eᵀ, X = U·√S, Y = V·√S: (E, m), or
+    (m,) for one module."""
     return (x.square() * singular.unsqueeze(-2)).sum(dim=-1).sqrt()
 
 
@@ -250,41 +247,55 @@ def batched_entry_sums(left: torch.Tensor, right: torch.Tensor, scale: float) ->
     return scale * (left.sum(dim=-2) * right.sum(dim=-1)).sum(dim=-1)
 
 
-def batched_extreme_entries(x: torch.Tensor, y: torch.Tensor, row_tile: int = 64,
-                            seed_rows: int = 8, max_entries: int = 1 << 24):
-    """Exact per-expert (min, max) of ΔW_e = X_e·Y_eᵀ, X (E, m, k), Y (E, n, k): extreme_entries's
-    bound |ΔW_ij| <= ‖x_i‖·‖y_j‖ over rows and columns sorted by norm, one row tile at a time for
-    all experts together (each tile as wide as the expert needing the most columns); only the rows
-    and columns a tile needs are gathered."""
+def _rows_in_order(stack: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """stack[e, order[e, i]] for (E, m, k) and (E, m): one index_select over the flattened rows
+    (torch's gather with an expanded index is ten times slower on the CPU)."""
+    experts, rows = order.shape
+    flat = (order + torch.arange(experts, device=order.device).unsqueeze(1) * rows).reshape(-1)
+    return stack.reshape(experts * rows, -1).index_select(0, flat).reshape(stack.shape)
+
+
+def batched_extreme_entries(x: torch.Tensor, y: torch.Tensor, seed: int = 64,
+                            first_tile: int = 8, row_tile: int = 64, group: int = 16,
+                            max_entries: int = 1 << 22):
+    """Exact per-expert (min, max) of ΔW_e = X_e·Y_eᵀ, X (E, m, k), Y (E, n, k), evaluating only
+    entries whose bound |ΔW_ij| <= ‖x_i‖·‖y_j‖ can still beat min(max, −min); returns (min, max,
+    entries evaluated).
+
+    Rows and columns are sorted by norm; the `seed`×`seed` block of the largest gives first
+    extremes; then row tiles (first_tile rows, doubling up to row_tile) are each multiplied with
+    the prefix of columns the tile's first row could still need, the experts of a tile in groups
+    of at most `group` by that width, so that few compute columns only another one needs.
+    """
     x_norms, row_order = x.norm(dim=-1).sort(dim=-1, descending=True)
     y_norms, col_order = y.norm(dim=-1).sort(dim=-1, descending=True)
-
-    def rows_of(matrix, order, start, stop):
-        index = order[:, start:stop]
-        return matrix.gather(1, index.unsqueeze(-1).expand(-1, -1, matrix.shape[-1]))
-
-    seed_x = rows_of(x, row_order, 0, seed_rows) @ y.transpose(-2, -1)
-    seed_y = x @ rows_of(y, col_order, 0, seed_rows).transpose(-2, -1)
-    high = torch.maximum(seed_x.amax(dim=(1, 2)), seed_y.amax(dim=(1, 2)))
-    low = torch.minimum(seed_x.amin(dim=(1, 2)), seed_y.amin(dim=(1, 2)))
-    columns, gathered = None, 0
-    for start in range(seed_rows, x.shape[1], row_tile):
-        threshold = torch.minimum(high, -low).clamp_min(0)
-        # Columns j that row `start` (the tile's largest norm) could still need, per expert.
-        reach = x_norms[:, start:start + 1] * y_norms * (1 + _BOUND_SLACK)
-        wanted = (reach > threshold.unsqueeze(-1)).sum(dim=-1)
-        active = wanted.nonzero().squeeze(-1)
-        if active.numel() == 0:
+    # Sorted once (one pass each): every tile below is then a view of a prefix.
+    xs, ys = _rows_in_order(x, row_order), _rows_in_order(y, col_order)
+    block = xs[:, :seed] @ ys[:, :seed].transpose(-2, -1)
+    high, low = block.amax(dim=(1, 2)), block.amin(dim=(1, 2))
+    evaluated = block.numel()
+    start, rows_now = 0, first_tile
+    while start < x.shape[1]:
+        # Row `start` (the tile's largest norm) needs the columns with ‖y_j‖ above this limit; an
+        # extreme still at or below zero needs every column (an entry 0 beats it).
+        threshold = torch.minimum(high, -low)
+        limit = threshold / (x_norms[:, start] * (1 + _BOUND_SLACK))
+        wanted, by_width = (y_norms > limit.unsqueeze(-1)).sum(dim=-1).sort(descending=True)
+        widths = wanted.tolist()
+        live = sum(1 for w in widths if w > 0)
+        if live == 0:
             break
-        needed = int(wanted.max())
-        if needed > gathered:  # the sorted column prefix grows only as the tiles need it
-            columns, gathered = rows_of(y, col_order, 0, needed), needed
-        # Only the experts still unsettled: the others' remaining entries cannot beat their extremes.
-        rows = rows_of(x, row_order, start, start + row_tile)[active]
-        chunk = max(1, max_entries // (rows.shape[1] * needed))
-        for first in range(0, active.numel(), chunk):
-            which = active[first:first + chunk]
-            tile = rows[first:first + chunk] @ columns[which, :needed].transpose(-2, -1)
+        rows = xs[:, start:start + rows_now]
+        first = 0
+        while first < live:
+            width = widths[first]
+            count = max(1, min(group, max_entries // (rows.shape[1] * width)))
+            which = by_width[first:min(live, first + count)]
+            tile = rows[which] @ ys[which, :width].transpose(-2, -1)
             high[which] = torch.maximum(high[which], tile.amax(dim=(1, 2)))
             low[which] = torch.minimum(low[which], tile.amin(dim=(1, 2)))
-    return low, high
+            evaluated += tile.numel()
+            first += which.numel()
+        start += rows_now
+        rows_now = min(2 * rows_now, row_tile)
+    return low, high, evaluated

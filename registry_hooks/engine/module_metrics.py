@@ -11,48 +11,36 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tunelens.config import section
+from tunelens.settings import AnalysisSettings
+
 from . import lora_math
 from .naming import ModulePath
 from .result import Heatmap, ModuleMetrics
 
 
-@dataclass(frozen=True)
-class AnalysisSettings:
-    """conf.yaml's `analysis:` section, typed."""
+def analysis_settings(config: dict | None) -> AnalysisSettings:
+    """conf.yaml's `analysis:` section, typed (tunelens.settings), over the packaged defaults."""
+    return section(config, "analysis")
 
-    top_neurons: int = 20
-    heatmap_size: int = 64
-    histogram_bins: int = 80
-    histogram_exact_max_entries: int = 250_000
-    histogram_sample_entries: int = 250_000
-    intruder_top_k: int = 10
-    intruder_cos_threshold: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = 1
 
-    @classmethod
-    def from_config(cls, config: dict | None) -> "AnalysisSettings":
-        section = (config or {}).get("analysis") or {}
-        known = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+@contextmanager
+def torch_threads(settings: AnalysisSettings):
+    """torch's CPU threads for the analysis, restored afterwards (None: torch's default)."""
+    previous = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
-    @contextmanager
-    def torch_threads(self):
-        """torch's CPU threads for the analysis, restored afterwards (None: torch's default)."""
-        previous = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
 
-    def torch_device(self) -> torch.device:
-        """"auto": CUDA when torch sees a GPU, else the CPU."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+def torch_device(settings: AnalysisSettings) -> torch.device:
+    """"auto": CUDA when torch sees a GPU, else the CPU."""
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(settings.device)
 
 
 class FactoredEntries:
@@ -151,14 +139,14 @@ def factored_module(name: str, where: ModulePath, left: torch.Tensor, right: tor
                     base: torch.Tensor | None = None) -> ModuleAnalysis:
     """Every metric of ΔW = scale·L·R from the factors (the base, when given, is W in [out, in])."""
     m, n = left.shape[0], right.shape[1]
-    u, singular, v = lora_math.factored_svd(left, right, scale)
+    x, singular, y = lora_math.balanced_factored_svd(left, right, scale)
     spectrum = _spectrum_metrics(singular, min(rank, m, n))
     total = lora_math.entry_sum(left, right, scale)
     mean = total / (m * n)
     variance = max(spectrum["fro"] ** 2 / (m * n) - mean * mean, 0.0)
-    x, y = lora_math.balanced_factors(u, singular, v)
     entries = FactoredEntries(x, y)
     low, high = entries.extremes()
+    u, v = lora_math.singular_vectors(x, singular, y) if base is not None else (None, None)
     extra = _base_metrics(spectrum["fro"], base, lambda: scale * (left @ right), settings,
                           u, v, singular)
     metrics = ModuleMetrics(name=name, layer=where.layer, component=where.component,
@@ -167,7 +155,7 @@ def factored_module(name: str, where: ModulePath, left: torch.Tensor, right: tor
                             **spectrum, **extra)
     heat = lora_math.block_means(left, right, scale, settings.heatmap_size)
     return ModuleAnalysis(metrics, heatmap_record(name, heat),
-                          top_rows(lora_math.row_norms(left, right, scale), settings.top_neurons),
+                          top_rows(lora_math.batched_row_norms(x, singular), settings.top_neurons),
                           entries, total)
 
 
@@ -218,7 +206,7 @@ def factored_experts(names: list[str], where: ModulePath, left: torch.Tensor, ri
     x, singular, y = lora_math.batched_factored_svd(left, right, scale, right_root)
     spectrum = {k: t.tolist() for k, t in lora_math.batched_spectrum(singular).items()}
     totals = lora_math.batched_entry_sums(left, right, scale).tolist()
-    low, high = (t.tolist() for t in lora_math.batched_extreme_entries(x, y))
+    low, high = (t.tolist() for t in lora_math.batched_extreme_entries(x, y)[:2])
     top_values, top_rows = lora_math.batched_row_norms(x, singular).topk(
         min(settings.top_neurons, m), dim=-1)
     relative = None

@@ -385,13 +385,42 @@ def _fields(cls, data: dict[str, Any]) -> dict[str, Any]:
 def json_safe(value: Any) -> Any:
     """Dataclasses as plain dicts and NaN/Inf as null, in one pass (dataclasses.asdict deep-copies
     every heatmap value first: 4x slower): analysis.json stays strict JSON for a broken adapter."""
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind in _ATOMS:
+        return value
+    if kind is list or kind is tuple:
+        if _finite_numbers(value):  # a heatmap row, singular values: no walk needed
+            return list(value)
+        return [json_safe(v) for v in value]
+    if kind is dict:
+        return {k: json_safe(v) for k, v in value.items()}
+    fields = _JSON_FIELDS.get(kind)
+    if fields is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = _JSON_FIELDS[kind] = [(f.metadata.get("json", f.name), f.name)
+                                       for f in dataclasses.fields(value)]
+    if fields is not None:
+        return {key: json_safe(getattr(value, name)) for key, name in fields}
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.metadata.get("json", f.name): json_safe(getattr(value, f.name))
-                for f in dataclasses.fields(value)}
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+_ATOMS = (int, str, bool, type(None))
+_JSON_FIELDS: dict[type, list[tuple[str, str]]] = {}  # dataclass -> (JSON key, attribute) pairs
+
+
+def _finite_numbers(values: list | tuple) -> bool:
+    """True when the items are plain numbers none of which is NaN or ±Inf: their sum is then a
+    finite int or float (one NaN or ±Inf makes it NaN or ±Inf; a string, None, list or record
+    raises). A sum that overflows says False and the caller walks the items one by one."""
+    try:
+        total = sum(values)
+    except TypeError:
+        return False
+    return type(total) in (int, float) and math.isfinite(total)

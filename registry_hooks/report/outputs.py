@@ -1,4 +1,4 @@
-"""The files of one analysis: analysis.json, report.html and charts/*.png in one folder.
+"""The files of one analysis: analysis.json, report.html and (opt-in) charts/*.png in one folder.
 
 `tunelens analyze` and the hook worker both call write_analysis, so a run from the command line
 and one from the registry produce the same artifacts.
@@ -31,8 +31,8 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
                    config: dict | None = None, charts: bool | None = None,
                    sections: list[Section] = ()) -> AnalysisFiles:
     """Write out_dir/analysis.json, out_dir/report.html and out_dir/charts/*.png (`config`:
-    load_config()'s settings, None reads conf.yaml and $TUNELENS_CONFIG; `charts`: draw the PNGs,
-    None = analysis.png_charts; `sections`: more of the page, below the report)."""
+    load_config()'s settings, None reads conf.yaml and $TUNELENS_CONFIG; `charts`: draw the PNG
+    copies, None = analysis.png_charts (off by default: report.html draws every chart itself); `sections`: more of the page, below the report)."""
     settings = (config if config is not None else load_config())["analysis"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
     html_path.write_text(render_report(result, data, max_heatmaps=settings["report_max_heatmaps"],
                                        sections=sections), encoding="utf-8")
     chart_paths = []
-    if settings.get("png_charts", True) if charts is None else charts:
+    if settings["png_charts"] if charts is None else charts:
         from .charts import render_charts  # matplotlib: imported only when drawing
 
         chart_paths = render_charts(result, out / "charts")

@@ -33,6 +33,20 @@ def test_factored_svd_matches_dense_singular_values_and_reconstructs(m, n, r):
     assert lora_math.frobenius(s) == pytest.approx(float(delta.norm()), rel=1e-12)
 
 
+@pytest.mark.parametrize("m,n,r", SHAPES)
+def test_balanced_factors_reconstruct_and_give_back_the_singular_vectors(m, n, r):
+    left, right = _factors(m, n, r)
+    u, s, v = lora_math.factored_svd(left, right, -1.5)
+    x, s_balanced, y = lora_math.balanced_factored_svd(left, right, -1.5)
+    np.testing.assert_allclose(s_balanced, s, rtol=1e-12)
+    np.testing.assert_allclose(x @ y.T, -1.5 * left @ right, atol=1e-12)
+    u_back, v_back = lora_math.singular_vectors(x, s_balanced, y)
+    np.testing.assert_allclose(u_back, u, atol=1e-9)
+    np.testing.assert_allclose(v_back, v, atol=1e-9)
+    np.testing.assert_allclose(lora_math.batched_row_norms(x, s_balanced),
+                               (-1.5 * left @ right).norm(dim=1), rtol=1e-10)
+
+
 def test_rank_measures_on_a_known_spectrum():
     s = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64).sort(descending=True).values
     p = np.array([4, 3]) / 7
@@ -73,7 +87,7 @@ def test_extreme_entries_are_exact_and_skip_most_of_a_large_delta(m, n, r, sprea
     left, right = _factors(m, n, r, seed=2, spread=spread)
     u, s, v = lora_math.factored_svd(left, right, 1.3)
     x, y = lora_math.balanced_factors(u, s, v)
-    low, high, evaluated = lora_math.extreme_entries(x, y, row_tile=32, seed_rows=8)
+    low, high, evaluated = lora_math.extreme_entries(x, y, row_tile=32, seed=8)
     delta = 1.3 * left @ right
     assert low == pytest.approx(float(delta.min()), rel=1e-12)
     assert high == pytest.approx(float(delta.max()), rel=1e-12)
@@ -86,8 +100,18 @@ def test_extreme_entries_of_an_all_negative_delta_visit_everything_needed():
     right = -torch.linspace(1, 2, 30, dtype=torch.float64).unsqueeze(0)
     u, s, v = lora_math.factored_svd(left, right, 1.0)
     low, high, _ = lora_math.extreme_entries(*lora_math.balanced_factors(u, s, v), row_tile=8,
-                                             seed_rows=2)
+                                             seed=2, first_tile=2)
     assert (low, high) == (pytest.approx(-2.0), pytest.approx(-1.0))
+
+
+def test_a_zero_row_outside_the_seed_block_is_the_maximum_of_a_negative_delta():
+    """Entries 0 of a zero row beat every negative one: the search must reach rows of norm 0."""
+    left = torch.ones(90, 1, dtype=torch.float64)
+    left[70] = 0
+    right = -torch.linspace(1, 2, 40, dtype=torch.float64).unsqueeze(0)
+    x, y = left.unsqueeze(0), right.T.unsqueeze(0)
+    low, high, _ = lora_math.batched_extreme_entries(x, y, seed=4, first_tile=2, row_tile=8)
+    assert (float(low[0]), float(high[0])) == (-2.0, 0.0)
 
 
 def test_entry_tiles_cover_every_entry_and_samples_are_entries():
@@ -148,6 +172,6 @@ def test_batched_expert_math_matches_each_dense_delta():
                                atol=1e-12)
     np.testing.assert_allclose(lora_math.batched_entry_sums(left, right, scale),
                                dense.sum(dim=(1, 2)), atol=1e-12)
-    low, high = lora_math.batched_extreme_entries(x, y, row_tile=4, seed_rows=2)
+    low, high, _ = lora_math.batched_extreme_entries(x, y, row_tile=4, seed=2, first_tile=2)
     np.testing.assert_allclose(high, dense.amax(dim=(1, 2)), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(low, dense.amin(dim=(1, 2)), rtol=1e-12, atol=1e-15)

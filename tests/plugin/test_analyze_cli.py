@@ -36,7 +36,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 def test_analyze_writes_json_report_and_charts(tmp_path, llama_adapter, llama_base):
     out = tmp_path / "out"
-    proc = tunelens("analyze", str(llama_adapter), "--base", str(llama_base), "--out", str(out))
+    proc = tunelens("analyze", str(llama_adapter), "--base", str(llama_base), "--out", str(out),
+                    "--charts")
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "analysis.json").read_text())
     assert data["schema"] == SCHEMA
@@ -158,7 +159,7 @@ def test_analyze_moe_target_parameters_adapter(tmp_path):
     base = tiny_moe(tmp_path / "base")
     adapter = make_moe_adapter(base, tmp_path / "adapter")
     out = tmp_path / "out"
-    proc = tunelens("analyze", str(adapter), "--base", str(base), "--out", str(out))
+    proc = tunelens("analyze", str(adapter), "--base", str(base), "--out", str(out), "--charts")
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "analysis.json").read_text())
     experts = [m for m in data["modules"] if m["expert"] is not None]
@@ -177,19 +178,25 @@ def test_analyze_moe_target_parameters_adapter(tmp_path):
 
 
 def test_analyze_without_png_charts_never_loads_matplotlib(tmp_path):
-    """--no-charts: analysis.json and report.html (which draws every chart itself), no PNGs, and
-    matplotlib is never imported (it is most of a small adapter's output cost)."""
-    out = tmp_path / "out"
-    code = ("import sys; from tunelens.plugin.cli import main; rc = main(['analyze', sys.argv[1], "
-            "'--out', sys.argv[2], '--no-charts', '--no-progress']); "
-            "print('matplotlib' in sys.modules); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, str(REAL / "gpt2-causal-c_attn-c_proj"),
-                           str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "False"
-    assert "and 0 charts" in proc.stdout
-    assert (out / "analysis.json").is_file() and (out / "report.html").is_file()
-    assert not (out / "charts").exists()
+    """By default, and with --no-charts over a conf.yaml that asks for them: analysis.json and
+    report.html (which draws every chart itself), no PNGs, and matplotlib is never imported (it is
+    most of a small adapter's output cost)."""
+    conf = tmp_path / "conf.yaml"
+    conf.write_text("analysis:\n  png_charts: true\n")
+    runs = {"default": [], "no-charts": ["--config", str(conf)]}  # --config before the command
+    for name, before in runs.items():
+        out = tmp_path / name
+        argv = [*before, "analyze", str(REAL / "gpt2-causal-c_attn-c_proj"), "--out", str(out),
+                "--no-progress", *(["--no-charts"] if before else [])]
+        code = ("import json, sys; from tunelens.plugin.cli import main; "
+                "rc = main(json.loads(sys.argv[1])); print('matplotlib' in sys.modules); sys.exit(rc)")
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == "False", name
+        assert "and 0 charts" in proc.stdout
+        assert (out / "analysis.json").is_file() and (out / "report.html").is_file()
+        assert not (out / "charts").exists()
 
 
 def test_analyze_falcon_fused_query_key_value_split_with_base(tmp_path):

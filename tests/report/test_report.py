@@ -17,6 +17,7 @@ from PIL import Image
 
 from support import ADAPTER_FIXTURES
 from support.dense_result import llama_like_result
+from tunelens.config import load_config
 from tunelens.registry_hooks.engine.naming import role_of
 from tunelens.registry_hooks.report.document import analysis_document, analysis_json
 from tunelens.registry_hooks.report.narrative import glossary_for, narrate, narrate_layer
@@ -95,7 +96,7 @@ def written(request, tmp_path_factory):
             assert {m.layer for m in result.modules} >= {None}
         else:
             result = analyze_adapter(_fixture_adapter("gpt2-causal-c_attn-c_proj"), progress=False)
-    return result, write_analysis(result, tmp_path_factory.mktemp("analysis"))
+    return result, write_analysis(result, tmp_path_factory.mktemp("analysis"), charts=True)
 
 
 def test_files_land_where_the_contract_says(written):
@@ -171,12 +172,24 @@ def test_charts_without_data_are_left_out(tmp_path):
         m.group = "mlp"  # no attention: no Q/K/V/O chart
     result.summary.group_fro = {"mlp": sum(m.fro for m in result.modules)}
     result.heatmaps = []
-    files = write_analysis(result, tmp_path)
+    files = write_analysis(result, tmp_path, charts=True)
     names = {p.name for p in files.chart_paths}
     assert "qkvo_stacked.png" not in names and "heatmaps.png" not in names
     assert "group_shares.png" not in names  # a single group is 100%: nothing to compare
     assert "histogram.png" in names
 
+
+def test_png_charts_are_opt_in(tmp_path):
+    """By default (analysis.png_charts: false) only analysis.json and report.html, which draws
+    every chart itself; charts=True or the setting adds the PNG copies."""
+    result = llama_like_result(layer_magnitudes=(1.0, 2.0))
+    files = write_analysis(result, tmp_path / "default")
+    assert files.chart_paths == [] and not (tmp_path / "default" / "charts").exists()
+    assert files.html_path.is_file() and files.json_path.is_file()
+    conf = tmp_path / "conf.yaml"
+    conf.write_text("analysis:\n  png_charts: true\n")
+    files = write_analysis(result, tmp_path / "on", config=load_config(conf))
+    assert "histogram.png" in {p.name for p in files.chart_paths}
 
 def _rendered_dom(html_path: Path) -> str:
     with tempfile.TemporaryDirectory() as profile:
@@ -237,7 +250,7 @@ def test_nan_weights_are_reported_not_a_crash(llama_base, tmp_path):
     tensors[key][0, 0] = float("nan")
     save_file(tensors, path)
     result = analyze_adapter(adapter, progress=False)
-    files = write_analysis(result, tmp_path / "out")
+    files = write_analysis(result, tmp_path / "out", charts=True)
     json.loads(files.json_path.read_text())  # strict JSON: NaN became null
     broken = [m.name for m in result.modules if m.nonfinite]
     assert broken and broken[0].endswith("layers.1.self_attn.v_proj")

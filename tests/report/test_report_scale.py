@@ -28,7 +28,7 @@ def written(tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
     adapter = expert_lora_adapter(root / "adapter", layers=LAYERS, experts=EXPERTS)
     result = analyze_adapter(adapter, progress=False)
-    return result, write_analysis(result, root / "out")
+    return result, write_analysis(result, root / "out", charts=True)
 
 
 def _payload(html: str) -> dict:

@@ -66,16 +66,20 @@ def test_versions_are_analysed_skipped_or_failed_and_many_at_once_lose_nothing(
         steps = client.get_metric_history(run.info.run_id, "layer_fro_sum")
         assert sorted(m.step for m in steps) == [0, 1]
         files = {f.path for f in client.list_artifacts(run.info.run_id, "tunelens")}
-        assert {"tunelens/analysis.json", "tunelens/report.html", "tunelens/charts",
-                "tunelens/modules.json"} <= files
-        assert any(f.path.endswith(".png")
-                   for f in client.list_artifacts(run.info.run_id, "tunelens/charts"))
+        assert {"tunelens/analysis.json", "tunelens/report.html", "tunelens/modules.json"} <= files
+        # report.html draws every chart itself (MLflow's artifact view renders it); PNG copies are
+        # opt-in (analysis.png_charts).
+        assert "tunelens/charts" not in files
+        page = open(client.download_artifacts(run.info.run_id, "tunelens/report.html",
+                                              str(tmp_path))).read()
+        assert 'id="layer-chart"' in page and 'id="tunelens-data"' in page
         table = json.loads(open(client.download_artifacts(run.info.run_id,
                                                           "tunelens/modules.json",
                                                           str(tmp_path))).read())
         assert len(table["data"]) == 14  # 7 modules x 2 layers
         description = client.get_model_version("lora", version).description
         assert "### tunelens analysis" in description and run.info.run_id in description
+        assert "tunelens/report.html" in description and ".png" not in description
 
         # Not a LoRA adapter: skipped with a reason.
         other = tmp_path / "not-lora"
@@ -149,7 +153,8 @@ def test_moe_target_parameters_version_is_analysed_per_expert(mlflow_server, tmp
                                                          str(tmp_path))).read())
         assert data["experts"]["num_experts"] == 4
         assert len([m for m in data["modules"] if m["expert"] is not None]) == 2 * 4 * 3
-        files = {f.path for f in client.list_artifacts(run_id, "tunelens/charts")}
-        assert "tunelens/charts/experts.png" in files
+        page = open(client.download_artifacts(run_id, "tunelens/report.html",
+                                              str(tmp_path))).read()
+        assert 'id="expert-chart"' in page and "fro_by_expert" in page  # the layer × expert grid
     finally:
         assert hooks.stop() == 0

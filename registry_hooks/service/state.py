@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -33,40 +33,23 @@ FINAL = frozenset({DONE, SKIPPED, FAILED})
 
 @dataclass(frozen=True)
 class JobKind:
-    """One kind of per-version job; its state tags are `<prefix>.status`, `.lease`, `.error`,
-    `.run_id`, and its runs carry `<prefix>.attempt`."""
+    """One kind of per-version job and the tags, all under `prefix`, that hold its state."""
 
     name: str  # "analysis", "evaluation": in log lines and messages
     prefix: str
     # Put before "attempt-<n>" in the claim's name. The analysis's is empty: its claims were named
     # before there was another kind, and the names already reserved must keep meaning the same.
     claim_label: str
+    status: str = field(init=False)  # queued, running, done, skipped, failed
+    lease: str = field(init=False)  # "<attempt>:<worker id>:<expiry>", only while the job runs
+    error: str = field(init=False)  # why it failed, one line
+    reason: str = field(init=False)  # why it was skipped
+    run_id: str = field(init=False)  # the job's one run
+    attempt: str = field(init=False)  # on the run: the attempt that made it
 
-    @property
-    def status(self) -> str:
-        return f"{self.prefix}.status"
-
-    @property
-    def lease(self) -> str:
-        return f"{self.prefix}.lease"
-
-    @property
-    def error(self) -> str:
-        return f"{self.prefix}.error"
-
-    @property
-    def reason(self) -> str:
-        """Why the job was skipped."""
-        return f"{self.prefix}.reason"
-
-    @property
-    def run_id(self) -> str:
-        return f"{self.prefix}.run_id"
-
-    @property
-    def attempt(self) -> str:
-        """The tag on a job's run naming the attempt that made it."""
-        return f"{self.prefix}.attempt"
+    def __post_init__(self):
+        for tag in ("status", "lease", "error", "reason", "run_id", "attempt"):
+            object.__setattr__(self, tag, f"{self.prefix}.{tag}")
 
 
 ANALYSIS = JobKind("analysis", "tunelens.analysis", "")

@@ -15,6 +15,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -507,23 +508,30 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
 
 # --- stage 4: log --------------------------------------------------------------------------------
 
-def _open_run(client, run_id: str | None, evaluation: dict, ref: ModelRef) -> tuple[str, bool]:
-    """The run to log into: the caller's (mlflow.models.evaluate's) or a new one we own."""
+def _open_run(client, run_id: str | None, evaluation: dict, ref: ModelRef,
+              run_tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The run to log into: the caller's (mlflow.models.evaluate's) or a new one we own, born
+    with `run_tags` (the hook worker's attempt, so a killed attempt's run is found again)."""
+    from tunelens.registry_hooks.service.mlflow_logging import experiment_id
+
     if run_id:
         return run_id, False
-    experiment = client.get_experiment_by_name(evaluation["experiment"])
-    experiment_id = (experiment.experiment_id if experiment else
-                     client.create_experiment(evaluation["experiment"]))
-    run = client.create_run(experiment_id, run_name=f"eval-{ref.name}-v{ref.version}",
-                            tags={"tunelens.model": f"models:/{ref.name}/{ref.version}"})
+    # created on first use; two hook workers evaluating at once both get it
+    run = client.create_run(experiment_id(client, evaluation["experiment"]), run_name=f"eval-{ref.name}-v{ref.version}",
+                            tags={"tunelens.model": f"models:/{ref.name}/{ref.version}",
+                                  **(run_tags or {})})
     return run.info.run_id, True
 
 
 def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: Scored,
-                   run_id: str | None, set_version_tags: bool) -> str:
-    """Everything to one run, then (last) the verdict on the version; returns the run id."""
+                   run_id: str | None, set_version_tags: bool,
+                   run_tags: dict[str, str] | None = None,
+                   before_version_tags: Callable[[str], None] | None = None) -> str:
+    """Everything to one run, then (last) the verdict on the version; returns the run id.
+    `before_version_tags(run_id)` runs between the two and may raise to keep the version as it
+    is (the hook worker's check that it still owns the job)."""
     ref, verdict = plan.ref, scored.verdict
-    run_id, owned = _open_run(client, run_id, plan.config["evaluation"], ref)
+    run_id, owned = _open_run(client, run_id, plan.config["evaluation"], ref, run_tags)
     try:
         client.log_batch(run_id, params=_params(plan, generated.engine_settings))
         _log_metrics(client, run_id, scored.metrics)
@@ -542,6 +550,8 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
         raise
     if owned:
         client.set_terminated(run_id)
+    if before_version_tags is not None:
+        before_version_tags(run_id)
     if set_version_tags:
         # The verdict tag last: `tunelens promote` reads it, and it must point at a complete run.
         client.set_model_version_tag(ref.name, ref.version, EVAL_RUN_TAG, run_id)
@@ -609,7 +619,9 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
                      backend: str | None = None, max_new_tokens: int | None = None,
                      run_id: str | None = None, client=None, set_version_tags: bool = True,
                      extra_metrics=(), primary_metric: str | None = None,
-                     fetched: ModelRef | None = None) -> EvaluationOutcome:
+                     fetched: ModelRef | None = None, run_tags: dict[str, str] | None = None,
+                     before_version_tags: Callable[[str], None] | None = None
+                     ) -> EvaluationOutcome:
     """Evaluate models:/NAME/VERSION against its base and the holder of promotion.alias (and
     `against` aliases/versions) on `data`.
 
@@ -618,7 +630,7 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
     tags the version with the verdict and the holder it covered. `extra_metrics`: metrics made
     with mlflow.metrics.make_metric, scored per row like the built-ins; `primary_metric`
     overrides verdict.primary_metric; `fetched`: the candidate's files, already downloaded (the hook
-    worker's, so a version evaluated on registration is fetched once). Raises TunelensError,
+    worker's); `run_tags`, `before_version_tags`: see log_evaluation. Raises TunelensError,
     before anything is written, for every bad input.
     """
     from mlflow import MlflowClient
@@ -631,7 +643,8 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
                            fetched=fetched)
     generated = generate(plan)
     scored = score(plan, generated)
-    run_id = log_evaluation(client, plan, generated, scored, run_id, set_version_tags)
+    run_id = log_evaluation(client, plan, generated, scored, run_id, set_version_tags, run_tags,
+                            before_version_tags)
     return EvaluationOutcome(run_id=run_id, model_name=plan.ref.name, version=plan.ref.version,
                              base_path=plan.base_dir, backend=plan.backend, labels=plan.labels,
                              rows_evaluated=len(plan.kept), rows_skipped_too_long=plan.skipped,

@@ -141,6 +141,7 @@ class HooksSettings(Section):
     max_attempts: PositiveInt
     poll_interval: Positive
     analysis_timeout_seconds: Positive
+    evaluation_timeout_seconds: Positive
     workers: PositiveInt
     host: Name
     port: Annotated[int, Field(ge=0, le=65535)]

@@ -39,7 +39,8 @@ _MAX_DESCRIPTION = 5000  # the registry's description column
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The analysis experiment's id, created on first use (two workers racing both get it)."""
+    """The named experiment's id (the analysis's, the evaluation's), created on first use (two
+    workers racing both get it)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id

@@ -1,14 +1,19 @@
-"""The worker: takes (name, version) from any trigger and brings the version to a final status.
+"""The worker: takes a version's jobs from any trigger and brings each to a final status.
 
-Triggers (webhook receiver, reconciling scan, registry-store plugin via the scan) only enqueue.
-Every job goes: claim (state.try_claim, atomic) -> status running under a lease renewed while it
-works -> detect -> resolve the base -> analyse -> write the files -> one MLflow run -> tags and
-description -> status done. A killed worker's lease expires and the next scan resumes the job as a
-new attempt; runs of earlier attempts are deleted first, so each version keeps exactly one run.
+A version has up to two jobs (state.JobKind), each with its own status, lease and attempts: its
+analysis, and its evaluation on registration, queued when the analysis is done if
+hooks.evaluate_on_registration is on and the registered model names a test set (tag
+tunelens.eval_dataset). Triggers (webhook receiver, reconciling scan, registry-store plugin via the
+scan) only enqueue. Every job goes: claim (state.try_claim, atomic) -> status running under a lease
+renewed while it works -> fetch the version's files -> resolve the base -> its heavy part in a
+child process (sandbox.py: analyse and write the files, or evaluate) -> one MLflow run -> tags
+(and description) -> status done. A killed worker's lease expires and the next scan resumes the
+job as a new attempt; runs of earlier attempts are deleted first, so each job keeps exactly one run.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -24,19 +29,19 @@ from tunelens.errors import one_line
 
 from . import state
 from .base_resolution import resolve_base_model
-from .detection import Detection, detect_adapter
+from .detection import detect_adapter
+from .evaluation import EVAL_DATASET_TAG, EvaluationDone, EvaluationJob, evaluation_runs
 from .mlflow_logging import (ANALYSIS_SECTION, analysis_runs, description_section,
                              experiment_id, log_analysis_run, replace_section, top_layer)
-from .sandbox import AnalysisProcess
+from .sandbox import ANALYSIS_WORK, EVALUATION_WORK, SandboxProcess, transient
 from .scope import Scope
+from .state import ANALYSIS, EVALUATION, JobKind, LeaseLost
 
 log = logging.getLogger(__name__)
 
-SKIP_REASON = "tunelens.analysis.reason"
-EVAL_DATASET_TAG = "tunelens.eval_dataset"
-EVAL_ERROR = "tunelens.eval.error"
-TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
-                   "DEADLINE_EXCEEDED"}
+SKIP_REASON = ANALYSIS.reason
+Job = tuple[JobKind, str, str]  # (kind, registered model, version)
+_DOING = {ANALYSIS: "analysing", EVALUATION: "evaluating"}  # the log line that starts a job
 
 
 @dataclass
@@ -45,15 +50,7 @@ class JobOutcome:
     version: str
     status: str | None  # a final status, or None when another worker owns the job
     detail: str = ""
-
-
-def _transient(exc: BaseException) -> bool:
-    """A failure of the MLflow server or the network, worth retrying, not a bad adapter."""
-    import requests
-
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-        return True
-    return isinstance(exc, MlflowException) and exc.error_code in TRANSIENT_CODES
+    kind: str = ANALYSIS.name
 
 
 class _PhaseClock:
@@ -73,21 +70,17 @@ class _PhaseClock:
         return f"{sum(self.laps.values()):.1f} s ({parts})"
 
 
-class LeaseLost(Exception):
-    """Another worker took the job over (this one was too slow to renew its lease)."""
-
-
 class _Heartbeat:
     """Renews the lease every lease/3 s while a job runs; notes if another worker took over."""
 
     def __init__(self, client: MlflowClient, name: str, version: str, lease: state.Lease,
-                 lease_seconds: float):
+                 lease_seconds: float, kind: JobKind):
         self.client, self.name, self.version = client, name, version
-        self.lease, self.lease_seconds = lease, lease_seconds
+        self.lease, self.lease_seconds, self.kind = lease, lease_seconds, kind
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"tunelens-lease-{name}-{version}")
+                                        name=f"tunelens-lease-{kind.name}-{name}-{version}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
@@ -95,7 +88,7 @@ class _Heartbeat:
                 self.check()
                 self.lease = state.Lease(self.lease.attempt, self.lease.owner,
                                          time.time() + self.lease_seconds)
-                self.client.set_model_version_tag(self.name, self.version, state.LEASE,
+                self.client.set_model_version_tag(self.name, self.version, self.kind.lease,
                                                   self.lease.render())
             except LeaseLost:
                 return
@@ -103,12 +96,11 @@ class _Heartbeat:
                 log.warning("lease renewal for %s v%s failed: %s", self.name, self.version, exc)
 
     def check(self) -> None:
-        tags = self.client.get_model_version(self.name, self.version).tags
-        current = state.Lease.parse(tags.get(state.LEASE))
-        if current is None or (current.attempt, current.owner) != (self.lease.attempt,
-                                                                     self.lease.owner):
+        try:
+            state.check_lease(self.client, self.name, self.version, self.lease, self.kind)
+        except LeaseLost:
             self.lost = True
-            raise LeaseLost(f"{self.name} v{self.version}: lease taken over by {current}")
+            raise
 
     def __enter__(self) -> "_Heartbeat":
         self._thread.start()
@@ -125,7 +117,7 @@ class _Heartbeat:
 
 
 class Worker:
-    """Processes queued versions on `threads` threads; enqueue() never blocks."""
+    """Processes queued jobs on `threads` threads; enqueue() never blocks."""
 
     def __init__(self, tracking_uri: str, config: dict, *, threads: int | None = None,
                  dead_workers: frozenset[str] = frozenset()):
@@ -136,23 +128,31 @@ class Worker:
         self.max_attempts = int(hooks["max_attempts"])
         self.poll_interval = float(hooks["poll_interval"])
         self.experiment_name = hooks["experiment"]
+        # A worker with the setting off neither queues nor runs evaluations; in a fleet, those
+        # with it on run the ones queued.
+        self.evaluates = bool(hooks["evaluate_on_registration"])
         self.threads = threads or int(hooks["workers"])
         self.owner = state.worker_id()
         # Workers known to be dead (a killed `tunelens server` on the same data dir): their
         # leases are taken over at once rather than after they expire.
         self.dead_workers = dead_workers
         self.scope = Scope.from_config(config)
-        self._inbox: queue.Queue[tuple[str, str]] = queue.Queue()
-        self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
-        self._pending: set[tuple[str, str]] = set()
+        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._pending: set[Job] = set()
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.outcomes: list[JobOutcome] = []
-        # One analysis child process per worker thread (see sandbox.py), started on first use.
-        self._sandboxes: queue.Queue[AnalysisProcess] = queue.Queue()
-        for _ in range(self.threads):
-            self._sandboxes.put(AnalysisProcess(float(hooks["analysis_timeout_seconds"])))
+        # Per kind, one child process per worker thread (see sandbox.py), started on first use.
+        timeouts = {ANALYSIS: hooks["analysis_timeout_seconds"],
+                    EVALUATION: hooks["evaluation_timeout_seconds"]}
+        works = {ANALYSIS: ANALYSIS_WORK, EVALUATION: EVALUATION_WORK}
+        self._sandboxes: dict[JobKind, queue.Queue[SandboxProcess]] = {}
+        for kind, work in works.items():
+            self._sandboxes[kind] = queue.Queue()
+            for _ in range(self.threads):
+                self._sandboxes[kind].put(SandboxProcess(work, float(timeouts[kind])))
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
@@ -170,10 +170,13 @@ class Worker:
 
     def enqueue(self, name: str, version: str) -> None:
         """Hand a version to the worker; returns at once (the webhook answers right after)."""
-        self._inbox.put((name, str(version)))
+        self._enqueue(ANALYSIS, name, version)
+
+    def _enqueue(self, kind: JobKind, name: str, version: str) -> None:
+        self._inbox.put((kind, name, str(version)))
 
     def _intake(self) -> None:
-        """Marks inbox items queued in MLflow, then passes each version on once."""
+        """Marks inbox analyses queued in MLflow, then passes each job on once."""
         client = self.client()
         while not self._stop.is_set():
             try:
@@ -184,37 +187,52 @@ class Worker:
                 if key in self._pending:
                     continue
                 self._pending.add(key)
+            kind, name, version = key
             try:
-                in_scope = self.in_scope(client, key[0])
+                in_scope = self.in_scope(client, name)
             except MlflowException as exc:  # the model is gone, or the server blinked: the
                 in_scope = False            # scan looks again
-                log.warning("could not read registered model %s: %s", key[0], exc)
+                log.warning("could not read registered model %s: %s", name, exc)
             if not in_scope:
-                log.debug("%s v%s: model outside hooks.models; not touched", *key)
+                log.debug("%s v%s: model outside hooks.models; not touched", name, version)
                 with self._pending_lock:
                     self._pending.discard(key)
                 continue
-            try:
-                state.mark_queued(client, *key)
-            except MlflowException as exc:
-                log.warning("could not mark %s v%s queued: %s", *key, exc)
+            if kind is ANALYSIS:  # an evaluation is queued by its analysis, in MLflow already
+                try:
+                    state.mark_queued(client, name, version)
+                except MlflowException as exc:
+                    log.warning("could not mark %s v%s queued: %s", name, version, exc)
             self._jobs.put(key)
 
-    def scan(self) -> list[tuple[str, str]]:
-        """In-scope versions with no final status (none, queued, or running under an expired
-        lease or a dead worker's)."""
+    def jobs_needed(self, tags: dict[str, str], now: float | None = None) -> list[JobKind]:
+        """The version's jobs that no one is (still) doing: its analysis unless final; then its
+        evaluation, when this worker evaluates and one was queued."""
+        if state.VersionState.of(tags).needs_work(now, self.dead_workers):
+            return [ANALYSIS]
+        evaluation = state.VersionState.of(tags, EVALUATION)
+        if (self.evaluates and tags.get(state.STATUS) in state.FINAL
+                and evaluation.status is not None
+                and evaluation.needs_work(now, self.dead_workers)):
+            return [EVALUATION]
+        return []
+
+    def scan(self) -> list[Job]:
+        """Jobs of in-scope versions with no final status (none, queued, or running under an
+        expired lease or a dead worker's)."""
         client, found, token = self.client(), [], None
         now = time.time()
         scope: dict[str, bool] = {}  # registered model -> in scope, looked up once per scan
         while True:
             page = client.search_model_versions(max_results=1000, page_token=token)
             for mv in page:
-                if not state.VersionState.of(mv.tags).needs_work(now, self.dead_workers):
+                kinds = self.jobs_needed(mv.tags, now)
+                if not kinds:
                     continue
                 if mv.name not in scope:
                     scope[mv.name] = self.in_scope(client, mv.name)
                 if scope[mv.name]:
-                    found.append((mv.name, str(mv.version)))
+                    found.extend((kind, mv.name, str(mv.version)) for kind in kinds)
             token = page.token
             if not token:
                 return found
@@ -225,30 +243,33 @@ class Worker:
             try:
                 found = self.scan()
                 for key in found:
-                    self.enqueue(*key)
+                    self._enqueue(*key)
                 if first or found:  # the first scan's line tells operators (and tests) it ran
-                    log.info("reconciling scan: %d version(s) need work", len(found))
+                    log.info("reconciling scan: %d job(s) need work", len(found))
                 first = False
             except Exception as exc:  # noqa: BLE001 - the server may be restarting; scan again
                 log.warning("reconciling scan failed: %s", one_line(exc))
             self._stop.wait(self.poll_interval)
 
     def _warm_up(self) -> None:
-        """Start the analysis processes now (they import torch and matplotlib), not in a job."""
-        sandboxes = [self._sandboxes.get() for _ in range(self.threads)]
-        for sandbox in sandboxes:
-            sandbox.start()
-            self._sandboxes.put(sandbox)
+        """Start the child processes now (they import torch and matplotlib, the evaluator's
+        engines), not in a job."""
+        for kind in [ANALYSIS] + ([EVALUATION] if self.evaluates else []):
+            sandboxes = [self._sandboxes[kind].get() for _ in range(self.threads)]
+            for sandbox in sandboxes:
+                sandbox.start()
+                self._sandboxes[kind].put(sandbox)
 
     def _work(self) -> None:
         while True:
             key = self._jobs.get()
             if key is None:
                 return
+            kind, name, version = key
             try:
-                self.outcomes.append(self.process(*key))
+                self.outcomes.append(self.process(name, version, kind))
             except Exception as exc:  # noqa: BLE001 - never let one job stop the worker
-                log.error("job %s v%s: %s", *key, one_line(exc))
+                log.error("%s of %s v%s: %s", kind.name, name, version, one_line(exc))
             finally:
                 with self._pending_lock:
                     self._pending.discard(key)
@@ -269,51 +290,59 @@ class Worker:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        for sandbox in list(self._sandboxes.queue):
-            sandbox.stop()
+        for sandboxes in self._sandboxes.values():
+            for sandbox in list(sandboxes.queue):
+                sandbox.stop()
 
     # --- one job --------------------------------------------------------------------------------
-    def process(self, name: str, version: str) -> JobOutcome:
-        """Bring one version to done/skipped/failed, unless another worker holds it."""
+    def process(self, name: str, version: str, kind: JobKind = ANALYSIS) -> JobOutcome:
+        """Bring one of a version's jobs to done/skipped/failed, unless another worker holds it
+        (or, for the evaluation, the analysis is not final yet)."""
         client = self.client()
-        current = state.VersionState.of(client.get_model_version(name, version).tags)
+        tags = client.get_model_version(name, version).tags
+        current = state.VersionState.of(tags, kind)
         if not current.needs_work(dead_workers=self.dead_workers):
-            return JobOutcome(name, version, None, f"status {current.status}")
+            return JobOutcome(name, version, None, f"status {current.status}", kind.name)
+        if kind is EVALUATION and tags.get(state.STATUS) not in state.FINAL:
+            return JobOutcome(name, version, None, "the analysis is not final yet", kind.name)
         attempt = current.next_attempt
-        while not state.try_claim(client, name, version, attempt):
-            if not state.claim_abandoned(client, name, version, attempt, self.lease_seconds):
-                return JobOutcome(name, version, None, f"attempt {attempt} claimed by another worker")
+        while not state.try_claim(client, name, version, attempt, kind):
+            if not state.claim_abandoned(client, name, version, attempt, self.lease_seconds,
+                                         kind=kind):
+                return JobOutcome(name, version, None,
+                                  f"attempt {attempt} claimed by another worker", kind.name)
             attempt += 1
         lease = state.Lease(attempt, self.owner, time.time() + self.lease_seconds)
-        client.set_model_version_tag(name, version, state.LEASE, lease.render())
+        client.set_model_version_tag(name, version, kind.lease, lease.render())
         if attempt > self.max_attempts:
             # Every earlier attempt died with its worker (crash, OOM kill, restart) or was cut off
             # by the server: stop retrying what may be killing workers.
             error = (f"no attempt finished in {self.max_attempts} tries (each ended with its worker "
                      f"killed or the MLflow server unreachable); see the hook service's log, then "
-                     f"delete the version's {state.STATUS} tag to retry")
-            log.warning("analysis of %s v%s failed: %s", name, version, error)
-            self._finish(client, name, version, state.FAILED, {state.ERROR: error})
-            return JobOutcome(name, version, state.FAILED, error)
-        client.set_model_version_tag(name, version, state.STATUS, state.RUNNING)
-        log.info("analysing %s v%s (attempt %d)", name, version, attempt)
+                     f"delete the version's {kind.status} tag to retry")
+            log.warning("%s of %s v%s failed: %s", kind.name, name, version, error)
+            self._finish(client, name, version, state.FAILED, {kind.error: error}, kind=kind)
+            return JobOutcome(name, version, state.FAILED, error, kind.name)
+        client.set_model_version_tag(name, version, kind.status, state.RUNNING)
+        log.info("%s %s v%s (attempt %d)", _DOING[kind], name, version, attempt)
         tmp = Path(tempfile.mkdtemp(prefix="tunelens-hook-"))
+        work = self._analyse if kind is ANALYSIS else self._evaluate
         try:
-            with _Heartbeat(client, name, version, lease, self.lease_seconds) as beat:
-                return self._analyse(client, name, version, attempt, beat, tmp)
+            with _Heartbeat(client, name, version, lease, self.lease_seconds, kind) as beat:
+                return work(client, name, version, attempt, beat, tmp)
         except LeaseLost as exc:
-            return JobOutcome(name, version, None, str(exc))
+            return JobOutcome(name, version, None, str(exc), kind.name)
         except Exception as exc:  # noqa: BLE001 - any failure becomes a readable status
             # Name the file as the user knows it, not by our temporary download folder.
             error = one_line(exc).replace(str(tmp / "model"), f"models:/{name}/{version}")
-            if _transient(exc) and attempt < self.max_attempts:
-                # The server or network, not the adapter: leave the lease to expire and retry.
-                log.warning("analysis of %s v%s interrupted (%s); retried after the lease",
-                            name, version, error)
-                return JobOutcome(name, version, None, error)
-            log.warning("analysis of %s v%s failed: %s", name, version, error)
-            self._finish(client, name, version, state.FAILED, {state.ERROR: error})
-            return JobOutcome(name, version, state.FAILED, error)
+            if transient(exc) and attempt < self.max_attempts:
+                # The server or network, not the input: leave the lease to expire and retry.
+                log.warning("%s of %s v%s interrupted (%s); retried after the lease",
+                            kind.name, name, version, error)
+                return JobOutcome(name, version, None, error, kind.name)
+            log.warning("%s of %s v%s failed: %s", kind.name, name, version, error)
+            self._finish(client, name, version, state.FAILED, {kind.error: error}, kind=kind)
+            return JobOutcome(name, version, state.FAILED, error, kind.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -329,11 +358,11 @@ class Worker:
                          {SKIP_REASON: detection.skip_reason}, beat)
             return JobOutcome(name, version, state.SKIPPED, detection.skip_reason)
         base = resolve_base_model(client, name, version, self.config, detection.model_dir)
-        sandbox = self._sandboxes.get()
+        sandbox = self._sandboxes[ANALYSIS].get()
         try:
             result, files = sandbox.run(detection.adapter_dir, base.path, self.config, tmp / "out")
         finally:
-            self._sandboxes.put(sandbox)
+            self._sandboxes[ANALYSIS].put(sandbox)
         clock.lap("analysis+report")
         experiment = experiment_id(client, self.experiment_name)
         beat.check()
@@ -351,6 +380,11 @@ class Worker:
                                       ANALYSIS_SECTION,
                                       description_section(result, experiment, run_id, base))
         client.update_model_version(name, version, description=description)
+        # Queued before the analysis is done, so no kill in between can lose it.
+        evaluate = self.evaluates and bool(
+            client.get_registered_model(name).tags.get(EVAL_DATASET_TAG))
+        if evaluate:
+            state.mark_queued(client, name, version, EVALUATION)
         self._finish(client, name, version, state.DONE, {
             state.RUN_ID: run_id,
             "tunelens.trainable_params": str(summary.trainable_params),
@@ -359,53 +393,71 @@ class Worker:
             "tunelens.mean_delta_fro": f"{summary.mean_delta_fro:.6g}"}, beat)
         clock.lap("mlflow")
         log.info("%s v%s done in %s", name, version, clock)
-        self.after_analysis(client, name, version, base, detection)
+        if evaluate:
+            self._enqueue(EVALUATION, name, version)
         return JobOutcome(name, version, state.DONE, run_id)
 
+    def _evaluate(self, client: MlflowClient, name: str, version: str, attempt: int,
+                  beat: _Heartbeat, tmp: Path) -> JobOutcome:
+        """The side-by-side evaluation (tunelens.evaluators, in a child process), then
+        auto-promote, then done: a retry after a kill between the two finds the alias moved
+        already and changes nothing."""
+        clock = _PhaseClock()
+        analysis = client.get_model_version(name, version).tags.get(state.STATUS)
+        dataset = client.get_registered_model(name).tags.get(EVAL_DATASET_TAG)
+        skip = (f"the analysis is {analysis}, not done" if analysis != state.DONE else
+                None if dataset else f"the registered model has no {EVAL_DATASET_TAG} tag")
+        detection = None
+        if skip is None:
+            detection = detect_adapter(client, name, version, tmp / "model",
+                                       max_bytes=int(self.config["hooks"]["max_download_bytes"]))
+            skip = detection.skip_reason if not detection.is_lora else None
+        if skip is not None:
+            beat.check()
+            self._finish(client, name, version, state.SKIPPED, {EVALUATION.reason: skip}, beat,
+                         EVALUATION)
+            return JobOutcome(name, version, state.SKIPPED, skip, EVALUATION.name)
+        base = resolve_base_model(client, name, version, self.config, detection.model_dir)
+        clock.lap("download")
+        beat.check()
+        for stale in evaluation_runs(client, self.config, name, version):
+            client.delete_run(stale.info.run_id)  # left by a killed attempt
+        job = EvaluationJob(self.tracking_uri, name, version, dataset, base.path, self.config,
+                            detection.model_dir, detection.adapter_dir, beat.lease, os.getpid())
+        sandbox = self._sandboxes[EVALUATION].get()
+        try:
+            done: EvaluationDone = sandbox.run(job)
+        finally:
+            self._sandboxes[EVALUATION].put(sandbox)
+        clock.lap("evaluation")
+        try:
+            beat.check()
+        except LeaseLost:
+            client.delete_run(done.run_id)
+            raise
+        from tunelens.evaluators.promotion import auto_promote
+
+        promoted = auto_promote(client, name, version, self.config)
+        if promoted is not None:
+            log.info("%s", promoted.describe())
+        self._finish(client, name, version, state.DONE, {EVALUATION.run_id: done.run_id}, beat,
+                     EVALUATION)
+        clock.lap("mlflow")
+        log.info("%s v%s evaluated in %s: %s", name, version, clock, done.decision)
+        return JobOutcome(name, version, state.DONE, done.run_id, EVALUATION.name)
+
     def _finish(self, client: MlflowClient, name: str, version: str, status: str,
-                tags: dict[str, str], beat: _Heartbeat | None = None) -> None:
+                tags: dict[str, str], beat: _Heartbeat | None = None,
+                kind: JobKind = ANALYSIS) -> None:
         """Write the outcome's tags, then the final status (it is what readers wait for), then
         drop the lease: internal state has no place among the user's tags once a job is final.
         The lease goes after the status, so no scan ever sees an unleased job that is not final
         (it would start it again); the heartbeat stops first, so nothing writes the lease back."""
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
-        if status != state.FAILED and state.ERROR in client.get_model_version(name, version).tags:
-            client.delete_model_version_tag(name, version, state.ERROR)
+        if status != state.FAILED and kind.error in client.get_model_version(name, version).tags:
+            client.delete_model_version_tag(name, version, kind.error)
         if beat is not None:
             beat.stop()
-        client.set_model_version_tag(name, version, state.STATUS, status)
-        client.delete_model_version_tag(name, version, state.LEASE)
-
-    # --- evaluate on registration (the evaluator is tunelens.evaluators') -------------------------
-    def after_analysis(self, client: MlflowClient, name: str, version: str, base,
-                       detection: Detection) -> None:
-        """Hook point run after `done`: evaluate when conf enables it and the model names a
-        dataset, on the files the analysis fetched (not a second download)."""
-        if not self.config["hooks"].get("evaluate_on_registration"):
-            return
-        dataset = client.get_registered_model(name).tags.get(EVAL_DATASET_TAG)
-        if not dataset:
-            return
-        try:
-            evaluate_registered_version(client, name, version, dataset, base, self.config,
-                                        detection)
-        except Exception as exc:  # noqa: BLE001 - the analysis stays done; say why eval did not
-            log.warning("evaluation of %s v%s failed: %s", name, version, one_line(exc))
-            client.set_model_version_tag(name, version, EVAL_ERROR, one_line(exc))
-
-
-def evaluate_registered_version(client: MlflowClient, name: str, version: str, dataset: str,
-                                base, config: dict, detection: Detection) -> None:
-    """The seam for the evaluator: it writes its own tags (tunelens.verdict, ...) on the version,
-    then promotion.auto_promote (when on) moves the alias if the verdict is PROMOTE."""
-    from tunelens.evaluators.promotion import auto_promote
-    from tunelens.evaluators.run import evaluate_version
-    from tunelens.evaluators.sources import ModelRef
-
-    fetched = ModelRef(name, version, detection.model_dir, detection.adapter_dir)
-    evaluate_version(f"models:/{name}/{version}", dataset, base=base.path, config=config,
-                     client=client, fetched=fetched)
-    promoted = auto_promote(client, name, version, config)
-    if promoted is not None:
-        log.info("%s", promoted.describe())
+        client.set_model_version_tag(name, version, kind.status, status)
+        client.delete_model_version_tag(name, version, kind.lease)

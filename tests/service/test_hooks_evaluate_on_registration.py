@@ -1,53 +1,142 @@
-"""With hooks.evaluate_on_registration and promotion.auto_promote on, registering a
-version of a model tagged tunelens.eval_dataset gets it analysed, evaluated and (on PROMOTE) promoted
-by the hook worker alone."""
+"""Evaluation on registration is a job of its own (tunelens.evaluation.*): queued when the
+analysis is done, claimed once, leased, resumed after a killed worker, failed at once on a bad
+test set; real `tunelens hooks` processes against a real MLflow server, the transformers backend
+on the tiny llama."""
 from __future__ import annotations
 
 import json
 import time
 
+import psutil
+import pytest
 import yaml
 from mlflow import MlflowClient
 
 from support.hooks_support import HooksProcess, register, wait_status
-from tunelens.evaluators.verdict import EVAL_RUN_TAG, VERDICT_TAG
-from tunelens.registry_hooks.service.worker import EVAL_DATASET_TAG
+from tunelens.evaluators.verdict import EVAL_RUN_TAG, REASONS_TAG, VERDICT_TAG
+from tunelens.registry_hooks.service.evaluation import EVAL_DATASET_TAG, evaluation_runs
+from tunelens.registry_hooks.service.state import EVALUATION, FINAL, STATUS, Lease
+from tunelens.config import load_config
+
+SECRET = "e" * 32
 
 
-def test_worker_evaluates_and_promotes_after_the_analysis(tmp_path, mlflow_server, llama_base,
-                                                          llama_adapter):
-    data = tmp_path / "test.jsonl"
+@pytest.fixture(scope="module")
+def test_set(tmp_path_factory):
+    data = tmp_path_factory.mktemp("eval-data") / "test.jsonl"
     data.write_text("".join(json.dumps({"inputs": f"she go to school {i}",
-                                        "targets": "she goes to school"}) + "\n" for i in range(4)))
-    config = tmp_path / "conf.yaml"
-    config.write_text(yaml.safe_dump({
+                                        "targets": "she goes to school"}) + "\n"
+                            for i in range(2)))
+    return data
+
+
+def _config(path, **hooks):
+    path.write_text(yaml.safe_dump({
         "hooks": {"lease_seconds": 30, "poll_interval": 2, "evaluate_on_registration": True,
-                  "models": ["*"]},
-        "evaluation": {"backend": "transformers", "generation": {"max_new_tokens": 4}},
+                  "models": ["*"], **hooks},
+        # the cheapest real evaluation: two tokens, one metric, no served-latency sample
+        "evaluation": {"backend": "transformers", "generation": {"max_new_tokens": 2},
+                       "metrics": ["exact_match"], "latency": {"sample_rows": 0}},
         "promotion": {"auto_promote": True}}))
+    return path
+
+
+def _hooks(server, tmp_path, name, **hooks) -> HooksProcess:
+    return HooksProcess(server.url, _config(tmp_path / f"{name}.yaml", **hooks),
+                        tmp_path / f"{name}.log", secret=SECRET, webhook=False)
+
+
+def _model(client, name, data, base):
+    client.create_registered_model(name, tags={EVAL_DATASET_TAG: str(data),
+                                               "tunelens.base_model": str(base)})
+
+
+def _wait_evaluation(client, name, version, hooks, timeout=300, statuses=FINAL) -> dict:
+    deadline = time.monotonic() + timeout
+    while (tags := client.get_model_version(name, version).tags).get(EVALUATION.status) \
+            not in statuses:
+        assert time.monotonic() < deadline, (tags, [h.log_tail() for h in hooks])
+        time.sleep(0.2)
+    return tags
+
+
+def _assert_evaluated_once(client, name, version, tags, attempt="1"):
+    """Status done, one live evaluation run (finished, made by `attempt`), the verdict on the
+    version pointing at it, and no internal state left."""
+    assert tags[EVALUATION.status] == "done", tags
+    runs = evaluation_runs(client, load_config(), name, version)
+    assert [r.info.run_id for r in runs] == [tags[EVALUATION.run_id]] == [tags[EVAL_RUN_TAG]]
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags[EVALUATION.attempt] == attempt
+    assert runs[0].data.tags[VERDICT_TAG] == tags[VERDICT_TAG]
+    assert tags[VERDICT_TAG] in {"PROMOTE", "REJECT", "INCONCLUSIVE"} and tags[REASONS_TAG]
+    assert runs[0].data.metrics["finetuned/exact_match"] >= 0
+    assert EVALUATION.lease not in tags and EVALUATION.error not in tags
+
+
+def _promoted_exactly_on_promote(client, name, version, verdict):
+    """auto-promote ran before the job's `done`: the alias is the version exactly on PROMOTE."""
+    holder = client.get_registered_model(name).aliases.get("production")
+    assert (holder == version) == (verdict == "PROMOTE"), (verdict, holder)
+
+
+def test_two_workers_evaluate_each_version_once_and_a_bad_test_set_fails_at_once(
+        mlflow_server, tmp_path, llama_base, llama_adapter, test_set):
     client = MlflowClient(mlflow_server.url)
-    client.create_registered_model("auto-eval", tags={EVAL_DATASET_TAG: str(data),
-                                                      "tunelens.base_model": str(llama_base)})
-    hooks = HooksProcess(mlflow_server.url, config, tmp_path / "hooks.log", secret="s" * 32,
-                         webhook=False)
+    _model(client, "fleet-eval", test_set, llama_base)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "she go", "answer": "she goes"}) + "\n")
+    _model(client, "bad-eval", bad, llama_base)
+    client.create_registered_model("no-eval")  # no test set: analysed, never evaluated
+    workers = [_hooks(mlflow_server, tmp_path, f"fleet-{i}") for i in range(2)]
     try:
-        version = register(client, "auto-eval", llama_adapter)
-        assert wait_status(client, "auto-eval", version, timeout=600)["tunelens.analysis.status"] \
-            == "done", hooks.log_tail()
-        deadline = time.monotonic() + 600
-        while VERDICT_TAG not in (tags := client.get_model_version("auto-eval", version).tags):
-            assert "tunelens.eval.error" not in tags, tags["tunelens.eval.error"]
-            assert time.monotonic() < deadline, hooks.log_tail()
-            time.sleep(1)
-        assert client.get_run(tags[EVAL_RUN_TAG]).data.metrics["finetuned/exact_match"] >= 0
-        # auto_promote runs right after the verdict tag: the alias appears exactly on PROMOTE.
-        promoted = tags[VERDICT_TAG] == "PROMOTE"
-        deadline = time.monotonic() + (120 if promoted else 3)
-        while time.monotonic() < deadline:
-            aliases = client.get_registered_model("auto-eval").aliases
-            if promoted and aliases.get("production") == version:
-                break
-            time.sleep(0.5)
-        assert (aliases.get("production") == version) == promoted, (tags[VERDICT_TAG], aliases)
+        versions = [register(client, "fleet-eval", llama_adapter) for _ in range(2)]
+        bad_version = register(client, "bad-eval", llama_adapter)
+        plain = register(client, "no-eval", llama_adapter)
+        for version in versions:
+            tags = _wait_evaluation(client, "fleet-eval", version, workers)
+            assert tags[STATUS] == "done"
+            _assert_evaluated_once(client, "fleet-eval", version, tags)
+        logs = "".join(w.log_tail(1_000_000) for w in workers)
+        for version in versions:  # claimed once across the fleet
+            assert logs.count(f"evaluating fleet-eval v{version} (attempt") == 1, logs[-3000:]
+
+        tags = _wait_evaluation(client, "bad-eval", bad_version, workers)
+        error = tags[EVALUATION.error]
+        assert tags[EVALUATION.status] == "failed" and tags[STATUS] == "done"
+        assert "no column" in error and "\n" not in error and "Traceback" not in error
+        time.sleep(2.5)  # another scan each: a failed evaluation is final, never retried
+        logs = "".join(w.log_tail(1_000_000) for w in workers)
+        assert logs.count(f"evaluating bad-eval v{bad_version} (attempt") == 1
+        assert client.get_model_version("bad-eval", bad_version).tags[EVALUATION.status] == "failed"
+        assert evaluation_runs(client, load_config(), "bad-eval", bad_version) == []
+
+        plain_tags = wait_status(client, "no-eval", plain)
+        assert plain_tags[STATUS] == "done" and EVALUATION.status not in plain_tags
     finally:
-        hooks.stop()
+        codes = [w.stop() for w in workers]
+    assert codes == [0, 0], workers[0].log_tail()
+
+
+def test_worker_killed_mid_evaluation_is_resumed_with_one_run(mlflow_server, tmp_path,
+                                                              llama_base, llama_adapter, test_set):
+    client = MlflowClient(mlflow_server.url)
+    _model(client, "crash-eval", test_set, llama_base)
+    first = _hooks(mlflow_server, tmp_path, "first", lease_seconds=5)
+    version = register(client, "crash-eval", llama_adapter)
+    _wait_evaluation(client, "crash-eval", version, [first], statuses={"running"})
+    children = psutil.Process(first.process.pid).children(recursive=True)
+    first.kill()
+    tags = client.get_model_version("crash-eval", version).tags
+    assert tags[EVALUATION.status] == "running", "the evaluation finished before the kill"
+    assert Lease.parse(tags[EVALUATION.lease]).attempt == 1
+    _, alive = psutil.wait_procs(children, timeout=5)  # its evaluation process ends with it
+    assert alive == [], alive
+
+    second = _hooks(mlflow_server, tmp_path, "second", lease_seconds=5)
+    try:
+        tags = _wait_evaluation(client, "crash-eval", version, [second])
+        _assert_evaluated_once(client, "crash-eval", version, tags, attempt="2")
+        _promoted_exactly_on_promote(client, "crash-eval", version, tags[VERDICT_TAG])
+    finally:
+        assert second.stop() == 0, second.log_tail()

@@ -12,20 +12,21 @@ from mlflow import MlflowClient
 
 from support.hooks_support import register
 from tunelens.config import load_config
-from tunelens.registry_hooks.service.sandbox import AnalysisFailed, AnalysisProcess, AnalysisStopped
-from tunelens.registry_hooks.service.state import ERROR, STATUS
+from tunelens.registry_hooks.service.sandbox import (ANALYSIS_WORK, SandboxFailed, SandboxProcess,
+                                                     SandboxStopped)
+from tunelens.registry_hooks.service.state import ANALYSIS, ERROR, STATUS
 from tunelens.registry_hooks.service.worker import Worker
 
 
 def test_killed_child_is_reported_and_replaced(llama_adapter, llama_base, tmp_path):
-    sandbox = AnalysisProcess(timeout=300).start()
+    sandbox = SandboxProcess(ANALYSIS_WORK, timeout=300).start()
     try:
         result, files = sandbox.run(llama_adapter, llama_base, load_config(), tmp_path / "a")
         assert result.summary.trainable_params > 0 and files.html_path.is_file()
         first = sandbox._process.pid
         errors = []
         job = threading.Thread(target=lambda: errors.append(pytest.raises(
-            AnalysisStopped, sandbox.run, llama_adapter, llama_base, load_config(),
+            SandboxStopped, sandbox.run, llama_adapter, llama_base, load_config(),
             tmp_path / "b")))
         job.start()
         time.sleep(0.3)  # the job is in the child now
@@ -37,7 +38,7 @@ def test_killed_child_is_reported_and_replaced(llama_adapter, llama_base, tmp_pa
         result, _ = sandbox.run(llama_adapter, llama_base, load_config(), tmp_path / "c")
         assert result.summary.trainable_params > 0 and sandbox._process.pid != first
         # An adapter error comes back as the analysis's own readable line.
-        with pytest.raises(AnalysisFailed, match="adapter_config.json"):
+        with pytest.raises(SandboxFailed, match="adapter_config.json"):
             sandbox.run(tmp_path, None, load_config(), tmp_path / "d")
     finally:
         sandbox.stop()
@@ -55,7 +56,7 @@ def test_analysis_over_the_time_limit_fails_the_version_and_the_next_one_runs(
         tags = client.get_model_version("timed", slow).tags
         assert outcome.status == tags[STATUS] == "failed"
         assert "longer than hooks.analysis_timeout_seconds (0.2 s)" in tags[ERROR]
-        worker._sandboxes.queue[0].timeout = 300
+        worker._sandboxes[ANALYSIS].queue[0].timeout = 300
         assert worker.process("timed", fine).status == "done"
     finally:
         worker.stop()

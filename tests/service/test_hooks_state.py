@@ -8,8 +8,8 @@ from mlflow import MlflowClient
 
 from support.hooks_support import register
 from tunelens.config import load_config
-from tunelens.registry_hooks.service.state import (ERROR, LEASE, RUN_ID, STATUS, Lease, VersionState, claim_name,
-                                            try_claim)
+from tunelens.registry_hooks.service.state import (EVALUATION, ERROR, LEASE, RUN_ID, STATUS, Lease,
+                                                   VersionState, claim_name, try_claim)
 from tunelens.registry_hooks.service.worker import Worker
 
 
@@ -43,6 +43,21 @@ def test_racing_claims_have_one_winner_per_attempt(mlflow_server):
     client = MlflowClient(mlflow_server.url)
     visible = [e.name for e in client.search_experiments() if e.name.startswith("tunelens-claims")]
     assert visible == []  # claims are deleted at once: nothing clutters the UI
+
+
+def test_each_job_kind_has_its_own_state_and_claims(mlflow_server):
+    now = time.time()
+    tags = {STATUS: "done", EVALUATION.status: "running",
+            EVALUATION.lease: Lease(2, "w", now - 1).render()}
+    assert not VersionState.of(tags).needs_work()  # the analysis is done
+    evaluation = VersionState.of(tags, EVALUATION)
+    assert evaluation.needs_work(now) and evaluation.next_attempt == 3
+    # The claim names never meet, whatever the model's name: one winner per kind and attempt.
+    assert claim_name("m", "1", 1, EVALUATION) != claim_name("m", "1", 1)
+    assert claim_name("m/v1/evaluation-attempt-1", "1", 1) != claim_name("m", "1", 1, EVALUATION)
+    client = MlflowClient(mlflow_server.url)
+    assert try_claim(client, "kinds", "1", 1) and try_claim(client, "kinds", "1", 1, EVALUATION)
+    assert not try_claim(client, "kinds", "1", 1, EVALUATION)
 
 
 def _worker(server, lease_seconds: float) -> Worker:

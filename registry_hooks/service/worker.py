@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 SKIP_REASON = "tunelens.analysis.reason"
 EVAL_DATASET_TAG = "tunelens.eval_dataset"
+# Registered-model tags naming text groups for perplexity: "NAME=PATH,PATH,..." and the names of
+# the groups that must not get worse, "NAME,...".
+EVAL_TEXTS_TAG = "tunelens.eval_texts"
+EVAL_GUARD_TAG = "tunelens.eval_texts_guard"
 EVAL_ERROR = "tunelens.eval.error"
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
                    "DEADLINE_EXCEEDED"}
@@ -384,19 +388,27 @@ class Worker:
         dataset, on the files the analysis fetched (not a second download)."""
         if not self.config["hooks"].get("evaluate_on_registration"):
             return
-        dataset = client.get_registered_model(name).tags.get(EVAL_DATASET_TAG)
+        tags = client.get_registered_model(name).tags
+        dataset = tags.get(EVAL_DATASET_TAG)
         if not dataset:
             return
         try:
             evaluate_registered_version(client, name, version, dataset, base, self.config,
-                                        detection)
+                                        detection, texts=_listed(tags.get(EVAL_TEXTS_TAG)),
+                                        guard=_listed(tags.get(EVAL_GUARD_TAG)))
         except Exception as exc:  # noqa: BLE001 - the analysis stays done; say why eval did not
             log.warning("evaluation of %s v%s failed: %s", name, version, one_line(exc))
             client.set_model_version_tag(name, version, EVAL_ERROR, one_line(exc))
 
 
+def _listed(value: str | None) -> tuple[str, ...]:
+    """A comma-separated tag value as its non-blank parts."""
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
 def evaluate_registered_version(client: MlflowClient, name: str, version: str, dataset: str,
-                                base, config: dict, detection: Detection) -> None:
+                                base, config: dict, detection: Detection, texts=(),
+                                guard=()) -> None:
     """The seam for the evaluator: it writes its own tags (tunelens.verdict, ...) on the version,
     then promotion.auto_promote (when on) moves the alias if the verdict is PROMOTE."""
     from tunelens.evaluators.promotion import auto_promote
@@ -405,7 +417,7 @@ def evaluate_registered_version(client: MlflowClient, name: str, version: str, d
 
     fetched = ModelRef(name, version, detection.model_dir, detection.adapter_dir)
     evaluate_version(f"models:/{name}/{version}", dataset, base=base.path, config=config,
-                     client=client, fetched=fetched)
+                     client=client, fetched=fetched, texts=texts, guard=guard)
     promoted = auto_promote(client, name, version, config)
     if promoted is not None:
         log.info("%s", promoted.describe())

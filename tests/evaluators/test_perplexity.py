@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from support.eval_support import mean_nll
 from support.factories import CORPUS, make_lora_adapter, tiny_llama
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
@@ -124,18 +125,6 @@ def test_perplexity_rule_passes_fails_and_waits():
 
 # --- transformers: perplexity and drift ----------------------------------------------------------
 
-def hf_nll(base_dir, adapter_dir, ids: list[int]) -> float:
-    """Mean NLL from transformers' own loss (labels = inputs), independent of tunelens."""
-    from peft import PeftModel
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    with torch.inference_mode():
-        tokens = torch.tensor([ids])
-        return float(model(input_ids=tokens, labels=tokens).loss)
-
-
 @pytest.fixture(scope="module")
 def trained(llama_base, tmp_path_factory):
     """A LoRA trained a few steps on the task group's texts (real PEFT, AdamW)."""
@@ -172,10 +161,10 @@ def test_perplexity_is_exp_of_the_mean_nll_transformers_computes(llama_base, tra
     for label, adapter in (("base", None), ("finetuned", trained)):
         scored = engine.token_logprobs(Candidate(label, adapter), ids)
         assert [s.size for s in scored] == [len(i) - 1 for i in ids]
-        for one, text_ids in zip(scored, ids):
-            assert -one.mean() == pytest.approx(hf_nll(llama_base, adapter, text_ids), abs=1e-5)
+        expected = mean_nll(llama_base, adapter, ids)
+        assert [-one.mean() for one in scored] == pytest.approx(expected, abs=1e-5)
         total = sum(len(i) - 1 for i in ids)
-        weighted = sum(hf_nll(llama_base, adapter, i) * (len(i) - 1) for i in ids) / total
+        weighted = sum(nll * (len(i) - 1) for nll, i in zip(expected, ids)) / total
         assert group_perplexity(scored) == pytest.approx(math.exp(weighted), rel=1e-5)
 
 

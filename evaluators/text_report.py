@@ -99,6 +99,7 @@ def _drift_png(drift: DriftProfile) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     layers = list(range(len(drift.relative_change)))
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -112,6 +113,8 @@ def _drift_png(drift: DriftProfile) -> bytes:
     twin.plot(layers, [1 - c for c in drift.cosine], "s--", color="#2e4057",
               label="1 − cos(h_ft, h_base)")
     twin.set_ylabel("activation drift")
+    twin.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
     ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="upper left")

@@ -218,3 +218,23 @@ def test_drift_starts_at_the_only_adapted_layer(deep_base, tmp_path):
     assert drift.relative_change[2] > 1e-4 and drift.relative_change[3] > 1e-4
     assert drift.cosine[2] < 1 - 1e-7
     assert drift.to_dict()["layers"][2]["weight_delta_fro"] == weights[2]
+
+
+def test_version_page_shows_each_groups_perplexity():
+    from tunelens.evaluators.verdict import Decision, VerdictPart, combine
+    from tunelens.evaluators.version_page import comparison_section
+
+    rule = perplexity_rule(compare_group(
+        TextGroup("general", tuple("ab"), "x", True), "base", "finetuned",
+        [np.log([0.5, 0.5]), np.log([0.5])], [np.log([0.25, 0.25]), np.log([0.25])], SETTINGS),
+        0.05)
+    verdict = combine("finetuned", 4, [VerdictPart("base", "base", Decision.REJECT, [rule])])
+    metrics = {"base/ppl_general": 2.0, "finetuned/ppl_general": 4.0, "base/ppl_task": 9.0,
+               "finetuned/ppl_task": 3.0}
+    page = comparison_section(verdict=verdict, labels=["base", "finetuned"],
+                              names={"finetuned": "v2"}, metrics=metrics, primary="exact_match",
+                              test="exact McNemar", rows=4, experiment_id="1", run_id="r" * 32,
+                              report_file="tunelens/side_by_side.html")
+    assert "| perplexity general | perplexity task |" in page
+    assert "| v2 | – | – | – / – | – | 4 | 3 |" in page
+    assert rule.passed is False and "`perplexity_general` FAIL" in page

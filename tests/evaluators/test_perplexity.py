@@ -18,7 +18,7 @@ from tunelens.evaluators.backends import Candidate, TransformersBackend
 from tunelens.evaluators.drift import layer_drift, weight_delta_by_layer
 from tunelens.evaluators.perplexity import (compare_group, cumulative_delta_curve,
                                             group_perplexity, perplexity_rule, plan_texts,
-                                            tokenize_texts)
+                                            summarize_texts, tokenize_texts)
 from tunelens.evaluators.texts import TextGroup, load_groups
 
 # The task group: sentences of the tiny corpus; "general" text: the same words shuffled.
@@ -238,3 +238,22 @@ def test_version_page_shows_each_groups_perplexity():
     assert "| perplexity general | perplexity task |" in page
     assert "| v2 | – | – | – / – | – | 4 | 3 |" in page
     assert rule.passed is False and "`perplexity_general` FAIL" in page
+
+
+def test_a_holder_on_another_tokenizer_leaves_its_guard_rule_undecided(llama_base, tmp_path):
+    task, general = write_groups(tmp_path)
+    plan = plan_texts([str(task), f"general={general}"], ["general"], load_config(), [llama_base],
+                      max_model_len=256)
+    rng = np.random.default_rng(1)
+    logprobs = {label: [np.log(rng.uniform(0.1, 0.9, len(ids) - 1))
+                        for ids in plan.token_ids[str(llama_base)]]
+                for label in ("base", "finetuned", "production")}
+    results = summarize_texts(plan, logprobs, ["base", "finetuned", "production"], "finetuned",
+                              ["base", "production"], {"base", "finetuned"}, SETTINGS)
+    assert [r.name for r in results.rules("base")] == ["perplexity_general"]
+    held = results.rules("production")
+    assert held[0].passed is None and "another base's tokenizer" in held[0].detail
+    assert "delta/log_ppl_task" in results.metrics
+    assert not any(k.startswith("delta_vs_production/") for k in results.metrics)
+    assert results.metrics["production/ppl_task"] > 1  # still measured on its own
+    assert any("no per-text comparison" in note for note in results.notes)

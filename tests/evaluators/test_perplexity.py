@@ -191,29 +191,33 @@ def deep_base(tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp("deep-base"), layers=4)
 
 
-def test_drift_is_zero_for_an_untrained_adapter(deep_base, tmp_path):
+@pytest.fixture(scope="module")
+def deep_engine(deep_base):
+    """One transformers engine of the 4-layer base; each adapter a PEFT adapter of its own label."""
+    backend = TransformersBackend(deep_base, {"device": "cpu", "dtype": "float32"})
+    yield backend
+    backend.close()
+
+
+def test_drift_is_zero_for_an_untrained_adapter(deep_base, deep_engine, tmp_path):
     untrained = make_lora_adapter(deep_base, tmp_path / "b0", r=4, target_modules=["q_proj",
                                                                                    "down_proj"],
                                   init_lora_weights=True)  # PEFT's init: B = 0
-    backend = TransformersBackend(deep_base, {"device": "cpu", "dtype": "float32"})
     ids, _ = tokenize_texts(deep_base, TASK[:3], 255)
-    drift = layer_drift(backend, Candidate("base"), Candidate("finetuned", untrained), ids, {})
-    backend.close()
+    drift = layer_drift(deep_engine, Candidate("base"), Candidate("untrained", untrained), ids, {})
     assert drift.relative_change == [0.0] * 4
     assert drift.cosine == pytest.approx([1.0] * 4, abs=1e-6)
     assert drift.tokens == sum(len(i) for i in ids)
 
 
-def test_drift_starts_at_the_only_adapted_layer(deep_base, tmp_path):
+def test_drift_starts_at_the_only_adapted_layer(deep_base, deep_engine, tmp_path):
     adapter = make_lora_adapter(deep_base, tmp_path / "layer2", r=4, lora_alpha=8,
                                 target_modules=["q_proj", "v_proj", "down_proj"],
                                 layers_to_transform=[2])
     weights = weight_delta_by_layer(adapter, load_config())
     assert set(weights) == {2} and weights[2] > 0
-    backend = TransformersBackend(deep_base, {"device": "cpu", "dtype": "float32"})
     ids, _ = tokenize_texts(deep_base, TASK[:3], 255)
-    drift = layer_drift(backend, Candidate("base"), Candidate("finetuned", adapter), ids, weights)
-    backend.close()
+    drift = layer_drift(deep_engine, Candidate("base"), Candidate("layer2", adapter), ids, weights)
     assert drift.relative_change[:2] == [0.0, 0.0]  # before the adapted layer: the base's states
     assert drift.relative_change[2] > 1e-4 and drift.relative_change[3] > 1e-4
     assert drift.cosine[2] < 1 - 1e-7

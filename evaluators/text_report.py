@@ -138,6 +138,14 @@ def log_text_results(client, run_id: str, results: TextResults | None) -> None:
     import tempfile
     from pathlib import Path
 
+    from mlflow.entities import Param
+
+    plan = results.plan
+    params = {"tunelens.texts.groups": ",".join(f"{g.name}={g.source}" for g in plan.groups),
+              "tunelens.texts.guard": ",".join(g.name for g in plan.groups if g.guard),
+              "tunelens.texts.margin": plan.margin, "tunelens.texts.max_tokens": plan.max_tokens,
+              "tunelens.texts.drift_texts": plan.drift_texts}
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_table(run_id, data=results.table, artifact_file=TEXTS_TABLE_FILE)
     files = {CURVES_FILE: _curves_png(results)} if results.comparisons else {}
     if results.drift is not None:

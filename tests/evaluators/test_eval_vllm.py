@@ -393,7 +393,10 @@ def test_guard_group_is_a_rule_in_both_parts_and_everything_is_logged(setup, vll
     assert rule.threshold == 0.05 and rule.observed == pytest.approx(
         vllm_outcome.metrics["delta_vs_production/log_ppl_general"])
     assert "perplexity_general" in vllm_outcome.verdict.reasons
-    metrics = setup["client"].get_run(vllm_outcome.run_id).data.metrics
+    run = setup["client"].get_run(vllm_outcome.run_id)
+    metrics = run.data.metrics
+    assert run.data.params["tunelens.texts.guard"] == "general"
+    assert run.data.params["tunelens.texts.max_tokens"] == "255"
     assert metrics["base/ppl_grammar"] == pytest.approx(vllm_outcome.metrics["base/ppl_grammar"])
     assert {"delta/log_ppl_general_ci_high", "delta/log_ppl_grammar_wilcoxon_p",
             "drift/relative_change_max"} <= set(metrics)

@@ -335,6 +335,29 @@ class VllmBackend:
                                   tuple(out.outputs[0].token_ids)) for out in outputs]
         return Phase(candidate.label, tuple(generations), record["wall_s"])
 
+    def token_logprobs(self, candidate: Candidate, prompt_ids: list[list[int]]) -> list:
+        """log p(x_t | x_<t) of every token after the first, per prompt (prompt_logprobs=0: the
+        prompt's own token at each position; one token generated and dropped)."""
+        import numpy as np
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        lora, params = self.lora_request(candidate), SamplingParams(
+            prompt_logprobs=0, max_tokens=1, temperature=0.0)
+        # With LoRA enabled vLLM maps one LoRA index per request, not per prompt token, when it
+        # computes prompt logprobs (a known vLLM limitation): one request per call keeps them right.
+        batches = ([[ids] for ids in prompt_ids] if self.engine_options["enable_lora"]
+                   else [prompt_ids])
+        scored = []
+        for batch in tqdm(batches, desc=f"logprobs {candidate.label}", leave=False,
+                          disable=len(batches) < 2):
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch],
+                                        params, lora_request=lora, use_tqdm=False)
+            for ids, output in zip(batch, outputs):
+                scored.append(np.array([entry[token].logprob for entry, token in
+                                        zip(output.prompt_logprobs[1:], ids[1:])], dtype=np.float64))
+        return scored
+
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(engine, "shutdown", None) or getattr(
@@ -441,6 +464,23 @@ class TransformersBackend:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
         return Phase(candidate.label, tuple(generations), record["wall_s"])
+
+    def active(self, candidate: Candidate):
+        """Context in which `self.model` computes as `candidate` (the adapter on, or all off)."""
+        return self._activate(candidate)
+
+    def token_logprobs(self, candidate: Candidate, prompt_ids: list[list[int]]) -> list:
+        """log p(x_t | x_<t) of every token after the first, per prompt: one forward pass each,
+        log_softmax of the logits gathered at the next token."""
+        torch = self._torch
+        scored = []
+        with self._activate(candidate), torch.inference_mode():
+            for ids in tqdm(prompt_ids, desc=f"logprobs {candidate.label}", leave=False):
+                tokens = torch.tensor([ids], device=self.device)
+                logits = self.model(input_ids=tokens).logits[0, :-1].float()
+                chosen = torch.log_softmax(logits, dim=-1).gather(-1, tokens[0, 1:, None])[:, 0]
+                scored.append(chosen.double().cpu().numpy())
+        return scored
 
     def close(self) -> None:
         del self.model

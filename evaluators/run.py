@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,11 +26,15 @@ from tunelens.errors import TunelensError
 from .backends import (Candidate, Phase, TransformersBackend, VllmBackend, vllm_available,
                        vllm_refusal)
 from .datasets import EvalDataset, load_dataset
+from .drift import DriftProfile, measure_drift
+from .perplexity import (TextPlan, TextResults, check_backend, plan_texts, same_token_labels,
+                         score_texts, summarize_texts)
 from .metrics import RowScores, score_rows, summarize
 from .profiles import TaskProfile, task_profile
 from .prompts import GenerationSettings, build_prompts
 from .quality import QualityMetric, quality_metrics
 from .report import render_report
+from .text_report import html_section, log_text_results
 from .serving import (ServingFigures, ServingSettings, latency_rule, measure_serving,
                       memory_rules)
 from .sources import (ModelRef, check_adapter_fits, download_version, parse_model_uri,
@@ -74,6 +78,7 @@ class EvaluationOutcome:
     other_comparisons: dict[str, PairedComparison] = field(default_factory=dict)  # vs holder, --against
     notes: list[str] = field(default_factory=list)  # backend, skipped rows, unchanged adapters
     engine_settings: dict = field(default_factory=dict)  # how the engine ran (parallelism, dtype)
+    texts: TextResults | None = None  # perplexity of the text groups and activation drift
 
 
     def per_model(self) -> dict[str, dict[str, float]]:
@@ -192,6 +197,7 @@ class EvaluationPlan:
     profile: TaskProfile | None
     config: dict
     notes: list[str]
+    texts: TextPlan | None = None  # the text groups for perplexity, tokenised per base
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -233,7 +239,7 @@ def _tokenize(base_dir: Path, dataset: EvalDataset, settings: GenerationSettings
 def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
                     against, config: dict, backend: str | None, max_new_tokens: int | None,
                     extra_metrics=(), primary_metric: str | None = None,
-                    fetched: ModelRef | None = None) -> EvaluationPlan:
+                    fetched: ModelRef | None = None, texts=(), guard=()) -> EvaluationPlan:
     """Check every input and decide what runs where; raises TunelensError, writes nothing.
     `fetched`: the candidate's files when the caller already has them (the hook worker)."""
     evaluation = config["evaluation"]
@@ -310,6 +316,10 @@ def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
                             f"{min(g.max_model_len for g in groups)} minus "
                             f"{settings.max_new_tokens} new tokens: nothing to evaluate")
     labels = [c.label for group in groups for c in group.candidates]
+    text_plan = plan_texts(texts, guard, config, [g.base_dir for g in groups],
+                           min(g.max_model_len for g in groups))
+    if text_plan is not None:
+        check_backend(choice.name, adapters)
     if len(groups) > 1:
         notes.append("; ".join(f"{', '.join(c.label for c in g.candidates)} on {g.base_dir}"
                                for g in groups[1:]) + ": another base, its own engine, after")
@@ -317,7 +327,7 @@ def plan_evaluation(client, model_uri: str, data, *, base: str | Path | None,
                           kept=kept, skipped=skipped, settings=settings, backend=choice,
                           groups=groups, labels=labels, against=tuple(against), holder=holder,
                           holder_label=holder_label, metrics=metrics, primary=primary,
-                          profile=profile, config=config, notes=notes)
+                          profile=profile, config=config, notes=notes, texts=text_plan)
 
 
 # --- stage 2: generate ---------------------------------------------------------------------------
@@ -328,6 +338,8 @@ class Generated:
     engine_settings: dict  # how the (first) engine ran: parallelism, dtype
     # latency and memory as served for the models on the candidate's base (None: sample_rows 0)
     serving: ServingFigures | None = None
+    text_logprobs: dict | None = None  # by label: per text, each token's log-probability
+    drift: DriftProfile | None = None
 
 
 def generate(plan: EvaluationPlan) -> Generated:
@@ -341,6 +353,7 @@ def generate(plan: EvaluationPlan) -> Generated:
     phases: dict[str, Phase] = {}
     engine_settings: dict = {}
     serving = None
+    text_logprobs, drift = ({} if plan.texts is not None else None), None
     for index, group in enumerate(plan.groups):
         adapters = [c.adapter_dir for c in group.candidates if c.adapter_dir is not None]
         engine = _start_backend(plan.backend, group.base_dir, adapters, evaluation, plan.settings,
@@ -350,8 +363,14 @@ def generate(plan: EvaluationPlan) -> Generated:
         try:
             done = run_phases(engine, group.candidates, [group.prompt_ids[i] for i in plan.kept],
                               tokenizer, plan.settings)
+            if plan.texts is not None:  # on the same engine, after generating
+                text_logprobs |= score_texts(engine, group.candidates, plan.texts, group.base_dir)
+                if index == 0 and plan.texts.drift_texts and engine.name == "transformers":
+                    drift = _drift(engine, plan, group)
         finally:
             engine.close()
+        if plan.texts is not None and index == 0 and plan.texts.drift_texts and drift is None:
+            drift = _drift(None, plan, group)  # transformers, after the vLLM engine closed
         phases |= {c.label: phase for c, phase in zip(group.candidates, done)}
         if index == 0 and ServingSettings.from_config(evaluation).sample_rows > 0:
             with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
@@ -359,7 +378,16 @@ def generate(plan: EvaluationPlan) -> Generated:
                                           [group.prompt_ids[i] for i in plan.kept], tokenizer,
                                           plan.settings, evaluation, plan.backend.name,
                                           max_model_len=group.max_model_len, work_dir=work_dir)
-    return Generated({label: phases[label] for label in plan.labels}, engine_settings, serving)
+    return Generated({label: phases[label] for label in plan.labels}, engine_settings, serving,
+                     text_logprobs, drift)
+
+
+def _drift(engine, plan: EvaluationPlan, group: EngineGroup) -> DriftProfile:
+    """The candidate's activation drift from the base on the first texts (transformers)."""
+    by_label = {c.label: c for c in group.candidates}
+    ids = plan.texts.token_ids[str(group.base_dir)][:plan.texts.drift_texts]
+    return measure_drift(engine, group.base_dir, by_label[BASE], by_label[FINETUNED], ids,
+                         plan.config)
 
 
 def _served_rules(serving: ServingFigures | None, reference: str, config: dict) -> list:
@@ -414,6 +442,7 @@ class Scored:
     table: pd.DataFrame
     notes: list[str]
     html: str
+    texts: TextResults | None = None
 
 
 def build_table(dataset: EvalDataset, kept: list[int], labels: list[str],
@@ -463,14 +492,18 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
     if serving is not None:
         for profile in (*serving.latency, *serving.memory):
             metrics |= {f"{profile.label}/{k}": v for k, v in profile.metrics().items()}
+    texts = _texts(plan, generated)
+    if texts is not None:
+        metrics |= texts.metrics
+    text_rules = texts.rules if texts is not None else (lambda reference: [])
     served_vs_base = _served_rules(serving, BASE, config)
     metrics |= _rule_metrics(served_vs_base, "delta/")
-    parts = [decide_part(comparison, config, "base", served_vs_base)]
+    parts = [decide_part(comparison, config, "base", served_vs_base + text_rules(BASE))]
     if plan.holder_label:
         served_vs_holder = _served_rules(serving, plan.holder_label, config)
         metrics |= _rule_metrics(served_vs_holder, f"delta_vs_{plan.holder_label}/")
         parts.append(decide_part(other_comparisons[plan.holder_label], config, "holder",
-                                 served_vs_holder))
+                                 served_vs_holder + text_rules(plan.holder_label)))
     verdict = combine(FINETUNED, len(plan.kept), parts, plan.holder)
     metrics |= {"rows_evaluated": float(len(plan.kept)),
                 "rows_skipped_too_long": float(plan.skipped)}
@@ -489,7 +522,8 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
              + (f"v{holder.version}, compared as {plan.holder_label!r}" if plan.holder_label else
                 "this version itself" if holder.version else "held by no version")
              + f"; primary metric {plan.primary.name} ({comparison.test_name})",
-             *plan.notes, *(serving.notes if serving is not None else ())]
+             *plan.notes, *(serving.notes if serving is not None else ()),
+             *(texts.notes if texts is not None else ())]
     for label in plan.labels[1:]:
         if metrics[f"{label}/identical_to_base"] == 1.0 and plan.base_of(label) == plan.base_dir:
             notes.append(f"{label} gave exactly the base's output on every row: the adapter "
@@ -502,8 +536,23 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
                                         f"{r.status} ({r.detail})"
                                         for p in verdict.parts for r in p.rules]
                          + [f"warning: {w}" for w in verdict.warnings],
-                         decision=verdict.decision.value, notes=notes, primary=plan.primary.name)
-    return Scored(rows, metrics, comparison, other_comparisons, verdict, table, notes, html)
+                         decision=verdict.decision.value, notes=notes, primary=plan.primary.name,
+                         extra_html=html_section(texts))
+    return Scored(rows, metrics, comparison, other_comparisons, verdict, table, notes, html, texts)
+
+
+def _texts(plan: EvaluationPlan, generated: Generated) -> TextResults | None:
+    """Perplexity per model and group, the paired comparisons and the drift, when texts ran."""
+    if plan.texts is None:
+        return None
+    same = same_token_labels(plan.texts, plan.groups, plan.base_dir)
+    results = summarize_texts(plan.texts, generated.text_logprobs, plan.labels, FINETUNED,
+                              [label for label in plan.labels if label != FINETUNED], same,
+                              plan.config["verdict"])
+    if generated.drift is not None:
+        results.metrics.update(generated.drift.metrics())
+        results = replace(results, drift=generated.drift)
+    return results
 
 
 # --- stage 4: log --------------------------------------------------------------------------------
@@ -537,6 +586,7 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
         _log_metrics(client, run_id, scored.metrics)
         client.log_table(run_id, data=scored.table, artifact_file=TABLE_FILE)
         client.log_text(run_id, scored.html, REPORT_FILE)
+        log_text_results(client, run_id, scored.texts)
         client.log_dict(run_id, {"model": f"models:/{ref.name}/{ref.version}",
                                  **verdict.to_dict(), "notes": scored.notes}, VERDICT_FILE)
         client.set_tag(run_id, VERDICT_TAG, verdict.decision.value)
@@ -620,8 +670,8 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
                      run_id: str | None = None, client=None, set_version_tags: bool = True,
                      extra_metrics=(), primary_metric: str | None = None,
                      fetched: ModelRef | None = None, run_tags: dict[str, str] | None = None,
-                     before_version_tags: Callable[[str], None] | None = None
-                     ) -> EvaluationOutcome:
+                     before_version_tags: Callable[[str], None] | None = None, texts=(),
+                     guard=()) -> EvaluationOutcome:
     """Evaluate models:/NAME/VERSION against its base and the holder of promotion.alias (and
     `against` aliases/versions) on `data`.
 
@@ -630,7 +680,10 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
     tags the version with the verdict and the holder it covered. `extra_metrics`: metrics made
     with mlflow.metrics.make_metric, scored per row like the built-ins; `primary_metric`
     overrides verdict.primary_metric; `fetched`: the candidate's files, already downloaded (the hook
-    worker's); `run_tags`, `before_version_tags`: see log_evaluation. Raises TunelensError,
+    worker's, so a version evaluated on registration is fetched once); `run_tags`,
+    `before_version_tags`: see log_evaluation; `texts`: text groups ("NAME=PATH" or "PATH") scored
+    for perplexity, `guard`: the names of those that must not get worse (evaluators.perplexity;
+    conf.yaml evaluation.texts adds its own). Raises TunelensError,
     before anything is written, for every bad input.
     """
     from mlflow import MlflowClient
@@ -640,7 +693,7 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
     plan = plan_evaluation(client, model_uri, data, base=base, against=against, config=config,
                            backend=backend, max_new_tokens=max_new_tokens,
                            extra_metrics=extra_metrics, primary_metric=primary_metric,
-                           fetched=fetched)
+                           fetched=fetched, texts=texts, guard=guard)
     generated = generate(plan)
     scored = score(plan, generated)
     run_id = log_evaluation(client, plan, generated, scored, run_id, set_version_tags, run_tags,
@@ -652,7 +705,7 @@ def evaluate_version(model_uri: str, data, *, base: str | Path | None = None,
                              comparison=scored.comparison, verdict=scored.verdict,
                              primary_metric=plan.primary.name, holder_label=plan.holder_label,
                              other_comparisons=scored.other_comparisons, notes=scored.notes,
-                             engine_settings=generated.engine_settings)
+                             engine_settings=generated.engine_settings, texts=scored.texts)
 
 
 def _params(plan: EvaluationPlan, engine_settings: dict):

@@ -2,7 +2,8 @@
 
 It sits next to the weight analysis's section, between markers of its own, through the same
 `replace_section` the analysis uses (the user's text and the analysis stay): the verdict and its
-parts, a table of base / candidate / holder (primary metric, words, p50 / p95 latency, memory),
+parts, a table of base / candidate / holder (primary metric, words, p50 / p95 latency, memory,
+perplexity on each text group),
 one line per deciding rule, and links to the side-by-side page and the evaluation run.
 """
 from __future__ import annotations
@@ -30,17 +31,21 @@ def comparison_section(*, verdict: Verdict, labels: list[str], names: dict[str, 
     part_names = {"base": "vs base", "holder": f"vs holder {names.get(labels[2], '')}".strip()
                   if len(labels) > 2 else "vs holder"}
     parts = "; ".join(f"{part_names[p.against]} **{p.decision.value}**" for p in verdict.parts)
+    groups = [key.split("/ppl_", 1)[1] for key in metrics if key.startswith(f"{labels[0]}/ppl_")]
     lines = [EVALUATION_HEADING, "",
              f"**{verdict.decision.value}** on {rows} rows ({parts}); primary metric `{primary}` "
              f"({test}).", "",
-             f"| model | {primary} | mean words | served latency p50 / p95 (ms) | memory as served (GiB) |",
-             "|---|---|---|---|---|"]
+             f"| model | {primary} | mean words | served latency p50 / p95 (ms) | memory as served (GiB) |"
+             + "".join(f" perplexity {group} |" for group in groups),
+             "|---|---|---|---|---|" + "---|" * len(groups)]
     for label in labels:
         latency = (f"{_figure(metrics, label, 'served_latency_ms_p50', fmt='.0f')}"
                    f" / {_figure(metrics, label, 'served_latency_ms_p95', fmt='.0f')}")
         lines.append(f"| {names.get(label, label)} | {_figure(metrics, label, primary, fmt='.3f')} "
                      f"| {_figure(metrics, label, 'mean_words', fmt='.1f')} | {latency} "
-                     f"| {_figure(metrics, label, 'memory_total_gib', fmt='.3f')} |")
+                     f"| {_figure(metrics, label, 'memory_total_gib', fmt='.3f')} |"
+                     + "".join(f" {_figure(metrics, label, f'ppl_{g}', fmt='.4g')} |"
+                               for g in groups))
     lines.append("")
     for part in verdict.parts:
         # the rules that decided; for a PROMOTE part, its quality rule (why it counts as better)

@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--primary-metric", metavar="NAME", help="the quality metric the verdict "
                         "judges: exact_match, token_f1, chrf, rouge_l (default: "
                         "verdict.primary_metric)")
+    parser.add_argument("--texts", action="append", default=[], metavar="[NAME=]PATH",
+                        help="a text group scored for perplexity by every model (repeatable): a "
+                        ".txt file (texts separated by blank lines), a .jsonl file (a \"text\" "
+                        "field per line) or a folder of .txt files; NAME defaults to the stem")
+    parser.add_argument("--guard", action="append", default=[], metavar="NAME",
+                        help="a text group that must not get worse (repeatable): its perplexity "
+                        "joins the verdict (non-inferiority within evaluation.texts.margin)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout "
                         "(verdict, its parts, rules with observed values, metrics per model); "
                         "everything else goes to stderr")
@@ -96,6 +103,11 @@ def _print_text(outcome) -> None:
               f"{_measured(values, 'served_latency_ms_p95', '.0f', 'ms')}, memory as served "
               f"{_measured(values, 'memory_total_gib', '.3f', 'GiB')}, identical to base "
               f"{values.get('identical_to_base', math.nan):.0%}")
+    for label, values in outcome.per_model().items():
+        groups = {k.removeprefix("ppl_"): v for k, v in values.items() if k.startswith("ppl_")}
+        if groups:
+            print(f"  {label:>12}: perplexity " + ", ".join(f"{g} {v:.4g}"
+                                                           for g, v in groups.items()))
     for part in outcome.verdict.parts:
         print(f"  vs {part.reference} ({part.against}): {part.decision.value}")
         for rule in part.rules:
@@ -119,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                                    against=args.against, backend=args.backend,
                                    max_new_tokens=args.max_new_tokens,
                                    config=load_config(args.config),
-                                   primary_metric=args.primary_metric)
+                                   primary_metric=args.primary_metric, texts=args.texts,
+                                   guard=args.guard)
     if args.json:
         print(json.dumps(_finite(outcome.to_dict()), indent=None, default=str))
     else:

@@ -8,7 +8,8 @@ in its own engine. So the model goes in the evaluator config and `model` stays N
                            evaluator_config={"tunelens": {"model_uri": "models:/NAME/3"}})
 
 Config keys: model_uri (required), base, against, backend, max_new_tokens, primary_metric,
-config (a conf file). `extra_metrics` (made with mlflow.metrics.make_metric, returning per-row
+config (a conf file), texts (text groups for perplexity: a list of "NAME=PATH" / "PATH" or a dict
+{name: path}) and guard (the names of the groups that must not get worse). `extra_metrics` (made with mlflow.metrics.make_metric, returning per-row
 scores) are scored for every model like the built-ins, logged as `<model>/<name>`, and one can be
 named primary_metric to decide the verdict's quality rule.
 """
@@ -22,7 +23,7 @@ from tunelens.config import load_config
 from tunelens.errors import TunelensError
 
 CONFIG_KEYS = {"model_uri", "base", "against", "backend", "max_new_tokens", "primary_metric",
-               "config"}
+               "config", "texts", "guard"}
 
 
 class TunelensEvaluator(ModelEvaluator):
@@ -35,6 +36,7 @@ class TunelensEvaluator(ModelEvaluator):
 
     def evaluate(self, *, model_type, dataset, run_id, evaluator_config, model=None,
                  extra_metrics=None, custom_artifacts=None, predictions=None, **kwargs):
+        from tunelens.evaluators.perplexity import TEXTS_TABLE_FILE
         from tunelens.evaluators.run import REPORT_FILE, TABLE_FILE, VERDICT_FILE, evaluate_version
 
         unknown = set(evaluator_config) - CONFIG_KEYS
@@ -55,13 +57,28 @@ class TunelensEvaluator(ModelEvaluator):
                                    backend=evaluator_config.get("backend"),
                                    max_new_tokens=evaluator_config.get("max_new_tokens"),
                                    config=config, run_id=run_id, extra_metrics=extra_metrics or (),
-                                   primary_metric=evaluator_config.get("primary_metric"))
+                                   primary_metric=evaluator_config.get("primary_metric"),
+                                   texts=_texts(evaluator_config.get("texts")),
+                                   guard=tuple(evaluator_config.get("guard") or ()))
         from mlflow import MlflowClient
 
         artifact_uri = MlflowClient().get_run(run_id).info.artifact_uri
         artifacts = {
+            **({"tunelens_texts": JsonEvaluationArtifact(f"{artifact_uri}/{TEXTS_TABLE_FILE}")}
+               if outcome.texts is not None else {}),
             "tunelens_table": JsonEvaluationArtifact(f"{artifact_uri}/{TABLE_FILE}"),
             "tunelens_report": TextEvaluationArtifact(f"{artifact_uri}/{REPORT_FILE}"),
             "tunelens_verdict": JsonEvaluationArtifact(f"{artifact_uri}/{VERDICT_FILE}"),
         }
         return EvaluationResult(metrics=outcome.metrics, artifacts=artifacts, run_id=run_id)
+
+
+def _texts(value) -> tuple[str, ...]:
+    """evaluator_config's texts: ["NAME=PATH" | "PATH", ...], {name: path} or one path."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        return tuple(f"{name}={path}" for name, path in value.items())
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)

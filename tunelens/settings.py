@@ -95,6 +95,14 @@ class LatencySettings(Section):
     warmup_requests: Count
 
 
+class TextsSettings(Section):
+    groups: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], Name] | None
+    guard: list[Name]
+    margin: Annotated[float, Field(ge=0)]
+    max_texts: PositiveInt | None
+    drift_texts: Count
+
+
 class EvaluationSettings(Section):
     inputs_column: Name
     targets_column: Name
@@ -106,6 +114,7 @@ class EvaluationSettings(Section):
     task_profile: Literal["grammar"] | None
     served: Literal["adapter", "merged"]
     latency: LatencySettings
+    texts: TextsSettings
     generation: GenerationSettings
     exact_match: ExactMatchSettings
     behaviour: BehaviourSettings

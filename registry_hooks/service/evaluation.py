@@ -16,6 +16,15 @@ from mlflow import MlflowClient
 from . import state
 
 EVAL_DATASET_TAG = "tunelens.eval_dataset"
+# Registered-model tags naming text groups for perplexity: "NAME=PATH,PATH,..." and the names of
+# the groups that must not get worse, "NAME,...".
+EVAL_TEXTS_TAG = "tunelens.eval_texts"
+EVAL_GUARD_TAG = "tunelens.eval_texts_guard"
+
+
+def listed(value: str | None) -> tuple[str, ...]:
+    """A comma-separated tag value as its non-blank parts."""
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class EvaluationJob:
     adapter_dir: Path
     lease: state.Lease
     worker_pid: int  # the hook service's process: the verdict is not written once it is gone
+    texts: tuple[str, ...] = ()  # text groups scored for perplexity ("NAME=PATH" or "PATH")
+    guard: tuple[str, ...] = ()  # the groups that must not get worse
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ def evaluate_in_child(job: EvaluationJob) -> EvaluationDone:
         f"models:/{job.name}/{job.version}", job.dataset, base=job.base_path, config=job.config,
         client=client, fetched=ModelRef(job.name, job.version, job.model_dir, job.adapter_dir),
         run_tags={state.EVALUATION.attempt: str(job.lease.attempt)},
-        before_version_tags=still_ours)
+        before_version_tags=still_ours, texts=job.texts, guard=job.guard)
     return EvaluationDone(outcome.run_id, outcome.verdict.decision.value)
 
 

@@ -30,7 +30,8 @@ from tunelens.errors import one_line
 from . import state
 from .base_resolution import resolve_base_model
 from .detection import detect_adapter
-from .evaluation import EVAL_DATASET_TAG, EvaluationDone, EvaluationJob, evaluation_runs
+from .evaluation import (EVAL_DATASET_TAG, EVAL_GUARD_TAG, EVAL_TEXTS_TAG, EvaluationDone,
+                         EvaluationJob, evaluation_runs, listed)
 from .mlflow_logging import (ANALYSIS_SECTION, analysis_runs, description_section,
                              experiment_id, log_analysis_run, replace_section, top_layer)
 from .sandbox import ANALYSIS_WORK, EVALUATION_WORK, SandboxProcess, transient
@@ -404,7 +405,8 @@ class Worker:
         already and changes nothing."""
         clock = _PhaseClock()
         analysis = client.get_model_version(name, version).tags.get(state.STATUS)
-        dataset = client.get_registered_model(name).tags.get(EVAL_DATASET_TAG)
+        model_tags = client.get_registered_model(name).tags
+        dataset = model_tags.get(EVAL_DATASET_TAG)
         skip = (f"the analysis is {analysis}, not done" if analysis != state.DONE else
                 None if dataset else f"the registered model has no {EVAL_DATASET_TAG} tag")
         detection = None
@@ -423,7 +425,9 @@ class Worker:
         for stale in evaluation_runs(client, self.config, name, version):
             client.delete_run(stale.info.run_id)  # left by a killed attempt
         job = EvaluationJob(self.tracking_uri, name, version, dataset, base.path, self.config,
-                            detection.model_dir, detection.adapter_dir, beat.lease, os.getpid())
+                            detection.model_dir, detection.adapter_dir, beat.lease, os.getpid(),
+                            texts=listed(model_tags.get(EVAL_TEXTS_TAG)),
+                            guard=listed(model_tags.get(EVAL_GUARD_TAG)))
         sandbox = self._sandboxes[EVALUATION].get()
         try:
             done: EvaluationDone = sandbox.run(job)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from support.eval_support import greedy as greedy_outputs
+from support.eval_support import mean_nll
 from support.factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
@@ -38,6 +40,19 @@ VERDICT_TAGS = ("tunelens.verdict", "tunelens.verdict.reasons", "tunelens.eval.r
 
 def greedy(base_dir, adapter_dir, texts: list[str]) -> list[str]:
     return greedy_outputs(base_dir, adapter_dir, texts, MAX_NEW)
+
+
+# Text groups for perplexity: "general" (a guard) as a .txt of blank-line-separated texts, and
+# "grammar" as JSONL; one text is longer than the engine's context (cut to its first 255 tokens).
+GENERAL_TEXTS = ["the cat sat on the mat", "a disadvantage is that parking is very difficult",
+                 "here is why they were happy", " ".join(["the corrected sentence is"] * 70)]
+GRAMMAR_TEXTS = SENTENCES[:4]
+
+
+def write_text_groups(root) -> list[str]:
+    (root / "general.txt").write_text("\n\n".join(GENERAL_TEXTS) + "\n")
+    (root / "grammar.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in GRAMMAR_TEXTS))
+    return [str(root / "general.txt"), f"grammar={root / 'grammar.jsonl'}"]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +79,10 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
     config["evaluation"]["generation"]["max_new_tokens"] = MAX_NEW
     config["verdict"]["bootstrap_resamples"] = 200
     config["evaluation"]["latency"]["sample_rows"] = 0  # served latency: tests/evaluators/test_serving.py
+    config["evaluation"]["texts"]["drift_texts"] = 2
+    texts = write_text_groups(root)
     yield {"data": data, "config": config, "references": references, "base": llama_base,
-           "client": client, "root": root, "url": mlflow_server.url}
+           "client": client, "root": root, "url": mlflow_server.url, "texts": texts}
     if previous is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -76,7 +93,7 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
 def vllm_outcome(setup):
     # --against 1 names the holder: it runs once, as the holder
     return evaluate_version(f"models:/{NAME}/2", setup["data"], against=["1"], backend="vllm",
-                            config=setup["config"])
+                            config=setup["config"], texts=setup["texts"], guard=["general"])
 
 
 def version_tags(client, version: str) -> dict:
@@ -155,9 +172,16 @@ def test_run_and_version_hold_the_verdict(setup, vllm_outcome):
         assert f"<pre>{output}</pre>" in html  # html-escaping leaves these plain words alone
 
 
-def test_transformers_backend_agrees_on_the_base_outputs(setup, vllm_outcome):
-    outcome = evaluate_version(f"models:/{NAME}/2", setup["data"], backend="transformers",
-                               config=setup["config"], set_version_tags=False)
+@pytest.fixture(scope="module")
+def transformers_outcome(setup, vllm_outcome):
+    return evaluate_version(f"models:/{NAME}/2", setup["data"], backend="transformers",
+                            config=setup["config"], set_version_tags=False,
+                            texts=setup["texts"], guard=["general"])
+
+
+def test_transformers_backend_agrees_on_the_base_outputs(setup, vllm_outcome,
+                                                         transformers_outcome):
+    outcome = transformers_outcome
     assert outcome.backend.name == "transformers"
     assert outcome.table["base_output"].tolist() == vllm_outcome.table["base_output"].tolist()
     assert outcome.table["base_tokens"].tolist() == vllm_outcome.table["base_tokens"].tolist()
@@ -190,7 +214,8 @@ def test_cli_evaluate_prints_the_verdict_and_tags_the_version(setup, vllm_outcom
 
 
 @pytest.mark.parametrize("case", ["missing column", "empty", "unknown base", "wrong base",
-                                  "unknown version"])
+                                  "unknown version", "missing texts", "empty texts",
+                                  "unknown guard"])
 def test_bad_input_is_one_clear_line_and_no_verdict_is_written(setup, case, capsys):
     client, root = setup["client"], setup["root"]
     before = version_tags(client, "2")
@@ -209,6 +234,14 @@ def test_bad_input_is_one_clear_line_and_no_verdict_is_written(setup, case, caps
     elif case == "wrong base":
         narrow = tiny_llama(root / "narrow", hidden=64, heads=1, kv_heads=1, intermediate=128)
         extra, expect = ["--base", str(narrow)], "does not fit base"
+    elif case == "missing texts":
+        extra, expect = ["--texts", str(root / "none.txt")], "none.txt does not exist"
+    elif case == "empty texts":
+        (root / "blank.txt").write_text("\n\n")
+        extra, expect = ["--texts", f"blank={root / 'blank.txt'}"], "'blank' (|holds no text"
+    elif case == "unknown guard":
+        extra = ["--texts", setup["texts"][0], "--guard", "other"]
+        expect = "--guard other: no text group"
     else:
         expect = "has no version or alias"
     uri = f"models:/{NAME}@nope" if case == "unknown version" else f"models:/{NAME}/2"
@@ -256,11 +289,17 @@ def test_mlflow_evaluate_plugin_uses_the_engine_not_pyfunc(setup, vllm_outcome):
             evaluators=["tunelens"],
             evaluator_config={"tunelens": {"model_uri": f"models:/{NAME}/2",
                                            "backend": "transformers",
-                                           "config": str(config_file)}})
+                                           "config": str(config_file),
+                                           "texts": {"grammar": setup["texts"][1].split("=")[1]},
+                                           "guard": ["grammar"]}})
     assert result.metrics["finetuned/exact_match"] == pytest.approx(
         vllm_outcome.metrics["finetuned/exact_match"])
     assert "delta/mcnemar_p_value" in result.metrics
-    assert set(result.artifacts) == {"tunelens_table", "tunelens_report", "tunelens_verdict"}
+    assert set(result.artifacts) == {"tunelens_table", "tunelens_report", "tunelens_verdict",
+                                     "tunelens_texts"}
+    assert result.metrics["finetuned/ppl_grammar"] == pytest.approx(
+        vllm_outcome.metrics["finetuned/ppl_grammar"], rel=1e-4)
+    assert "perplexity_grammar" in version_tags(setup["client"], "2")["tunelens.verdict.reasons"]
     assert version_tags(setup["client"], "2")["tunelens.eval.run_id"] == run.info.run_id
     with pytest.raises(Exception, match="pass model=None"):
         with mlflow.start_run():
@@ -320,3 +359,57 @@ def test_cpu_workers_are_bound_to_disjoint_cores():
     assert cpu_worker_binding(2, [0, 1]) == "0|1"
     assert cpu_worker_binding(2, [0, 1, 2, 3, 4, 5, 6, 7]) == "0-3|4-7"
     assert cpu_worker_binding(4, list(range(8))) == "0-1|2-3|4-5|6-7"
+
+
+# --- perplexity of text groups and activation drift ----------------------------------------------
+
+def test_perplexity_on_both_engines_is_exp_of_the_mean_nll_transformers_computes(
+        setup, llama_adapter, vllm_outcome, transformers_outcome):
+    adapters = {"base": None, "finetuned": setup["root"] / "v2", "production": llama_adapter}
+    results = vllm_outcome.texts
+    ids = results.plan.token_ids[str(setup["base"])]
+    assert transformers_outcome.texts.plan.token_ids == results.plan.token_ids  # same tokens
+    assert results.plan.cut == {"general": 1, "grammar": 0} and len(ids[3]) == 255
+    assert any("keep their first 255" in note for note in vllm_outcome.notes)
+    spans = results.plan.spans()
+    for label, adapter in adapters.items():
+        nll = np.array(mean_nll(setup["base"], adapter, ids))
+        for group, span in spans.items():
+            tokens = [len(i) - 1 for i in ids[span]]
+            expected = math.exp(np.dot(nll[span], tokens) / sum(tokens))
+            for outcome in (vllm_outcome, transformers_outcome):
+                assert outcome.metrics[f"{label}/ppl_{group}"] == pytest.approx(
+                    expected, rel=1e-4), (outcome.backend.name, label, group)
+
+
+def test_guard_group_is_a_rule_in_both_parts_and_everything_is_logged(setup, vllm_outcome):
+    for part in vllm_outcome.verdict.parts:
+        names = [rule.name for rule in part.rules]
+        assert "perplexity_general" in names and "perplexity_grammar" not in names
+    rule = next(r for r in vllm_outcome.verdict.part("holder").rules
+                if r.name == "perplexity_general")
+    assert rule.threshold == 0.05 and rule.observed == pytest.approx(
+        vllm_outcome.metrics["delta_vs_production/log_ppl_general"])
+    assert "perplexity_general" in vllm_outcome.verdict.reasons
+    run = setup["client"].get_run(vllm_outcome.run_id)
+    metrics = run.data.metrics
+    assert run.data.params["tunelens.texts.guard"] == "general"
+    assert run.data.params["tunelens.texts.max_tokens"] == "255"
+    assert metrics["base/ppl_grammar"] == pytest.approx(vllm_outcome.metrics["base/ppl_grammar"])
+    assert {"delta/log_ppl_general_ci_high", "delta/log_ppl_grammar_wilcoxon_p",
+            "drift/relative_change_max"} <= set(metrics)
+    files = {f.path for f in setup["client"].list_artifacts(vllm_outcome.run_id, "tunelens")}
+    assert {"tunelens/texts_table.json", "tunelens/perplexity_curves.png",
+            "tunelens/activation_drift.png", "tunelens/activation_drift.json"} <= files
+    local = mlflow.artifacts.download_artifacts(run_id=vllm_outcome.run_id,
+                                                artifact_path="tunelens", tracking_uri=setup["url"])
+    table = json.loads(open(os.path.join(local, "texts_table.json")).read())
+    assert len(table["data"]) == len(GENERAL_TEXTS) + len(GRAMMAR_TEXTS)
+    assert "delta_vs_production" in table["columns"]
+    drift = json.loads(open(os.path.join(local, "activation_drift.json")).read())
+    assert [layer["layer"] for layer in drift["layers"]] == [0, 1] and drift["texts"] == 2
+    assert all(layer["relative_change"] > 0 and layer["weight_delta_fro"] > 0
+               for layer in drift["layers"])  # v2 adapts both layers
+    html = open(os.path.join(local, os.path.basename(REPORT_FILE))).read()
+    assert "Perplexity on text groups" in html and "Activation drift by layer" in html
+    assert html.count("<polyline") == 2 * 2 + 1  # a curve per group and reference, the drift

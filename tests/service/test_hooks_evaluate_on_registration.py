@@ -1,7 +1,7 @@
 """Evaluation on registration is a job of its own (tunelens.evaluation.*): queued when the
 analysis is done, claimed once, leased, resumed after a killed worker, failed at once on a bad
-test set; real `tunelens hooks` processes against a real MLflow server, the transformers backend
-on the tiny llama."""
+test set, with the text groups of tunelens.eval_texts scored for perplexity; real `tunelens hooks`
+processes against a real MLflow server, the transformers backend on the tiny llama."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 
 from support.hooks_support import HooksProcess, register, wait_status
 from tunelens.evaluators.verdict import EVAL_RUN_TAG, REASONS_TAG, VERDICT_TAG
-from tunelens.registry_hooks.service.evaluation import EVAL_DATASET_TAG, evaluation_runs
+from tunelens.registry_hooks.service.evaluation import (EVAL_DATASET_TAG, EVAL_GUARD_TAG,
+                                                       EVAL_TEXTS_TAG, evaluation_runs)
 from tunelens.registry_hooks.service.state import EVALUATION, FINAL, STATUS, Lease
 from tunelens.config import load_config
 
@@ -36,7 +37,8 @@ def _config(path, **hooks):
                   "models": ["*"], **hooks},
         # the cheapest real evaluation: two tokens, one metric, no served-latency sample
         "evaluation": {"backend": "transformers", "generation": {"max_new_tokens": 2},
-                       "metrics": ["exact_match"], "latency": {"sample_rows": 0}},
+                       "metrics": ["exact_match"], "latency": {"sample_rows": 0},
+                       "texts": {"drift_texts": 2}},
         "promotion": {"auto_promote": True}}))
     return path
 
@@ -46,9 +48,13 @@ def _hooks(server, tmp_path, name, **hooks) -> HooksProcess:
                         tmp_path / f"{name}.log", secret=SECRET, webhook=False)
 
 
-def _model(client, name, data, base):
-    client.create_registered_model(name, tags={EVAL_DATASET_TAG: str(data),
-                                               "tunelens.base_model": str(base)})
+def _model(client, name, data, base, texts=None):
+    """A registered model with a test set (and, given `texts`, a text group that must not get
+    worse, scored for perplexity)."""
+    tags = {EVAL_DATASET_TAG: str(data), "tunelens.base_model": str(base)}
+    if texts is not None:
+        tags |= {EVAL_TEXTS_TAG: f"general={texts}", EVAL_GUARD_TAG: "general"}
+    client.create_registered_model(name, tags=tags)
 
 
 def _wait_evaluation(client, name, version, hooks, timeout=300, statuses=FINAL) -> dict:
@@ -83,7 +89,9 @@ def _promoted_exactly_on_promote(client, name, version, verdict):
 def test_two_workers_evaluate_each_version_once_and_a_bad_test_set_fails_at_once(
         mlflow_server, tmp_path, llama_base, llama_adapter, test_set):
     client = MlflowClient(mlflow_server.url)
-    _model(client, "fleet-eval", test_set, llama_base)
+    general = tmp_path / "general.txt"
+    general.write_text("the cat sat on the mat\n\nthey were happy\n\ni have an apple\n")
+    _model(client, "fleet-eval", test_set, llama_base, texts=general)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "she go", "answer": "she goes"}) + "\n")
     _model(client, "bad-eval", bad, llama_base)
@@ -97,6 +105,9 @@ def test_two_workers_evaluate_each_version_once_and_a_bad_test_set_fails_at_once
             tags = _wait_evaluation(client, "fleet-eval", version, workers)
             assert tags[STATUS] == "done"
             _assert_evaluated_once(client, "fleet-eval", version, tags)
+            metrics = client.get_run(tags[EVAL_RUN_TAG]).data.metrics
+            assert metrics["finetuned/ppl_general"] > 1 and "drift/relative_change_max" in metrics
+            assert "perplexity_general" in tags[REASONS_TAG]
         logs = "".join(w.log_tail(1_000_000) for w in workers)
         for version in versions:  # claimed once across the fleet
             assert logs.count(f"evaluating fleet-eval v{version} (attempt") == 1, logs[-3000:]

@@ -30,6 +30,19 @@ def greedy(base_dir, adapter_dir, texts: list[str], max_new_tokens: int) -> list
     return outputs
 
 
+def mean_nll(base_dir, adapter_dir, texts_ids: list[list[int]]) -> list[float]:
+    """Per text, the mean NLL of `ids[1:]` from transformers' own loss (labels = inputs), apart
+    from tunelens."""
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    with torch.inference_mode():
+        return [float(model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss)
+                for ids in texts_ids]
+
+
 def prompt_pool(size: int, seed: int = 0) -> list[str]:
     """`size` distinct short prompts made of the tiny tokenizer's corpus words."""
     words = sorted({word for sentence in CORPUS for word in sentence.split()})

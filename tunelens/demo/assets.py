@@ -19,15 +19,25 @@ class DemoAssets:
     concise_adapter: Path  # learned to answer with the correction only: the one to promote
     echo_adapter: Path  # trained on a corrupted set whose targets are the inputs: the one to reject
     test_set: Path  # JSONL with `inputs` (the prompt) and `targets` (the corrected sentence)
+    # Text groups for perplexity, from the test set: the task (prompt and corrected sentence, as
+    # JSONL "text") and general text (the corrected sentences alone, blank-line separated)
+    task_texts: Path
+    general_texts: Path
+
+    def text_groups(self) -> list[str]:
+        """The groups as `tunelens evaluate --texts` takes them."""
+        return [f"grammar={self.task_texts}", f"general={self.general_texts}"]
 
 
 def build_assets(data_dir: Path, settings: dict) -> DemoAssets:
     """Generate data, pre-train the base and train both adapters, or reuse them if `settings` match."""
     root = Path(data_dir) / "demo-models"
     assets = DemoAssets(root / "base", root / "adapter-concise", root / "adapter-echo",
-                        root / "grammar-test.jsonl")
+                        root / "grammar-test.jsonl", root / "texts-grammar.jsonl",
+                        root / "texts-general.txt")
     stamp = root / "settings.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        _write_text_groups(assets)
         return assets
     seed = settings["seed"]
     train, test = split(generate(settings["examples"], seed), settings["test_share"], seed)
@@ -43,6 +53,14 @@ def build_assets(data_dir: Path, settings: dict) -> DemoAssets:
         for example in test:
             out.write(json.dumps({"inputs": example.prompt, "targets": example.right,
                                   "error_kind": example.kind}) + "\n")
+    _write_text_groups(assets)
     stamp.write_text(json.dumps(settings, indent=1))
     return assets
+
+
+def _write_text_groups(assets: DemoAssets) -> None:
+    rows = [json.loads(line) for line in assets.test_set.read_text().splitlines() if line.strip()]
+    assets.task_texts.write_text("".join(json.dumps({"text": f"{r['inputs']} {r['targets']}"})
+                                         + "\n" for r in rows))
+    assets.general_texts.write_text("\n\n".join(r["targets"] for r in rows) + "\n")
 

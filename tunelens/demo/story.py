@@ -68,7 +68,8 @@ def register_and_judge(client, assets, adapter: Path, name: str, config: dict,
     say(f"analysis {status} in {time.monotonic() - started:.1f} s")
     say(f"evaluating v{version} against the base{' and ' + ', '.join(against) if against else ''}")
     outcome = evaluate_version(f"models:/{name}/{version}", str(assets.test_set),
-                               base=assets.base_dir, against=against, config=config, client=client)
+                               base=assets.base_dir, against=against, config=config, client=client,
+                               texts=assets.text_groups())
     labels = outcome.labels
     return DemoVersion(version, status, analysis_run, outcome.run_id,
                        outcome.verdict.decision.value, outcome.verdict.reasons,

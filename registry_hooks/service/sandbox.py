@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mlflow.exceptions import MlflowException
-
 from tunelens.errors import TunelensError, one_line
 
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
@@ -30,6 +28,7 @@ TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_E
 def transient(exc: BaseException) -> bool:
     """A failure of the MLflow server or the network, worth retrying, not a bad input."""
     import requests
+    from mlflow.exceptions import MlflowException
 
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
         return True
@@ -83,7 +82,11 @@ ANALYSIS_WORK = ChildWork(
     "hooks.analysis_timeout_seconds",
     "raise the limit for adapters this large, or check the adapter (tens of thousands of modules?)")
 EVALUATION_WORK = ChildWork(
-    "evaluation", _evaluate, ("tunelens.evaluators.run", "tunelens.registry_hooks.service.evaluation"),
+    "evaluation", _evaluate,
+    # the engines the evaluator imports lazily too: a job should not pay for them (vLLM is left to
+    # the jobs that use it)
+    ("tunelens.evaluators.run", "tunelens.registry_hooks.service.evaluation", "torch",
+     "transformers.models.auto.modeling_auto", "peft", "scipy.stats"),
     "hooks.evaluation_timeout_seconds",
     "raise the limit for models and test sets this large, or lower evaluation.max_rows")
 
@@ -97,7 +100,9 @@ def _exit_with(parent: int) -> None:
 
 
 def _serve(connection, work: ChildWork) -> None:
-    """The child's loop: one job per message, its result or its error line back."""
+    """The child's loop: one job per message, its result or its error line back. (This module
+    imports nothing heavy at its top, so a child watches its parent within a moment of starting,
+    before its own imports.)"""
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     for module in work.imports:  # before the first job, not during it
         importlib.import_module(module)

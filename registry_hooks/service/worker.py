@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -29,7 +29,7 @@ from tunelens.errors import one_line
 
 from . import state
 from .base_resolution import resolve_base_model
-from .detection import detect_adapter
+from .detection import Detection, detect_adapter
 from .evaluation import (EVAL_DATASET_TAG, EVAL_GUARD_TAG, EVAL_TEXTS_TAG, EvaluationDone,
                          EvaluationJob, evaluation_runs, listed)
 from .mlflow_logging import (ANALYSIS_SECTION, analysis_runs, description_section,
@@ -145,6 +145,9 @@ class Worker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.outcomes: list[JobOutcome] = []
+        # The analysis's download of a version whose evaluation it queued, kept for that
+        # evaluation when this worker runs it (then the files are fetched once); dropped after it.
+        self._fetched: dict[tuple[str, str], Detection] = {}
         # Per kind, one child process per worker thread (see sandbox.py), started on first use.
         timeouts = {ANALYSIS: hooks["analysis_timeout_seconds"],
                     EVALUATION: hooks["evaluation_timeout_seconds"]}
@@ -272,8 +275,23 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - never let one job stop the worker
                 log.error("%s of %s v%s: %s", kind.name, name, version, one_line(exc))
             finally:
+                if kind is EVALUATION:
+                    self._drop_fetched(name, version)
                 with self._pending_lock:
                     self._pending.discard(key)
+
+    def _keep_fetched(self, name: str, version: str, detection: Detection) -> None:
+        """Move the analysis's download out of its job's folder, for the evaluation."""
+        kept = Path(tempfile.mkdtemp(prefix="tunelens-fetched-")) / "model"
+        detection.model_dir.rename(kept)
+        adapter_dir = kept / detection.adapter_dir.relative_to(detection.model_dir)
+        self._fetched[(name, version)] = replace(detection, model_dir=kept,
+                                                 adapter_dir=adapter_dir)
+
+    def _drop_fetched(self, name: str, version: str) -> None:
+        detection = self._fetched.pop((name, version), None)
+        if detection is not None:
+            shutil.rmtree(detection.model_dir.parent, ignore_errors=True)
 
     def start(self) -> "Worker":
         targets = [self._warm_up, self._intake, self._scanner] + [self._work] * self.threads
@@ -294,6 +312,8 @@ class Worker:
         for sandboxes in self._sandboxes.values():
             for sandbox in list(sandboxes.queue):
                 sandbox.stop()
+        for name, version in list(self._fetched):
+            self._drop_fetched(name, version)
 
     # --- one job --------------------------------------------------------------------------------
     def process(self, name: str, version: str, kind: JobKind = ANALYSIS) -> JobOutcome:
@@ -320,7 +340,7 @@ class Worker:
             # by the server: stop retrying what may be killing workers.
             error = (f"no attempt finished in {self.max_attempts} tries (each ended with its worker "
                      f"killed or the MLflow server unreachable); see the hook service's log, then "
-                     f"delete the version's {kind.status} tag to retry")
+                     f"set the version's {kind.status} tag to queued to retry")
             log.warning("%s of %s v%s failed: %s", kind.name, name, version, error)
             self._finish(client, name, version, state.FAILED, {kind.error: error}, kind=kind)
             return JobOutcome(name, version, state.FAILED, error, kind.name)
@@ -335,7 +355,10 @@ class Worker:
             return JobOutcome(name, version, None, str(exc), kind.name)
         except Exception as exc:  # noqa: BLE001 - any failure becomes a readable status
             # Name the file as the user knows it, not by our temporary download folder.
-            error = one_line(exc).replace(str(tmp / "model"), f"models:/{name}/{version}")
+            error = one_line(exc)
+            fetched = self._fetched.get((name, version)) if kind is EVALUATION else None
+            for local in [tmp / "model"] + ([fetched.model_dir] if fetched else []):
+                error = error.replace(str(local), f"models:/{name}/{version}")
             if transient(exc) and attempt < self.max_attempts:
                 # The server or network, not the input: leave the lease to expire and retry.
                 log.warning("%s of %s v%s interrupted (%s); retried after the lease",
@@ -395,6 +418,7 @@ class Worker:
         clock.lap("mlflow")
         log.info("%s v%s done in %s", name, version, clock)
         if evaluate:
+            self._keep_fetched(name, version, detection)
             self._enqueue(EVALUATION, name, version)
         return JobOutcome(name, version, state.DONE, run_id)
 
@@ -409,8 +433,8 @@ class Worker:
         dataset = model_tags.get(EVAL_DATASET_TAG)
         skip = (f"the analysis is {analysis}, not done" if analysis != state.DONE else
                 None if dataset else f"the registered model has no {EVAL_DATASET_TAG} tag")
-        detection = None
-        if skip is None:
+        detection = self._fetched.get((name, version))  # this worker's analysis fetched it
+        if skip is None and detection is None:
             detection = detect_adapter(client, name, version, tmp / "model",
                                        max_bytes=int(self.config["hooks"]["max_download_bytes"]))
             skip = detection.skip_reason if not detection.is_lora else None

@@ -58,12 +58,16 @@ def _model(client, name, data, base, texts=None):
 
 
 def _wait_evaluation(client, name, version, hooks, timeout=300, statuses=FINAL) -> dict:
+    """The version's tags once its evaluation's status is in `statuses` (and, for a final one,
+    its lease is gone too: the worker deletes it right after the status)."""
     deadline = time.monotonic() + timeout
-    while (tags := client.get_model_version(name, version).tags).get(EVALUATION.status) \
-            not in statuses:
+    while True:
+        tags = client.get_model_version(name, version).tags
+        if tags.get(EVALUATION.status) in statuses and not (
+                EVALUATION.lease in tags and tags[EVALUATION.status] in FINAL):
+            return tags
         assert time.monotonic() < deadline, (tags, [h.log_tail() for h in hooks])
         time.sleep(0.2)
-    return tags
 
 
 def _assert_evaluated_once(client, name, version, tags, attempt="1"):
@@ -133,21 +137,31 @@ def test_worker_killed_mid_evaluation_is_resumed_with_one_run(mlflow_server, tmp
                                                               llama_base, llama_adapter, test_set):
     client = MlflowClient(mlflow_server.url)
     _model(client, "crash-eval", test_set, llama_base)
-    first = _hooks(mlflow_server, tmp_path, "first", lease_seconds=5)
+    # Analysed already (the test above goes through the analysis): only the evaluation is left.
     version = register(client, "crash-eval", llama_adapter)
+    client.set_model_version_tag("crash-eval", version, STATUS, "done")
+    client.set_model_version_tag("crash-eval", version, EVALUATION.status, "queued")
+    first = _hooks(mlflow_server, tmp_path, "first", lease_seconds=5)
     _wait_evaluation(client, "crash-eval", version, [first], statuses={"running"})
     children = psutil.Process(first.process.pid).children(recursive=True)
     first.kill()
     tags = client.get_model_version("crash-eval", version).tags
     assert tags[EVALUATION.status] == "running", "the evaluation finished before the kill"
     assert Lease.parse(tags[EVALUATION.lease]).attempt == 1
-    _, alive = psutil.wait_procs(children, timeout=5)  # its evaluation process ends with it
+    _, alive = psutil.wait_procs(children, timeout=15)  # its child processes end with it
     assert alive == [], alive
+    # The run a killed attempt leaves when it dies while logging (the kill above may land before
+    # the evaluator opened its run): the next attempt deletes it.
+    experiment = client.get_experiment_by_name(load_config()["evaluation"]["experiment"])
+    leftover = client.create_run(
+        experiment.experiment_id if experiment else client.create_experiment("tunelens-evaluations"),
+        tags={"tunelens.model": f"models:/crash-eval/{version}", EVALUATION.attempt: "1"}).info.run_id
 
     second = _hooks(mlflow_server, tmp_path, "second", lease_seconds=5)
     try:
         tags = _wait_evaluation(client, "crash-eval", version, [second])
         _assert_evaluated_once(client, "crash-eval", version, tags, attempt="2")
+        assert client.get_run(leftover).info.lifecycle_stage == "deleted"
         _promoted_exactly_on_promote(client, "crash-eval", version, tags[VERDICT_TAG])
     finally:
         assert second.stop() == 0, second.log_tail()

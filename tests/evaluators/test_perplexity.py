@@ -149,11 +149,17 @@ def trained(llama_base, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def engine(llama_base):
-    backend = TransformersBackend(llama_base, {"device": "cpu", "dtype": "float32"})
+def cpu_engine(base_dir):
+    """A transformers engine of `base_dir` on the CPU, closed after; each adapter is a PEFT
+    adapter of its own label on it."""
+    backend = TransformersBackend(base_dir, {"device": "cpu", "dtype": "float32"})
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="module")
+def engine(llama_base):
+    yield from cpu_engine(llama_base)
 
 
 def test_perplexity_is_exp_of_the_mean_nll_transformers_computes(llama_base, trained, engine):
@@ -193,10 +199,7 @@ def deep_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deep_engine(deep_base):
-    """One transformers engine of the 4-layer base; each adapter a PEFT adapter of its own label."""
-    backend = TransformersBackend(deep_base, {"device": "cpu", "dtype": "float32"})
-    yield backend
-    backend.close()
+    yield from cpu_engine(deep_base)
 
 
 def test_drift_is_zero_for_an_untrained_adapter(deep_base, deep_engine, tmp_path):

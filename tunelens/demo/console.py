@@ -4,8 +4,8 @@ vLLM's engine runs in child processes and native libraries (torch, Triton) write
 descriptors 1 and 2, so redirecting Python's loggers is not enough: the descriptors themselves
 are pointed at the log file (children inherit that), while `sys.stdout` / `sys.stderr`, which the
 story and its progress bars write to, keep a copy of the terminal. The libraries' own progress bars
-(transformers loading and saving weights, MLflow moving artifacts) would draw on that terminal copy
-too, so they are switched off.
+(transformers loading and saving weights, MLflow moving artifacts) and MLflow's run links would
+land on that terminal copy too, so they are switched off.
 """
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ QUIET_ENVIRONMENT = {
     # vLLM would otherwise give its loggers their own handler on sys.stdout (the terminal)
     "VLLM_CONFIGURE_LOGGING": "0",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # MLflow writes "View run ... at: URL" to sys.stdout at the end of every run; the story prints
+    # the pages worth opening itself
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 

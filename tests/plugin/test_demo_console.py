@@ -21,6 +21,9 @@ with quiet_console(Path(sys.argv[1])):
     warnings.warn("a library warning")
     subprocess.run([sys.executable, "-c", "import os; os.write(1, b'child stdout\\n'); "
                     "os.write(2, b'child stderr\\n')"], check=True)
+    from mlflow.utils.logging_utils import eprint
+    eprint("Successfully registered model 'm'.")
+    logging.getLogger("mlflow.transformers").info("mlflow logger line")
     for _ in transformers_logging.tqdm(range(3), desc="Loading weights"):
         pass
     print("mlflow bars", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get(),
@@ -39,5 +42,6 @@ def test_story_on_the_console_everything_else_in_the_log(tmp_path):
                                        "after the block True True True"]
     assert done.stderr.splitlines() == ["progress bar"]
     text = log.read_text()
-    for line in ("engine config dump", "a library warning", "child stdout", "child stderr"):
+    for line in ("engine config dump", "a library warning", "child stdout", "child stderr",
+                 "Successfully registered model", "mlflow logger line"):
         assert line in text, text

@@ -55,6 +55,21 @@ def _transformers_bars_off():
 
 
 @contextlib.contextmanager
+def _mlflow_events_to(stream):
+    """MLflow's event messages ("Successfully registered model ...", its loggers' lines) go
+    through one stream object that writes to whatever sys.stderr is at the time (the terminal
+    here): point that object's write/flush at `stream` instead."""
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    MLFLOW_LOGGING_STREAM.write = stream.write
+    MLFLOW_LOGGING_STREAM.flush = stream.flush
+    try:
+        yield
+    finally:
+        del MLFLOW_LOGGING_STREAM.write, MLFLOW_LOGGING_STREAM.flush
+
+
+@contextlib.contextmanager
 def quiet_console(log_path: Path, verbose: bool = False):
     """Within the block: fds 1/2, logging and warnings -> `log_path`; sys.stdout/stderr -> the
     terminal. `verbose` leaves everything on the terminal."""
@@ -79,7 +94,8 @@ def quiet_console(log_path: Path, verbose: bool = False):
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
-        with _environment(QUIET_ENVIRONMENT), _transformers_bars_off():
+        with (_environment(QUIET_ENVIRONMENT), _transformers_bars_off(),
+              open(log_path, "a", buffering=1) as mlflow_log, _mlflow_events_to(mlflow_log)):
             yield
     finally:
         logging.captureWarnings(False)

@@ -11,6 +11,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -326,7 +327,8 @@ class VllmBackend:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         with timed_phase() as record:
             try:
-                outputs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=True)
+                outputs = self.llm.generate(prompts, params, lora_request=lora,
+                                            use_tqdm=partial(_phase_bar, candidate.label))
             except Exception as exc:
                 raise TunelensError(f"vLLM could not generate with {candidate.label} "
                                     f"({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})"
@@ -366,6 +368,12 @@ class VllmBackend:
             shutdown()
         del self.llm
         self._restore_serialization()
+
+
+def _phase_bar(label: str, *iterable, **options) -> tqdm:
+    """vLLM's batch progress bars as the transformers backend draws its own: `generate <label>`,
+    gone when done (vLLM's stay on screen, with speed figures)."""
+    return tqdm(*iterable, **{**options, "desc": f"generate {label}", "leave": False})
 
 
 def vllm_sampling_params(settings: GenerationSettings):

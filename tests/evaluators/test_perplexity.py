@@ -243,7 +243,7 @@ def test_version_page_shows_each_groups_perplexity():
                               test="exact McNemar", rows=4, experiment_id="1", run_id="r" * 32,
                               report_file="tunelens/side_by_side.html")
     assert "| perplexity general | perplexity task |" in page
-    assert "| v2 | – | – | – / – | – | 4 | 3 |" in page
+    assert "| v2 | not measured | not measured | not measured / not measured | not measured | 4 | 3 |" in page
     assert rule.passed is False and "`perplexity_general` FAIL" in page
 
 

@@ -7,8 +7,11 @@ import sys
 from support.hooks_support import REPO
 
 SCRIPT = r"""
-import logging, subprocess, sys, warnings
+import logging, os, subprocess, sys, warnings
 from pathlib import Path
+from mlflow.environment_variables import (MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
+                                          MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT)
+from transformers.utils import logging as transformers_logging
 from tunelens.demo.console import quiet_console
 
 with quiet_console(Path(sys.argv[1])):
@@ -18,7 +21,15 @@ with quiet_console(Path(sys.argv[1])):
     warnings.warn("a library warning")
     subprocess.run([sys.executable, "-c", "import os; os.write(1, b'child stdout\\n'); "
                     "os.write(2, b'child stderr\\n')"], check=True)
-print("after the block")
+    from mlflow.utils.logging_utils import eprint
+    eprint("Successfully registered model 'm'.")
+    logging.getLogger("mlflow.transformers").info("mlflow logger line")
+    for _ in transformers_logging.tqdm(range(3), desc="Loading weights"):
+        pass
+    print("mlflow bars", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get(),
+          "run links", not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get())
+print("after the block", transformers_logging.is_progress_bar_enabled(),
+      MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get(), not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get())
 """
 
 
@@ -27,8 +38,10 @@ def test_story_on_the_console_everything_else_in_the_log(tmp_path):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(log)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["story line", "after the block"]
+    assert done.stdout.splitlines() == ["story line", "mlflow bars False run links False",
+                                       "after the block True True True"]
     assert done.stderr.splitlines() == ["progress bar"]
     text = log.read_text()
-    for line in ("engine config dump", "a library warning", "child stdout", "child stderr"):
+    for line in ("engine config dump", "a library warning", "child stdout", "child stderr",
+                 "Successfully registered model", "mlflow logger line"):
         assert line in text, text

@@ -51,5 +51,6 @@ def test_version_page_report_and_evaluation_table_render(tmp_path, llama_base, l
     assert findings.report_layer_bars > 0
     assert "finetuned_output" in findings.eval_table_text  # the per-row table, viewed as a table
     assert rows[0]["inputs"] in findings.eval_table_text
+    assert findings.side_by_side_rendered, "side_by_side.html did not render in the artifact viewer"
     for shot in findings.screenshots:
         assert shot.stat().st_size > 10_000

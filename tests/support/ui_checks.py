@@ -23,6 +23,7 @@ class UiFindings:
     report_rendered: bool
     report_layer_bars: int
     eval_table_text: str
+    side_by_side_rendered: bool
     screenshots: list[Path]
 
 
@@ -88,16 +89,19 @@ def check_ui(url: str, model: str, version: str, out_dir: Path, timeout_ms: int 
         shots.append(out_dir / "evaluation-table.png")
         page.screenshot(path=shots[-1])
 
-        page.goto(f"{url}/#/experiments/{eval_run.info.experiment_id}/runs/"
-                  f"{eval_run.info.run_id}/artifactPath/tunelens/side_by_side.html")
-        _frame_with(page, "table", timeout_ms)
+        # same run page: the artifact viewer does not follow a changed artifactPath in the URL,
+        # so open the file from the artifact tree as a user does
+        page.get_by_text("side_by_side.html", exact=True).click()
+        side_by_side = _frame_with(page, "table#rows", timeout_ms)
         shots.append(out_dir / "side-by-side.png")
         page.screenshot(path=shots[-1])
         browser.close()
-    return UiFindings(version_text, report is not None, bars, table_text, shots)
+    return UiFindings(version_text, report is not None, bars, table_text, side_by_side is not None,
+                      shots)
 
 
 if __name__ == "__main__":
     findings = check_ui(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]))
-    print("report rendered:", findings.report_rendered, "layer bars:", findings.report_layer_bars)
+    print("report rendered:", findings.report_rendered, "layer bars:", findings.report_layer_bars,
+          "side by side rendered:", findings.side_by_side_rendered)
     print("\n".join(str(p) for p in findings.screenshots))

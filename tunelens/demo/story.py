@@ -102,7 +102,7 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
     data_dir = Path(data_dir).expanduser().resolve()
     config["evaluation"]["task_profile"] = config["evaluation"]["task_profile"] or "grammar"
     name = config["demo"]["model_name"]
-    say(f"building the demo models in {data_dir} (first run only: a few minutes on a CPU)")
+    say(f"building the demo models in {data_dir} (first run only: about half a minute on 2 cores)")
     assets = build_assets(data_dir, config["demo"])
     server = EmbeddedServer(config, port=port, data_dir=data_dir / "server").start()
     try:

@@ -98,6 +98,19 @@ def train_lora_checkpoints(base_dir: Path, out_dir: Path, *, steps: int = 6, sav
                            lr: float = 1e-2, seed: int = 0, **lora_kwargs) -> Path:
     """Real LoRA training (AdamW on CORPUS) saving checkpoint-0 (PEFT's init, B = 0) and then
     checkpoint-<step> every `save_every` steps, as Trainer's output_dir would hold them."""
+    # One thread: the sums of a multi-threaded step depend on how the BLAS splits them, which
+    # changes with the machine's load; the recorded golden fingerprints need the same weights.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_checkpoints(base_dir, Path(out_dir), steps, save_every, lr, seed,
+                                  lora_kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_checkpoints(base_dir: Path, out_dir: Path, steps: int, save_every: int, lr: float,
+                       seed: int, lora_kwargs: dict) -> Path:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -107,7 +120,6 @@ def train_lora_checkpoints(base_dir: Path, out_dir: Path, *, steps: int = 6, sav
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
     batch = tokenizer(CORPUS[:8], return_tensors="pt", padding=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    out_dir = Path(out_dir)
     model.save_pretrained(out_dir / "checkpoint-0")
     for step in range(1, steps + 1):
         loss = model(**batch, labels=batch["input_ids"]).loss

@@ -12,9 +12,9 @@ DEMO_FLAGS ?=
 # they are not in the lock.
 $(VENV)/.installed: requirements.lock setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-deps -r requirements.lock
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq --no-deps -r requirements.lock
+	$(PY) -m pip install -qq --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed

@@ -342,52 +342,83 @@ class Generated:
     drift: DriftProfile | None = None
 
 
-def generate(plan: EvaluationPlan) -> Generated:
-    """Every model's outputs on the kept rows, one engine at a time (closed before the next), then
-    latency and memory as served for the models on the candidate's base (servers of their own)."""
+@dataclass(frozen=True)
+class GroupRun:
+    """What one engine group produced: every member's batch phase, and (when asked) its members'
+    latency and memory as served, the text groups' log-probabilities and the drift."""
+
+    phases: dict[str, Phase]  # by candidate label, in the group's order
+    engine_settings: dict
+    serving: ServingFigures | None = None
+    text_logprobs: dict | None = None
+    drift: DriftProfile | None = None
+
+
+def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
+              settings: GenerationSettings, config: dict, *, serve: bool,
+              texts: TextPlan | None = None,
+              drift_pair: tuple[Candidate, Candidate] | None = None) -> GroupRun:
+    """One base's engine: its members' outputs on `rows`, then (with `texts`) their text
+    log-probabilities and the drift of `drift_pair` (base, candidate), and, with `serve`, latency
+    and memory as served (servers of their own, after the engine closed)."""
     import tempfile
 
     from transformers import AutoTokenizer
 
-    evaluation = plan.config["evaluation"]
-    phases: dict[str, Phase] = {}
-    engine_settings: dict = {}
+    evaluation = config["evaluation"]
+    adapters = [c.adapter_dir for c in group.candidates if c.adapter_dir is not None]
+    engine = _start_backend(backend, group.base_dir, adapters, evaluation, settings,
+                            group.max_model_len)
+    tokenizer = AutoTokenizer.from_pretrained(group.base_dir)
+    prompt_ids = [group.prompt_ids[i] for i in rows]
+    text_logprobs = drift = None
+    try:
+        done = run_phases(engine, group.candidates, prompt_ids, tokenizer, settings)
+        if texts is not None:  # on the same engine, after generating
+            text_logprobs = score_texts(engine, group.candidates, texts, group.base_dir)
+            if drift_pair is not None and engine.name == "transformers":
+                drift = _drift(engine, texts, group, drift_pair, config)
+        engine_settings = engine.settings
+    finally:
+        engine.close()
+    if drift_pair is not None and texts is not None and drift is None:
+        drift = _drift(None, texts, group, drift_pair, config)  # after the vLLM engine closed
     serving = None
-    text_logprobs, drift = ({} if plan.texts is not None else None), None
+    if serve and ServingSettings.from_config(evaluation).sample_rows > 0:
+        with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
+            serving = measure_serving(group.base_dir, group.candidates, prompt_ids, tokenizer,
+                                      settings, evaluation, backend.name,
+                                      max_model_len=group.max_model_len, work_dir=work_dir)
+    return GroupRun({c.label: phase for c, phase in zip(group.candidates, done)},
+                    engine_settings, serving, text_logprobs, drift)
+
+
+def generate(plan: EvaluationPlan) -> Generated:
+    """Every model's outputs on the kept rows, one engine at a time (closed before the next), then
+    latency and memory as served for the models on the candidate's base (servers of their own)."""
+    phases: dict[str, Phase] = {}
+    first: GroupRun | None = None
+    text_logprobs = {} if plan.texts is not None else None
     for index, group in enumerate(plan.groups):
-        adapters = [c.adapter_dir for c in group.candidates if c.adapter_dir is not None]
-        engine = _start_backend(plan.backend, group.base_dir, adapters, evaluation, plan.settings,
-                                group.max_model_len)
-        engine_settings = engine_settings or engine.settings
-        tokenizer = AutoTokenizer.from_pretrained(group.base_dir)
-        try:
-            done = run_phases(engine, group.candidates, [group.prompt_ids[i] for i in plan.kept],
-                              tokenizer, plan.settings)
-            if plan.texts is not None:  # on the same engine, after generating
-                text_logprobs |= score_texts(engine, group.candidates, plan.texts, group.base_dir)
-                if index == 0 and plan.texts.drift_texts and engine.name == "transformers":
-                    drift = _drift(engine, plan, group)
-        finally:
-            engine.close()
-        if plan.texts is not None and index == 0 and plan.texts.drift_texts and drift is None:
-            drift = _drift(None, plan, group)  # transformers, after the vLLM engine closed
-        phases |= {c.label: phase for c, phase in zip(group.candidates, done)}
-        if index == 0 and ServingSettings.from_config(evaluation).sample_rows > 0:
-            with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
-                serving = measure_serving(group.base_dir, group.candidates,
-                                          [group.prompt_ids[i] for i in plan.kept], tokenizer,
-                                          plan.settings, evaluation, plan.backend.name,
-                                          max_model_len=group.max_model_len, work_dir=work_dir)
-    return Generated({label: phases[label] for label in plan.labels}, engine_settings, serving,
-                     text_logprobs, drift)
+        drift_pair = None
+        if index == 0 and plan.texts is not None and plan.texts.drift_texts:
+            by_label = {c.label: c for c in group.candidates}
+            drift_pair = (by_label[BASE], by_label[FINETUNED])
+        done = run_group(group, plan.kept, plan.backend, plan.settings, plan.config,
+                         serve=index == 0, texts=plan.texts, drift_pair=drift_pair)
+        first = first or done
+        phases |= done.phases
+        if text_logprobs is not None:
+            text_logprobs |= done.text_logprobs
+    return Generated({label: phases[label] for label in plan.labels}, first.engine_settings,
+                     first.serving, text_logprobs, first.drift)
 
 
-def _drift(engine, plan: EvaluationPlan, group: EngineGroup) -> DriftProfile:
+def _drift(engine, texts: TextPlan, group: EngineGroup, pair: tuple[Candidate, Candidate],
+           config: dict) -> DriftProfile:
     """The candidate's activation drift from the base on the first texts (transformers)."""
-    by_label = {c.label: c for c in group.candidates}
-    ids = plan.texts.token_ids[str(group.base_dir)][:plan.texts.drift_texts]
-    return measure_drift(engine, group.base_dir, by_label[BASE], by_label[FINETUNED], ids,
-                         plan.config)
+    ids = texts.token_ids[str(group.base_dir)][:texts.drift_texts]
+    return measure_drift(engine, group.base_dir, pair[0], pair[1], ids, config)
 
 
 def _served_rules(serving: ServingFigures | None, reference: str, config: dict) -> list:

@@ -48,13 +48,17 @@ def _rows(table: pd.DataFrame, labels: list[str], primary: str) -> list[dict]:
 
 def render_report(*, title: str, labels: list[str], table: pd.DataFrame,
                   metrics: dict[str, float], verdict_lines: list[str], decision: str,
-                  notes: list[str], primary: str = "exact_match", extra_html: str = "") -> str:
+                  notes: list[str], primary: str = "exact_match", extra_html: str = "",
+                  decision_class: str | None = None) -> str:
     """The page: verdict, one metrics row per model, then every row side by side with a filter;
-    `extra_html`: sections rendered elsewhere (already escaped Markup), before the rows."""
+    `extra_html`: sections rendered elsewhere (already escaped Markup), before the rows;
+    `decision_class`: the banner's colour (PROMOTE, REJECT, INCONCLUSIVE) when `decision` is not
+    one of them."""
     metric_names = sorted({key.split("/", 1)[1] for key in metrics if key.split("/")[0] in labels})
     summary = [(label, [metrics.get(f"{label}/{m}") for m in metric_names]) for label in labels]
     return PAGES.get_template("side_by_side.html").render(
-        title=title, decision=decision, verdict_lines=verdict_lines, notes=notes,
+        title=title, decision=decision, decision_class=decision_class or decision,
+        verdict_lines=verdict_lines, notes=notes,
         charts=_charts(labels, metrics, primary), metric_names=metric_names, summary=summary,
         labels=labels, rows=_rows(table, labels, primary), primary=primary,
         extra_html=extra_html)

@@ -477,8 +477,10 @@ class Scored:
 
 
 def build_table(dataset: EvalDataset, kept: list[int], labels: list[str],
-                rows: dict[str, RowScores]) -> pd.DataFrame:
-    """One line per evaluated row: input, target, and each model's output and scores."""
+                rows: dict[str, RowScores], bases: frozenset[str] = frozenset({BASE})
+                ) -> pd.DataFrame:
+    """One line per evaluated row: input, target, and each model's output and scores; every
+    label but the `bases` gets a column saying where it answered exactly as its base."""
     table = {"row": kept, "input": [dataset.inputs[i] for i in kept],
              "target": [dataset.targets[i] for i in kept]}
     for label in labels:
@@ -492,7 +494,7 @@ def build_table(dataset: EvalDataset, kept: list[int], labels: list[str],
             table |= {f"{label}_preamble": r.grammar.preamble.tolist(),
                       f"{label}_explanation": r.grammar.explanation.tolist(),
                       f"{label}_over_correction": r.grammar.over_correction.tolist()}
-        if label != BASE:
+        if label not in bases:
             table[f"{label}_identical_to_base"] = r.identical_to_base.tolist()
     return pd.DataFrame(table)
 
@@ -634,15 +636,22 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
     if before_version_tags is not None:
         before_version_tags(run_id)
     if set_version_tags:
-        # The verdict tag last: `tunelens promote` reads it, and it must point at a complete run.
-        client.set_model_version_tag(ref.name, ref.version, EVAL_RUN_TAG, run_id)
-        client.set_model_version_tag(ref.name, ref.version, REASONS_TAG, verdict.reasons)
-        if verdict.holder is not None:
-            client.set_model_version_tag(ref.name, ref.version, HOLDER_TAG,
-                                         verdict.holder.tag_value)
-        _describe_on_version(client, plan, scored, run_id)
-        client.set_model_version_tag(ref.name, ref.version, VERDICT_TAG, verdict.decision.value)
+        tag_version(client, plan, scored, run_id)
     return run_id
+
+
+def tag_version(client, plan: EvaluationPlan, scored: Scored, run_id: str, *,
+                report_file: str = REPORT_FILE, extra_lines: tuple[str, ...] = ()) -> None:
+    """The verdict on the version: run, reasons and holder tags, the description's comparison
+    section (`extra_lines` appended), and the verdict tag last: `tunelens promote` reads it, and it
+    must point at a complete run."""
+    ref, verdict = plan.ref, scored.verdict
+    client.set_model_version_tag(ref.name, ref.version, EVAL_RUN_TAG, run_id)
+    client.set_model_version_tag(ref.name, ref.version, REASONS_TAG, verdict.reasons)
+    if verdict.holder is not None:
+        client.set_model_version_tag(ref.name, ref.version, HOLDER_TAG, verdict.holder.tag_value)
+    _describe_on_version(client, plan, scored, run_id, report_file, extra_lines)
+    client.set_model_version_tag(ref.name, ref.version, VERDICT_TAG, verdict.decision.value)
 
 
 def _log_inputs(client, run_id: str, plan: EvaluationPlan, owned: bool) -> None:
@@ -673,7 +682,8 @@ def _log_inputs(client, run_id: str, plan: EvaluationPlan, owned: bool) -> None:
         client.log_inputs(run_id, datasets=datasets or None, models=models or None)
 
 
-def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: str) -> None:
+def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: str,
+                         report_file: str, extra_lines: tuple[str, ...]) -> None:
     """The comparison section of the version's description, beside the analysis's."""
     from tunelens.registry_hooks.service.mlflow_logging import replace_section
 
@@ -689,7 +699,8 @@ def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: s
         verdict=scored.verdict, labels=plan.labels, names=names, metrics=scored.metrics,
         primary=plan.primary.name, test=scored.comparison.test_name, rows=len(plan.kept),
         experiment_id=client.get_run(run_id).info.experiment_id, run_id=run_id,
-        report_file=REPORT_FILE)
+        report_file=report_file)
+    section = "\n".join((section, *extra_lines))
     description = client.get_model_version(ref.name, ref.version).description
     client.update_model_version(ref.name, ref.version,
                                 description=replace_section(description, EVALUATION_SECTION, section))

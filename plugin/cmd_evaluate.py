@@ -1,5 +1,6 @@
 """`tunelens evaluate models:/NAME/VERSION --data FILE`: base, fine-tuned and the alias holder side
-by side, verdict on the version; `--json` and `--fail-on` make it a CI gate."""
+by side, verdict on the version; `--json` and `--fail-on` make it a CI gate. With several versions
+(bases may differ): one comparison matrix, each version's verdict, and which one to deploy."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
 
 HELP = ("run a registered LoRA version, its base and the version holding the promotion alias (and "
         "other versions) side by side on a test set, log everything to one MLflow run and tag the "
-        "version with a verdict")
+        "version with a verdict; given several versions, compare them all and recommend one")
 DECISIONS = ("promote", "reject", "inconclusive")
 
 
@@ -29,8 +30,10 @@ def fail_on(value: str) -> frozenset[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_uri", metavar="models:/NAME/VERSION",
-                        help="the version to evaluate (models:/NAME@ALIAS works too)")
+    parser.add_argument("model_uris", nargs="+", metavar="models:/NAME/VERSION",
+                        help="the version to evaluate (models:/NAME@ALIAS works too); several "
+                        "versions, of one base or several, are compared in one matrix and one of "
+                        "them is recommended for deployment")
     parser.add_argument("--data", required=True, metavar="FILE",
                         help="test set: JSONL, CSV or parquet with inputs/targets columns")
     parser.add_argument("--base", metavar="DIR", help="local base model folder (default: found "
@@ -57,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "everything else goes to stderr")
     parser.add_argument("--fail-on", type=fail_on, default=frozenset(), metavar="DECISIONS",
                         help="exit 1 when the verdict is one of these (comma-separated: "
-                        "reject,inconclusive); errors exit 2")
+                        "reject,inconclusive); with several versions, exit 1 when none is "
+                        "recommended; errors exit 2")
     add_tracking_uri_argument(parser)
 
 
@@ -119,6 +123,53 @@ def _print_text(outcome) -> None:
     print(f"run {outcome.run_id}")
 
 
+def _print_matrix(outcome) -> None:
+    plan, scores = outcome.plan, outcome.scores
+    primary = plan.first.primary.name
+    recommendation = outcome.recommendation
+    print(f"{len(plan.candidates)} candidates, {len(plan.kept)} rows ({plan.skipped} skipped as "
+          f"too long; backend {plan.backend.name}): recommended "
+          f"{recommendation.recommended or 'none'}, backup {recommendation.backup or 'none'}")
+    width = max(len(label) for label in plan.labels)
+    for model in plan.models:
+        values = {k.split("/", 1)[1]: v for k, v in scores.metrics.items()
+                  if k.startswith(f"{model.label}/")}
+        verdict = (outcome.verdict_of(model.label).decision.value
+                   if model.role == "candidate" else model.role)
+        print(f"  {model.label:>{width}}: {verdict:<12} {primary} "
+              f"{values.get(primary, math.nan):.3f}, {values.get('mean_words', math.nan):.1f} "
+              f"words, served p50 {_measured(values, 'served_latency_ms_p50', '.0f', 'ms')}, "
+              f"memory as served {_measured(values, 'memory_total_gib', '.3f', 'GiB')}")
+    for candidate in plan.candidates:
+        for part in outcome.verdict_of(candidate.label).parts:
+            for rule in part.deciding():
+                print(f"    {candidate.label} vs {candidate.labels.get(part.reference)}: "
+                      f"[{rule.status}] {rule.name}: {rule.detail}")
+    for reason in recommendation.reasons:
+        print(f"  {reason}")
+    print(f"run {outcome.run_id}")
+
+
+def _compare(args: argparse.Namespace, config: dict) -> int:
+    """Several versions: one matrix, a verdict each, a recommendation."""
+    from tunelens.evaluators.matrix import compare_versions
+
+    for flag, value in (("--against", args.against), ("--texts", args.texts),
+                        ("--guard", args.guard)):
+        if value:
+            raise TunelensError(f"{flag} applies to one version at a time; with several versions "
+                                "list every version to compare instead")
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():
+        outcome = compare_versions(args.model_uris, args.data, base=args.base,
+                                   backend=args.backend, max_new_tokens=args.max_new_tokens,
+                                   config=config, primary_metric=args.primary_metric)
+    if args.json:
+        print(json.dumps(_finite(outcome.to_dict()), indent=None, default=str))
+    else:
+        _print_matrix(outcome)
+    return 1 if args.fail_on and outcome.recommendation.recommended is None else 0
+
+
 def run(args: argparse.Namespace) -> int:
     from tunelens.config import load_config
     from tunelens.evaluators.run import evaluate_version
@@ -126,8 +177,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise TunelensError("--max-new-tokens must be at least 1")
     tracking_uri(args)  # MLflow's default server for this process
+    if len(args.model_uris) > 1:
+        return _compare(args, load_config(args.config))
     with stdout_to_stderr() if args.json else contextlib.nullcontext():
-        outcome = evaluate_version(args.model_uri, args.data, base=args.base,
+        outcome = evaluate_version(args.model_uris[0], args.data, base=args.base,
                                    against=args.against, backend=args.backend,
                                    max_new_tokens=args.max_new_tokens,
                                    config=load_config(args.config),

@@ -134,6 +134,7 @@ class VerdictSettings(Section):
     max_memory_ratio: Annotated[float, Field(gt=0)] | None
     max_memory_gib: Annotated[float, Field(gt=0)] | None
     max_mean_words_ratio: Annotated[float, Field(gt=0)] | None
+    same_memory_within: Annotated[float, Field(ge=0, lt=1)]
 
 
 class PromotionSettings(Section):

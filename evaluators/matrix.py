@@ -41,6 +41,7 @@ from .run import (BASE, FINETUNED, BackendChoice, EngineGroup, EvaluationPlan, G
                   Scored, _log_metrics, build_table, choose_backend, plan_evaluation, run_group,
                   score, tag_version)
 from .serving import ServingFigures, compare_latency
+from .sources import parse_model_uri, resolve_version
 from .stats import ModelScores, PairedComparison, QualityMetricInfo, compare_paired
 from .verdict import Verdict
 
@@ -130,17 +131,18 @@ def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None,
     """Check every input of every candidate and decide what runs where; writes nothing."""
     if len(model_uris) < 2:
         raise TunelensError("a comparison needs at least two model versions")
-    plans = [plan_evaluation(client, uri, data, base=base, against=(), config=config,
-                             backend=backend, max_new_tokens=max_new_tokens,
-                             extra_metrics=extra_metrics, primary_metric=primary_metric)
-             for uri in model_uris]
     seen: dict[tuple[str, str], str] = {}
-    for uri, plan in zip(model_uris, plans):
-        key = (plan.ref.name, plan.ref.version)
+    for uri in model_uris:  # before any download
+        name, version, alias = parse_model_uri(uri)
+        key = (name, resolve_version(client, name, version or alias))
         if key in seen:
             raise TunelensError(f"{uri} and {seen[key]} are the same version "
                                 f"(models:/{key[0]}/{key[1]}): list each version once")
         seen[key] = uri
+    plans = [plan_evaluation(client, uri, data, base=base, against=(), config=config,
+                             backend=backend, max_new_tokens=max_new_tokens,
+                             extra_metrics=extra_metrics, primary_metric=primary_metric)
+             for uri in model_uris]
     several_models = len({plan.ref.name for plan in plans}) > 1
 
     def version_label(name: str, version: str) -> str:

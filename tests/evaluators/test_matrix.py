@@ -24,6 +24,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from support.cli_support import assert_one_line_error
 from support.eval_support import greedy, prompt_pool, rows_owned_by
 from support.factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config
@@ -168,3 +169,20 @@ def test_the_cli_compares_on_vllm_and_prints_the_matrix_as_json(world):
     by_label = {m["label"]: m["metrics"] for m in report["models"]}
     assert by_label["v2"]["exact_match"] == pytest.approx(20 / 24)
     assert any("cost as served not measured" in reason for reason in report["reasons"])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--against", "1"], "--against applies to one version at a time"),
+    (["--texts", "general.txt"], "--texts applies to one version at a time"),
+])
+def test_options_of_one_version_are_refused_with_several(world, capsys, extra, needle):
+    assert_one_line_error(capsys, ["--config", str(world["policy"]), "evaluate",
+                                   f"models:/{NAME}/1", f"models:/{NAME}/2", "--data",
+                                   str(world["equal"]), *extra], needle)
+
+
+def test_the_same_version_twice_is_refused_before_anything_runs(world, capsys):
+    world["client"].set_registered_model_alias(NAME, "staging", "2")
+    assert_one_line_error(capsys, ["--config", str(world["policy"]), "evaluate",
+                                   f"models:/{NAME}/2", f"models:/{NAME}@staging", "--data",
+                                   str(world["equal"])], "models:/matrix@staging and models:/matrix/2 are the same version")

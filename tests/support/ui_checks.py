@@ -53,7 +53,8 @@ def _frame_with(page, selector: str, timeout_ms: int):
 
 
 def check_ui(url: str, model: str, version: str, out_dir: Path, timeout_ms: int = 60_000) -> UiFindings:
-    """Open the version page, the analysis report and the evaluation table; screenshot each."""
+    """Open the version page, the analysis report, the evaluation's table and page (the
+    comparison's, for a version compared among several); screenshot each."""
     from mlflow import MlflowClient
     from playwright.sync_api import sync_playwright
 
@@ -61,6 +62,12 @@ def check_ui(url: str, model: str, version: str, out_dir: Path, timeout_ms: int 
     tags = client.get_model_version(model, version).tags
     analysis_run = client.get_run(tags["tunelens.analysis.run_id"])
     eval_run = client.get_run(tags["tunelens.eval.run_id"])
+    # a version evaluated among several candidates points at the comparison's run and pages
+    matrix = any(a.path == "tunelens/matrix.html"
+                 for a in client.list_artifacts(eval_run.info.run_id, "tunelens"))
+    table_file, page_file, table_shot, page_shot = (
+        ("matrix_table.json", "matrix.html", "matrix-table.png", "matrix.png") if matrix else
+        ("eval_table.json", "side_by_side.html", "evaluation-table.png", "side-by-side.png"))
     out_dir.mkdir(parents=True, exist_ok=True)
     shots: list[Path] = []
     with sync_playwright() as playwright:
@@ -83,17 +90,17 @@ def check_ui(url: str, model: str, version: str, out_dir: Path, timeout_ms: int 
         page.screenshot(path=shots[-1])
 
         page.goto(f"{url}/#/experiments/{eval_run.info.experiment_id}/runs/"
-                  f"{eval_run.info.run_id}/artifactPath/tunelens/eval_table.json")
-        page.wait_for_selector("text=finetuned", timeout=timeout_ms)
+                  f"{eval_run.info.run_id}/artifactPath/tunelens/{table_file}")
+        page.wait_for_selector("text=_output", timeout=timeout_ms)
         table_text = page.inner_text("body")
-        shots.append(out_dir / "evaluation-table.png")
+        shots.append(out_dir / table_shot)
         page.screenshot(path=shots[-1])
 
         # same run page: the artifact viewer does not follow a changed artifactPath in the URL,
         # so open the file from the artifact tree as a user does
-        page.get_by_text("side_by_side.html", exact=True).click()
+        page.get_by_text(page_file, exact=True).click()
         side_by_side = _frame_with(page, "table#rows", timeout_ms)
-        shots.append(out_dir / "side-by-side.png")
+        shots.append(out_dir / page_shot)
         page.screenshot(path=shots[-1])
         browser.close()
     return UiFindings(version_text, report is not None, bars, table_text, side_by_side is not None,

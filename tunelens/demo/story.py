@@ -4,8 +4,9 @@
 2. Start `tunelens server` in-process: a real MLflow server, the hook service and its worker.
 3. Register the concise adapter; the hooks analyse it; evaluate it against the base; promote it to
    `production` when the verdict is PROMOTE.
-4. Register the echo adapter (trained on inputs as targets); evaluate it against the base and the
-   production version: it is concise but corrects nothing, and the verdict says REJECT.
+4. Register the echo adapter (trained on inputs as targets); compare both versions to choose which
+   to deploy: the echo one is concise but corrects nothing, its verdict against the base and the
+   production version says REJECT, and the concise one stays recommended.
 """
 from __future__ import annotations
 
@@ -54,10 +55,8 @@ def wait_for_analysis(client, name: str, version: str, timeout_s: float) -> tupl
                         f"(status {status!r}); see the server log in the data dir")
 
 
-def register_and_judge(client, assets, adapter: Path, name: str, config: dict,
-                       against: list[str]) -> DemoVersion:
-    """Log + register `adapter`, wait for the automatic analysis, then evaluate it side by side."""
-    from tunelens.evaluators.run import evaluate_version
+def register(client, assets, adapter: Path, name: str) -> tuple[str, str, str | None]:
+    """Log + register `adapter` and wait for the automatic analysis: (version, status, run id)."""
     from tunelens.registry_hooks.service.log_adapter import log_adapter
 
     logged = log_adapter(adapter, assets.base_dir, registered_model_name=name)
@@ -66,15 +65,40 @@ def register_and_judge(client, assets, adapter: Path, name: str, config: dict,
     started = time.monotonic()
     status, analysis_run = wait_for_analysis(client, name, version, timeout_s=600)
     say(f"analysis {status} in {time.monotonic() - started:.1f} s")
-    say(f"evaluating v{version} against the base{' and ' + ', '.join(against) if against else ''}")
+    return version, status, analysis_run
+
+
+def register_and_judge(client, assets, adapter: Path, name: str, config: dict) -> DemoVersion:
+    """Register `adapter`, then evaluate it side by side with its base (and text groups)."""
+    from tunelens.evaluators.run import evaluate_version
+
+    version, status, analysis_run = register(client, assets, adapter, name)
+    say(f"evaluating v{version} against the base")
     outcome = evaluate_version(f"models:/{name}/{version}", str(assets.test_set),
-                               base=assets.base_dir, against=against, config=config, client=client,
+                               base=assets.base_dir, config=config, client=client,
                                texts=assets.text_groups())
     labels = outcome.labels
     return DemoVersion(version, status, analysis_run, outcome.run_id,
                        outcome.verdict.decision.value, outcome.verdict.reasons,
                        {label: outcome.metrics[f"{label}/exact_match"] for label in labels},
                        {label: outcome.metrics[f"{label}/mean_words"] for label in labels})
+
+
+def print_choice(url: str, name: str, outcome, experiment_id: str) -> None:
+    """The comparison of the demo's versions: each one's figures and verdict, the recommendation."""
+    metrics = outcome.scores.metrics
+    print(f"\nWhich {name} version to deploy: recommended "
+          f"{outcome.recommendation.recommended or 'none'}, backup "
+          f"{outcome.recommendation.backup or 'none'}")
+    for model in outcome.plan.models:
+        verdict = (outcome.verdict_of(model.label).decision.value if model.role == "candidate"
+                   else model.role)
+        print(f"  {model.label:<12} exact match {metrics[f'{model.label}/exact_match']:6.1%}   "
+              f"mean words {metrics[f'{model.label}/mean_words']:5.1f}   {verdict}")
+    for reason in outcome.recommendation.reasons:
+        print(f"  {reason}")
+    print(f"  comparison page: {url}/#/experiments/{experiment_id}/runs/{outcome.run_id}"
+          f"/artifactPath/tunelens/matrix.html")
 
 
 def print_version(url: str, name: str, result: DemoVersion, experiment_ids: dict[str, str]) -> None:
@@ -96,6 +120,7 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
     from mlflow import MlflowClient
 
     from tunelens.demo.assets import build_assets
+    from tunelens.evaluators.matrix import compare_versions
     from tunelens.evaluators.promotion import promote
     from tunelens.registry_hooks.service.embedded import EmbeddedServer
 
@@ -109,18 +134,24 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
         say(f"MLflow server with tunelens hooks on {server.url}")
         mlflow.set_tracking_uri(server.url)
         client = MlflowClient(server.url)
-        good = register_and_judge(client, assets, assets.concise_adapter, name, config, [])
+        good = register_and_judge(client, assets, assets.concise_adapter, name, config)
         if good.verdict == "PROMOTE":
             say(promote(client, name, good.version, "production").describe())
-        challenger_against = ["production"] if good.verdict == "PROMOTE" else []
-        weak = register_and_judge(client, assets, assets.echo_adapter, name, config,
-                                  challenger_against)
+        weak_version = register(client, assets, assets.echo_adapter, name)[0]
+        say(f"comparing v{good.version} and v{weak_version} to choose which to deploy")
+        choice = compare_versions([f"models:/{name}/{good.version}",
+                                   f"models:/{name}/{weak_version}"], str(assets.test_set),
+                                  base=assets.base_dir, config=config, client=client)
+        recommended = next((m for m in choice.plan.models
+                            if m.label == choice.recommendation.recommended), None)
+        if recommended is not None:
+            say(promote(client, name, recommended.uri.rsplit("/", 1)[1], "production").describe())
         experiments = {
             "analysis": client.get_experiment_by_name(
                 config["hooks"]["experiment"]).experiment_id,
             "evaluation": client.get_run(good.eval_run_id).info.experiment_id}
-        for result in (good, weak):
-            print_version(server.url, name, result, experiments)
+        print_version(server.url, name, good, experiments)
+        print_choice(server.url, name, choice, experiments["evaluation"])
         production = client.get_registered_model(name).aliases.get("production")
         print(f"\n{name}@production -> v{production}" if production else
               f"\n{name} has no production alias: no version earned a PROMOTE verdict")

@@ -108,7 +108,7 @@ class MatrixPlan:
 
 
 def _metric_safe(text: str) -> str:
-    """A label MLflow accepts inside a metric key (letters, digits, _ - . and spaces)."""
+    """A label MLflow accepts inside a metric key (letters, digits, _ - and .)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
 
@@ -362,7 +362,7 @@ def _page(plan: MatrixPlan, scores: MatrixScores) -> str:
         pairs.append((a, cells))
     level = f"{float(plan.config['verdict']['confidence_level']):.0%}"
     section = Markup(PAGES.get_template("matrix_section.html").render(
-        recommendation=scores.recommendation, part_names=part_names, verdicts=verdicts,
+        part_names=part_names, verdicts=verdicts,
         candidates=labels, pairs=pairs, primary=primary, level=level))
     recommended = scores.recommendation.recommended
     per_model = {k: v for k, v in scores.metrics.items() if k.split("/", 1)[0] in plan.labels
@@ -374,7 +374,7 @@ def _page(plan: MatrixPlan, scores: MatrixScores) -> str:
         verdict_lines=scores.recommendation.reasons,
         decision=f"recommended: {recommended}" if recommended else "no candidate recommended",
         decision_class="PROMOTE" if recommended else "REJECT", notes=scores.notes,
-        primary=primary, extra_html=section)
+        primary=primary, lead_html=section)
 
 
 def _role(recommendation: Recommendation, label: str) -> str:

@@ -49,11 +49,11 @@ def _rows(table: pd.DataFrame, labels: list[str], primary: str) -> list[dict]:
 def render_report(*, title: str, labels: list[str], table: pd.DataFrame,
                   metrics: dict[str, float], verdict_lines: list[str], decision: str,
                   notes: list[str], primary: str = "exact_match", extra_html: str = "",
-                  decision_class: str | None = None) -> str:
+                  decision_class: str | None = None, lead_html: str = "") -> str:
     """The page: verdict, one metrics row per model, then every row side by side with a filter;
     `extra_html`: sections rendered elsewhere (already escaped Markup), before the rows;
     `decision_class`: the banner's colour (PROMOTE, REJECT, INCONCLUSIVE) when `decision` is not
-    one of them."""
+    one of them; `lead_html`: a section shown right under the verdict (Markup)."""
     metric_names = sorted({key.split("/", 1)[1] for key in metrics if key.split("/")[0] in labels})
     summary = [(label, [metrics.get(f"{label}/{m}") for m in metric_names]) for label in labels]
     return PAGES.get_template("side_by_side.html").render(
@@ -61,4 +61,4 @@ def render_report(*, title: str, labels: list[str], table: pd.DataFrame,
         verdict_lines=verdict_lines, notes=notes,
         charts=_charts(labels, metrics, primary), metric_names=metric_names, summary=summary,
         labels=labels, rows=_rows(table, labels, primary), primary=primary,
-        extra_html=extra_html)
+        extra_html=extra_html, lead_html=lead_html)

@@ -135,7 +135,7 @@ def _print_matrix(outcome) -> None:
         values = {k.split("/", 1)[1]: v for k, v in scores.metrics.items()
                   if k.startswith(f"{model.label}/")}
         verdict = (outcome.verdict_of(model.label).decision.value
-                   if model.role == "candidate" else model.role)
+                   if model.role == "candidate" else f"({model.role})")
         print(f"  {model.label:>{width}}: {verdict:<12} {primary} "
               f"{values.get(primary, math.nan):.3f}, {values.get('mean_words', math.nan):.1f} "
               f"words, served p50 {_measured(values, 'served_latency_ms_p50', '.0f', 'ms')}, "

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunelens.demo.console import quiet_console
+    from tunelens.console import quiet_console
     from tunelens.demo.story import run_demo, say
 
     log_path = Path(args.data_dir).expanduser().resolve() / "demo.log"

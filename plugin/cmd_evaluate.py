@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 from tunelens.errors import TunelensError
 from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
@@ -62,7 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit 1 when the verdict is one of these (comma-separated: "
                         "reject,inconclusive); with several versions, exit 1 when none is "
                         "recommended; errors exit 2")
+    parser.add_argument("--verbose", action="store_true", help="show engine and library logs on "
+                        "the console (default: a log file under ~/.cache/tunelens/logs, named on "
+                        "stderr at the end)")
     add_tracking_uri_argument(parser)
+
+
+def log_file() -> Path:
+    """Where this run's engine and library logs go: the user's cache, one file per run."""
+    import time
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tunelens" / "logs"
+    return root / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 @contextlib.contextmanager
@@ -172,18 +184,29 @@ def _compare(args: argparse.Namespace, config: dict) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from tunelens.config import load_config
-    from tunelens.evaluators.run import evaluate_version
+    from tunelens.console import quiet_console
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise TunelensError("--max-new-tokens must be at least 1")
     tracking_uri(args)  # MLflow's default server for this process
-    if len(args.model_uris) > 1:
-        return _compare(args, load_config(args.config))
+    log_path = log_file()
+    with quiet_console(log_path, args.verbose):
+        config = load_config(args.config)
+        code = (_compare if len(args.model_uris) > 1 else _evaluate)(args, config)
+    if not args.verbose:
+        print(f"engine and library logs: {log_path} (--verbose shows them here)", file=sys.stderr)
+    return code
+
+
+def _evaluate(args: argparse.Namespace, config: dict) -> int:
+    """One version against its base and the alias holder."""
+    from tunelens.evaluators.run import evaluate_version
+
     with stdout_to_stderr() if args.json else contextlib.nullcontext():
         outcome = evaluate_version(args.model_uris[0], args.data, base=args.base,
                                    against=args.against, backend=args.backend,
                                    max_new_tokens=args.max_new_tokens,
-                                   config=load_config(args.config),
+                                   config=config,
                                    primary_metric=args.primary_metric, texts=args.texts,
                                    guard=args.guard)
     if args.json:

@@ -169,6 +169,10 @@ def test_the_cli_compares_on_vllm_and_prints_the_matrix_as_json(world):
     by_label = {m["label"]: m["metrics"] for m in report["models"]}
     assert by_label["v2"]["exact_match"] == pytest.approx(20 / 24)
     assert any("cost as served not measured" in reason for reason in report["reasons"])
+    # the console is quiet: vLLM's engine logs went to the log file named on stderr
+    assert "EngineCore" not in out.stderr
+    log_path = out.stderr.strip().splitlines()[-1].split("engine and library logs: ")[1].split()[0]
+    assert "EngineCore" in open(log_path).read()
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow.environment_variables import (MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
                                           MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT)
 from transformers.utils import logging as transformers_logging
-from tunelens.demo.console import quiet_console
+from tunelens.console import quiet_console
 
 with quiet_console(Path(sys.argv[1])):
     print("story line")

@@ -1,9 +1,10 @@
-"""The demo's console shows its story and progress bars; engine and library output goes to a file.
+"""A quiet console for long commands (`tunelens demo`, `tunelens evaluate`): the command's own
+lines and progress bars on the terminal; engine and library output in a log file.
 
 vLLM's engine runs in child processes and native libraries (torch, Triton) write straight to file
 descriptors 1 and 2, so redirecting Python's loggers is not enough: the descriptors themselves
 are pointed at the log file (children inherit that), while `sys.stdout` / `sys.stderr`, which the
-story and its progress bars write to, keep a copy of the terminal. The libraries' own progress bars
+command and its progress bars write to, keep a copy of the terminal. The libraries' own progress bars
 (transformers loading and saving weights, MLflow moving artifacts) and MLflow's run links would
 land on that terminal copy too, so they are switched off.
 """

@@ -19,8 +19,8 @@ from tunelens.config import load_config
 from tunelens.errors import TunelensError
 from tunelens.evaluators.backends import Candidate
 from tunelens.evaluators.prompts import GenerationSettings
-from tunelens.evaluators.serving import (LatencyProfile, MemoryProfile, ServingSettings,
-                                         compare_latency, latency_rule, measure_serving,
+from tunelens.evaluators.serving import (LatencyProfile, MemoryProfile, ServedTiming,
+                                         ServingSettings, compare_latency, latency_rule,
                                          memory_rules, sample_rows)
 
 SENTENCES = ["she go to school every day", "they was happy", "i has a apple", "he dont like it",
@@ -110,7 +110,8 @@ def test_serving_settings_are_checked():
 
 @pytest.fixture(scope="module")
 def served(llama_base, llama_adapter, tmp_path_factory):
-    """measure_serving on the tiny Llama and its adapter: measure(served_as, rows)."""
+    """Served timing on the tiny Llama and its adapter: measure(served_as, rows). With
+    transformers every model is timed after the generation model is gone, in one process."""
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(llama_base)
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
@@ -121,9 +122,11 @@ def served(llama_base, llama_adapter, tmp_path_factory):
     def measure(served_as: str, rows: int = 6):
         setup = {**evaluation, "served": served_as,
                  "latency": {"sample_rows": rows, "warmup_requests": 2}}
-        return measure_serving(llama_base, candidates, ids, tokenizer, settings, setup,
-                               "transformers", max_model_len=256,
-                               work_dir=tmp_path_factory.mktemp("served"))
+        timing = ServedTiming(llama_base, candidates, ids, tokenizer, settings, setup,
+                              "transformers", max_model_len=256,
+                              work_dir=tmp_path_factory.mktemp("served"))
+        assert not timing.uses_generation_engine
+        return timing.after_generation()
 
     return {"measure": measure, "ids": ids, "base": llama_base}
 

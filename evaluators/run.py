@@ -35,8 +35,8 @@ from .prompts import GenerationSettings, build_prompts
 from .quality import QualityMetric, quality_metrics
 from .report import render_report
 from .text_report import html_section, log_text_results
-from .serving import (ServedTiming, ServingFigures, ServingSettings, latency_rule,
-                      memory_rules)
+from .serving import (LatencyJudgement, ServedTiming, ServingFigures, ServingSettings,
+                      latency_rule, memory_rules)
 from .sources import (ModelRef, check_adapter_fits, download_version, parse_model_uri,
                       resolve_version)
 from .stats import ModelScores, PairedComparison, QualityMetricInfo, compare_paired
@@ -369,8 +369,9 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
     base; the LoRA-enabled generation engine runs the batch phases, the text log-probabilities,
     then times the adapters; a plain engine times the base again. vLLM with merged candidates:
     the generation engine, then a plain engine each for the base, every merged candidate, the base
-    again. transformers: the generation model, then one process timing every model as served.
-    Without `serve`, the generation engine alone."""
+    again. transformers: the generation model, then one process timing every model as served,
+    more rounds of rows while the candidate's latency rule is undecided (evaluation.latency.
+    max_rounds). Without `serve`, the generation engine alone."""
     import tempfile
 
     from transformers import AutoTokenizer
@@ -383,7 +384,7 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
     with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
         timing = (ServedTiming(group.base_dir, group.candidates, prompt_ids, tokenizer, settings,
                                evaluation, backend.name, max_model_len=group.max_model_len,
-                               work_dir=work_dir)
+                               work_dir=work_dir, judgement=_latency_judgement(group, config))
                   if serve and ServingSettings.from_config(evaluation).sample_rows > 0 else None)
         if timing is not None:
             timing.before_generation()
@@ -407,6 +408,18 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
             serving = timing.after_generation()
     return GroupRun({c.label: phase for c, phase in zip(group.candidates, done)},
                     engine_settings, serving, text_logprobs, drift)
+
+
+def _latency_judgement(group: EngineGroup, config: dict) -> LatencyJudgement | None:
+    """The verdict's latency rule for the candidate of `group`, None when it is not judged."""
+    settings = config["verdict"]
+    if settings["max_latency_ratio"] is None or all(c.label != FINETUNED
+                                                    for c in group.candidates):
+        return None
+    return LatencyJudgement(FINETUNED, float(settings["max_latency_ratio"]),
+                            level=float(settings["confidence_level"]),
+                            n_resamples=int(settings["bootstrap_resamples"]),
+                            seed=int(settings["seed"]))
 
 
 def generate(plan: EvaluationPlan) -> Generated:

@@ -347,6 +347,8 @@ class ServingSettings:
     served: str  # "adapter" or "merged": how candidates will be served
     sample_rows: int  # rows timed per model (0: no served-latency or memory pass)
     warmup_requests: int  # untimed requests per model and server before timing
+    # transformers: rounds of sample_rows rows at most, another while the latency rule is undecided
+    max_rounds: int
 
     @classmethod
     def from_config(cls, evaluation: dict) -> "ServingSettings":
@@ -356,13 +358,15 @@ class ServingSettings:
             raise TunelensError(f"evaluation.served must be one of {', '.join(SERVED_AS)}, got "
                                 f"{served!r}")
         sample_rows, warmup = latency.get("sample_rows", 20), latency.get("warmup_requests", 3)
-        for key, value, least in (("sample_rows", sample_rows, 0), ("warmup_requests", warmup, 0)):
+        max_rounds = latency.get("max_rounds", 3)
+        for key, value, least in (("sample_rows", sample_rows, 0), ("warmup_requests", warmup, 0),
+                                  ("max_rounds", max_rounds, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise TunelensError(f"evaluation.latency.{key} must be an integer >= {least}, got "
                                     f"{value!r}")
         if 0 < sample_rows < 2:
             raise TunelensError("evaluation.latency.sample_rows must be 0 (off) or at least 2")
-        return cls(served, sample_rows, warmup)
+        return cls(served, sample_rows, warmup, max_rounds)
 
 
 @dataclass(frozen=True)
@@ -730,6 +734,27 @@ def _time_rows(server, sequence: tuple, rows: list[int], prompt_ids, settings, t
     return timings, kv_peak
 
 
+@dataclass(frozen=True)
+class LatencyJudgement:
+    """The verdict's latency rule for one candidate, so the timing can go on while it is undecided:
+    the candidate against every other model timed with it (the base, the holder, ...)."""
+
+    candidate: str
+    limit: float
+    level: float
+    n_resamples: int
+    seed: int
+
+    def undecided(self, figures: ServingFigures) -> bool:
+        """Whether the rule against some other model neither passes nor fails on `figures`."""
+        candidate = figures.latency_of(self.candidate)
+        base = next(p for p in figures.latency if p.repeat_e2e_ms is not None)
+        return any(latency_rule(base, candidate, self.limit, level=self.level,
+                                n_resamples=self.n_resamples, seed=self.seed,
+                                reference=None if other is base else other).passed is None
+                   for other in figures.latency if other.label != self.candidate)
+
+
 class ServedTiming:
     """Latency and memory as served for the base and every candidate of one engine group, measured
     engine by engine around the group's generation engine (evaluators.run.run_group):
@@ -746,21 +771,29 @@ class ServedTiming:
        figures: transformers, every model in one process; vLLM, each merged candidate on an engine
        of its own, then the base on a plain engine again (the second half of the A/A pair).
 
+    `judgement` (transformers only, where another round costs requests, not engine starts): while
+    its latency rule is undecided after a round, another round of `sample_rows` rows, drawn again
+    from the evaluated rows, is timed on the same server in the same rotation (no warm-up), up to
+    `evaluation.latency.max_rounds` rounds in all.
+
     Needs `evaluation.latency.sample_rows` > 0 (the caller skips the timing otherwise).
     `candidates`: the base (adapter_dir None) first, then the adapters, as in the batch phases;
     `prompt_ids`: the evaluated rows' token ids.
     """
 
     def __init__(self, base_dir, candidates: list, prompt_ids: list[list[int]], tokenizer,
-                 settings, evaluation: dict, backend: str, *, max_model_len: int, work_dir):
+                 settings, evaluation: dict, backend: str, *, max_model_len: int, work_dir,
+                 judgement: LatencyJudgement | None = None):
         from pathlib import Path
 
         self.serving = ServingSettings.from_config(evaluation)
         self.base_dir, self.work_dir = Path(base_dir), Path(work_dir)
         self.candidates, self.prompt_ids, self.tokenizer = candidates, prompt_ids, tokenizer
         self.settings, self.evaluation, self.backend = settings, evaluation, backend
-        self.max_model_len = max_model_len
+        self.max_model_len, self.judgement = max_model_len, judgement
         self.rows = sample_rows(len(prompt_ids), self.serving.sample_rows)
+        self._timed_rows = list(self.rows)  # transformers: every round's rows, in request order
+        self._rounds = 1
         self.base = next(c for c in candidates if c.adapter_dir is None)
         warmup = self.serving.warmup_requests
         if backend == "transformers":
@@ -778,6 +811,7 @@ class ServedTiming:
         self._done_passes = 0
         self._done_requests = 0  # for the progress bar, which spans every engine
         self._streams: dict[str, list[list]] = {}
+        self._kv_peak: dict[str, int] = {}
         self._memory: dict[str, MemoryProfile] = {}
         self._served_as: dict[str, str] = {}
         self._loads: list[str] = []
@@ -812,12 +846,16 @@ class ServedTiming:
             server = _TransformersServer(self.base_dir, self.candidates,
                                          self.evaluation["transformers"], self.serving.served)
             try:
-                self._time(server, None, "")
                 self._served_as = dict(server.served_as)
+                self._time(server, None, "")
+                self._more_rounds(server)
             finally:
                 server.close()
             order = (f"one process, each row: {' -> '.join(m.label for m in self.sequence)} "
-                     f"(candidates rotated)")
+                     f"(candidates rotated); {self._rounds} round(s) of {len(self.rows)} rows")
+            if self.judgement is not None:
+                order += (f" (another round while the latency rule of {self.judgement.candidate} "
+                          f"was undecided, at most {self.serving.max_rounds})")
         else:
             self._run_passes(len(self.passes))
             order = " -> ".join(self._order)
@@ -846,8 +884,20 @@ class ServedTiming:
                     shutil.rmtree(model_dir, ignore_errors=True)
             self._done_passes += 1
 
-    def _time(self, server, plan: _Pass | None, where: str) -> None:
-        """Warm-up and timed rows on `server` (the pass's sequence, or the transformers one)."""
+    def _more_rounds(self, server) -> None:
+        """Rounds after the first while the judged latency rule is undecided (transformers)."""
+        rng = np.random.default_rng(self.settings.seed)
+        while (self.judgement is not None and self._rounds < self.serving.max_rounds
+               and self.judgement.undecided(self._figures(""))):
+            rows = sorted(rng.choice(len(self.prompt_ids), size=len(self.rows), replace=False))
+            self.total += len(self.sequence) * len(rows)
+            self._time(server, None, "", rows=[int(r) for r in rows])
+            self._rounds += 1
+
+    def _time(self, server, plan: _Pass | None, where: str, rows: list[int] | None = None
+              ) -> None:
+        """Warm-up and timed rows on `server` (the pass's sequence, or the transformers one).
+        `rows`: another round on the same server (no warm-up), appended to each model's timings."""
         import os
 
         from tqdm.auto import tqdm
@@ -855,14 +905,23 @@ class ServedTiming:
         sequence = self.sequence if plan is None else plan.sequence
         with tqdm(total=self.total, initial=self._done_requests, desc="served latency",
                   leave=False) as progress:
-            timings, kv_peak = _time_rows(server, sequence, self.rows, self.prompt_ids,
+            timings, kv_peak = _time_rows(server, sequence, rows or self.rows, self.prompt_ids,
                                           self.settings, self.tokenizer,
-                                          self.serving.warmup_requests, progress)
+                                          0 if rows else self.serving.warmup_requests, progress)
             self._done_requests = progress.n
         for label, occurrences in timings.items():
-            self._streams.setdefault(label, []).extend(occurrences)
+            if rows:  # the same server's next round: each pass of a model gets more rows
+                for stream, more in zip(self._streams[label], occurrences):
+                    stream.extend(more)
+            else:
+                self._streams.setdefault(label, []).extend(occurrences)
+        if rows:
+            self._timed_rows.extend(rows)
         for model in dict.fromkeys(sequence):
-            self._memory.setdefault(model.label, server.memory(model, kv_peak[model.label]))
+            label = model.label
+            if label not in self._memory or rows:
+                self._kv_peak[label] = max(self._kv_peak.get(label, 0), kv_peak[label])
+                self._memory[label] = server.memory(model, self._kv_peak[label])
         self._loads.append(f"{os.getloadavg()[0]:.2f}")
         if plan is not None:
             for model in plan.sequence:
@@ -871,22 +930,23 @@ class ServedTiming:
                                f"({plan.served_as}{where})")
 
     def _figures(self, order: str) -> ServingFigures:
-        serving, rows = self.serving, self.rows
+        serving = self.serving
         profiles = []
         for candidate in self.candidates:
             label = candidate.label
             first = self._streams[label][0]
             profiles.append(LatencyProfile(
                 label=label, served_as=self._served_as[label], backend=self.backend,
-                rows=tuple(rows), e2e_ms=tuple(r.e2e_ms for r in first),
+                rows=tuple(self._timed_rows), e2e_ms=tuple(r.e2e_ms for r in first),
                 ttft_ms=tuple(r.ttft_ms for r in first),
                 output_tokens=tuple(r.output_tokens for r in first),
                 warmup_requests=serving.warmup_requests,
                 repeat_e2e_ms=(tuple(r.e2e_ms for r in self._streams[label][-1])
                                if label == self.base.label else None),
                 load_average=float(self._loads[-1])))
-        notes = (f"served latency: {len(rows)} rows per model at concurrency 1 after "
+        notes = (f"served latency: {len(self._timed_rows)} rows per model at concurrency 1 after "
                  f"{serving.warmup_requests} warm-up requests per model; {order}; 1-minute load "
-                 f"average after each engine: {', '.join(self._loads)}",)
+                 f"average after each {'round' if self.backend == 'transformers' else 'engine'}: "
+                 f"{', '.join(self._loads)}",)
         return ServingFigures(tuple(profiles), tuple(self._memory[c.label]
                                                      for c in self.candidates), notes)

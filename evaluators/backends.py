@@ -301,6 +301,12 @@ class VllmBackend:
         generated = len(output.outputs[0].token_ids)
         return ServedRequest(e2e_ms, ttft_ms, generated, len(prompt_ids) + max(generated - 1, 0))
 
+    def forget_cached_prompts(self) -> None:
+        """Empty the prefix cache: the next requests compute their prompts as on a fresh engine."""
+        if not self.llm.reset_prefix_cache():
+            raise TunelensError("the vLLM engine could not empty its prefix cache (a request is "
+                                "still running)")
+
     def accounting(self) -> "EngineAccounting":
         """Bytes the engine's workers hold, summed over workers, from their tensors and configs."""
         per_worker = self.llm.collective_rpc(_worker_tensor_bytes)

@@ -35,8 +35,8 @@ from .prompts import GenerationSettings, build_prompts
 from .quality import QualityMetric, quality_metrics
 from .report import render_report
 from .text_report import html_section, log_text_results
-from .serving import (ServingFigures, ServingSettings, latency_rule, measure_serving,
-                      memory_rules)
+from .serving import (LatencyJudgement, ServedTiming, ServingFigures, ServingSettings,
+                      latency_rule, memory_rules)
 from .sources import (ModelRef, check_adapter_fits, download_version, parse_model_uri,
                       resolve_version)
 from .stats import ModelScores, PairedComparison, QualityMetricInfo, compare_paired
@@ -150,10 +150,13 @@ def _max_model_len(base_dir: Path, configured: int | None) -> int:
 
 
 def _start_backend(choice: BackendChoice, base_dir: Path, adapters: list[Path], evaluation: dict,
-                   settings: GenerationSettings, max_model_len: int):
+                   settings: GenerationSettings, max_model_len: int, *,
+                   inspect_workers: bool = False):
+    """The group's generation engine; `inspect_workers` (vLLM): its memory can be read, for the
+    adapters timed as served on it."""
     if choice.name == "vllm":
         return VllmBackend(base_dir, adapters, evaluation["vllm"], seed=settings.seed,
-                           max_model_len=max_model_len)
+                           max_model_len=max_model_len, inspect_workers=inspect_workers)
     return TransformersBackend(base_dir, evaluation["transformers"])
 
 
@@ -359,38 +362,64 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
               texts: TextPlan | None = None,
               drift_pair: tuple[Candidate, Candidate] | None = None) -> GroupRun:
     """One base's engine: its members' outputs on `rows`, then (with `texts`) their text
-    log-probabilities and the drift of `drift_pair` (base, candidate), and, with `serve`, latency
-    and memory as served (servers of their own, after the engine closed)."""
+    log-probabilities and the drift of `drift_pair` (base, candidate), and, with `serve` (and
+    evaluation.latency.sample_rows > 0), latency and memory as served (serving.ServedTiming).
+
+    Engines, one in memory at a time. vLLM with adapters served as such: a plain engine times the
+    base; the LoRA-enabled generation engine runs the batch phases, the text log-probabilities,
+    then times the adapters; a plain engine times the base again. vLLM with merged candidates:
+    the generation engine, then a plain engine each for the base, every merged candidate, the base
+    again. transformers: the generation model, then one process timing every model as served,
+    more rounds of rows while the candidate's latency rule is undecided (evaluation.latency.
+    max_rounds). Without `serve`, the generation engine alone."""
     import tempfile
 
     from transformers import AutoTokenizer
 
     evaluation = config["evaluation"]
     adapters = [c.adapter_dir for c in group.candidates if c.adapter_dir is not None]
-    engine = _start_backend(backend, group.base_dir, adapters, evaluation, settings,
-                            group.max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(group.base_dir)
     prompt_ids = [group.prompt_ids[i] for i in rows]
-    text_logprobs = drift = None
-    try:
-        done = run_phases(engine, group.candidates, prompt_ids, tokenizer, settings)
-        if texts is not None:  # on the same engine, after generating
-            text_logprobs = score_texts(engine, group.candidates, texts, group.base_dir)
-            if drift_pair is not None and engine.name == "transformers":
-                drift = _drift(engine, texts, group, drift_pair, config)
-        engine_settings = engine.settings
-    finally:
-        engine.close()
-    if drift_pair is not None and texts is not None and drift is None:
-        drift = _drift(None, texts, group, drift_pair, config)  # after the vLLM engine closed
-    serving = None
-    if serve and ServingSettings.from_config(evaluation).sample_rows > 0:
-        with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
-            serving = measure_serving(group.base_dir, group.candidates, prompt_ids, tokenizer,
-                                      settings, evaluation, backend.name,
-                                      max_model_len=group.max_model_len, work_dir=work_dir)
+    text_logprobs = drift = serving = None
+    with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
+        timing = (ServedTiming(group.base_dir, group.candidates, prompt_ids, tokenizer, settings,
+                               evaluation, backend.name, max_model_len=group.max_model_len,
+                               work_dir=work_dir, judgement=_latency_judgement(group, config))
+                  if serve and ServingSettings.from_config(evaluation).sample_rows > 0 else None)
+        if timing is not None:
+            timing.before_generation()
+        shared = timing is not None and timing.uses_generation_engine
+        engine = _start_backend(backend, group.base_dir, adapters, evaluation, settings,
+                                group.max_model_len, inspect_workers=shared)
+        try:
+            done = run_phases(engine, group.candidates, prompt_ids, tokenizer, settings)
+            if texts is not None:  # on the same engine, after generating
+                text_logprobs = score_texts(engine, group.candidates, texts, group.base_dir)
+                if drift_pair is not None and engine.name == "transformers":
+                    drift = _drift(engine, texts, group, drift_pair, config)
+            if timing is not None:
+                timing.on_generation_engine(engine)
+            engine_settings = engine.settings
+        finally:
+            engine.close()
+        if drift_pair is not None and texts is not None and drift is None:
+            drift = _drift(None, texts, group, drift_pair, config)  # after the vLLM engine closed
+        if timing is not None:
+            serving = timing.after_generation()
     return GroupRun({c.label: phase for c, phase in zip(group.candidates, done)},
                     engine_settings, serving, text_logprobs, drift)
+
+
+def _latency_judgement(group: EngineGroup, config: dict) -> LatencyJudgement | None:
+    """The verdict's latency rule for the candidate of `group`, None when it is not judged."""
+    settings = config["verdict"]
+    if settings["max_latency_ratio"] is None or all(c.label != FINETUNED
+                                                    for c in group.candidates):
+        return None
+    return LatencyJudgement(FINETUNED, float(settings["max_latency_ratio"]),
+                            level=float(settings["confidence_level"]),
+                            n_resamples=int(settings["bootstrap_resamples"]),
+                            seed=int(settings["seed"]))
 
 
 def generate(plan: EvaluationPlan) -> Generated:

@@ -10,9 +10,17 @@ after warm-up requests, each model on a server configured the way it will be ser
 
 Each timed row sends the base, then the candidate, then the base again, so the candidate's request
 sits between two base requests on the same prompt. With transformers all of them live in one
-process (an adapter candidate shares the base's weight tensors) and the three requests follow each
-other; with vLLM only one engine is in memory at a time, so the engines take turns (base, candidates,
-base again) and every row's three requests are minutes apart.
+process (an adapter candidate shares the base's weight tensors), after the generation model is
+gone, and the three requests follow each other. With vLLM only one engine is in memory at a time,
+so the engines take turns and every row's three requests are minutes apart (`ServedTiming`):
+
+* ``adapter``: a plain engine times the base; then the LoRA-enabled engine that generates the
+  batch outputs (and scores the texts) times the adapters, once its batch work is done: it is the
+  engine they would be served on (the same base, adapters, max_loras, max_lora_rank, options,
+  max_model_len and seed), with its prefix cache emptied first so no timed prompt is cached by the
+  batch; then a plain engine times the base again;
+* ``merged``: after the generation engine, a plain engine each for the base, every merged
+  candidate, the base again.
 
 The latency rule judges the median over rows of c_i / sqrt(b1_i * b2_i) (candidate against the
 base just before and after it on the same prompt), with a bootstrap interval, and the same median of
@@ -339,6 +347,8 @@ class ServingSettings:
     served: str  # "adapter" or "merged": how candidates will be served
     sample_rows: int  # rows timed per model (0: no served-latency or memory pass)
     warmup_requests: int  # untimed requests per model and server before timing
+    # transformers: rounds of sample_rows rows at most, another while the latency rule is undecided
+    max_rounds: int
 
     @classmethod
     def from_config(cls, evaluation: dict) -> "ServingSettings":
@@ -348,13 +358,15 @@ class ServingSettings:
             raise TunelensError(f"evaluation.served must be one of {', '.join(SERVED_AS)}, got "
                                 f"{served!r}")
         sample_rows, warmup = latency.get("sample_rows", 20), latency.get("warmup_requests", 3)
-        for key, value, least in (("sample_rows", sample_rows, 0), ("warmup_requests", warmup, 0)):
+        max_rounds = latency.get("max_rounds", 3)
+        for key, value, least in (("sample_rows", sample_rows, 0), ("warmup_requests", warmup, 0),
+                                  ("max_rounds", max_rounds, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise TunelensError(f"evaluation.latency.{key} must be an integer >= {least}, got "
                                     f"{value!r}")
         if 0 < sample_rows < 2:
             raise TunelensError("evaluation.latency.sample_rows must be 0 (off) or at least 2")
-        return cls(served, sample_rows, warmup)
+        return cls(served, sample_rows, warmup, max_rounds)
 
 
 @dataclass(frozen=True)
@@ -581,22 +593,30 @@ class _TransformersServer:
 
 
 class _VllmServer:
-    """One vLLM engine on a model folder: plain, or LoRA-enabled for adapters."""
+    """One vLLM engine timing the models it serves: plain, or LoRA-enabled for adapters."""
 
     backend = "vllm"
 
-    def __init__(self, model_dir, adapters: list, options: dict, served_as: str, *, seed: int,
-                 max_model_len: int):
+    def __init__(self, engine, adapters: list, served_as: str):
+        """`engine`: a VllmBackend started with `inspect_workers` (its memory is read from its
+        workers)."""
         from vllm.platforms import current_platform
-
-        from .backends import VllmBackend
 
         self.served_as = served_as
         self.on_cpu = current_platform.is_cpu()
-        self.engine = VllmBackend(model_dir, [c.adapter_dir for c in adapters], options, seed=seed,
-                                  max_model_len=max_model_len, inspect_workers=True)
-        self.accounting = self.engine.accounting()
+        self.engine = engine
+        self.accounting = engine.accounting()
         self.adapter_dirs = {c.label: c.adapter_dir for c in adapters}
+
+    @classmethod
+    def start(cls, model_dir, adapters: list, options: dict, served_as: str, *, seed: int,
+              max_model_len: int) -> "_VllmServer":
+        """A server on an engine of its own (closed by `close`)."""
+        from .backends import VllmBackend
+
+        return cls(VllmBackend(model_dir, [c.adapter_dir for c in adapters], options, seed=seed,
+                               max_model_len=max_model_len, inspect_workers=True),
+                   adapters, served_as)
 
     def request(self, candidate, prompt_ids: list[int], settings, tokenizer):
         served = self.engine.serve_one(candidate, prompt_ids, settings)
@@ -664,16 +684,20 @@ class _Pass:
     sequence: tuple
     served_as: str
     merge_from: object = None  # adapter folder merged into the base before the pass, if any
+    # timed on the group's generation engine, which is started as this pass's engine would be
+    on_generation_engine: bool = False
 
 
 def _vllm_passes(base_dir, candidates: list, served: str) -> list[_Pass]:
-    """Base, the candidates as served, base again: one engine in memory at a time."""
+    """Base, the candidates as served, base again: one engine in memory at a time. Adapters served
+    as such go on the LoRA-enabled generation engine; merged ones on engines of their own."""
     from .backends import Candidate
 
     base = next(c for c in candidates if c.adapter_dir is None)
     adapters = [c for c in candidates if c.adapter_dir is not None]
     base_pass = _Pass(base_dir, (), (base,), BASE_SERVED_AS)
-    middle = ([_Pass(base_dir, tuple(adapters), tuple(adapters), ADAPTER_SERVED_AS)]
+    middle = ([_Pass(base_dir, tuple(adapters), tuple(adapters), ADAPTER_SERVED_AS,
+                     on_generation_engine=True)]
               if served == "adapter" and adapters else
               [_Pass(None, (), (Candidate(c.label, None, c.version),), MERGED_SERVED_AS,
                      merge_from=c.adapter_dir) for c in adapters])
@@ -710,97 +734,219 @@ def _time_rows(server, sequence: tuple, rows: list[int], prompt_ids, settings, t
     return timings, kv_peak
 
 
-def measure_serving(base_dir, candidates: list, prompt_ids: list[list[int]], tokenizer, settings,
-                    evaluation: dict, backend: str, *, max_model_len: int, work_dir
-                    ) -> ServingFigures | None:
-    """Latency and memory as served for the base and every candidate (None when sample_rows is 0).
+@dataclass(frozen=True)
+class LatencyJudgement:
+    """The verdict's latency rule for one candidate, so the timing can go on while it is undecided:
+    the candidate against every other model timed with it (the base, the holder, ...)."""
 
+    candidate: str
+    limit: float
+    level: float
+    n_resamples: int
+    seed: int
+
+    def undecided(self, figures: ServingFigures) -> bool:
+        """Whether the rule against some other model neither passes nor fails on `figures`."""
+        candidate = figures.latency_of(self.candidate)
+        base = next(p for p in figures.latency if p.repeat_e2e_ms is not None)
+        return any(latency_rule(base, candidate, self.limit, level=self.level,
+                                n_resamples=self.n_resamples, seed=self.seed,
+                                reference=None if other is base else other).passed is None
+                   for other in figures.latency if other.label != self.candidate)
+
+
+class ServedTiming:
+    """Latency and memory as served for the base and every candidate of one engine group, measured
+    engine by engine around the group's generation engine (evaluators.run.run_group):
+
+    1. `before_generation()`: vLLM with adapters served as such: a plain engine times the base
+       (the first half of the A/A pair); nothing otherwise.
+    2. The caller starts the generation engine (with `inspect_workers` when
+       `uses_generation_engine`), runs its batch phases and text scoring, then calls
+       `on_generation_engine(engine)`: the adapters timed on it. It is the engine their own
+       LoRA-enabled server would be: the same base, adapters (so max_loras and max_lora_rank),
+       evaluation.vllm options, max_model_len and seed; its prefix cache is emptied first, so no
+       timed prompt is cached by the batch phases.
+    3. After the generation engine closed, `after_generation()` runs the rest and returns the
+       figures: transformers, every model in one process; vLLM, each merged candidate on an engine
+       of its own, then the base on a plain engine again (the second half of the A/A pair).
+
+    `judgement` (transformers only, where another round costs requests, not engine starts): while
+    its latency rule is undecided after a round, another round of `sample_rows` rows, drawn again
+    from the evaluated rows, is timed on the same server in the same rotation (no warm-up), up to
+    `evaluation.latency.max_rounds` rounds in all.
+
+    Needs `evaluation.latency.sample_rows` > 0 (the caller skips the timing otherwise).
     `candidates`: the base (adapter_dir None) first, then the adapters, as in the batch phases;
     `prompt_ids`: the evaluated rows' token ids.
-
-    transformers: one process holds the base and every candidate as served, and each timed row
-    sends base, candidates, base again, so a burst of load hits neighbouring requests alike.
-    vLLM: one engine at a time (base, candidates as served, base again), each row's requests
-    interleaved within an engine; drift between engines shows up in the A/A noise floor.
     """
-    import os
-    import shutil
-    from pathlib import Path
 
-    from tqdm.auto import tqdm
+    def __init__(self, base_dir, candidates: list, prompt_ids: list[list[int]], tokenizer,
+                 settings, evaluation: dict, backend: str, *, max_model_len: int, work_dir,
+                 judgement: LatencyJudgement | None = None):
+        from pathlib import Path
 
-    serving = ServingSettings.from_config(evaluation)
-    if serving.sample_rows == 0:
-        return None
-    rows = sample_rows(len(prompt_ids), serving.sample_rows)
-    base = next(c for c in candidates if c.adapter_dir is None)
-    streams: dict[str, list[list]] = {}
-    memory: dict[str, MemoryProfile] = {}
-    served_as: dict[str, str] = {}
-    loads: list[str] = []
+        self.serving = ServingSettings.from_config(evaluation)
+        self.base_dir, self.work_dir = Path(base_dir), Path(work_dir)
+        self.candidates, self.prompt_ids, self.tokenizer = candidates, prompt_ids, tokenizer
+        self.settings, self.evaluation, self.backend = settings, evaluation, backend
+        self.max_model_len, self.judgement = max_model_len, judgement
+        self.rows = sample_rows(len(prompt_ids), self.serving.sample_rows)
+        self._timed_rows = list(self.rows)  # transformers: every round's rows, in request order
+        self._rounds = 1
+        self.base = next(c for c in candidates if c.adapter_dir is None)
+        warmup = self.serving.warmup_requests
+        if backend == "transformers":
+            self.passes: list[_Pass] = []
+            # one process: the warm-up requests go to each distinct model once
+            self.sequence = (self.base, *[c for c in candidates if c.adapter_dir is not None],
+                             self.base)
+            self.total = (len(self.sequence) * len(self.rows)
+                          + (len(self.sequence) - 1) * warmup)
+        else:
+            self.passes = _vllm_passes(self.base_dir, candidates, self.serving.served)
+            self.total = sum(len(p.sequence) * (len(self.rows) + warmup) for p in self.passes)
+        shared = [i for i, p in enumerate(self.passes) if p.on_generation_engine]
+        self._shared = shared[0] if shared else None  # index of the generation engine's pass
+        self._done_passes = 0
+        self._done_requests = 0  # for the progress bar, which spans every engine
+        self._streams: dict[str, list[list]] = {}
+        self._kv_peak: dict[str, int] = {}
+        self._memory: dict[str, MemoryProfile] = {}
+        self._served_as: dict[str, str] = {}
+        self._loads: list[str] = []
+        self._order: list[str] = []
 
-    def record(server, timings, kv_peak, labels_served_as):
-        for label, occurrences in timings.items():
-            streams.setdefault(label, []).extend(occurrences)
-        for model in labels_served_as:
-            memory.setdefault(model.label, server.memory(model, kv_peak[model.label]))
-        loads.append(f"{os.getloadavg()[0]:.2f}")
+    @property
+    def uses_generation_engine(self) -> bool:
+        """Whether some models are timed on the generation engine (vLLM, adapters as such)."""
+        return self._shared is not None
 
-    if backend == "transformers":
-        sequence = (base, *[c for c in candidates if c.adapter_dir is not None], base)
-        total = len(sequence) * len(rows) + (len(sequence) - 1) * serving.warmup_requests
-        with tqdm(total=total, desc="served latency", leave=False) as progress:
-            server = _TransformersServer(base_dir, candidates, evaluation["transformers"],
-                                         serving.served)
+    def before_generation(self) -> None:
+        """The engines that run before the generation engine's pass."""
+        self._run_passes(self._shared if self._shared is not None else 0)
+
+    def on_generation_engine(self, engine) -> None:
+        """Time this pass's models on the generation engine (left open: the caller closes it)."""
+        if self._shared is None:
+            return
+        if self._done_passes != self._shared:
+            raise RuntimeError("ServedTiming: before_generation() must run first")
+        plan = self.passes[self._shared]
+        engine.forget_cached_prompts()
+        self._time(_VllmServer(engine, list(plan.adapters), plan.served_as), plan,
+                   "; the generation engine, after its batch phases")
+        self._done_passes += 1
+
+    def after_generation(self) -> ServingFigures:
+        """The engines after the generation engine, then every model's figures."""
+        if self._shared is not None and self._done_passes <= self._shared:
+            raise RuntimeError("ServedTiming: on_generation_engine() must run first")
+        if self.backend == "transformers":
+            server = _TransformersServer(self.base_dir, self.candidates,
+                                         self.evaluation["transformers"], self.serving.served)
             try:
-                timings, kv_peak = _time_rows(server, sequence, rows, prompt_ids, settings,
-                                              tokenizer, serving.warmup_requests, progress)
-                record(server, timings, kv_peak, candidates)
-                served_as = dict(server.served_as)
+                self._served_as = dict(server.served_as)
+                self._time(server, None, "")
+                self._more_rounds(server)
             finally:
                 server.close()
-        order = (f"one process, each row: {' -> '.join(m.label for m in sequence)} "
-                 f"(candidates rotated)")
-    else:
-        passes = _vllm_passes(Path(base_dir), candidates, serving.served)
-        total = sum(len(p.sequence) * (len(rows) + serving.warmup_requests) for p in passes)
-        with tqdm(total=total, desc="served latency", leave=False) as progress:
-            for plan in passes:
-                model_dir = plan.model_dir
-                if plan.merge_from is not None:
-                    model_dir = merge_adapter(base_dir, plan.merge_from,
-                                              Path(work_dir) / f"merged-{plan.sequence[0].label}")
+            order = (f"one process, each row: {' -> '.join(m.label for m in self.sequence)} "
+                     f"(candidates rotated); {self._rounds} round(s) of {len(self.rows)} rows")
+            if self.judgement is not None:
+                order += (f" (another round while the latency rule of {self.judgement.candidate} "
+                          f"was undecided, at most {self.serving.max_rounds})")
+        else:
+            self._run_passes(len(self.passes))
+            order = " -> ".join(self._order)
+        return self._figures(order)
+
+    def _run_passes(self, stop: int) -> None:
+        """Passes from the next one up to `stop` (excluded), each on an engine of its own."""
+        import shutil
+
+        while self._done_passes < stop:
+            plan = self.passes[self._done_passes]
+            model_dir = plan.model_dir
+            if plan.merge_from is not None:
+                model_dir = merge_adapter(self.base_dir, plan.merge_from,
+                                          self.work_dir / f"merged-{plan.sequence[0].label}")
+            try:
+                server = _VllmServer.start(model_dir, list(plan.adapters), self.evaluation["vllm"],
+                                           plan.served_as, seed=self.settings.seed,
+                                           max_model_len=self.max_model_len)
                 try:
-                    server = _VllmServer(model_dir, list(plan.adapters), evaluation["vllm"],
-                                         plan.served_as, seed=settings.seed,
-                                         max_model_len=max_model_len)
-                    try:
-                        timings, kv_peak = _time_rows(server, plan.sequence, rows, prompt_ids,
-                                                      settings, tokenizer,
-                                                      serving.warmup_requests, progress)
-                        record(server, timings, kv_peak, plan.sequence)
-                    finally:
-                        server.close()
+                    self._time(server, plan, "")
                 finally:
-                    if plan.merge_from is not None:
-                        shutil.rmtree(model_dir, ignore_errors=True)
-                for model in plan.sequence:
-                    served_as.setdefault(model.label, plan.served_as)
-        order = " -> ".join(f"{', '.join(m.label for m in p.sequence)} engine ({p.served_as})"
-                            for p in passes)
-    profiles = []
-    for candidate in candidates:
-        label = candidate.label
-        first = streams[label][0]
-        profiles.append(LatencyProfile(
-            label=label, served_as=served_as[label], backend=backend, rows=tuple(rows),
-            e2e_ms=tuple(r.e2e_ms for r in first), ttft_ms=tuple(r.ttft_ms for r in first),
-            output_tokens=tuple(r.output_tokens for r in first),
-            warmup_requests=serving.warmup_requests,
-            repeat_e2e_ms=(tuple(r.e2e_ms for r in streams[label][-1]) if label == base.label
-                           else None),
-            load_average=float(loads[-1])))
-    notes = (f"served latency: {len(rows)} rows per model at concurrency 1 after "
-             f"{serving.warmup_requests} warm-up requests per model; {order}; 1-minute load "
-             f"average after each engine: {', '.join(loads)}",)
-    return ServingFigures(tuple(profiles), tuple(memory[c.label] for c in candidates), notes)
+                    server.close()
+            finally:
+                if plan.merge_from is not None:
+                    shutil.rmtree(model_dir, ignore_errors=True)
+            self._done_passes += 1
+
+    def _more_rounds(self, server) -> None:
+        """Rounds after the first while the judged latency rule is undecided (transformers)."""
+        rng = np.random.default_rng(self.settings.seed)
+        while (self.judgement is not None and self._rounds < self.serving.max_rounds
+               and self.judgement.undecided(self._figures(""))):
+            rows = sorted(rng.choice(len(self.prompt_ids), size=len(self.rows), replace=False))
+            self.total += len(self.sequence) * len(rows)
+            self._time(server, None, "", rows=[int(r) for r in rows])
+            self._rounds += 1
+
+    def _time(self, server, plan: _Pass | None, where: str, rows: list[int] | None = None
+              ) -> None:
+        """Warm-up and timed rows on `server` (the pass's sequence, or the transformers one).
+        `rows`: another round on the same server (no warm-up), appended to each model's timings."""
+        import os
+
+        from tqdm.auto import tqdm
+
+        sequence = self.sequence if plan is None else plan.sequence
+        with tqdm(total=self.total, initial=self._done_requests, desc="served latency",
+                  leave=False) as progress:
+            timings, kv_peak = _time_rows(server, sequence, rows or self.rows, self.prompt_ids,
+                                          self.settings, self.tokenizer,
+                                          0 if rows else self.serving.warmup_requests, progress)
+            self._done_requests = progress.n
+        for label, occurrences in timings.items():
+            if rows:  # the same server's next round: each pass of a model gets more rows
+                for stream, more in zip(self._streams[label], occurrences):
+                    stream.extend(more)
+            else:
+                self._streams.setdefault(label, []).extend(occurrences)
+        if rows:
+            self._timed_rows.extend(rows)
+        for model in dict.fromkeys(sequence):
+            label = model.label
+            if label not in self._memory or rows:
+                self._kv_peak[label] = max(self._kv_peak.get(label, 0), kv_peak[label])
+                self._memory[label] = server.memory(model, self._kv_peak[label])
+        self._loads.append(f"{os.getloadavg()[0]:.2f}")
+        if plan is not None:
+            for model in plan.sequence:
+                self._served_as.setdefault(model.label, plan.served_as)
+            self._order.append(f"{', '.join(m.label for m in plan.sequence)} engine "
+                               f"({plan.served_as}{where})")
+
+    def _figures(self, order: str) -> ServingFigures:
+        serving = self.serving
+        profiles = []
+        for candidate in self.candidates:
+            label = candidate.label
+            first = self._streams[label][0]
+            profiles.append(LatencyProfile(
+                label=label, served_as=self._served_as[label], backend=self.backend,
+                rows=tuple(self._timed_rows), e2e_ms=tuple(r.e2e_ms for r in first),
+                ttft_ms=tuple(r.ttft_ms for r in first),
+                output_tokens=tuple(r.output_tokens for r in first),
+                warmup_requests=serving.warmup_requests,
+                repeat_e2e_ms=(tuple(r.e2e_ms for r in self._streams[label][-1])
+                               if label == self.base.label else None),
+                load_average=float(self._loads[-1])))
+        notes = (f"served latency: {len(self._timed_rows)} rows per model at concurrency 1 after "
+                 f"{serving.warmup_requests} warm-up requests per model; {order}; 1-minute load "
+                 f"average after each {'round' if self.backend == 'transformers' else 'engine'}: "
+                 f"{', '.join(self._loads)}",)
+        return ServingFigures(tuple(profiles), tuple(self._memory[c.label]
+                                                     for c in self.candidates), notes)

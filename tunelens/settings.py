@@ -93,6 +93,7 @@ class TransformersSettings(Section):
 class LatencySettings(Section):
     sample_rows: Count
     warmup_requests: Count
+    max_rounds: PositiveInt
 
 
 class TextsSettings(Section):

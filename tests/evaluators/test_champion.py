@@ -220,7 +220,8 @@ def test_an_extra_metric_is_logged_and_as_primary_decides_the_quality_rule(world
         assert "latency_ratio" in holder_rules
         assert "memory as served" in holder_rules["memory_ratio"]["detail"]
     for label in ("base", "finetuned"):
-        assert logged[f"{label}/served_latency_requests"] == 4
+        # 4 rows a round; another (3 at most) while the latency rule was undecided (transformers)
+        assert logged[f"{label}/served_latency_requests"] in (4, 8, 12)
         assert logged[f"{label}/memory_weights_gib"] > 0
     # the figures the served rules judged are logged under their names, for metric_thresholds
     assert logged["delta/latency_ratio"] == pytest.approx(rules["latency_ratio"]["observed"])

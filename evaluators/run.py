@@ -423,8 +423,9 @@ def _latency_judgement(group: EngineGroup, config: dict) -> LatencyJudgement | N
 
 
 def generate(plan: EvaluationPlan) -> Generated:
-    """Every model's outputs on the kept rows, one engine at a time (closed before the next), then
-    latency and memory as served for the models on the candidate's base (servers of their own)."""
+    """Every model's outputs on the kept rows, one engine at a time (closed before the next), and
+    latency and memory as served for the models on the candidate's base (run_group: around and on
+    that base's engine)."""
     phases: dict[str, Phase] = {}
     first: GroupRun | None = None
     text_logprobs = {} if plan.texts is not None else None

@@ -211,7 +211,8 @@ def generate_matrix(plan: MatrixPlan) -> dict[str, GroupRun]:
     first = plan.first
     runs: dict[str, GroupRun] = {}
     for group in plan.groups:
-        done = run_group(group, plan.kept, plan.backend, first.settings, plan.config, serve=True)
+        done = run_group(group, plan.kept, plan.backend, first.settings, plan.config, serve=True,
+                         judged=tuple(c.label for c in plan.candidates))
         runs |= {c.label: done for c in group.candidates}
     return runs
 

@@ -360,7 +360,8 @@ class GroupRun:
 def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
               settings: GenerationSettings, config: dict, *, serve: bool,
               texts: TextPlan | None = None,
-              drift_pair: tuple[Candidate, Candidate] | None = None) -> GroupRun:
+              drift_pair: tuple[Candidate, Candidate] | None = None,
+              judged: tuple[str, ...] = (FINETUNED,)) -> GroupRun:
     """One base's engine: its members' outputs on `rows`, then (with `texts`) their text
     log-probabilities and the drift of `drift_pair` (base, candidate), and, with `serve` (and
     evaluation.latency.sample_rows > 0), latency and memory as served (serving.ServedTiming).
@@ -384,7 +385,8 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
     with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
         timing = (ServedTiming(group.base_dir, group.candidates, prompt_ids, tokenizer, settings,
                                evaluation, backend.name, max_model_len=group.max_model_len,
-                               work_dir=work_dir, judgement=_latency_judgement(group, config))
+                               work_dir=work_dir,
+                               judgement=_latency_judgement(group, config, judged))
                   if serve and ServingSettings.from_config(evaluation).sample_rows > 0 else None)
         if timing is not None:
             timing.before_generation()
@@ -410,13 +412,15 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
                     engine_settings, serving, text_logprobs, drift)
 
 
-def _latency_judgement(group: EngineGroup, config: dict) -> LatencyJudgement | None:
-    """The verdict's latency rule for the candidate of `group`, None when it is not judged."""
+def _latency_judgement(group: EngineGroup, config: dict,
+                       judged: tuple[str, ...]) -> LatencyJudgement | None:
+    """The verdict's latency rule for the `judged` candidates in `group`, None when none is
+    judged (no limit set, or none of them runs on this engine)."""
     settings = config["verdict"]
-    if settings["max_latency_ratio"] is None or all(c.label != FINETUNED
-                                                    for c in group.candidates):
+    here = tuple(c.label for c in group.candidates if c.label in judged)
+    if settings["max_latency_ratio"] is None or not here:
         return None
-    return LatencyJudgement(FINETUNED, float(settings["max_latency_ratio"]),
+    return LatencyJudgement(here, float(settings["max_latency_ratio"]),
                             level=float(settings["confidence_level"]),
                             n_resamples=int(settings["bootstrap_resamples"]),
                             seed=int(settings["seed"]))

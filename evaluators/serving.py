@@ -736,23 +736,24 @@ def _time_rows(server, sequence: tuple, rows: list[int], prompt_ids, settings, t
 
 @dataclass(frozen=True)
 class LatencyJudgement:
-    """The verdict's latency rule for one candidate, so the timing can go on while it is undecided:
-    the candidate against every other model timed with it (the base, the holder, ...)."""
+    """The verdict's latency rule for the judged candidates, so the timing can go on while it is
+    undecided: each candidate against every other model timed with it (the base, the holder, the
+    other candidates of a comparison)."""
 
-    candidate: str
+    candidates: tuple[str, ...]
     limit: float
     level: float
     n_resamples: int
     seed: int
 
     def undecided(self, figures: ServingFigures) -> bool:
-        """Whether the rule against some other model neither passes nor fails on `figures`."""
-        candidate = figures.latency_of(self.candidate)
+        """Whether some candidate's rule against some other model neither passes nor fails."""
         base = next(p for p in figures.latency if p.repeat_e2e_ms is not None)
-        return any(latency_rule(base, candidate, self.limit, level=self.level,
+        return any(latency_rule(base, figures.latency_of(label), self.limit, level=self.level,
                                 n_resamples=self.n_resamples, seed=self.seed,
                                 reference=None if other is base else other).passed is None
-                   for other in figures.latency if other.label != self.candidate)
+                   for label in self.candidates
+                   for other in figures.latency if other.label != label)
 
 
 class ServedTiming:
@@ -854,7 +855,8 @@ class ServedTiming:
             order = (f"one process, each row: {' -> '.join(m.label for m in self.sequence)} "
                      f"(candidates rotated); {self._rounds} round(s) of {len(self.rows)} rows")
             if self.judgement is not None:
-                order += (f" (another round while the latency rule of {self.judgement.candidate} "
+                order += (f" (another round while the latency rule of "
+                          f"{', '.join(self.judgement.candidates)} "
                           f"was undecided, at most {self.serving.max_rounds})")
         else:
             self._run_passes(len(self.passes))

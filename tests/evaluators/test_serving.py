@@ -199,13 +199,13 @@ def test_transformers_times_another_round_only_while_the_latency_rule_is_undecid
     """A limit every ratio meets passes after one round; a limit of 0 can never pass, so the
     timing goes on round after round until the rule fails or max_rounds is reached."""
     n_rows = len(served["ids"])
-    easy = served["measure"]("merged", rows=4, judgement=LatencyJudgement("finetuned", 100.0,
+    easy = served["measure"]("merged", rows=4, judgement=LatencyJudgement(("finetuned",), 100.0,
                                                                           **RULE))
     assert easy.latency_of("finetuned").n_requests == 4
     assert "; 1 round(s) of 4 rows (another round while the latency rule of finetuned was " \
            "undecided, at most 3)" in easy.notes[0]
     hard = served["measure"]("merged", rows=4,
-                             judgement=LatencyJudgement("finetuned", 0.0, **RULE))
+                             judgement=LatencyJudgement(("finetuned",), 0.0, **RULE))
     base, candidate = hard.latency_of("base"), hard.latency_of("finetuned")
     rounds = candidate.n_requests // 4
     assert candidate.n_requests == 4 * rounds and 1 <= rounds <= 3

@@ -46,7 +46,7 @@ def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
     settings = M.analysis_settings(config)
     # Every torch call under the analysis's threads, the file checks and histogram included: on a
     # busy 2-core machine torch.aminmax over 2 threads took 60 times as long as over one.
-    with torch.no_grad(), M.torch_threads(settings):
+    with torch.no_grad(), M.torch_threads(settings), M.reused_allocations():
         return _analyze(adapter, base, settings, progress)
 
 

@@ -452,11 +452,11 @@ class ExpertModule:
         a = tensors.get(self.keys["A"]).to(device=device, dtype=dtype)
         b = tensors.get(self.keys["B"]).to(device=device)
         right = a.reshape(self.num_experts, self.rank, a.shape[-1])
-        # Expert-major and contiguous for the batched products: reordered in the file's dtype, then
-        # widened (a strided copy of 2-byte values, then a contiguous one: 20% less time than
-        # widening while reordering).
-        left = b.reshape(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1).contiguous()
-        return left.to(dtype), right
+        # Expert-major for the batched products, each expert's B_e kept as B_eᵀ (E, r, out) and
+        # returned as its transposed view: copied from Bᵀ in runs of `out` values, a third of the
+        # time of gathering (E, out, r) at a stride of E values (the products take either alike).
+        left = b.T.contiguous().reshape(self.rank, self.num_experts, b.shape[0]).permute(1, 0, 2)
+        return left.to(dtype, memory_format=torch.contiguous_format).transpose(-2, -1), right
 
 
 @dataclass

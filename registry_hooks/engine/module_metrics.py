@@ -39,10 +39,10 @@ def torch_threads(settings: AnalysisSettings):
 
 
 # glibc's malloc (mallopt): blocks up to this size come from the heap, and this much freed memory
-# may stay at its top, during an analysis. By default every block over 32 MiB is a fresh mapping
-# and a freed heap top is returned at once, so each large tensor's pages were faulted in and zeroed
-# anew: 40% of a 1.2 GB MoE adapter's analysis on the 2-core machine. Afterwards glibc's initial
-# values are set back and the freed memory returned.
+# may stay at its top, during an analysis. By default a block above a threshold of at most 32 MiB
+# is a fresh mapping and a freed heap top is returned at once, so each large tensor's pages were
+# faulted in and zeroed anew: a quarter of a 1.2 GB MoE adapter's CPU time. Afterwards glibc's
+# initial values are set back and the freed memory returned.
 _MMAP_THRESHOLD, _TRIM_THRESHOLD = 256 * 2**20, 128 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _GLIBC_DEFAULT = -1, -3, 128 * 1024
 

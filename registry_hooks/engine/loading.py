@@ -18,6 +18,7 @@ import json
 import math
 import pickle
 import re
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ MAX_HEADER_BYTES = 16 * 1024 ** 2
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
                "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+SAFETENSORS_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                            "BF16": torch.bfloat16}
 MAX_ALPHA = 1e6  # real lora_alpha values are 1..~1000; far larger ones overflow the float64 math
 # A repeated group ((a+)+, (a|a)*, (.*){9}) in a rank/alpha pattern can make re.match take
 # exponential time (ReDoS): PEFT's module-pattern rule runs user regexes over module names.
@@ -164,9 +167,10 @@ def read_json_object(path: Path) -> dict:
     return raw
 
 
-def check_safetensors(path: Path, dtypes=tuple(DTYPE_BYTES)) -> None:
+def check_safetensors(path: Path, dtypes=tuple(DTYPE_BYTES)) -> dict:
     """Refuse a safetensors file whose header lies, before safetensors or torch reads it, so no
-    size or offset in it can make anything allocate or read out of bounds. Checks: an 8-byte
+    size or offset in it can make anything allocate or read out of bounds; returns the checked
+    header with each data_offsets made absolute (from the file's start). Checks: an 8-byte
     little-endian header length within the file and MAX_HEADER_BYTES; a JSON object of name ->
     {dtype, shape, data_offsets} (plus `__metadata__`); every dtype in `dtypes`; shapes of
     non-negative ints; each [start, end) exactly dtype size x numel bytes, and together tiling
@@ -223,6 +227,10 @@ def check_safetensors(path: Path, dtypes=tuple(DTYPE_BYTES)) -> None:
         covered = end
     if covered != data_bytes:
         raise invalid(f"the tensors cover {covered:,} of the {data_bytes:,} data bytes")
+    header.pop("__metadata__", None)
+    for entry in header.values():
+        entry["data_offsets"] = [8 + length + o for o in entry["data_offsets"]]
+    return header
 
 
 def check_torch_zip(path: Path) -> None:
@@ -309,20 +317,25 @@ def _target_parameters(path: Path, value) -> list[str]:
 
 
 class TensorFile:
-    """The adapter's weight file: header (names, shapes) now, tensors one by one on request."""
+    """The adapter's weight file: header (names, shapes) now, tensors one by one on request.
+
+    A safetensors tensor is read (not mapped) into memory of its own at its checked offsets: a
+    mapped file's pages stay resident while it is open, 1.2 GB of a 1.2 GB MoE adapter's peak.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self._tensors: dict[str, torch.Tensor] | None = None
+        self._header: dict | None = None
         if path.suffix == ".safetensors":
-            check_safetensors(path, FLOAT_DTYPES)
+            self._header = check_safetensors(path, FLOAT_DTYPES)
         else:
             check_torch_zip(path)
         try:
-            if path.suffix == ".safetensors":
-                self._handle = safe_open(str(path), framework="pt")
-                self._shapes = {k: list(self._handle.get_slice(k).get_shape())
-                                for k in self._handle.keys()}
+            if self._header is not None:
+                self._shapes = {k: list(v["shape"]) for k, v in self._header.items()}
+                self._file = open(path, "rb")  # the checked file, even if the path is replaced
+                self._lock = threading.Lock()
             else:
                 # Never unpickle arbitrary objects: weights_only refuses anything but tensors.
                 with warnings.catch_warnings():  # its protocol notices are not the user's business
@@ -355,10 +368,22 @@ class TensorFile:
 
     def get(self, key: str) -> torch.Tensor:
         try:
-            return self._tensors[key] if self._tensors is not None else self._handle.get_tensor(key)
+            return self._tensors[key] if self._tensors is not None else self._read(key)
         except Exception as exc:
             raise AnalysisInputError(f"{self.path}: cannot read tensor {key} ({exc}); the file is "
                                      "truncated or corrupt") from None
+
+    def _read(self, key: str) -> torch.Tensor:
+        """One safetensors tensor read at its checked offsets (little-endian bytes, as here)."""
+        entry = self._header[key]
+        tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_TORCH_DTYPES[entry["dtype"]])
+        start, end = entry["data_offsets"]
+        with self._lock:
+            self._file.seek(start)
+            read = self._file.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
+        if read != end - start:
+            raise ValueError(f"read {read:,} of its {end - start:,} bytes")
+        return tensor
 
 
 @dataclass
@@ -427,10 +452,11 @@ class ExpertModule:
         a = tensors.get(self.keys["A"]).to(device=device, dtype=dtype)
         b = tensors.get(self.keys["B"]).to(device=device)
         right = a.reshape(self.num_experts, self.rank, a.shape[-1])
-        # Expert-major and contiguous for the batched products: reordered and widened to float64
-        # in one copy.
-        left = b.reshape(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1)
-        return left.to(dtype, memory_format=torch.contiguous_format), right
+        # Expert-major for the batched products, each expert's B_e kept as B_eᵀ (E, r, out) and
+        # returned as its transposed view: copied from Bᵀ in runs of `out` values, a third of the
+        # time of gathering (E, out, r) at a stride of E values (the products take either alike).
+        left = b.T.contiguous().reshape(self.rank, self.num_experts, b.shape[0]).permute(1, 0, 2)
+        return left.to(dtype, memory_format=torch.contiguous_format).transpose(-2, -1), right
 
 
 @dataclass

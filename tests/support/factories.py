@@ -109,6 +109,31 @@ def train_lora_checkpoints(base_dir: Path, out_dir: Path, *, steps: int = 6, sav
         torch.set_num_threads(threads)
 
 
+def drifting_checkpoints(base_dir: Path, out_dir: Path, *, steps: int = 4, save_every: int = 2,
+                         seed: int = 0, **lora_kwargs) -> Path:
+    """A Trainer-like output_dir without an optimiser: checkpoint-0 is PEFT's init (B = 0) and
+    checkpoint-k holds A_k = A_0 + (k/steps)·ΔA, B_k = (k/steps)·B_end (ΔA, B_end seeded Gaussians).
+    Its numbers come from the seeded RNG alone, never from the machine's floating-point kernels, as
+    an optimiser's steps would (the golden fingerprints need the same weights on every machine)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora_kwargs.setdefault("task_type", "CAUSAL_LM")
+    model = get_peft_model(base, LoraConfig(**lora_kwargs))
+    factors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    start = {name: p.detach().clone() for name, p in factors.items()}
+    end = {name: torch.randn(p.shape) * (0.02 if ".lora_A." in name else 0.05)
+           for name, p in factors.items()}
+    with torch.no_grad():
+        for step in range(0, steps + 1, save_every):
+            share = step / steps
+            for name, parameter in factors.items():
+                parameter.copy_(start[name] + share * end[name])
+            model.save_pretrained(Path(out_dir) / f"checkpoint-{step}")
+    return Path(out_dir)
+
+
 def _train_checkpoints(base_dir: Path, out_dir: Path, steps: int, save_every: int, lr: float,
                        seed: int, lora_kwargs: dict) -> Path:
     from peft import LoraConfig, get_peft_model

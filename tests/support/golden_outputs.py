@@ -1,7 +1,8 @@
 """Fingerprints of every analysis output on fixed inputs, to show a refactor changed no result.
 
 `fingerprint_outputs(workdir)` builds the inputs (the GPT-2 fixtures, a seeded tiny Llama with two
-adapters, a perturbed full copy, a short real training run), runs the CLI commands a user runs
+adapters, a perturbed full copy, a seeded checkpoint series: a real training run's numbers would
+depend on the machine's floating-point kernels), runs the CLI commands a user runs
 (`analyze`, `analyze --base`, a full diff, `--checkpoints`, `compare`) and digests what they wrote:
 each top-level key of analysis.json / compare.json and of the data embedded in report.html (paths
 made relative, floats rounded to 9 significant digits), the pages' visible text, the chart names.
@@ -65,7 +66,7 @@ def _visible_text(page: str) -> str:
 
 
 def fingerprint_outputs(workdir: Path) -> dict:
-    from support.factories import make_lora_adapter, perturbed_copy, tiny_llama, train_lora_checkpoints
+    from support.factories import drifting_checkpoints, make_lora_adapter, perturbed_copy, tiny_llama
     from tunelens.plugin.cli import main
 
     root = str(workdir)
@@ -75,8 +76,8 @@ def fingerprint_outputs(workdir: Path) -> dict:
     second = make_lora_adapter(base, workdir / "adapter-b", r=4, lora_alpha=8, seed=1,
                                target_modules=["q_proj", "v_proj"])
     tuned = perturbed_copy(base, workdir / "tuned", {"q_proj": 0.01, "mlp": 0.003})
-    checkpoints = train_lora_checkpoints(base, workdir / "ckpt", steps=4, save_every=2, r=4,
-                                         lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    checkpoints = drifting_checkpoints(base, workdir / "ckpt", steps=4, save_every=2, r=4,
+                                       lora_alpha=8, target_modules=["q_proj", "v_proj"])
     runs = {
         "gpt2-causal": ["analyze", str(FIXTURES / "gpt2-causal-c_attn-c_proj")],
         "gpt2-seqcls": ["analyze", str(FIXTURES / "gpt2-seqcls-c_attn")],

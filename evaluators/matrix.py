@@ -35,11 +35,14 @@ from tunelens.errors import TunelensError
 from .backends import Candidate
 from .metrics import RowScores
 from .prompts import GenerationSettings
+from .drift import DriftProfile
+from .perplexity import TextPlan, check_backend, plan_texts
 from .recommendation import Recommendation, Standing, recommend
 from .report import PAGES, render_report
 from .run import (BASE, FINETUNED, BackendChoice, EngineGroup, EvaluationPlan, Generated, GroupRun,
-                  Scored, _log_metrics, build_table, choose_backend, plan_evaluation, run_group,
-                  score, tag_version)
+                  Scored, _drift, _log_metrics, build_table, choose_backend, plan_evaluation,
+                  run_group, score, tag_version)
+from .text_report import html_section, log_text_results
 from .serving import ServingFigures, compare_latency
 from .sources import parse_model_uri, resolve_version
 from .stats import ModelScores, PairedComparison, QualityMetricInfo, compare_paired
@@ -93,6 +96,7 @@ class MatrixPlan:
     skipped: int
     backend: BackendChoice
     config: dict
+    texts: TextPlan | None = None  # the text groups, tokenised for every base alike
 
     @property
     def first(self) -> EvaluationPlan:
@@ -127,7 +131,7 @@ def _base_labels(base_dirs: list[Path]) -> dict[Path, str]:
 
 def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None, config: dict,
                 backend: str | None, max_new_tokens: int | None, extra_metrics=(),
-                primary_metric: str | None = None) -> MatrixPlan:
+                primary_metric: str | None = None, texts=(), guard=()) -> MatrixPlan:
     """Check every input of every candidate and decide what runs where; writes nothing."""
     if len(model_uris) < 2:
         raise TunelensError("a comparison needs at least two model versions")
@@ -141,7 +145,8 @@ def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None,
         seen[key] = uri
     plans = [plan_evaluation(client, uri, data, base=base, against=(), config=config,
                              backend=backend, max_new_tokens=max_new_tokens,
-                             extra_metrics=extra_metrics, primary_metric=primary_metric)
+                             extra_metrics=extra_metrics, primary_metric=primary_metric,
+                             texts=texts, guard=guard)
              for uri in model_uris]
     several_models = len({plan.ref.name for plan in plans}) > 1
 
@@ -196,30 +201,52 @@ def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None,
         raise TunelensError("no row fits every model's context (prompt + max_new_tokens): "
                             "nothing to compare")
     skipped = considered - len(kept)
-    candidates = [replace(c, plan=replace(c.plan, kept=kept, skipped=skipped, backend=choice))
+    # one tokenisation of the text groups for every base, cut to the shortest context of all
+    text_plan = plan_texts(texts, guard, config, base_dirs, min(g.max_model_len for g in groups))
+    if text_plan is not None:
+        check_backend(choice.name, [m.adapter_dir for m in models.values() if m.adapter_dir])
+    candidates = [replace(c, plan=replace(c.plan, kept=kept, skipped=skipped, backend=choice,
+                                          texts=text_plan))
                   for c in candidates]
     ordered = [m for g in groups for m in models.values() if m.label in
                {c.label for c in g.candidates}]
-    return MatrixPlan(candidates, ordered, groups, kept, skipped, choice, config)
+    return MatrixPlan(candidates, ordered, groups, kept, skipped, choice, config, text_plan)
 
 
 # --- generate ------------------------------------------------------------------------------------
 
-def generate_matrix(plan: MatrixPlan) -> dict[str, GroupRun]:
-    """Each base's engine in turn (closed before the next), its latency and memory as served after
-    it; keyed by every member's matrix label."""
+@dataclass(frozen=True)
+class MatrixRuns:
+    groups: dict[str, GroupRun]  # by every member's matrix label: its base's engine group
+    drift: dict[str, DriftProfile]  # by candidate label, when the text groups measure drift
+
+
+def generate_matrix(plan: MatrixPlan) -> MatrixRuns:
+    """Each base's engine in turn (closed before the next), with its latency and memory as served
+    and the text groups' log-probabilities; then each candidate's activation drift from its base
+    (transformers, one model at a time)."""
     first = plan.first
     runs: dict[str, GroupRun] = {}
     for group in plan.groups:
         done = run_group(group, plan.kept, plan.backend, first.settings, plan.config, serve=True,
-                         judged=tuple(c.label for c in plan.candidates))
+                         texts=plan.texts, judged=tuple(c.label for c in plan.candidates))
         runs |= {c.label: done for c in group.candidates}
-    return runs
+    drift = {}
+    if plan.texts is not None and plan.texts.drift_texts:
+        for candidate in plan.candidates:
+            group = next(g for g in plan.groups
+                         if any(c.label == candidate.label for c in g.candidates))
+            members = {c.label: c for c in group.candidates}
+            pair = (members[candidate.labels[BASE]], members[candidate.label])
+            drift[candidate.label] = _drift(None, plan.texts, group, pair, plan.config)
+    return MatrixRuns(runs, drift)
 
 
-def _view(candidate: CandidatePlan, runs: dict[str, GroupRun]) -> Generated:
+def _view(candidate: CandidatePlan, matrix: MatrixRuns) -> Generated:
     """The matrix's outputs as a single evaluation of this candidate would have them: its own
-    labels, and latency and memory as served of the models on its base's engine."""
+    labels, latency and memory as served of the models on its base's engine, its text scores and
+    drift."""
+    runs = matrix.groups
     own = runs[candidate.label]
     phases = {label: replace(runs[matrix_label].phases[matrix_label], label=label)
               for label, matrix_label in candidate.labels.items()}
@@ -231,8 +258,13 @@ def _view(candidate: CandidatePlan, runs: dict[str, GroupRun]) -> Generated:
             tuple(replace(p, label=named[p.label]) for p in serving.latency if p.label in named),
             tuple(replace(p, label=named[p.label]) for p in serving.memory if p.label in named),
             serving.notes)
+    text_logprobs = None
+    if own.text_logprobs is not None:
+        text_logprobs = {label: runs[matrix_label].text_logprobs[matrix_label]
+                         for label, matrix_label in candidate.labels.items()}
     return Generated({label: phases[label] for label in candidate.plan.labels},
-                     own.engine_settings, serving)
+                     own.engine_settings, serving, text_logprobs,
+                     matrix.drift.get(candidate.label))
 
 
 # --- score ---------------------------------------------------------------------------------------
@@ -250,13 +282,14 @@ class MatrixScores:
 
 def _renamed(metrics: dict[str, float], candidate: CandidatePlan) -> dict[str, float]:
     """A single evaluation's metric names in the matrix's: `finetuned/x` -> `v2/x`,
-    `delta/x` -> `v2/delta/x`, `delta_vs_production/x` -> `v2/delta_vs_production/x`."""
+    `delta/x` -> `v2/delta/x`, `delta_vs_production/x` -> `v2/delta_vs_production/x`,
+    `drift/x` -> `v2/drift/x`."""
     out = {}
     for key, value in metrics.items():
         head, _, rest = key.partition("/")
         if head in candidate.labels:
             out[f"{candidate.labels[head]}/{rest}"] = value
-        elif head == "delta" or head.startswith("delta_vs_"):
+        elif head in ("delta", "drift") or head.startswith("delta_vs_"):
             out[f"{candidate.label}/{key}"] = value
         else:
             out[key] = value
@@ -283,7 +316,7 @@ def _standing(candidate: CandidatePlan, scored: Scored, view: Generated, config:
                     float(scored.rows[FINETUNED].quality[primary].mean()), memory, latency, noise)
 
 
-def score_matrix(plan: MatrixPlan, runs: dict[str, GroupRun]) -> MatrixScores:
+def score_matrix(plan: MatrixPlan, runs: MatrixRuns) -> MatrixScores:
     """Every candidate's own scores and verdict, the paired tests between every two candidates on
     the same rows, and the recommendation."""
     first, config = plan.first, plan.config
@@ -320,7 +353,7 @@ def score_matrix(plan: MatrixPlan, runs: dict[str, GroupRun]) -> MatrixScores:
              *(f"engine {i + 1}: {', '.join(c.label for c in g.candidates)} on {g.base_dir}"
                for i, g in enumerate(plan.groups))]
     for group in plan.groups:  # each engine's served-latency note once
-        served = runs[group.candidates[0].label].serving
+        served = runs.groups[group.candidates[0].label].serving
         notes += list(served.notes) if served is not None else []
     return MatrixScores(scored, rows, metrics, pairs, recommendation, table, notes)
 
@@ -368,6 +401,10 @@ def _page(plan: MatrixPlan, scores: MatrixScores) -> str:
     recommended = scores.recommendation.recommended
     per_model = {k: v for k, v in scores.metrics.items() if k.split("/", 1)[0] in plan.labels
                  and "/delta" not in k}
+    texts = Markup("").join(
+        Markup("<h2>Text groups: {} against its base and holder</h2>").format(c.label)
+        + html_section(scores.scored[c.label].texts)
+        for c in plan.candidates if scores.scored[c.label].texts is not None)
     return render_report(
         title=f"{len(plan.candidates)} candidates on {len(plan.groups)} base"
               f"{'s' if len(plan.groups) > 1 else ''}: {', '.join(labels)}",
@@ -375,7 +412,7 @@ def _page(plan: MatrixPlan, scores: MatrixScores) -> str:
         verdict_lines=scores.recommendation.reasons,
         decision=f"recommended: {recommended}" if recommended else "no candidate recommended",
         decision_class="PROMOTE" if recommended else "REJECT", notes=scores.notes,
-        primary=primary, lead_html=section)
+        primary=primary, lead_html=section, extra_html=texts)
 
 
 def _role(recommendation: Recommendation, label: str) -> str:
@@ -416,6 +453,9 @@ def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
         client.log_table(run_id, data=scores.table, artifact_file=MATRIX_TABLE)
         client.log_text(run_id, html, MATRIX_REPORT)
         client.log_dict(run_id, document, MATRIX_FILE)
+        for candidate in plan.candidates:
+            log_text_results(client, run_id, scores.scored[candidate.label].texts,
+                             folder=f"tunelens/{candidate.label}")
         for tag, label in ((RECOMMENDED_TAG, recommendation.recommended),
                            (BACKUP_TAG, recommendation.backup)):
             client.set_tag(run_id, tag, named.get(label, "none"))
@@ -483,21 +523,23 @@ class MatrixOutcome:
 def compare_versions(model_uris: list[str], data, *, base: str | Path | None = None,
                      config: dict | None = None, backend: str | None = None,
                      max_new_tokens: int | None = None, client=None, extra_metrics=(),
-                     primary_metric: str | None = None) -> MatrixOutcome:
+                     primary_metric: str | None = None, texts=(), guard=()) -> MatrixOutcome:
     """Evaluate several registered versions (bases may differ) side by side on `data`: each gets
     its own two-part verdict (tagged on the version, as `evaluate_version` does), every two are
     compared on the same rows, and one is recommended for deployment with a backup. Raises
-    TunelensError, before anything is written, for every bad input."""
+    TunelensError, before anything is written, for every bad input. `texts`, `guard`: text groups
+    scored for perplexity by every model, as in `evaluate_version`; each candidate's drift from its
+    base."""
     from mlflow import MlflowClient
 
     config = config or load_config()
     client = client or MlflowClient()
     plan = plan_matrix(client, list(model_uris), data, base=base, config=config, backend=backend,
                        max_new_tokens=max_new_tokens, extra_metrics=extra_metrics,
-                       primary_metric=primary_metric)
+                       primary_metric=primary_metric, texts=texts, guard=guard)
     runs = generate_matrix(plan)
     scores = score_matrix(plan, runs)
-    outcome = MatrixOutcome("", plan, scores, next(iter(runs.values())).engine_settings)
+    outcome = MatrixOutcome("", plan, scores, next(iter(runs.groups.values())).engine_settings)
     html = _page(plan, scores)
     run_id = log_matrix(client, plan, scores, html, outcome.to_dict())
     return replace(outcome, run_id=run_id)

@@ -131,10 +131,16 @@ def _png(fig, plt) -> bytes:
     return buffer.getvalue()
 
 
-def log_text_results(client, run_id: str, results: TextResults | None) -> None:
-    """The per-text table, the curves and the drift chart and profile, to the run."""
+def log_text_results(client, run_id: str, results: TextResults | None,
+                     folder: str = "tunelens") -> None:
+    """The per-text table, the curves and the drift chart and profile, to the run, under `folder`
+    (a comparison gives each candidate a folder of its own)."""
     if results is None:
         return
+
+    def under(name: str) -> str:
+        return f"{folder}/{name.split('/', 1)[1]}"
+
     import tempfile
     from pathlib import Path
 
@@ -146,11 +152,11 @@ def log_text_results(client, run_id: str, results: TextResults | None) -> None:
               "tunelens.texts.margin": plan.margin, "tunelens.texts.max_tokens": plan.max_tokens,
               "tunelens.texts.drift_texts": plan.drift_texts}
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    client.log_table(run_id, data=results.table, artifact_file=TEXTS_TABLE_FILE)
-    files = {CURVES_FILE: _curves_png(results)} if results.comparisons else {}
+    client.log_table(run_id, data=results.table, artifact_file=under(TEXTS_TABLE_FILE))
+    files = {under(CURVES_FILE): _curves_png(results)} if results.comparisons else {}
     if results.drift is not None:
-        files[DRIFT_CHART] = _drift_png(results.drift)
-        client.log_dict(run_id, results.drift.to_dict(), DRIFT_FILE)
+        files[under(DRIFT_CHART)] = _drift_png(results.drift)
+        client.log_dict(run_id, results.drift.to_dict(), under(DRIFT_FILE))
     with tempfile.TemporaryDirectory(prefix="tunelens-texts-") as work:
         for name, data in files.items():
             path = Path(work) / Path(name).name

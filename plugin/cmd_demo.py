@@ -6,9 +6,9 @@ from pathlib import Path
 
 from tunelens.config import load_config
 
-HELP = ("train a grammar-correcting LoRA on a tiny local base, register it, watch tunelens analyse, "
-        "evaluate and promote it, then compare it with a weaker version and recommend which to deploy; "
-        "serves the MLflow UI until Ctrl-C")
+HELP = ("train two grammar-correcting LoRAs on a tiny local base, register them, watch tunelens "
+        "analyse them, compare them and promote the recommended one; serves the MLflow UI until "
+        "Ctrl-C")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

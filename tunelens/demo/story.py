@@ -1,12 +1,12 @@
-"""The demo's story, end to end on the embedded server: register, analyse, evaluate, promote.
+"""The demo's story, end to end on the embedded server: register, analyse, compare, promote.
 
 1. Build (or reuse) the demo base, a concise adapter and an echo adapter (tunelens.demo.assets).
 2. Start `tunelens server` in-process: a real MLflow server, the hook service and its worker.
-3. Register the concise adapter; the hooks analyse it; evaluate it against the base; promote it to
-   `production` when the verdict is PROMOTE.
-4. Register the echo adapter (trained on inputs as targets); compare both versions to choose which
-   to deploy: the echo one is concise but corrects nothing, its verdict against the base and the
-   production version says REJECT, and the concise one stays recommended.
+3. Register both adapters as versions 1 (concise) and 2 (echo: trained on inputs as targets); the
+   hooks analyse each on registration.
+4. Compare both on a held-out set and two text groups to choose which to deploy: the concise one
+   beats the base, the echo one answers as briefly but corrects nothing and gets REJECT; the
+   concise one is recommended and promoted to `production`.
 """
 from __future__ import annotations
 
@@ -19,17 +19,12 @@ from tunelens.errors import TunelensError
 
 
 @dataclass(frozen=True)
-class DemoVersion:
-    """One registered demo version and what tunelens concluded about it."""
+class Registered:
+    """One registered demo version and its automatic analysis."""
 
     version: str
     analysis_status: str
     analysis_run_id: str | None
-    eval_run_id: str
-    verdict: str
-    reasons: str
-    exact_match: dict[str, float]
-    mean_words: dict[str, float]
 
 
 def say(message: str) -> None:
@@ -55,8 +50,8 @@ def wait_for_analysis(client, name: str, version: str, timeout_s: float) -> tupl
                         f"(status {status!r}); see the server log in the data dir")
 
 
-def register(client, assets, adapter: Path, name: str) -> tuple[str, str, str | None]:
-    """Log + register `adapter` and wait for the automatic analysis: (version, status, run id)."""
+def register(client, assets, adapter: Path, name: str) -> Registered:
+    """Log + register `adapter` and wait for the automatic analysis."""
     from tunelens.registry_hooks.service.log_adapter import log_adapter
 
     logged = log_adapter(adapter, assets.base_dir, registered_model_name=name)
@@ -65,53 +60,38 @@ def register(client, assets, adapter: Path, name: str) -> tuple[str, str, str | 
     started = time.monotonic()
     status, analysis_run = wait_for_analysis(client, name, version, timeout_s=600)
     say(f"analysis {status} in {time.monotonic() - started:.1f} s")
-    return version, status, analysis_run
+    return Registered(version, status, analysis_run)
 
 
-def register_and_judge(client, assets, adapter: Path, name: str, config: dict) -> DemoVersion:
-    """Register `adapter`, then evaluate it side by side with its base (and text groups)."""
-    from tunelens.evaluators.run import evaluate_version
-
-    version, status, analysis_run = register(client, assets, adapter, name)
-    say(f"evaluating v{version} against the base")
-    outcome = evaluate_version(f"models:/{name}/{version}", str(assets.test_set),
-                               base=assets.base_dir, config=config, client=client,
-                               texts=assets.text_groups())
-    labels = outcome.labels
-    return DemoVersion(version, status, analysis_run, outcome.run_id,
-                       outcome.verdict.decision.value, outcome.verdict.reasons,
-                       {label: outcome.metrics[f"{label}/exact_match"] for label in labels},
-                       {label: outcome.metrics[f"{label}/mean_words"] for label in labels})
-
-
-def print_choice(url: str, name: str, outcome, experiment_id: str) -> None:
-    """The comparison of the demo's versions: each one's figures and verdict, the recommendation."""
+def print_choice(url: str, name: str, outcome, registered: list[Registered],
+                 experiment_ids: dict[str, str]) -> None:
+    """The comparison of the demo's versions: each model's figures and verdict, the
+    recommendation, and the pages worth opening."""
     metrics = outcome.scores.metrics
-    print(f"\nWhich {name} version to deploy: recommended "
-          f"{outcome.recommendation.recommended or 'none'}, backup "
-          f"{outcome.recommendation.backup or 'none'}")
+    recommendation = outcome.recommendation
+    print(f"\nWhich {name} version to deploy: recommended {recommendation.recommended or 'none'}, "
+          f"backup {recommendation.backup or 'none'}")
     for model in outcome.plan.models:
         verdict = (outcome.verdict_of(model.label).decision.value if model.role == "candidate"
-                   else model.role)
-        print(f"  {model.label:<12} exact match {metrics[f'{model.label}/exact_match']:6.1%}   "
-              f"mean words {metrics[f'{model.label}/mean_words']:5.1f}   {verdict}")
-    for reason in outcome.recommendation.reasons:
+                   else "")
+        print(f"  {model.label:<6} exact match {metrics[f'{model.label}/exact_match']:6.1%}   "
+              f"mean words {metrics[f'{model.label}/mean_words']:5.1f}   "
+              f"perplexity grammar {metrics[f'{model.label}/ppl_grammar']:7.1f}   {verdict}")
+    for reason in recommendation.reasons:
         print(f"  {reason}")
-    print(f"  comparison page: {url}/#/experiments/{experiment_id}/runs/{outcome.run_id}"
-          f"/artifactPath/tunelens/matrix.html")
-
-
-def print_version(url: str, name: str, result: DemoVersion, experiment_ids: dict[str, str]) -> None:
-    print(f"\n{name} v{result.version}: {result.verdict}")
-    for label, score in result.exact_match.items():
-        print(f"  {label:<12} exact match {score:6.1%}   mean words {result.mean_words[label]:5.1f}")
-    print(f"  why: {result.reasons}")
-    print(f"  version page:   {url}/#/models/{name}/versions/{result.version}")
-    if result.analysis_run_id:
-        print(f"  weight report:  {url}/#/experiments/{experiment_ids['analysis']}/runs/"
-              f"{result.analysis_run_id}/artifactPath/tunelens/report.html")
-    print(f"  evaluation run: {url}/#/experiments/{experiment_ids['evaluation']}/runs/"
-          f"{result.eval_run_id}")
+    for candidate in outcome.plan.candidates:
+        for part in outcome.verdict_of(candidate.label).parts:
+            for rule in part.deciding():
+                print(f"  {candidate.label} vs {candidate.labels.get(part.reference)}: "
+                      f"{rule.name} {rule.status}")
+    evaluation = f"{url}/#/experiments/{experiment_ids['evaluation']}/runs/{outcome.run_id}"
+    print(f"  comparison page: {evaluation}/artifactPath/tunelens/matrix.html")
+    for version in registered:
+        print(f"  v{version.version} page:       {url}/#/models/{name}/versions/{version.version}")
+        if version.analysis_run_id:
+            print(f"  v{version.version} weights:    {url}/#/experiments/"
+                  f"{experiment_ids['analysis']}/runs/{version.analysis_run_id}/artifactPath/"
+                  f"tunelens/report.html")
 
 
 def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int:
@@ -134,14 +114,13 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
         say(f"MLflow server with tunelens hooks on {server.url}")
         mlflow.set_tracking_uri(server.url)
         client = MlflowClient(server.url)
-        good = register_and_judge(client, assets, assets.concise_adapter, name, config)
-        if good.verdict == "PROMOTE":
-            say(promote(client, name, good.version, "production").describe())
-        weak_version = register(client, assets, assets.echo_adapter, name)[0]
-        say(f"comparing v{good.version} and v{weak_version} to choose which to deploy")
-        choice = compare_versions([f"models:/{name}/{good.version}",
-                                   f"models:/{name}/{weak_version}"], str(assets.test_set),
-                                  base=assets.base_dir, config=config, client=client)
+        registered = [register(client, assets, adapter, name)
+                      for adapter in (assets.concise_adapter, assets.echo_adapter)]
+        say(f"comparing {', '.join(f'v{r.version}' for r in registered)} against the base on "
+            "the held-out set and two text groups, to choose which to deploy")
+        choice = compare_versions([f"models:/{name}/{r.version}" for r in registered],
+                                  str(assets.test_set), base=assets.base_dir, config=config,
+                                  client=client, texts=assets.text_groups())
         recommended = next((m for m in choice.plan.models
                             if m.label == choice.recommendation.recommended), None)
         if recommended is not None:
@@ -149,9 +128,8 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
         experiments = {
             "analysis": client.get_experiment_by_name(
                 config["hooks"]["experiment"]).experiment_id,
-            "evaluation": client.get_run(good.eval_run_id).info.experiment_id}
-        print_version(server.url, name, good, experiments)
-        print_choice(server.url, name, choice, experiments["evaluation"])
+            "evaluation": client.get_run(choice.run_id).info.experiment_id}
+        print_choice(server.url, name, choice, registered, experiments)
         production = client.get_registered_model(name).aliases.get("production")
         print(f"\n{name}@production -> v{production}" if production else
               f"\n{name} has no production alias: no version earned a PROMOTE verdict")

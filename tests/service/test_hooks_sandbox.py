@@ -25,11 +25,14 @@ def test_killed_child_is_reported_and_replaced(llama_adapter, llama_base, tmp_pa
         assert result.summary.trainable_params > 0 and files.html_path.is_file()
         first = sandbox._process.pid
         errors = []
+        # The child is stopped before the job goes in, so the job cannot finish before the kill
+        # however fast the analysis is.
+        os.kill(first, signal.SIGSTOP)
         job = threading.Thread(target=lambda: errors.append(pytest.raises(
             SandboxStopped, sandbox.run, llama_adapter, llama_base, load_config(),
             tmp_path / "b")))
         job.start()
-        time.sleep(0.3)  # the job is in the child now
+        time.sleep(0.3)  # the job is handed to the child now
         os.kill(first, signal.SIGKILL)  # as the kernel's OOM killer would
         job.join(60)
         message = str(errors[0].value)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from support.eval_support import greedy, prompt_pool, rows_owned_by
 from support.hooks_support import HooksProcess, register, wait_status
 from tunelens.evaluators.verdict import EVAL_RUN_TAG, REASONS_TAG, VERDICT_TAG
 from tunelens.registry_hooks.service.evaluation import (EVAL_DATASET_TAG, EVAL_GUARD_TAG,
@@ -20,6 +21,7 @@ from tunelens.registry_hooks.service.state import EVALUATION, FINAL, STATUS, Lea
 from tunelens.config import load_config
 
 SECRET = "e" * 32
+MAX_NEW = 2
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +33,21 @@ def test_set(tmp_path_factory):
     return data
 
 
-def _config(path, **hooks):
+def _config(path, verdict=None, **hooks):
     path.write_text(yaml.safe_dump({
         "hooks": {"lease_seconds": 30, "poll_interval": 2, "evaluate_on_registration": True,
                   "models": ["*"], **hooks},
         # the cheapest real evaluation: two tokens, one metric, no served-latency sample
-        "evaluation": {"backend": "transformers", "generation": {"max_new_tokens": 2},
+        "evaluation": {"backend": "transformers", "generation": {"max_new_tokens": MAX_NEW},
                        "metrics": ["exact_match"], "latency": {"sample_rows": 0},
                        "texts": {"drift_texts": 2}},
+        "verdict": verdict or {},
         "promotion": {"auto_promote": True}}))
     return path
 
 
-def _hooks(server, tmp_path, name, **hooks) -> HooksProcess:
-    return HooksProcess(server.url, _config(tmp_path / f"{name}.yaml", **hooks),
+def _hooks(server, tmp_path, name, verdict=None, **hooks) -> HooksProcess:
+    return HooksProcess(server.url, _config(tmp_path / f"{name}.yaml", verdict, **hooks),
                         tmp_path / f"{name}.log", secret=SECRET, webhook=False)
 
 
@@ -165,3 +168,31 @@ def test_worker_killed_mid_evaluation_is_resumed_with_one_run(mlflow_server, tmp
         _promoted_exactly_on_promote(client, "crash-eval", version, tags[VERDICT_TAG])
     finally:
         assert second.stop() == 0, second.log_tail()
+
+
+def test_a_promote_verdict_on_registration_moves_the_alias(mlflow_server, tmp_path, llama_base,
+                                                           llama_adapter):
+    """Each target is the adapter's own greedy answer and never the base's: a significant gain.
+    With no served figures to judge (latency and memory limits off), the verdict is PROMOTE, and
+    auto-promote moves `production` to the version before the job is done."""
+    client = MlflowClient(mlflow_server.url)
+    prompts = prompt_pool(40, seed=5)
+    outputs = {"base": greedy(llama_base, None, prompts, MAX_NEW),
+               "finetuned": greedy(llama_base, llama_adapter, prompts, MAX_NEW)}
+    inputs, targets = rows_owned_by(outputs, {"finetuned": 12}, prompts)
+    data = tmp_path / "owned.jsonl"
+    data.write_text("".join(json.dumps({"inputs": i, "targets": t}) + "\n"
+                            for i, t in zip(inputs, targets)))
+    _model(client, "auto-eval", data, llama_base)
+    worker = _hooks(mlflow_server, tmp_path, "auto",
+                    verdict={"max_latency_ratio": None, "max_memory_ratio": None,
+                             "bootstrap_resamples": 200})
+    try:
+        version = register(client, "auto-eval", llama_adapter)
+        tags = _wait_evaluation(client, "auto-eval", version, [worker])
+        _assert_evaluated_once(client, "auto-eval", version, tags)
+        assert tags[VERDICT_TAG] == "PROMOTE", tags[REASONS_TAG]
+        assert client.get_registered_model("auto-eval").aliases.get("production") == version
+        assert tags["tunelens.verdict.holder"] == "production=none"
+    finally:
+        assert worker.stop() == 0, worker.log_tail()

@@ -8,8 +8,8 @@ is right there and both bases are always wrong:
   (McNemar 12 vs 12), so the small one is recommended for its memory and the big one is the backup;
 * big better: the big candidate owns 20 rows, the small one 4: the big one is significantly better
   and recommended whatever it costs.
-transformers runs both (latency and memory as served measured); vllm-cpu runs the second from the
-CLI with `--json` (served figures off to keep engine starts to one per base).
+Both run on transformers and on vllm-cpu (latency and memory as served measured, except for the
+second on vLLM, run from the CLI with `--json` with served figures off: one engine per base).
 """
 from __future__ import annotations
 
@@ -84,6 +84,27 @@ def world(mlflow_server, llama_base, tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.mark.skipif(not vllm_available(), reason="vllm-cpu is not installed")
+def test_on_vllm_the_smaller_of_two_equals_is_recommended_from_memory_as_served(world):
+    """Before anything holds production. Each base's engines in turn (the base alone, the LoRA
+    engine, the base alone again), memory as served from the engines' own accounting."""
+    settings = yaml.safe_load(world["policy"].read_text())
+    settings["evaluation"] |= {"backend": "vllm", "latency": {"sample_rows": 2,
+                                                              "warmup_requests": 1}}
+    policy = world["root"] / "vllm-served.yaml"
+    policy.write_text(yaml.safe_dump(settings))
+    outcome = compare_versions([f"models:/{NAME}/2", f"models:/{NAME}/1"], world["equal"],
+                               config=load_config(policy), client=world["client"])
+    metrics = outcome.scores.metrics
+    assert outcome.plan.backend.name == "vllm"
+    assert metrics["v1/exact_match"] == metrics["v2/exact_match"] == pytest.approx(0.5)
+    assert [outcome.verdict_of(label).decision.value for label in ("v1", "v2")] == ["PROMOTE"] * 2
+    assert metrics["v2/memory_total_gib"] > 2 * metrics["v1/memory_total_gib"]
+    recommendation = outcome.recommendation
+    assert (recommendation.recommended, recommendation.backup) == ("v1", "v2")
+    assert "less memory as served" in recommendation.reasons[0]
 
 
 def test_equally_good_candidates_recommend_the_smaller_base_and_keep_the_other_as_backup(world):

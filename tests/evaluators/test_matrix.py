@@ -209,6 +209,27 @@ def test_the_cli_compares_on_vllm_and_prints_the_matrix_as_json(world):
     assert "EngineCore" in open(log_path).read()
 
 
+def test_the_cli_prints_the_matrix_verdicts_and_recommendation(world):
+    """Text mode: one line per model with its verdict and figures, the deciding rules, the
+    reasons; engine and library output in the log file named at the end."""
+    out = subprocess.run([sys.executable, "-m", "tunelens.plugin.cli", "--config",
+                          str(world["policy"]), "evaluate", f"models:/{NAME}/1",
+                          f"models:/{NAME}/2", "--data", str(world["big_better"])],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": world["url"]})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("2 candidates, 24 rows (0 skipped as too long; backend "
+                               "transformers): recommended v2")
+    by_model = {line.split(":")[0].strip(): line for line in lines[1:5]}
+    assert set(by_model) == {"base-llama-base0", "v1", "base-big-base", "v2"}
+    assert "(base)" in by_model["base-big-base"] and "exact_match 0.833" in by_model["v2"]
+    assert "memory as served" in by_model["v2"] and "not measured" not in by_model["v2"]
+    assert any(line.startswith("  recommended v2: the best exact_match") for line in lines)
+    assert lines[-1].startswith("run ")
+    assert out.stderr.strip().splitlines()[-1].startswith("engine and library logs: ")
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--against", "1"], "--against applies to one version at a time"),
 ])

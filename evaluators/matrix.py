@@ -421,19 +421,22 @@ def _role(recommendation: Recommendation, label: str) -> str:
 
 
 def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
-               document: dict) -> str:
-    """One run for the comparison, then each candidate version's verdict pointing at it (the
-    verdict tag last on each, as a single evaluation writes it); returns the run id."""
+               document: dict, run_id: str | None = None) -> str:
+    """One run for the comparison (the caller's `run_id`, mlflow.models.evaluate's, or a new one
+    we own), then each candidate version's verdict pointing at it (the verdict tag last on each,
+    as a single evaluation writes it); returns the run id."""
     from mlflow.entities import Param
 
     from tunelens.registry_hooks.service.mlflow_logging import experiment_id
 
     evaluation = plan.config["evaluation"]
     uris = [c.plan.model_uri for c in plan.candidates]
-    run = client.create_run(experiment_id(client, evaluation["experiment"]),
-                            run_name=f"compare-{'-'.join(c.label for c in plan.candidates)}"[:250],
-                            tags={"tunelens.models": " ".join(uris)})
-    run_id = run.info.run_id
+    owned = run_id is None
+    if owned:
+        run_id = client.create_run(
+            experiment_id(client, evaluation["experiment"]),
+            run_name=f"compare-{'-'.join(c.label for c in plan.candidates)}"[:250]).info.run_id
+    client.set_tag(run_id, "tunelens.models", " ".join(uris))
     recommendation = scores.recommendation
     named = {c.label: f"models:/{c.plan.ref.name}/{c.plan.ref.version}" for c in plan.candidates}
     try:
@@ -460,9 +463,11 @@ def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
                            (BACKUP_TAG, recommendation.backup)):
             client.set_tag(run_id, tag, named.get(label, "none"))
     except Exception:
-        client.set_terminated(run_id, status="FAILED")
+        if owned:
+            client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run_id)
+    if owned:
+        client.set_terminated(run_id)
     for candidate in plan.candidates:
         others = ", ".join(c.label for c in plan.candidates if c is not candidate)
         role = _role(recommendation, candidate.label)
@@ -523,13 +528,14 @@ class MatrixOutcome:
 def compare_versions(model_uris: list[str], data, *, base: str | Path | None = None,
                      config: dict | None = None, backend: str | None = None,
                      max_new_tokens: int | None = None, client=None, extra_metrics=(),
-                     primary_metric: str | None = None, texts=(), guard=()) -> MatrixOutcome:
+                     primary_metric: str | None = None, texts=(), guard=(),
+                     run_id: str | None = None) -> MatrixOutcome:
     """Evaluate several registered versions (bases may differ) side by side on `data`: each gets
     its own two-part verdict (tagged on the version, as `evaluate_version` does), every two are
     compared on the same rows, and one is recommended for deployment with a backup. Raises
     TunelensError, before anything is written, for every bad input. `texts`, `guard`: text groups
     scored for perplexity by every model, as in `evaluate_version`; each candidate's drift from its
-    base."""
+    base. `run_id`: log into this run (mlflow.models.evaluate's) instead of a new one."""
     from mlflow import MlflowClient
 
     config = config or load_config()
@@ -541,5 +547,5 @@ def compare_versions(model_uris: list[str], data, *, base: str | Path | None = N
     scores = score_matrix(plan, runs)
     outcome = MatrixOutcome("", plan, scores, next(iter(runs.groups.values())).engine_settings)
     html = _page(plan, scores)
-    run_id = log_matrix(client, plan, scores, html, outcome.to_dict())
+    run_id = log_matrix(client, plan, scores, html, outcome.to_dict(), run_id)
     return replace(outcome, run_id=run_id)

@@ -209,6 +209,25 @@ def test_the_cli_compares_on_vllm_and_prints_the_matrix_as_json(world):
     assert "EngineCore" in open(log_path).read()
 
 
+def test_mlflow_evaluate_compares_the_versions_it_is_given_in_its_own_run(world):
+    frame = pd.read_json(world["equal"], lines=True)
+    with mlflow.start_run() as run:
+        result = mlflow.models.evaluate(
+            model=None, data=frame, model_type="text", targets="targets",
+            evaluators=["tunelens"],
+            evaluator_config={"tunelens": {"model_uris": [f"models:/{NAME}/1",
+                                                          f"models:/{NAME}/2"],
+                                           "config": str(world["policy"])}})
+    assert result.metrics["v1/exact_match"] == result.metrics["v2/exact_match"] == 0.5
+    assert set(result.artifacts) == {"tunelens_matrix_table", "tunelens_matrix",
+                                     "tunelens_recommendation"}
+    tags = world["client"].get_run(run.info.run_id).data.tags
+    # v1 holds production now: v2 must be non-inferior to it, which 12 rows against 12 cannot show
+    assert tags["tunelens.recommended"] == f"models:/{NAME}/1"
+    assert world["client"].get_model_version(NAME, "2").tags["tunelens.eval.run_id"] == \
+        run.info.run_id
+
+
 def test_the_cli_prints_the_matrix_verdicts_and_recommendation(world):
     """Text mode: one line per model with its verdict and figures, the deciding rules, the
     reasons; engine and library output in the log file named at the end."""

@@ -188,7 +188,7 @@ def _analyse_experts(module: ExpertModule, parts, contents, base_model, settings
                      warnings):
     """Every expert of every part of one adapted experts parameter, each part as one batch."""
     left, right = module.factors(contents.tensors, device)
-    bad = M.count_nonfinite(left, right)
+    bad = 0 if module.factors_finite else M.count_nonfinite(left, right)
     right_root = None if bad else lora_math.gram_root(right @ right.transpose(-2, -1))
     component = parse_module_path(module.module)
     for part, rows in parts:
@@ -319,7 +319,8 @@ def _analyse_module(module: LoraModule, parts: list[_Part], contents, base_model
     left, right = module.factors(contents.tensors, device)
     bias = module.optional(contents.tensors, "bias", device)
     magnitude = module.optional(contents.tensors, "magnitude", device)
-    bad = M.count_nonfinite(left, right, bias, magnitude)
+    factors = () if module.factors_finite else (left, right)
+    bad = M.count_nonfinite(*factors, bias, magnitude)
     base = _base_weight(base_model, module.name, module.shape, module.fan_in_fan_out, device,
                         warnings)
     dense = None

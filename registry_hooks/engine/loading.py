@@ -398,6 +398,8 @@ class LoraModule:
     shape: tuple[int, int]  # ΔW [out, in] (embedding: the weight's [vocab, dim])
     keys: dict[str, str]  # "A", "B", optional "bias", "magnitude" -> tensor name in the file
     fan_in_fan_out: bool = False
+    # A and B hold no NaN/Inf (seen by the opening check): the analysis need not scan them again.
+    factors_finite: bool = False
 
     def factors(self, tensors: TensorFile, device: torch.device, dtype=torch.float64):
         """(L, R) as float64 on `device`: (lora_B, lora_A), or (lora_embedding_Aᵀ, lora_embedding_Bᵀ)."""
@@ -410,13 +412,20 @@ class LoraModule:
         return None if key is None else tensors.get(key).to(device=device, dtype=dtype)
 
 
-def _finite_max(tensor: torch.Tensor) -> float:
-    """max |x| = max(−min x, max x) over the finite entries (one pass, no copy, when they all are)."""
+def _finite_max(tensor: torch.Tensor) -> tuple[float, bool]:
+    """(max |x| = max(−min x, max x) over the finite entries, whether every entry is finite): one
+    pass, no copy, when they all are (aminmax propagates NaN and ±Inf)."""
     low, high = torch.aminmax(tensor)
     largest = max(-float(low), float(high))
     if math.isfinite(largest):
-        return largest
-    return float(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+        return largest, True
+    return float(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0).abs().max()), False
+
+
+def _factor_bound(tensors: TensorFile, keys: dict, scale: float, r: int) -> tuple[float, bool]:
+    """(|s|·r·max|A|·max|B| >= max |ΔW_ij|, whether A and B hold only finite values)."""
+    (a_max, a_finite), (b_max, b_finite) = (_finite_max(tensors.get(keys[f])) for f in "AB")
+    return abs(scale) * r * a_max * b_max, a_finite and b_finite
 
 
 @dataclass
@@ -446,6 +455,7 @@ class ExpertModule:
     scale: float
     shape: tuple[int, int]  # each expert's ΔW [out, in]
     keys: dict[str, str]  # "A", "B" -> tensor names in the file
+    factors_finite: bool = False  # as LoraModule's
 
     def factors(self, tensors: TensorFile, device: torch.device, dtype=torch.float64):
         """(L, R) stacked over experts: L = B_e (E, out, r), R = A_e (E, r, in), PEFT's slicing."""
@@ -608,15 +618,16 @@ def _check_parameter(module: str, parameter: str, keys: dict, tensors: TensorFil
         raise AnalysisInputError(f"{weights}: parameter {name} has an empty ΔW; the adapter file is "
                                  "corrupt")
     scale = lora_scale(alpha, r, config.use_rslora)
-    bound = abs(scale) * r * math.prod(_finite_max(tensors.get(keys[f])) for f in ("A", "B"))
+    bound, finite = _factor_bound(tensors, keys, scale, r)
     if not bound <= MAX_DELTA_ENTRY:
         raise AnalysisInputError(f"{weights}: parameter {name} has values whose ΔW could reach "
                                  f"{bound:.1e}, beyond float64 analysis; the adapter is corrupt")
     if experts == 1:  # a 2-D parameter: PEFT's delta is a Linear's s·B·A
         return LoraModule(name=module if parameter == "weight" else name, kind="lora", rank=r,
-                          alpha=alpha, scale=scale, shape=shape, keys=keys)
+                          alpha=alpha, scale=scale, shape=shape, keys=keys, factors_finite=finite)
     return ExpertModule(name=name, module=module, parameter=parameter, num_experts=experts,
-                        rank=r, alpha=alpha, scale=scale, shape=shape, keys=keys)
+                        rank=r, alpha=alpha, scale=scale, shape=shape, keys=keys,
+                        factors_finite=finite)
 
 
 def _check_module(name, keys, tensors, config, weights, warnings) -> LoraModule | None:
@@ -651,13 +662,14 @@ def _check_module(name, keys, tensors, config, weights, warnings) -> LoraModule 
     scale = lora_scale(alpha, r, config.use_rslora)
     # |ΔW_ij| <= |s|·r·max|A|·max|B|, checked before any math (NaN/Inf are counted and reported
     # by the analysis; finite values this large would overflow its float64 products instead).
-    bound = abs(scale) * r * math.prod(_finite_max(tensors.get(keys[f])) for f in ("A", "B"))
+    bound, finite = _factor_bound(tensors, keys, scale, r)
     if not bound <= MAX_DELTA_ENTRY:
         raise AnalysisInputError(f"{weights}: module {name} has values whose ΔW could reach "
                                  f"{bound:.1e}, beyond float64 analysis; the adapter is corrupt")
     return LoraModule(name=name, kind="embedding" if embedding else "lora", rank=r, alpha=alpha,
                       scale=scale, shape=shape, keys=keys,
-                      fan_in_fan_out=config.fan_in_fan_out and not embedding)
+                      fan_in_fan_out=config.fan_in_fan_out and not embedding,
+                      factors_finite=finite)
 
 
 class BaseModel:

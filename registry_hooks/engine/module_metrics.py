@@ -78,8 +78,8 @@ class FactoredEntries:
         self.x, self.y = x, y
         self.numel = x.shape[0] * y.shape[0]
 
-    def extremes(self) -> tuple[float, float]:
-        low, high, _ = lora_math.extreme_entries(self.x, self.y)
+    def extremes(self, x_norms: torch.Tensor | None = None) -> tuple[float, float]:
+        low, high, _ = lora_math.extreme_entries(self.x, self.y, x_norms)
         return low, high
 
     def tiles(self):
@@ -173,7 +173,8 @@ def factored_module(name: str, where: ModulePath, left: torch.Tensor, right: tor
     mean = total / (m * n)
     variance = max(spectrum["fro"] ** 2 / (m * n) - mean * mean, 0.0)
     entries = FactoredEntries(x, y)
-    low, high = entries.extremes()
+    norms, x_norms = lora_math.batched_row_norms(x, singular)
+    low, high = entries.extremes(x_norms)
     u, v = lora_math.singular_vectors(x, singular, y) if base is not None else (None, None)
     extra = _base_metrics(spectrum["fro"], base, lambda: scale * (left @ right), settings,
                           u, v, singular)
@@ -183,7 +184,7 @@ def factored_module(name: str, where: ModulePath, left: torch.Tensor, right: tor
                             **spectrum, **extra)
     heat = lora_math.block_means(left, right, scale, settings.heatmap_size)
     return ModuleAnalysis(metrics, heatmap_record(name, heat),
-                          top_rows(lora_math.batched_row_norms(x, singular), settings.top_neurons),
+                          top_rows(norms, settings.top_neurons),
                           entries, total)
 
 
@@ -234,9 +235,9 @@ def factored_experts(names: list[str], where: ModulePath, left: torch.Tensor, ri
     x, singular, y = lora_math.batched_factored_svd(left, right, scale, right_root)
     spectrum = {k: t.tolist() for k, t in lora_math.batched_spectrum(singular).items()}
     totals = lora_math.batched_entry_sums(left, right, scale).tolist()
-    low, high = (t.tolist() for t in lora_math.batched_extreme_entries(x, y)[:2])
-    top_values, top_rows = lora_math.batched_row_norms(x, singular).topk(
-        min(settings.top_neurons, m), dim=-1)
+    norms, x_norms = lora_math.batched_row_norms(x, singular)
+    low, high = (t.tolist() for t in lora_math.batched_extreme_entries(x, y, x_norms=x_norms)[:2])
+    top_values, top_rows = norms.topk(min(settings.top_neurons, m), dim=-1)
     relative = None
     if base is not None:
         base_fro = base.norm(dim=(1, 2))

@@ -366,6 +366,25 @@ def test_nonfinite_weights_are_reported_not_fatal(llama_adapter, tmp_path):
     assert math.isnan(next(m for m in again.modules if m.name == bad.name).fro)
 
 
+def test_nonfinite_expert_factors_are_reported_not_fatal(tmp_path):
+    """A NaN and an Inf in one experts parameter's lora_A: every expert of that parameter is
+    recorded with the count and left out of the aggregates; the other parameter is analysed."""
+    adapter = make_moe_adapter(tiny_moe(tmp_path / "base", "qwen3_moe"), tmp_path / "a")
+    file = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in file if "experts" in k and "base_layer" not in k and "lora_A" in k)
+    file[key][0, 0], file[key][-1, -1] = math.nan, -math.inf
+    save_file(file, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    result = analyze_adapter(adapter, config=TINY, progress=False)
+    layer = key.split(".layers.")[1].split(".")[0]
+    bad = [m for m in result.modules if m.nonfinite]
+    assert bad and all(m.nonfinite == 2 and math.isnan(m.fro) and m.expert is not None
+                       and m.name.startswith(f"model.layers.{layer}.mlp.experts.")
+                       and m.name.endswith(".down_proj") for m in bad)
+    assert len(bad) == result.experts.num_experts
+    assert any(m.expert is not None and not m.nonfinite for m in result.modules)
+    assert math.isfinite(result.histogram.std)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gpt_neox", "bloom", "falcon_rw", "falcon_7b",
                                     "falcon_40b"])
 def test_other_families_qwen2_bias_and_fused_query_key_value(family, tmp_path):

@@ -43,8 +43,9 @@ def test_balanced_factors_reconstruct_and_give_back_the_singular_vectors(m, n, r
     u_back, v_back = lora_math.singular_vectors(x, s_balanced, y)
     np.testing.assert_allclose(u_back, u, atol=1e-9)
     np.testing.assert_allclose(v_back, v, atol=1e-9)
-    np.testing.assert_allclose(lora_math.batched_row_norms(x, s_balanced),
-                               (-1.5 * left @ right).norm(dim=1), rtol=1e-10)
+    norms, x_norms = lora_math.batched_row_norms(x, s_balanced)
+    np.testing.assert_allclose(norms, (-1.5 * left @ right).norm(dim=1), rtol=1e-10)
+    np.testing.assert_allclose(x_norms, x.norm(dim=1), rtol=1e-12)
 
 
 def test_rank_measures_on_a_known_spectrum():
@@ -168,8 +169,9 @@ def test_batched_expert_math_matches_each_dense_delta():
         assert spectrum["effective_rank"][e] == pytest.approx(
             lora_math.effective_rank(singular[e]), rel=1e-12)
         assert spectrum["energy_rank_90"][e] == lora_math.energy_rank(singular[e], 0.90)
-    np.testing.assert_allclose(lora_math.batched_row_norms(x, singular), dense.norm(dim=2),
-                               atol=1e-12)
+    norms, x_norms = lora_math.batched_row_norms(x, singular)
+    np.testing.assert_allclose(norms, dense.norm(dim=2), atol=1e-12)
+    np.testing.assert_allclose(x_norms, x.norm(dim=2), rtol=1e-12)
     np.testing.assert_allclose(lora_math.batched_entry_sums(left, right, scale),
                                dense.sum(dim=(1, 2)), atol=1e-12)
     low, high, _ = lora_math.batched_extreme_entries(x, y, row_tile=4, seed=2, first_tile=2)

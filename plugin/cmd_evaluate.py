@@ -70,10 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def log_file() -> Path:
-    """Where this run's engine and library logs go: the user's cache, one file per run."""
+    """Where this run's engine and library logs go: the user's cache, one file per run (the
+    system's temporary folder when the cache cannot be written)."""
+    import tempfile
     import time
 
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tunelens" / "logs"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        root = Path(tempfile.gettempdir())
     return root / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 

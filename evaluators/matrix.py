@@ -40,8 +40,8 @@ from .perplexity import TextPlan, check_backend, plan_texts
 from .recommendation import Recommendation, Standing, recommend
 from .report import PAGES, render_report
 from .run import (BASE, FINETUNED, BackendChoice, EngineGroup, EvaluationPlan, Generated, GroupRun,
-                  Scored, _drift, _log_metrics, build_table, choose_backend, plan_evaluation,
-                  run_group, score, tag_version)
+                  Scored, _drift, _log_metrics, build_table, choose_backend, closed_when_done,
+                  plan_evaluation, run_group, score, tag_version)
 from .text_report import html_section, log_text_results
 from .serving import ServingFigures, compare_latency
 from .sources import parse_model_uri, resolve_version
@@ -143,10 +143,10 @@ def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None,
             raise TunelensError(f"{uri} and {seen[key]} are the same version "
                                 f"(models:/{key[0]}/{key[1]}): list each version once")
         seen[key] = uri
+    # the text groups are planned once for every base below, not once per candidate
     plans = [plan_evaluation(client, uri, data, base=base, against=(), config=config,
                              backend=backend, max_new_tokens=max_new_tokens,
-                             extra_metrics=extra_metrics, primary_metric=primary_metric,
-                             texts=texts, guard=guard)
+                             extra_metrics=extra_metrics, primary_metric=primary_metric)
              for uri in model_uris]
     several_models = len({plan.ref.name for plan in plans}) > 1
 
@@ -439,7 +439,7 @@ def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
     client.set_tag(run_id, "tunelens.models", " ".join(uris))
     recommendation = scores.recommendation
     named = {c.label: f"models:/{c.plan.ref.name}/{c.plan.ref.version}" for c in plan.candidates}
-    try:
+    with closed_when_done(client, run_id, owned):
         first = plan.first
         params = {"tunelens.models": ",".join(named.values()),
                   "tunelens.labels": ",".join(plan.labels),
@@ -462,12 +462,6 @@ def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
         for tag, label in ((RECOMMENDED_TAG, recommendation.recommended),
                            (BACKUP_TAG, recommendation.backup)):
             client.set_tag(run_id, tag, named.get(label, "none"))
-    except Exception:
-        if owned:
-            client.set_terminated(run_id, status="FAILED")
-        raise
-    if owned:
-        client.set_terminated(run_id)
     for candidate in plan.candidates:
         others = ", ".join(c.label for c in plan.candidates if c is not candidate)
         role = _role(recommendation, candidate.label)

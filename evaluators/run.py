@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -639,6 +640,20 @@ def _open_run(client, run_id: str | None, evaluation: dict, ref: ModelRef,
     return run.info.run_id, True
 
 
+@contextmanager
+def closed_when_done(client, run_id: str, owned: bool):
+    """Around logging into `run_id`: a run we opened ends FINISHED, or FAILED when the block
+    raises; a caller's run (mlflow.models.evaluate's) is left for its owner to end."""
+    try:
+        yield
+    except Exception:
+        if owned:
+            client.set_terminated(run_id, status="FAILED")
+        raise
+    if owned:
+        client.set_terminated(run_id)
+
+
 def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: Scored,
                    run_id: str | None, set_version_tags: bool,
                    run_tags: dict[str, str] | None = None,
@@ -648,7 +663,7 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
     is (the hook worker's check that it still owns the job)."""
     ref, verdict = plan.ref, scored.verdict
     run_id, owned = _open_run(client, run_id, plan.config["evaluation"], ref, run_tags)
-    try:
+    with closed_when_done(client, run_id, owned):
         client.log_batch(run_id, params=_params(plan, generated.engine_settings))
         _log_metrics(client, run_id, scored.metrics)
         client.log_table(run_id, data=scored.table, artifact_file=TABLE_FILE)
@@ -661,12 +676,6 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
         if verdict.holder is not None:
             client.set_tag(run_id, HOLDER_TAG, verdict.holder.tag_value)
         _log_inputs(client, run_id, plan, owned)
-    except Exception:
-        if owned:
-            client.set_terminated(run_id, status="FAILED")
-        raise
-    if owned:
-        client.set_terminated(run_id)
     if before_version_tags is not None:
         before_version_tags(run_id)
     if set_version_tags:

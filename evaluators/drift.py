@@ -123,18 +123,20 @@ def weight_delta_by_layer(adapter_dir: Path, config: dict) -> dict[int, float]:
     return {profile.layer: float(profile.fro_sum) for profile in result.layers}
 
 
-def measure_drift(engine, base_dir: Path, reference, candidate, token_ids: list[list[int]],
-                  config: dict) -> DriftProfile:
-    """`layer_drift` on `engine` when it is a transformers one, else on a transformers model of
-    the base loaded for it alone (the caller has closed its vLLM engine first) and closed after."""
+def measure_drift(engine, base_dir: Path, pairs, token_ids: list[list[int]],
+                  config: dict) -> dict[str, DriftProfile]:
+    """`layer_drift` of each (reference, candidate) pair, by candidate label: on `engine` when it
+    is a transformers one, else on one transformers model of the base loaded for them alone (the
+    caller has closed its vLLM engine first) and closed after."""
     from .backends import TransformersBackend
 
-    weights = weight_delta_by_layer(candidate.adapter_dir, config)
     own = engine is None or not isinstance(engine, TransformersBackend)
     if own:
         engine = TransformersBackend(base_dir, config["evaluation"]["transformers"])
     try:
-        return layer_drift(engine, reference, candidate, token_ids, weights)
+        return {candidate.label: layer_drift(engine, reference, candidate, token_ids,
+                                             weight_delta_by_layer(candidate.adapter_dir, config))
+                for reference, candidate in pairs}
     finally:
         if own:
             engine.close()

@@ -40,7 +40,7 @@ from .perplexity import TextPlan, check_backend, plan_texts
 from .recommendation import Recommendation, Standing, recommend
 from .report import PAGES, render_report
 from .run import (BASE, FINETUNED, BackendChoice, EngineGroup, EvaluationPlan, Generated, GroupRun,
-                  Scored, _drift, _log_metrics, build_table, choose_backend, closed_when_done,
+                  Scored, build_table, choose_backend, closed_when_done, log_metrics,
                   plan_evaluation, run_group, score, tag_version)
 from .text_report import html_section, log_text_results
 from .serving import ServingFigures, compare_latency
@@ -222,23 +222,22 @@ class MatrixRuns:
 
 
 def generate_matrix(plan: MatrixPlan) -> MatrixRuns:
-    """Each base's engine in turn (closed before the next), with its latency and memory as served
-    and the text groups' log-probabilities; then each candidate's activation drift from its base
-    (transformers, one model at a time)."""
+    """Each base's engine in turn (closed before the next), with its latency and memory as served,
+    the text groups' log-probabilities and each of its candidates' activation drift from it (on the
+    engine when it is a transformers one, else on one transformers model of the base after it)."""
     first = plan.first
     runs: dict[str, GroupRun] = {}
+    drift: dict[str, DriftProfile] = {}
     for group in plan.groups:
+        members = {c.label: c for c in group.candidates}
+        pairs = (tuple((members[c.labels[BASE]], members[c.label]) for c in plan.candidates
+                       if c.label in members)
+                 if plan.texts is not None and plan.texts.drift_texts else ())
         done = run_group(group, plan.kept, plan.backend, first.settings, plan.config, serve=True,
-                         texts=plan.texts, judged=tuple(c.label for c in plan.candidates))
+                         texts=plan.texts, drift_pairs=pairs,
+                         judged=tuple(c.label for c in plan.candidates))
         runs |= {c.label: done for c in group.candidates}
-    drift = {}
-    if plan.texts is not None and plan.texts.drift_texts:
-        for candidate in plan.candidates:
-            group = next(g for g in plan.groups
-                         if any(c.label == candidate.label for c in g.candidates))
-            members = {c.label: c for c in group.candidates}
-            pair = (members[candidate.labels[BASE]], members[candidate.label])
-            drift[candidate.label] = _drift(None, plan.texts, group, pair, plan.config)
+        drift |= done.drift
     return MatrixRuns(runs, drift)
 
 
@@ -309,7 +308,7 @@ def _standing(candidate: CandidatePlan, scored: Scored, view: Generated, config:
         noise = compare_latency(serving.latency_of(BASE), profile,
                                 level=float(settings["confidence_level"]),
                                 n_resamples=int(settings["bootstrap_resamples"]),
-                                seed=int(settings["seed"])).noise_factor
+                                seed=int(settings["seed"])).noise_bound
     primary = candidate.plan.primary.name
     return Standing(candidate.label, f"models:/{candidate.plan.ref.name}/"
                     f"{candidate.plan.ref.version}", scored.verdict.decision,
@@ -450,7 +449,7 @@ def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
                   "tunelens.max_new_tokens": first.settings.max_new_tokens,
                   "tunelens.temperature": first.settings.temperature}
         client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        _log_metrics(client, run_id, scores.metrics | {"rows_evaluated": float(len(plan.kept)),
+        log_metrics(client, run_id, scores.metrics | {"rows_evaluated": float(len(plan.kept)),
                                                        "rows_skipped_too_long":
                                                            float(plan.skipped)})
         client.log_table(run_id, data=scores.table, artifact_file=MATRIX_TABLE)

@@ -355,16 +355,17 @@ class GroupRun:
     engine_settings: dict
     serving: ServingFigures | None = None
     text_logprobs: dict | None = None
-    drift: DriftProfile | None = None
+    drift: dict[str, DriftProfile] = field(default_factory=dict)  # by candidate label
 
 
 def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
               settings: GenerationSettings, config: dict, *, serve: bool,
               texts: TextPlan | None = None,
-              drift_pair: tuple[Candidate, Candidate] | None = None,
+              drift_pairs: tuple[tuple[Candidate, Candidate], ...] = (),
               judged: tuple[str, ...] = (FINETUNED,)) -> GroupRun:
     """One base's engine: its members' outputs on `rows`, then (with `texts`) their text
-    log-probabilities and the drift of `drift_pair` (base, candidate), and, with `serve` (and
+    log-probabilities and the drift of each of `drift_pairs` (base, candidate): on the engine
+    when it is a transformers one, else on one transformers model after it closed; with `serve` (and
     evaluation.latency.sample_rows > 0), latency and memory as served (serving.ServedTiming).
 
     Engines, one in memory at a time. vLLM with adapters served as such: a plain engine times the
@@ -383,7 +384,8 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
     adapters = [c.adapter_dir for c in group.candidates if c.adapter_dir is not None]
     tokenizer = AutoTokenizer.from_pretrained(group.base_dir)
     prompt_ids = [group.prompt_ids[i] for i in rows]
-    text_logprobs = drift = serving = None
+    text_logprobs = serving = None
+    drift: dict[str, DriftProfile] = {}
     with tempfile.TemporaryDirectory(prefix="tunelens-serving-") as work_dir:
         timing = (ServedTiming(group.base_dir, group.candidates, prompt_ids, tokenizer, settings,
                                evaluation, backend.name, max_model_len=group.max_model_len,
@@ -399,15 +401,15 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
             done = run_phases(engine, group.candidates, prompt_ids, tokenizer, settings)
             if texts is not None:  # on the same engine, after generating
                 text_logprobs = score_texts(engine, group.candidates, texts, group.base_dir)
-                if drift_pair is not None and engine.name == "transformers":
-                    drift = _drift(engine, texts, group, drift_pair, config)
+                if drift_pairs and engine.name == "transformers":
+                    drift = group_drift(engine, texts, group, drift_pairs, config)
             if timing is not None:
                 timing.on_generation_engine(engine)
             engine_settings = engine.settings
         finally:
             engine.close()
-        if drift_pair is not None and texts is not None and drift is None:
-            drift = _drift(None, texts, group, drift_pair, config)  # after the vLLM engine closed
+        if drift_pairs and texts is not None and not drift:  # after the vLLM engine closed
+            drift = group_drift(None, texts, group, drift_pairs, config)
         if timing is not None:
             serving = timing.after_generation()
     return GroupRun({c.label: phase for c, phase in zip(group.candidates, done)},
@@ -436,25 +438,27 @@ def generate(plan: EvaluationPlan) -> Generated:
     first: GroupRun | None = None
     text_logprobs = {} if plan.texts is not None else None
     for index, group in enumerate(plan.groups):
-        drift_pair = None
+        drift_pairs = ()
         if index == 0 and plan.texts is not None and plan.texts.drift_texts:
             by_label = {c.label: c for c in group.candidates}
-            drift_pair = (by_label[BASE], by_label[FINETUNED])
+            drift_pairs = ((by_label[BASE], by_label[FINETUNED]),)
         done = run_group(group, plan.kept, plan.backend, plan.settings, plan.config,
-                         serve=index == 0, texts=plan.texts, drift_pair=drift_pair)
+                         serve=index == 0, texts=plan.texts, drift_pairs=drift_pairs)
         first = first or done
         phases |= done.phases
         if text_logprobs is not None:
             text_logprobs |= done.text_logprobs
     return Generated({label: phases[label] for label in plan.labels}, first.engine_settings,
-                     first.serving, text_logprobs, first.drift)
+                     first.serving, text_logprobs, first.drift.get(FINETUNED))
 
 
-def _drift(engine, texts: TextPlan, group: EngineGroup, pair: tuple[Candidate, Candidate],
-           config: dict) -> DriftProfile:
-    """The candidate's activation drift from the base on the first texts (transformers)."""
+def group_drift(engine, texts: TextPlan, group: EngineGroup,
+                pairs: tuple[tuple[Candidate, Candidate], ...], config: dict
+                ) -> dict[str, DriftProfile]:
+    """Each pair's candidate's activation drift from its base on the first texts
+    (transformers), by candidate label."""
     ids = texts.token_ids[str(group.base_dir)][:texts.drift_texts]
-    return measure_drift(engine, group.base_dir, pair[0], pair[1], ids, config)
+    return measure_drift(engine, group.base_dir, pairs, ids, config)
 
 
 def _served_rules(serving: ServingFigures | None, reference: str, config: dict) -> list:
@@ -666,7 +670,7 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
     run_id, owned = _open_run(client, run_id, plan.config["evaluation"], ref, run_tags)
     with closed_when_done(client, run_id, owned):
         client.log_batch(run_id, params=_params(plan, generated.engine_settings))
-        _log_metrics(client, run_id, scored.metrics)
+        log_metrics(client, run_id, scored.metrics)
         client.log_table(run_id, data=scored.table, artifact_file=TABLE_FILE)
         client.log_text(run_id, scored.html, REPORT_FILE)
         log_text_results(client, run_id, scored.texts)
@@ -814,7 +818,8 @@ def _params(plan: EvaluationPlan, engine_settings: dict):
     return [Param(k, str(v)[:6000]) for k, v in values.items()]
 
 
-def _log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
+def log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
+    """`metrics` on the run in batches, leaving out values MLflow cannot store (NaN, inf)."""
     import time
 
     from mlflow.entities import Metric

@@ -211,7 +211,17 @@ class LatencyRatio:
 
     @property
     def noise_factor(self) -> float:
-        """How far apart two measurements of the same model can land here: max(A/A high, 1/A/A low)."""
+        """How far the base landed from itself here: max(A/A, 1/A/A).
+
+        The A/A estimate, not its interval's far end: the candidate's own interval already carries
+        the rows' scatter, and requiring one interval to clear the other's far end counted that
+        scatter twice, so a busy machine turned a clear fail into "undecided"."""
+        return max(1.0, self.base_vs_base, 1.0 / self.base_vs_base)
+
+    @property
+    def noise_bound(self) -> float:
+        """How far two timings of one model can land apart here: max(A/A high, 1/A/A low); for
+        unpaired figures (p50s from different engines), where no per-row interval carries it."""
         return max(1.0, self.base_vs_base_high, 1.0 / self.base_vs_base_low)
 
 

@@ -60,6 +60,20 @@ def test_latency_rule_passes_fails_and_waits_on_noise():
                            **RULE).noise_factor > 1.6
 
 
+def test_latency_rule_fails_a_clear_slowdown_through_a_busy_machines_scatter():
+    """Every request scattered by load (lognormal, sigma 0.4: x0.45 to x2.2), the base's median
+    still about x1 against itself: the floor is that median, so a candidate x1.5 slower fails, as
+    it does on a quiet machine. The far end of the A/A interval (x1.28 here) would have left it
+    undecided: the ratio's own interval already carries the scatter."""
+    rng = np.random.default_rng(2)
+    scatter = lambda: np.exp(rng.normal(0, 0.4, 40))  # noqa: E731
+    base, again, slow = 100 * scatter(), 100 * scatter(), 150 * scatter()
+    compared = compare_latency(profile("base", base, again), profile("c", slow), **RULE)
+    assert compared.noise_factor < 1.05 and compared.noise_bound > compared.low > 1.2
+    rule = latency_rule(profile("base", base, again), profile("c", slow), 1.2, **RULE)
+    assert rule.passed is False
+
+
 def test_latency_rule_same_status_when_the_machine_slows_down_steadily():
     """A load that slows every request x2.5 and drifts by 10 % a pass (base, candidate, base)
     changes neither the ratio nor the status: the drift cancels between the two base passes."""
@@ -238,32 +252,27 @@ def rule_statuses(figures) -> list[tuple[str, bool | None]]:
     return [(rule.name, rule.passed) for rule in rules]
 
 
-@pytest.mark.parametrize("served_as, rows", [("merged", 20), ("adapter", 40)])
+@pytest.mark.parametrize("served_as, rows", [("merged", 20), ("adapter", 20)])
 def test_same_verdict_idle_and_under_load(served, served_as, rows):
     """Merged (as fast as the base) passes, and adapter (PEFT's extra work per layer on a tiny
-    model, about x1.4 here) fails at the default limit x1.2, whether the cores are free or busy.
-    Load can widen the measured noise floor and so leave a rule undecided that decided when idle
-    (seen once in a fresh-clone run: adapter x1.44 failed idle, x1.50 undecided under load, noise
-    x1.05 -> x1.43), but it never turns a pass into a fail or a fail into a pass."""
-    idle = served["measure"](served_as, rows=rows)
+    model, about x1.4 here) fails at the default limit x1.2, whether the cores are free or busy
+    (every core kept busy by another process): timed as an evaluation times them, with another
+    round while the rule is undecided, up to the default max_rounds."""
+    settings = load_config()["verdict"]
+    judgement = LatencyJudgement(("finetuned",), settings["max_latency_ratio"], **RULE)
+    idle = served["measure"](served_as, rows=rows, judgement=judgement)
     burners = burn_cores(os.cpu_count() or 2)
     try:
-        loaded = served["measure"](served_as, rows=rows)
+        loaded = served["measure"](served_as, rows=rows, judgement=judgement)
     finally:
         for burner in burners:
             burner.kill()
             burner.wait()
-    never_contradicts = all(name_l == name_i and {status_l, status_i} != {True, False}
-                            for (name_l, status_l), (name_i, status_i)
-                            in zip(rule_statuses(loaded), rule_statuses(idle)))
-    assert never_contradicts and len(rule_statuses(loaded)) == len(rule_statuses(idle)), (
+    assert rule_statuses(idle) == rule_statuses(loaded) and (
+            rule_statuses(idle)[0] == ("latency_ratio", served_as == "merged")), (
         f"idle: {latency_rule(idle.latency_of('base'), idle.latency_of('finetuned'), 1.2, **RULE)}"
         f"\nloaded: {latency_rule(loaded.latency_of('base'), loaded.latency_of('finetuned'), 1.2, **RULE)}")
     assert loaded.memory == idle.memory
-    # Whatever the load, merged is never failed and PEFT's extra work is never passed.
-    latency = {status for statuses in (rule_statuses(idle), rule_statuses(loaded))
-               for name, status in statuses if name == "latency_ratio"}
-    assert (False not in latency) if served_as == "merged" else (True not in latency)
 
 
 def test_merge_adapter_folds_the_adapter_into_a_plain_model(llama_base, llama_adapter, tmp_path):

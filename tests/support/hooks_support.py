@@ -15,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 
 from support.mlflow_server import free_port
-from tunelens.registry_hooks.service.state import FINAL, STATUS
+from tunelens.registry_hooks.service.state import FINAL, LEASE, STATUS
 from tunelens.registry_hooks.service.webhook import DELIVERY_ID, SIGNATURE, TIMESTAMP, sign
 
 from support import REPO
@@ -39,11 +39,12 @@ def register(client: MlflowClient, name: str, adapter_dir: Path, *,
 
 def wait_status(client: MlflowClient, name: str, version: str, timeout: float = 240,
                 statuses=FINAL) -> dict[str, str]:
-    """The version's tags once its status is in `statuses`; AssertionError on timeout."""
+    """The version's tags once its status is in `statuses` (and, for a final one, its lease is
+    gone: the worker drops it just after writing the status); AssertionError on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         tags = client.get_model_version(name, version).tags
-        if tags.get(STATUS) in statuses:
+        if tags.get(STATUS) in statuses and not (tags[STATUS] in FINAL and LEASE in tags):
             return tags
         time.sleep(0.2)
     raise AssertionError(f"{name} v{version} not in {statuses} after {timeout} s: {tags}")

@@ -252,27 +252,38 @@ def rule_statuses(figures) -> list[tuple[str, bool | None]]:
     return [(rule.name, rule.passed) for rule in rules]
 
 
+def measured_with_burners(served, served_as: str, rows: int, judgement, burners: int):
+    processes = burn_cores(burners)
+    try:
+        return served["measure"](served_as, rows=rows, judgement=judgement)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("served_as, rows", [("merged", 20), ("adapter", 20)])
 def test_same_verdict_idle_and_under_load(served, served_as, rows):
     """Merged (as fast as the base) passes, and adapter (PEFT's extra work per layer on a tiny
-    model, about x1.4 here) fails at the default limit x1.2, whether the cores are free or busy
-    (every core kept busy by another process): timed as an evaluation times them, with another
-    round while the rule is undecided, up to the default max_rounds."""
+    model, about x1.5 here) fails at the default limit x1.2, idle and with all cores but the one
+    the timing uses kept busy by other processes: timed as an evaluation times them (another round
+    while the rule is undecided, up to the default max_rounds). With more runnable processes than
+    cores the requests also queue for a core; see docs/serving-figures.md for what that does."""
     settings = load_config()["verdict"]
     judgement = LatencyJudgement(("finetuned",), settings["max_latency_ratio"], **RULE)
     idle = served["measure"](served_as, rows=rows, judgement=judgement)
-    burners = burn_cores(os.cpu_count() or 2)
+    burners = burn_cores(max(1, (os.cpu_count() or 2) - 1))
     try:
-        loaded = served["measure"](served_as, rows=rows, judgement=judgement)
+        busy = served["measure"](served_as, rows=rows, judgement=judgement)
     finally:
         for burner in burners:
             burner.kill()
             burner.wait()
-    assert rule_statuses(idle) == rule_statuses(loaded) and (
-            rule_statuses(idle)[0] == ("latency_ratio", served_as == "merged")), (
+    assert rule_statuses(idle)[0] == ("latency_ratio", served_as == "merged") and (
+        rule_statuses(busy) == rule_statuses(idle)), (
         f"idle: {latency_rule(idle.latency_of('base'), idle.latency_of('finetuned'), 1.2, **RULE)}"
-        f"\nloaded: {latency_rule(loaded.latency_of('base'), loaded.latency_of('finetuned'), 1.2, **RULE)}")
-    assert loaded.memory == idle.memory
+        f"\nbusy: {latency_rule(busy.latency_of('base'), busy.latency_of('finetuned'), 1.2, **RULE)}")
+    assert busy.memory == idle.memory
 
 
 def test_merge_adapter_folds_the_adapter_into_a_plain_model(llama_base, llama_adapter, tmp_path):

@@ -865,19 +865,16 @@ class ServedTiming:
             finally:
                 server.close()
             order = (f"one process, each row: {' -> '.join(m.label for m in self.sequence)} "
-                     f"(candidates rotated); {self._rounds} round(s) of {len(self.rows)} rows")
-            if self.judgement is not None:
-                order += (f" (another round while the latency rule of "
-                          f"{', '.join(self.judgement.candidates)} "
-                          f"was undecided, at most {self.serving.max_rounds})")
+                     f"(candidates rotated)")
         else:
             self._run_passes(len(self.passes))
             self._more_rounds(None)
             order = " -> ".join(self._order)
-            if self._rounds > 1:
-                order += (f"; {self._rounds} rounds of {len(self.rows)} rows (another while the "
-                          f"latency rule of {', '.join(self.judgement.candidates)} was undecided, "
-                          f"at most {self.serving.max_rounds})")
+        order += f"; {self._rounds} round(s) of {len(self.rows)} rows"
+        if self.judgement is not None:
+            order += (f" (another round while the latency rule of "
+                      f"{', '.join(self.judgement.candidates)} "
+                      f"was undecided, at most {self.serving.max_rounds})")
         return self._figures(order)
 
     def _run_passes(self, stop: int) -> None:

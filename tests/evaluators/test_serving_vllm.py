@@ -128,8 +128,8 @@ def test_vllm_merged_candidate_serves_like_the_base_and_undecided_rounds_restart
     if rounds == 2:
         note = figures.notes[0]
         assert "; round 2)" in note and f"{8} rows per model" in note
-        assert "2 rounds of 4 rows (another while the latency rule of finetuned was undecided, " \
-               "at most 2)" in note
+        assert "; 2 round(s) of 4 rows (another round while the latency rule of finetuned was " \
+               "undecided, at most 2)" in note
         assert len(note.split("average after each engine: ")[1].split(", ")) == 6
 
 

@@ -162,6 +162,9 @@ class ServedRequest:
     # prompt + output - 1: the positions the KV cache held at the request's end (the last token
     # generated is never fed back, so never cached)
     tokens_in_cache: int
+    # share of the serving threads' runnable time spent waiting for a CPU core (core_wait.py);
+    # NaN where not measured
+    core_wait: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ class EngineAccounting:
     kv_block_size: int  # tokens per KV-cache block
     kv_bytes_per_block: int  # one block's bytes over every attention layer (and worker)
     dtype_bytes: int  # bytes per element of the served weights
+    worker_pids: tuple[int, ...]  # the processes that run the model
 
     def kv_bytes(self, tokens: int) -> int:
         """KV cache held by one request of `tokens` positions: whole blocks, ceil(tokens / size)."""
@@ -187,7 +191,8 @@ _LORA_BUFFERS = ("lora_a_stacked", "lora_b_stacked", "lora_bias_stacked")
 
 
 def _worker_tensor_bytes(worker) -> dict:
-    """Runs inside one vLLM worker: bytes of its weights and LoRA slots, and its KV block layout."""
+    """Runs inside one vLLM worker: bytes of its weights and LoRA slots, its KV block layout and
+    its process id."""
     model = worker.get_model()
     lora_ids, lora_bytes = set(), 0
     for module in model.modules():
@@ -217,7 +222,7 @@ def _worker_tensor_bytes(worker) -> dict:
             "block_size": groups[0].kv_cache_spec.block_size,
             "bytes_per_block": sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names)
                                    for g in groups),
-            "dtype_bytes": next(model.parameters()).element_size()}
+            "dtype_bytes": next(model.parameters()).element_size(), "pid": os.getpid()}
 
 
 class VllmBackend:
@@ -325,7 +330,8 @@ class VllmBackend:
             lora_slots=int(self.engine_options.get("max_loras", 0)),
             kv_block_size=per_worker[0]["block_size"],
             kv_bytes_per_block=sum(w["bytes_per_block"] for w in per_worker),
-            dtype_bytes=per_worker[0]["dtype_bytes"])
+            dtype_bytes=per_worker[0]["dtype_bytes"],
+            worker_pids=tuple(w["pid"] for w in per_worker))
 
     @property
     def settings(self) -> dict:

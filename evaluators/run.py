@@ -427,7 +427,8 @@ def _latency_judgement(group: EngineGroup, config: dict,
     return LatencyJudgement(here, float(settings["max_latency_ratio"]),
                             level=float(settings["confidence_level"]),
                             n_resamples=int(settings["bootstrap_resamples"]),
-                            seed=int(settings["seed"]))
+                            seed=int(settings["seed"]),
+                            max_core_wait=config["evaluation"]["latency"]["max_core_wait"])
 
 
 def generate(plan: EvaluationPlan) -> Generated:
@@ -480,7 +481,8 @@ def _served_rules(serving: ServingFigures | None, reference: str, config: dict) 
             serving.latency_of(BASE), serving.latency_of(FINETUNED),
             float(settings["max_latency_ratio"]), level=float(settings["confidence_level"]),
             n_resamples=int(settings["bootstrap_resamples"]), seed=int(settings["seed"]),
-            reference=None if reference == BASE else serving.latency_of(reference)))
+            reference=None if reference == BASE else serving.latency_of(reference),
+            max_core_wait=config["evaluation"]["latency"]["max_core_wait"]))
     return rules
 
 

@@ -60,12 +60,15 @@ A figure that this engine cannot measure honestly is None, with the reason in ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tunelens.errors import TunelensError
+
+from .core_wait import SchedulerTimes, waiting_share
 
 if TYPE_CHECKING:  # the verdict module imports this one; the rule type is imported lazily below
     from tunelens.evaluators.verdict import RuleOutcome
@@ -99,11 +102,17 @@ class LatencyProfile:
     warmup_requests: int
     repeat_e2e_ms: tuple[float, ...] | None = None
     load_average: float | None = None  # 1-minute load average when the timing ended
+    # per request, the share of the serving threads' runnable time spent waiting for a CPU core
+    # (core_wait.py; NaN where not measured); `repeat_core_wait` for the base's second requests
+    core_wait: tuple[float, ...] | None = None
+    repeat_core_wait: tuple[float, ...] | None = None
+    round_rows: int | None = None  # rows per timing round (None: all of them in one)
 
     def __post_init__(self):
         lengths = {len(self.rows), len(self.e2e_ms), len(self.ttft_ms), len(self.output_tokens)}
-        if self.repeat_e2e_ms is not None:
-            lengths.add(len(self.repeat_e2e_ms))
+        for optional in (self.repeat_e2e_ms, self.core_wait, self.repeat_core_wait):
+            if optional is not None:
+                lengths.add(len(optional))
         if len(lengths) != 1 or not self.rows:
             raise TunelensError(f"latency profile of {self.label!r} needs one timing per sampled "
                                 f"row and at least one row")
@@ -140,11 +149,22 @@ class LatencyProfile:
     def tpot_p50_ms(self) -> float:
         return _percentile(self.tpot_ms, 50)
 
+    @property
+    def core_waits(self) -> list[float]:
+        """Every request's share of runnable time spent waiting for a core (both base passes)."""
+        return [w for stream in (self.core_wait, self.repeat_core_wait) if stream is not None
+                for w in stream]
+
+    @property
+    def core_wait_p50(self) -> float:
+        return _percentile(self.core_waits, 50)
+
     def metrics(self) -> dict[str, float]:
         """Flat metrics for `<label>/served_...` (NaN-free: unknown figures are left out)."""
         values = {"served_latency_ms_p50": self.e2e_p50_ms, "served_latency_ms_p95": self.e2e_p95_ms,
                   "served_ttft_ms_p50": self.ttft_p50_ms, "served_ttft_ms_p95": self.ttft_p95_ms,
                   "served_tpot_ms_p50": self.tpot_p50_ms,
+                  "served_core_wait_share_p50": self.core_wait_p50,
                   "served_latency_requests": float(self.n_requests)}
         return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 
@@ -208,6 +228,14 @@ class LatencyRatio:
     base_vs_base_high: float
     p95_ratio: float  # sqrt(p95(c)/p95(b1) * p95(c)/p95(b2)): the tails, reported beside it
     p50_ratio: float  # the same on medians
+    rows_timed: int = 0
+    # rows in which some compared request's threads waited for a core more than max_core_wait of
+    # their runnable time: left out of the figures above while enough rows are left
+    contended_rows: int = 0
+    # fewer uncontended rows than half a round: the figures are over every row, and the rule
+    # cannot decide
+    oversubscribed: bool = False
+    core_wait_p50: float = math.nan  # median waiting share over the compared requests
 
     @property
     def noise_factor(self) -> float:
@@ -230,13 +258,28 @@ def _across_passes(c, b1, b2, statistic) -> float:
     return float(np.sqrt(statistic(c) ** 2 / (statistic(b1) * statistic(b2))))
 
 
+def _contended_rows(profiles, max_core_wait: float) -> np.ndarray:
+    """Per row: whether some request of `profiles` waited for a core more than `max_core_wait` of
+    its threads' runnable time (a request whose wait was not measured counts as uncontended)."""
+    waits = [np.asarray(stream, dtype=np.float64) for p in profiles
+             for stream in (p.core_wait, p.repeat_core_wait) if stream is not None]
+    if not waits:
+        return np.zeros(len(profiles[0].rows), dtype=bool)
+    return np.any(np.nan_to_num(np.vstack(waits), nan=0.0) > max_core_wait, axis=0)
+
+
 def compare_latency(base: LatencyProfile, candidate: LatencyProfile, *, level: float,
-                    n_resamples: int, seed: int,
-                    reference: LatencyProfile | None = None) -> LatencyRatio:
+                    n_resamples: int, seed: int, reference: LatencyProfile | None = None,
+                    max_core_wait: float | None = None) -> LatencyRatio:
     """Per-row paired ratios with percentile bootstrap intervals (scipy.stats.bootstrap).
 
     `reference`: another candidate timed in the same rows (the alias's holder): the ratios are then
     c_i / r_i; the noise floor is still the base's A/A.
+    `max_core_wait`: rows in which a compared request's threads waited for a core more than this
+    share of their runnable time are left out: those times are the machine's load, whichever model
+    they belong to. At least half a round's rows (and 2) must be left; otherwise every row counts
+    and the result is `oversubscribed`. While the rule is undecided more rounds are timed, so a
+    machine busy in bursts still gives enough uncontended rows.
     """
     from scipy.stats import bootstrap
 
@@ -250,13 +293,19 @@ def compare_latency(base: LatencyProfile, candidate: LatencyProfile, *, level: f
     if reference is not None and reference.rows != candidate.rows:
         raise TunelensError(f"{reference.label!r} and {candidate.label!r} were timed on different "
                             "rows")
-    first, second = np.asarray(base.e2e_ms), np.asarray(base.repeat_e2e_ms)
-    other = np.asarray(candidate.e2e_ms)
+    compared = [base, candidate] + ([] if reference is None else [reference])
+    timed = len(base.rows)
+    contended = (np.zeros(timed, dtype=bool) if max_core_wait is None
+                 else _contended_rows(compared, max_core_wait))
+    oversubscribed = timed - int(contended.sum()) < max(2, -(-(base.round_rows or timed) // 2))
+    kept = np.ones(timed, dtype=bool) if oversubscribed else ~contended
+    first, second = np.asarray(base.e2e_ms)[kept], np.asarray(base.repeat_e2e_ms)[kept]
+    other = np.asarray(candidate.e2e_ms)[kept]
     base_vs_base = second / first
     if reference is None:
         ratios = other / np.sqrt(first * second)
     else:  # the reference stands in for both base passes
-        first = second = np.asarray(reference.e2e_ms)
+        first = second = np.asarray(reference.e2e_ms)[kept]
         ratios = other / first
     options = dict(vectorized=True, method="percentile", n_resamples=n_resamples,
                    confidence_level=level)
@@ -269,15 +318,19 @@ def compare_latency(base: LatencyProfile, candidate: LatencyProfile, *, level: f
                         base_vs_base=float(np.median(base_vs_base)),
                         base_vs_base_low=float(aa.low), base_vs_base_high=float(aa.high),
                         p95_ratio=_across_passes(other, first, second, lambda v: np.percentile(v, 95)),
-                        p50_ratio=_across_passes(other, first, second, np.median))
+                        p50_ratio=_across_passes(other, first, second, np.median),
+                        rows_timed=timed, contended_rows=int(contended.sum()),
+                        oversubscribed=oversubscribed,
+                        core_wait_p50=_percentile([w for p in compared for w in p.core_waits], 50))
 
 
 def latency_rule(base: LatencyProfile, candidate: LatencyProfile, limit: float, *, level: float,
                  n_resamples: int, seed: int, reference: LatencyProfile | None = None,
-                 name: str = "latency_ratio") -> "RuleOutcome":
+                 max_core_wait: float | None = None, name: str = "latency_ratio") -> "RuleOutcome":
     """Pass when the served latency ratio is within `limit`; fail only when its whole interval lies
     above both the limit and the noise factor (how far the base lands from itself, A/A): a
-    difference within the machine's noise never fails.
+    difference within the machine's noise never fails. Undecided when the machine was
+    oversubscribed (`max_core_wait`, see compare_latency): those times are its load, not the models.
 
     Against the base by default, against `reference` (e.g. the alias's holder) when given. Named
     `latency_ratio` (limit `verdict.max_latency_ratio`): it judges a median of per-prompt ratios;
@@ -286,15 +339,24 @@ def latency_rule(base: LatencyProfile, candidate: LatencyProfile, limit: float, 
     from tunelens.evaluators.verdict import RuleOutcome
 
     compared = compare_latency(base, candidate, level=level, n_resamples=n_resamples, seed=seed,
-                               reference=reference)
+                               reference=reference, max_core_wait=max_core_wait)
     against = base if reference is None else reference
     noise = compared.noise_factor
-    passed = (True if compared.estimate <= limit else
+    passed = (None if compared.oversubscribed else True if compared.estimate <= limit else
               False if compared.low > max(limit, noise) else None)
-    relation = {True: "within the limit", False: "above the limit and the noise",
-                None: "above the limit, but its interval reaches the limit or the noise"}[passed]
-    detail = (f"served latency {candidate.label}/{against.label} per prompt (median of paired "
-              f"ratios) "
+    relation = ("against the limit" if compared.oversubscribed else
+                {True: "within the limit", False: "above the limit and the noise",
+                 None: "above the limit, but its interval reaches the limit or the noise"}[passed])
+    waits = _core_waits_in_words(compared, max_core_wait)
+    before = after = ""
+    if compared.oversubscribed:
+        before = (f"NOT JUDGED: {waits}: more threads wanted to run than the machine has cores, so "
+                  f"these times say more about its load than about the models; evaluate again on "
+                  f"a quieter machine (evaluation.latency.max_core_wait sets the share). ")
+    elif waits:
+        after = f"; {waits}" + (": those rows are left out" if compared.contended_rows else "")
+    detail = (f"{before}served latency {candidate.label}/{against.label} per prompt (median of "
+              f"paired ratios) "
               f"{compared.estimate:.3f} ({level:.0%} CI {compared.low:.3f} to {compared.high:.3f})"
               f" {relation} {limit:g}; noise x{noise:.3f} (base against itself: "
               f"{compared.base_vs_base:.3f}, CI {compared.base_vs_base_low:.3f} to "
@@ -302,8 +364,20 @@ def latency_rule(base: LatencyProfile, candidate: LatencyProfile, limit: float, 
               f"{candidate.e2e_p50_ms:.1f} ms, p95 {against.e2e_p95_ms:.1f} -> "
               f"{candidate.e2e_p95_ms:.1f} ms (p95 ratio {compared.p95_ratio:.3f}); "
               f"{candidate.n_requests} requests each at concurrency 1, {candidate.label} served as "
-              f"{candidate.served_as}")
+              f"{candidate.served_as}{after}")
     return RuleOutcome(name, compared.estimate, float(limit), passed, detail)
+
+
+def _core_waits_in_words(compared: LatencyRatio, max_core_wait: float | None) -> str:
+    """How long the requests' threads waited for a CPU core, in words ("" when not measured)."""
+    if compared.contended_rows:
+        return (f"in {compared.contended_rows} of {compared.rows_timed} rows a request's threads "
+                f"waited for a CPU core more than {max_core_wait:.0%} of the time they could run "
+                f"(median over all requests {compared.core_wait_p50:.0%})")
+    if math.isfinite(compared.core_wait_p50):
+        return (f"requests waited for a CPU core {compared.core_wait_p50:.0%} of the time they "
+                f"could run (median)")
+    return ""
 
 
 def memory_rules(base: MemoryProfile, candidate: MemoryProfile, max_ratio: float | None,
@@ -541,6 +615,7 @@ class _TransformersServer:
                 self.adapter_bytes[candidate.label] = 0
                 self.served_as[candidate.label] = MERGED_SERVED_AS
         self.peak_allocated: dict[str, int] = {}
+        self.compute_pids = (os.getpid(),)  # the model runs on this process's threads
 
     def request(self, candidate, prompt_ids: list[int], settings, tokenizer):
         import time
@@ -616,6 +691,7 @@ class _VllmServer:
         self.on_cpu = current_platform.is_cpu()
         self.engine = engine
         self.accounting = engine.accounting()
+        self.compute_pids = self.accounting.worker_pids
         self.adapter_dirs = {c.label: c.adapter_dir for c in adapters}
 
     @classmethod
@@ -732,7 +808,10 @@ def _time_rows(server, sequence: tuple, rows: list[int], prompt_ids, settings, t
         order = (*sequence[:ends], *middle[shift:], *middle[:shift], *sequence[len(sequence) - ends:])
         seen: dict[str, int] = {}
         for model in order:
+            before = SchedulerTimes.of(server.compute_pids)
             served, kv = server.request(model, prompt_ids[row], settings, tokenizer)
+            served = replace(served, core_wait=waiting_share(
+                before, SchedulerTimes.of(server.compute_pids)))
             occurrence = seen.get(model.label, 0)
             seen[model.label] = occurrence + 1
             streams = timings.setdefault(model.label, [])
@@ -755,12 +834,14 @@ class LatencyJudgement:
     level: float
     n_resamples: int
     seed: int
+    max_core_wait: float | None = None
 
     def undecided(self, figures: ServingFigures) -> bool:
         """Whether some candidate's rule against some other model neither passes nor fails."""
         base = next(p for p in figures.latency if p.repeat_e2e_ms is not None)
         return any(latency_rule(base, figures.latency_of(label), self.limit, level=self.level,
                                 n_resamples=self.n_resamples, seed=self.seed,
+                                max_core_wait=self.max_core_wait,
                                 reference=None if other is base else other).passed is None
                    for label in self.candidates
                    for other in figures.latency if other.label != label)
@@ -930,8 +1011,6 @@ class ServedTiming:
         """Warm-up (unless `warmup` is False: the same server's next round) and `rows` on
         `server` (the pass's sequence, or the transformers one), each pass of a model in this
         round appended to that pass's timings."""
-        import os
-
         from tqdm.auto import tqdm
 
         sequence = self.sequence if plan is None else plan.sequence
@@ -974,6 +1053,9 @@ class ServedTiming:
                 warmup_requests=serving.warmup_requests,
                 repeat_e2e_ms=(tuple(r.e2e_ms for r in self._streams[label][-1])
                                if label == self.base.label else None),
+                core_wait=tuple(r.core_wait for r in first), round_rows=len(self.rows),
+                repeat_core_wait=(tuple(r.core_wait for r in self._streams[label][-1])
+                                  if label == self.base.label else None),
                 load_average=float(self._loads[-1])))
         notes = (f"served latency: {len(self._timed_rows)} rows per model at concurrency 1 after "
                  f"{serving.warmup_requests} warm-up requests per model; {order}; 1-minute load "

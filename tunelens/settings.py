@@ -95,6 +95,7 @@ class LatencySettings(Section):
     sample_rows: Count
     warmup_requests: Count
     max_rounds: PositiveInt
+    max_core_wait: Share | None
 
 
 class TextsSettings(Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from tunelens.registry_hooks.engine.naming import ROLE_NAMES, ROLE_ORDER, role_o
 from tunelens.registry_hooks.engine.result import AnalysisResult, ModuleMetrics
 
 from .narrative import component_order, fmt
+
+if TYPE_CHECKING:  # matplotlib is imported when a chart is drawn
+    from matplotlib.figure import Figure
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
              "#000000", "#999999"]

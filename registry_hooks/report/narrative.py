@@ -309,7 +309,7 @@ def _full_layers(result: AnalysisResult) -> list[str]:
         by_type[t].append(value)
         by_layer[layer].append(value)
     types = sorted(((fmean(v), t) for t, v in by_type.items()), reverse=True)
-    out = [f"Relative to the base weights, by matrix type (mean ‖ΔW‖_F / ‖W‖_F over layers): "
+    out = ["Relative to the base weights, by matrix type (mean ‖ΔW‖_F / ‖W‖_F over layers): "
            + ", ".join(f"{t} {pct(m, 3)}" for m, t in types)
            + (f": the {types[0][1]} matrices moved most." if len(types) >= 2 else ".")]
     if len(by_layer) >= 2:

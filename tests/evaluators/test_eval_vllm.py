@@ -17,9 +17,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow import MlflowClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from support.eval_support import greedy as greedy_outputs
 from support.eval_support import mean_nll

@@ -25,7 +25,8 @@ def evaluate_group(base_dir, adapter_dir, served_as: str, sample_rows: int = 4,
     start as the number of adapters that engine attached (0: a plain engine)."""
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     config = load_config()
-    config["evaluation"].update(served=served_as, latency={"sample_rows": sample_rows,
+    config["evaluation"].update(served=served_as, latency={**config["evaluation"]["latency"],
+                                                           "sample_rows": sample_rows,
                                                            "warmup_requests": 1,
                                                            "max_rounds": max_rounds})
     config["verdict"]["max_latency_ratio"] = limit
@@ -98,6 +99,10 @@ def test_vllm_served_latency(as_adapter):
         assert all(0 < t < e for t, e in zip(p.ttft_ms, p.e2e_ms))
         assert p.output_tokens and max(p.output_tokens) <= MAX_NEW
     assert "LoRA enabled" in candidate.served_as and "no LoRA" in base.served_as
+    # the workers' threads' waits, read from their processes (pids reported by the workers)
+    for p in (base, candidate):
+        assert len(p.core_waits) == p.n_requests * (2 if p is base else 1)
+        assert all(0 <= w <= 1 for w in p.core_waits)
     rule = latency_rule(base, candidate, 1.2, **RULE)
     assert rule.name == "latency_ratio" and "noise" in rule.detail
     assert "base engine" in figures.notes[0] and "finetuned engine" in figures.notes[0]
@@ -120,7 +125,8 @@ def test_vllm_merged_candidate_serves_like_the_base_and_undecided_rounds_restart
     rounds = candidate_times.n_requests // 4
     assert candidate_times.n_requests == 4 * rounds and base_times.rows == candidate_times.rows
     first_round = latency_rule(first_requests(base_times, 4), first_requests(candidate_times, 4),
-                               0.0, **RULE).passed
+                               0.0, **RULE, max_core_wait=load_config()["evaluation"]["latency"][
+                                   "max_core_wait"]).passed
     assert rounds == (2 if first_round is None else 1)
     assert starts == [1] + [0, 0, 0] * rounds  # the generation engine, then base, merged, base
     assert all(0 <= row < len(ids) for row in base_times.rows)

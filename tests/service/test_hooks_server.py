@@ -95,7 +95,7 @@ def test_embedded_server_analyses_logged_adapters_and_restarts_cleanly(tmp_path,
         client = MlflowClient(server.url)
         assert (data_dir / KEY_FILE).read_text() == key
         hooks = [h for h in client.list_webhooks() if h.name == "tunelens-analysis"]
-        assert len(hooks) == 1 and hooks[0].url.endswith(f"/webhook")
+        assert len(hooks) == 1 and hooks[0].url.endswith("/webhook")
         version = register(client, "served", llama_adapter)  # a webhook after the restart
         assert wait_status(client, "served", version)[STATUS] == "done", server.log_tail()
         assert wait_status(client, "served", str(logged.version))[STATUS] == "done"

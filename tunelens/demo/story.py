@@ -82,7 +82,7 @@ def print_choice(url: str, name: str, outcome, registered: list[Registered],
     for candidate in outcome.plan.candidates:
         for part in outcome.verdict_of(candidate.label).parts:
             for rule in part.deciding():
-                print(f"  {candidate.label} vs {candidate.labels.get(part.reference)}: "
+                print(f"  {candidate.label} vs {part.reference}: "
                       f"{rule.name} {rule.status}")
     evaluation = f"{url}/#/experiments/{experiment_ids['evaluation']}/runs/{outcome.run_id}"
     print(f"  comparison page: {evaluation}/artifactPath/tunelens/matrix.html")

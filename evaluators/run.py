@@ -468,26 +468,25 @@ def group_drift(engine, texts: TextPlan, group: EngineGroup,
     return measure_drift(engine, group.base_dir, pairs, ids, config)
 
 
-def _served_rules(serving: ServingFigures | None, reference: str, plan: EvaluationPlan) -> list:
+def _served_rules(serving: ServingFigures | None, reference: str, config: dict,
+                  called=lambda label: label) -> list:
     """The rules from latency and memory as served: memory totals
     of the candidate against `reference`, and the served latency ratio against it (request by
     request on the same rows, with the base timed before and after as the noise floor). Nothing
     when `reference` was not served here (sample_rows 0, or the holder on another base): then each
     limit that is set gets an undecided rule saying so, never a batch queue time or a process's
-    RSS in place of a figure as served. The rules' texts call the models as the plan does."""
-    config = plan.config
+    RSS in place of a figure as served. The rules' texts call each model `called(label)`."""
     settings = config["verdict"]
     if serving is None or reference not in {p.label for p in serving.memory}:
         why = ("evaluation.latency.sample_rows is 0" if serving is None else
-               f"{plan.called(reference)} ran on an engine of another base and was not timed as "
-               f"served")
+               f"{called(reference)} ran on an engine of another base and was not timed as served")
         return _not_served(settings, why)
 
     def latency(label):
-        return replace(serving.latency_of(label), label=plan.called(label))
+        return replace(serving.latency_of(label), label=called(label))
 
     def memory(label):
-        return replace(serving.memory_of(label), label=plan.called(label))
+        return replace(serving.memory_of(label), label=called(label))
 
     rules = memory_rules(memory(reference), memory(FINETUNED),
                          settings["max_memory_ratio"], settings["max_memory_gib"])
@@ -586,11 +585,11 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
     if texts is not None:
         metrics |= texts.metrics
     text_rules = texts.rules if texts is not None else (lambda reference: [])
-    served_vs_base = _served_rules(serving, BASE, plan)
+    served_vs_base = _served_rules(serving, BASE, config, plan.called)
     metrics |= _rule_metrics(served_vs_base, "delta/")
     parts = [decide_part(comparison, config, "base", served_vs_base + text_rules(BASE))]
     if plan.holder_label:
-        served_vs_holder = _served_rules(serving, plan.holder_label, plan)
+        served_vs_holder = _served_rules(serving, plan.holder_label, config, plan.called)
         metrics |= _rule_metrics(served_vs_holder, f"delta_vs_{plan.holder_label}/")
         parts.append(decide_part(other_comparisons[plan.holder_label], config, "holder",
                                  served_vs_holder + text_rules(plan.holder_label)))

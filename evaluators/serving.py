@@ -150,10 +150,14 @@ class LatencyProfile:
         return _percentile(self.tpot_ms, 50)
 
     @property
+    def core_wait_streams(self) -> list[tuple[float, ...]]:
+        """The measured per-row waits of each pass (the base's two, one otherwise)."""
+        return [stream for stream in (self.core_wait, self.repeat_core_wait) if stream is not None]
+
+    @property
     def core_waits(self) -> list[float]:
         """Every request's share of runnable time spent waiting for a core (both base passes)."""
-        return [w for stream in (self.core_wait, self.repeat_core_wait) if stream is not None
-                for w in stream]
+        return [w for stream in self.core_wait_streams for w in stream]
 
     @property
     def core_wait_p50(self) -> float:
@@ -262,7 +266,7 @@ def _contended_rows(profiles, max_core_wait: float) -> np.ndarray:
     """Per row: whether some request of `profiles` waited for a core more than `max_core_wait` of
     its threads' runnable time (a request whose wait was not measured counts as uncontended)."""
     waits = [np.asarray(stream, dtype=np.float64) for p in profiles
-             for stream in (p.core_wait, p.repeat_core_wait) if stream is not None]
+             for stream in p.core_wait_streams]
     if not waits:
         return np.zeros(len(profiles[0].rows), dtype=bool)
     return np.any(np.nan_to_num(np.vstack(waits), nan=0.0) > max_core_wait, axis=0)
@@ -1045,17 +1049,17 @@ class ServedTiming:
         for candidate in self.candidates:
             label = candidate.label
             first = self._streams[label][0]
+            # the base's second pass of each row: the A/A pair's other half
+            repeat = self._streams[label][-1] if label == self.base.label else None
             profiles.append(LatencyProfile(
                 label=label, served_as=self._served_as[label], backend=self.backend,
                 rows=tuple(self._timed_rows), e2e_ms=tuple(r.e2e_ms for r in first),
                 ttft_ms=tuple(r.ttft_ms for r in first),
                 output_tokens=tuple(r.output_tokens for r in first),
                 warmup_requests=serving.warmup_requests,
-                repeat_e2e_ms=(tuple(r.e2e_ms for r in self._streams[label][-1])
-                               if label == self.base.label else None),
+                repeat_e2e_ms=None if repeat is None else tuple(r.e2e_ms for r in repeat),
                 core_wait=tuple(r.core_wait for r in first), round_rows=len(self.rows),
-                repeat_core_wait=(tuple(r.core_wait for r in self._streams[label][-1])
-                                  if label == self.base.label else None),
+                repeat_core_wait=None if repeat is None else tuple(r.core_wait for r in repeat),
                 load_average=float(self._loads[-1])))
         notes = (f"served latency: {len(self._timed_rows)} rows per model at concurrency 1 after "
                  f"{serving.warmup_requests} warm-up requests per model; {order}; 1-minute load "

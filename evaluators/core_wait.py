@@ -5,12 +5,19 @@ nanoseconds it was runnable but waited in a run queue. Over one request, the wai
 serving threads' runnable time says whether the machine gave them the cores they asked for: about
 0 on an idle machine, 1/2 when twice as many threads as cores want to run. A latency measured while
 that share is high is the machine's load as much as the model's speed.
+
+A vLLM request crosses processes: the front end (the process that calls `generate`) hands it to the
+engine-core process, which hands each step to the workers, over shared-memory queues whose readers
+spin while they wait. All of them must get a core for the request to advance, so their threads are
+counted together (`request_path`); the workers' alone miss most of a busy loop's effect.
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
+
+import psutil
 
 
 @dataclass(frozen=True)
@@ -47,3 +54,17 @@ def waiting_share(before: SchedulerTimes | None, after: SchedulerTimes | None) -
         return math.nan
     running, waiting = after.running_ns - before.running_ns, after.waiting_ns - before.waiting_ns
     return waiting / (running + waiting) if running + waiting > 0 else math.nan
+
+
+def request_path(workers: tuple[int, ...]) -> tuple[int, ...]:
+    """This process, `workers` and every process between them (their ancestors below this one)."""
+    front = os.getpid()
+    path = {front, *workers}
+    for pid in workers:
+        try:
+            ancestors = [parent.pid for parent in psutil.Process(pid).parents()]
+        except psutil.Error:  # the worker ended: the engine is going away
+            continue
+        if front in ancestors:  # a worker started elsewhere (ray) has no path through this one
+            path.update(ancestors[:ancestors.index(front)])
+    return tuple(sorted(path))

@@ -68,7 +68,7 @@ import numpy as np
 
 from tunelens.errors import TunelensError
 
-from .core_wait import SchedulerTimes, waiting_share
+from .core_wait import SchedulerTimes, request_path, waiting_share
 
 if TYPE_CHECKING:  # the verdict module imports this one; the rule type is imported lazily below
     from tunelens.evaluators.verdict import RuleOutcome
@@ -695,7 +695,7 @@ class _VllmServer:
         self.on_cpu = current_platform.is_cpu()
         self.engine = engine
         self.accounting = engine.accounting()
-        self.compute_pids = self.accounting.worker_pids
+        self.compute_pids = request_path(self.accounting.worker_pids)
         self.adapter_dirs = {c.label: c.adapter_dir for c in adapters}
 
     @classmethod

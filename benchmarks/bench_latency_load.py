@@ -44,10 +44,13 @@ def main() -> None:
     from support.factories import make_lora_adapter, tiny_llama
     from test_serving import LORA_TARGETS, MAX_NEW, RULE, SENTENCES, burn_cores
     from tunelens.config import load_config
-    from tunelens.evaluators.backends import Candidate
-    from tunelens.evaluators.prompts import GenerationSettings
-    from tunelens.evaluators.run import BackendChoice, EngineGroup, run_group
-    from tunelens.evaluators.serving import LatencyJudgement, ServedTiming, compare_latency
+    from tunelens.evaluators.engines.choice import BackendChoice
+    from tunelens.evaluators.engines.interface import Candidate
+    from tunelens.evaluators.inputs.prompts import generation_settings
+    from tunelens.evaluators.stages.generate import run_group
+    from tunelens.evaluators.stages.plan import EngineGroup
+    from tunelens.evaluators.timing.rules import LatencyJudgement, compare_latency
+    from tunelens.evaluators.timing.schedule import ServedTiming
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-latency-load-"))
@@ -62,7 +65,7 @@ def main() -> None:
                   "latency": {**config["evaluation"]["latency"], "sample_rows": 20,
                               "warmup_requests": 2, "max_rounds": 3}}
     candidates = [Candidate("base"), Candidate("finetuned", adapter, "1")]
-    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    settings = generation_settings(config["evaluation"]["generation"], MAX_NEW)
 
     def status(compared):
         if compared.oversubscribed:

@@ -29,25 +29,32 @@ from pathlib import Path
 import pandas as pd
 from markupsafe import Markup
 
-from tunelens.config import load_config
 from tunelens.errors import TunelensError
 
-from .backends import Candidate
-from .metrics import RowScores
-from .prompts import GenerationSettings
-from .drift import DriftProfile
-from .perplexity import TextPlan, check_backend, plan_texts
-from .recommendation import Recommendation, Standing, recommend
-from .report import PAGES, render_report
-from .run import (BASE, FINETUNED, BackendChoice, EngineGroup, EvaluationPlan, Generated, GroupRun,
-                  Scored, build_table, choose_backend, closed_when_done, log_metrics,
-                  plan_evaluation, run_group, score, tag_version)
-from .text_report import html_section, log_text_results
-from .serving import ServingFigures, compare_latency
-from .sources import parse_model_uri, resolve_version
-from .stats import ModelScores, PairedComparison, QualityMetricInfo, compare_paired
-from .verdict import Verdict
-
+from tunelens.evaluators.engines.choice import BackendChoice, check_text_scoring, choose_backend
+from tunelens.evaluators.engines.interface import Candidate
+from tunelens.settings import GenerationSettings
+from tunelens.evaluators.pages.domains import domains_section
+from tunelens.evaluators.pages.models_table import ModelColumn, models_side_by_side
+from tunelens.evaluators.pages.report import PAGES, render_report
+from tunelens.evaluators.pages.texts import html_section, log_text_results
+from tunelens.evaluators.scoring.metrics import RowScores
+from tunelens.evaluators.scoring.recommendation import Recommendation, Standing, recommend
+from tunelens.evaluators.scoring.stats import (ModelScores, PairedComparison, QualityMetricInfo,
+                                               compare_paired)
+from tunelens.registry.version import parse_model_uri, resolve_version
+from tunelens.evaluators.stages.generate import Generated, GroupRun, run_group
+from tunelens.evaluators.stages.log import (closed_when_done, log_metrics, log_run_inputs,
+                                            machine_tags, tag_version)
+from tunelens.evaluators.stages.plan import (BASE, FINETUNED, EngineGroup, EvaluationPlan,
+                                             EvaluationRequest, plan_evaluation)
+from tunelens.evaluators.stages.score import Scored, build_table, score
+from tunelens.evaluators.texts.domain_table import DOMAIN_FILE, DomainPerplexity, domain_perplexity
+from tunelens.evaluators.texts.drift import DriftProfile
+from tunelens.evaluators.texts.perplexity import TextPlan, plan_texts
+from tunelens.evaluators.timing.profiles import ServingFigures
+from tunelens.evaluators.timing.rules import compare_latency
+from tunelens.evaluators.verdict import Verdict
 
 MATRIX_REPORT = "tunelens/matrix.html"
 MATRIX_TABLE = "tunelens/matrix_table.json"
@@ -111,64 +118,69 @@ class MatrixPlan:
         return frozenset(m.label for m in self.models if m.role == "base")
 
 
-def _metric_safe(text: str) -> str:
+def metric_safe(text: str) -> str:
     """A label MLflow accepts inside a metric key (letters, digits, _ - and .)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
 
-def _base_labels(base_dirs: list[Path]) -> dict[Path, str]:
+def model_label(name: str, version: str, several_models: bool) -> str:
+    """"v<N>", or "<name>-v<N>" when the versions compared belong to several registered models."""
+    return metric_safe(f"{name}-v{version}") if several_models else f"v{version}"
+
+
+def base_labels(base_dirs: list[Path]) -> dict[Path, str]:
     """"base" for one base; "base-<folder>" for several (numbered where two folders share a name)."""
     if len(base_dirs) == 1:
         return {base_dirs[0]: BASE}
     labels: dict[Path, str] = {}
     for base_dir in base_dirs:
-        label = f"base-{_metric_safe(base_dir.name)}"
+        label = f"base-{metric_safe(base_dir.name)}"
         while label in labels.values():
             label += "-2"
         labels[base_dir] = label
     return labels
 
 
-def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None, config: dict,
-                backend: str | None, max_new_tokens: int | None, extra_metrics=(),
-                primary_metric: str | None = None, texts=(), guard=()) -> MatrixPlan:
-    """Check every input of every candidate and decide what runs where; writes nothing."""
-    if len(model_uris) < 2:
+def distinct_versions(client, model_uris: list[str], at_least: int = 2) -> None:
+    """At least `at_least` versions, each listed once (checked before any download)."""
+    if len(model_uris) < at_least:
         raise TunelensError("a comparison needs at least two model versions")
     seen: dict[tuple[str, str], str] = {}
-    for uri in model_uris:  # before any download
+    for uri in model_uris:
         name, version, alias = parse_model_uri(uri)
         key = (name, resolve_version(client, name, version or alias))
         if key in seen:
             raise TunelensError(f"{uri} and {seen[key]} are the same version "
                                 f"(models:/{key[0]}/{key[1]}): list each version once")
         seen[key] = uri
-    # the text groups are planned once for every base below, not once per candidate
-    plans = [plan_evaluation(client, uri, data, base=base, against=(), config=config,
-                             backend=backend, max_new_tokens=max_new_tokens,
-                             extra_metrics=extra_metrics, primary_metric=primary_metric)
-             for uri in model_uris]
-    several_models = len({plan.ref.name for plan in plans}) > 1
 
-    def version_label(name: str, version: str) -> str:
-        return _metric_safe(f"{name}-v{version}") if several_models else f"v{version}"
 
+def _base_dirs(plans: list[EvaluationPlan]) -> list[Path]:
+    """Every base of every plan, once (one folder reached by two paths counts once)."""
     base_dirs: list[Path] = []
     for plan in plans:
         for group in plan.groups:
             if not any(b.resolve() == group.base_dir.resolve() for b in base_dirs):
                 base_dirs.append(group.base_dir)
-    base_label = _base_labels(base_dirs)
+    return base_dirs
+
+
+def _matrix_models(plans: list[EvaluationPlan], base_dirs: list[Path]
+                   ) -> tuple[dict[str, MatrixModel], list[CandidatePlan]]:
+    """The union of every plan's models under matrix-wide labels, and each candidate's plan with
+    its labels as the matrix calls them."""
+    several_models = len({plan.ref.name for plan in plans}) > 1
 
     def same_base(path: Path) -> Path:
         return next(b for b in base_dirs if b.resolve() == path.resolve())
 
+    base_label = base_labels(base_dirs)
     models: dict[str, MatrixModel] = {}
     candidates = []
     for plan in plans:
         own_base = same_base(plan.base_dir)
-        labels = {BASE: base_label[own_base], FINETUNED: version_label(plan.ref.name,
-                                                                       plan.ref.version)}
+        labels = {BASE: base_label[own_base],
+                  FINETUNED: model_label(plan.ref.name, plan.ref.version, several_models)}
         models.setdefault(labels[BASE], MatrixModel(labels[BASE], "base", own_base))
         # set, not setdefault: a version listed before as another candidate's holder is a candidate
         models[labels[FINETUNED]] = MatrixModel(
@@ -176,7 +188,7 @@ def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None,
             f"models:/{plan.ref.name}/{plan.ref.version}", plan.ref.adapter_dir)
         if plan.holder_label:
             holder = next(c for c in plan.candidates if c.label == plan.holder_label)
-            labels[plan.holder_label] = version_label(plan.ref.name, holder.version)
+            labels[plan.holder_label] = model_label(plan.ref.name, holder.version, several_models)
             holder_base = same_base(plan.base_of(plan.holder_label))
             models.setdefault(base_label[holder_base],
                               MatrixModel(base_label[holder_base], "base", holder_base))
@@ -184,17 +196,44 @@ def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None,
                 labels[plan.holder_label], "holder", holder_base,
                 f"models:/{plan.ref.name}/{holder.version}", holder.adapter_dir))
         candidates.append(CandidatePlan(replace(plan, names=labels), labels))
+    return models, candidates
 
-    choice = choose_backend(backend or config["evaluation"]["backend"],
-                            [m.adapter_dir for m in models.values() if m.adapter_dir is not None])
+
+def _matrix_groups(plans: list[EvaluationPlan], base_dirs: list[Path],
+                   models: dict[str, MatrixModel]) -> list[EngineGroup]:
+    """One engine group per base, its base first (as run_group expects), then its versions."""
     groups = []
     for base_dir in base_dirs:
         members = [m for m in models.values() if m.base_dir == base_dir]
-        members.sort(key=lambda m: m.role != "base")  # the base first, as run_group expects
+        members.sort(key=lambda m: m.role != "base")
         source = next(g for plan in plans for g in plan.groups
                       if g.base_dir.resolve() == base_dir.resolve())
         groups.append(EngineGroup(base_dir, [m.candidate for m in members], source.max_model_len,
                                   source.prompt_ids))
+    return groups
+
+
+def plan_matrix(client, model_uris: list[str], request: EvaluationRequest,
+                config: dict) -> MatrixPlan:
+    """Check every input of every candidate and decide what runs where; writes nothing.
+    `request`: what every candidate is evaluated with (its model_uri is each of `model_uris`)."""
+    distinct_versions(client, model_uris)
+    # the text groups are planned once for every base below, not once per candidate
+    plans = [plan_evaluation(client, replace(request, model_uri=uri, against=(), texts=(),
+                                             guard=()), config)
+             for uri in model_uris]
+    full = [f"{plan.model_uri} ({c.label})" for plan in plans for c in plan.candidates
+            if c.label != BASE and c.adapter_dir is None]
+    if full:
+        raise TunelensError(f"{full[0]} is a full fine-tune: the comparison matrix compares "
+                            "adapters; evaluate a full fine-tune alone (tunelens evaluate "
+                            "models:/NAME/VERSION --data ...), or its perplexity by domain "
+                            "without --data")
+    base_dirs = _base_dirs(plans)
+    models, candidates = _matrix_models(plans, base_dirs)
+    choice = choose_backend(request.backend or config["evaluation"]["backend"],
+                            [m.adapter_dir for m in models.values() if m.adapter_dir is not None])
+    groups = _matrix_groups(plans, base_dirs, models)
     kept = sorted(set.intersection(*(set(plan.kept) for plan in plans)))
     considered = len(plans[0].kept) + plans[0].skipped
     if not kept:
@@ -202,9 +241,10 @@ def plan_matrix(client, model_uris: list[str], data, *, base: str | Path | None,
                             "nothing to compare")
     skipped = considered - len(kept)
     # one tokenisation of the text groups for every base, cut to the shortest context of all
-    text_plan = plan_texts(texts, guard, config, base_dirs, min(g.max_model_len for g in groups))
+    text_plan = plan_texts(request.texts, request.guard, config, base_dirs,
+                           min(g.max_model_len for g in groups))
     if text_plan is not None:
-        check_backend(choice.name, [m.adapter_dir for m in models.values() if m.adapter_dir])
+        check_text_scoring(choice, [m.adapter_dir for m in models.values() if m.adapter_dir])
     candidates = [replace(c, plan=replace(c.plan, kept=kept, skipped=skipped, backend=choice,
                                           texts=text_plan))
                   for c in candidates]
@@ -256,7 +296,9 @@ def _view(candidate: CandidatePlan, matrix: MatrixRuns) -> Generated:
         serving = ServingFigures(
             tuple(replace(p, label=named[p.label]) for p in serving.latency if p.label in named),
             tuple(replace(p, label=named[p.label]) for p in serving.memory if p.label in named),
-            serving.notes)
+            serving.notes,
+            tuple(replace(p, label=named[p.label]) for p in serving.under_load
+                  if p.label in named), serving.unmeasured)
     text_logprobs = None
     if own.text_logprobs is not None:
         text_logprobs = {label: runs[matrix_label].text_logprobs[matrix_label]
@@ -301,11 +343,12 @@ def _standing(candidate: CandidatePlan, scored: Scored, view: Generated, config:
     memory = latency = None
     noise = 1.0
     serving = view.serving
-    if serving is not None:
+    if serving is not None and serving.unmeasured is None:
         memory = serving.memory_of(FINETUNED).total_bytes
-        profile = serving.latency_of(FINETUNED)
+        level = int(settings["latency_at"])  # the level the latency rule judges
+        profile = serving.at(FINETUNED, level)
         latency = profile.e2e_p50_ms
-        noise = compare_latency(serving.latency_of(BASE), profile,
+        noise = compare_latency(serving.at(BASE, level), profile,
                                 level=float(settings["confidence_level"]),
                                 n_resamples=int(settings["bootstrap_resamples"]),
                                 seed=int(settings["seed"])).noise_bound
@@ -359,6 +402,31 @@ def score_matrix(plan: MatrixPlan, runs: MatrixRuns) -> MatrixScores:
 
 # --- log -----------------------------------------------------------------------------------------
 
+def _columns(plan: MatrixPlan, recommendation: Recommendation) -> list[ModelColumn]:
+    """Every model of the matrix as the side-by-side table shows it, with what it is suited for:
+    a candidate in the recommendation's words, a base or holder as the reference it is."""
+    base_of = {m.label: next(b.label for b in plan.models if b.role == "base"
+                             and b.base_dir == m.base_dir) for m in plan.models}
+    suited = {"base": "the reference its fine-tunes are judged against",
+              "holder": f"holds {plan.config['promotion']['alias']} now: the reference a "
+                        "candidate must hold its own against"}
+    return [ModelColumn(m.label, base_of[m.label],
+                        recommendation.suited_for(m.label) if m.role == "candidate"
+                        else suited[m.role]) for m in plan.models]
+
+
+def domain_table(plan: MatrixPlan, scores: MatrixScores) -> DomainPerplexity | None:
+    """Every model's perplexity per text group, normalised per group; None without text groups."""
+    if plan.texts is None:
+        return None
+    return domain_perplexity(plan.labels, [g.name for g in plan.texts.groups], scores.metrics)
+
+
+def _domains_lead(plan: MatrixPlan, scores: MatrixScores) -> Markup:
+    table = domain_table(plan, scores)
+    return domains_section(table) if table is not None else Markup("")
+
+
 def _page(plan: MatrixPlan, scores: MatrixScores) -> str:
     """The matrix page: the recommendation, every candidate's verdict, the paired tests, then the
     side-by-side page's charts, per-model figures and rows with one column per model."""
@@ -394,12 +462,14 @@ def _page(plan: MatrixPlan, scores: MatrixScores) -> str:
                           "css": {True: "ok", False: "bad"}.get(significant, "")})
         pairs.append((a, cells))
     level = f"{float(plan.config['verdict']['confidence_level']):.0%}"
-    section = Markup(PAGES.get_template("matrix_section.html").render(
-        part_names=part_names, verdicts=verdicts,
-        candidates=labels, pairs=pairs, primary=primary, level=level))
-    recommended = scores.recommendation.recommended
     per_model = {k: v for k, v in scores.metrics.items() if k.split("/", 1)[0] in plan.labels
                  and "/delta" not in k}
+    models = models_side_by_side(_columns(plan, scores.recommendation), per_model)
+    section = _domains_lead(plan, scores) + Markup(PAGES.get_template(
+        "matrix_section.html").render(part_names=part_names, verdicts=verdicts,
+                                      candidates=labels, pairs=pairs, primary=primary,
+                                      level=level, models=models))
+    recommended = scores.recommendation.recommended
     texts = Markup("").join(
         Markup("<h2>Text groups: {} against its base and holder</h2>").format(c.label)
         + html_section(scores.scored[c.label].texts)
@@ -419,6 +489,21 @@ def _role(recommendation: Recommendation, label: str) -> str:
             "backup" if label == recommendation.backup else "not chosen")
 
 
+def _log_linked_metrics(client, run_id: str, plan: MatrixPlan, scores: MatrixScores,
+                        owned: bool) -> None:
+    """The matrix's metrics, each candidate's (`<label>/…`) linked to its version's LoggedModel,
+    every one to the run's test set."""
+    links = log_run_inputs(client, run_id, plan.first, [c.plan.ref for c in plan.candidates],
+                           owned)
+    metrics = scores.metrics | {"rows_evaluated": float(len(plan.kept)),
+                                "rows_skipped_too_long": float(plan.skipped)}
+    for candidate, link in zip(plan.candidates, links):
+        own = {k: v for k, v in metrics.items() if k.startswith(f"{candidate.label}/")}
+        log_metrics(client, run_id, own, link)
+        metrics = {k: v for k, v in metrics.items() if k not in own}
+    log_metrics(client, run_id, metrics, replace(links[0], model_id=None))
+
+
 def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
                document: dict, run_id: str | None = None) -> str:
     """One run for the comparison (the caller's `run_id`, mlflow.models.evaluate's, or a new one
@@ -426,7 +511,7 @@ def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
     as a single evaluation writes it); returns the run id."""
     from mlflow.entities import Param
 
-    from tunelens.registry_hooks.service.mlflow_logging import experiment_id
+    from tunelens.registry.experiments import experiment_id
 
     evaluation = plan.config["evaluation"]
     uris = [c.plan.model_uri for c in plan.candidates]
@@ -448,13 +533,15 @@ def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
                   "tunelens.metrics": ",".join(m.name for m in first.metrics),
                   "tunelens.max_new_tokens": first.settings.max_new_tokens,
                   "tunelens.temperature": first.settings.temperature}
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        log_metrics(client, run_id, scores.metrics | {"rows_evaluated": float(len(plan.kept)),
-                                                       "rows_skipped_too_long":
-                                                           float(plan.skipped)})
+        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                         tags=machine_tags())
+        _log_linked_metrics(client, run_id, plan, scores, owned)
         client.log_table(run_id, data=scores.table, artifact_file=MATRIX_TABLE)
         client.log_text(run_id, html, MATRIX_REPORT)
         client.log_dict(run_id, document, MATRIX_FILE)
+        domains = domain_table(plan, scores)
+        if domains is not None:
+            client.log_dict(run_id, domains.to_dict(), DOMAIN_FILE)
         for candidate in plan.candidates:
             log_text_results(client, run_id, scores.scored[candidate.label].texts,
                              folder=f"tunelens/{candidate.label}")
@@ -519,7 +606,7 @@ class MatrixOutcome:
 
 
 def compare_versions(model_uris: list[str], data, *, base: str | Path | None = None,
-                     config: dict | None = None, backend: str | None = None,
+                     config: dict, backend: str | None = None,
                      max_new_tokens: int | None = None, client=None, extra_metrics=(),
                      primary_metric: str | None = None, texts=(), guard=(),
                      run_id: str | None = None) -> MatrixOutcome:
@@ -531,11 +618,12 @@ def compare_versions(model_uris: list[str], data, *, base: str | Path | None = N
     base. `run_id`: log into this run (mlflow.models.evaluate's) instead of a new one."""
     from mlflow import MlflowClient
 
-    config = config or load_config()
+    request = EvaluationRequest("", data, base=base, backend=backend,
+                                max_new_tokens=max_new_tokens, extra_metrics=tuple(extra_metrics),
+                                primary_metric=primary_metric, texts=tuple(texts),
+                                guard=tuple(guard))
     client = client or MlflowClient()
-    plan = plan_matrix(client, list(model_uris), data, base=base, config=config, backend=backend,
-                       max_new_tokens=max_new_tokens, extra_metrics=extra_metrics,
-                       primary_metric=primary_metric, texts=texts, guard=guard)
+    plan = plan_matrix(client, list(model_uris), request, config)
     runs = generate_matrix(plan)
     scores = score_matrix(plan, runs)
     outcome = MatrixOutcome("", plan, scores, next(iter(runs.groups.values())).engine_settings)

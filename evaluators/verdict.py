@@ -17,24 +17,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 
-from tunelens.evaluators.profiles import task_profile
-from tunelens.evaluators.stats import PairedComparison, verdict_settings
-
-# Model-version tags the evaluator writes and `tunelens promote` reads.
-VERDICT_TAG = "tunelens.verdict"
-REASONS_TAG = "tunelens.verdict.reasons"
-EVAL_RUN_TAG = "tunelens.eval.run_id"
-# "<alias>=<version>" or "<alias>=none": the alias holder the verdict compared against.
-HOLDER_TAG = "tunelens.verdict.holder"
-
-
-class Decision(StrEnum):
-    PROMOTE = "PROMOTE"
-    REJECT = "REJECT"
-    INCONCLUSIVE = "INCONCLUSIVE"
-
+from tunelens.evaluators.scoring.profiles import task_profile
+from tunelens.evaluators.scoring.stats import PairedComparison, verdict_settings
+from tunelens.registry.verdicts import Decision, HolderCoverage
 
 _SEVERITY = {Decision.PROMOTE: 0, Decision.INCONCLUSIVE: 1, Decision.REJECT: 2}
 
@@ -50,26 +36,6 @@ class RuleOutcome:
     @property
     def status(self) -> str:
         return {True: "pass", False: "FAIL", None: "undecided"}[self.passed]
-
-
-@dataclass(frozen=True)
-class HolderCoverage:
-    """Which version held the promotion alias when the verdict was made (None: nobody)."""
-
-    alias: str
-    version: str | None
-
-    @property
-    def tag_value(self) -> str:
-        return f"{self.alias}={self.version or 'none'}"
-
-    @classmethod
-    def from_tag(cls, value: str | None) -> "HolderCoverage | None":
-        """None for a verdict from before holders were recorded (it covered no holder)."""
-        if not value or "=" not in value:
-            return None
-        alias, version = value.split("=", 1)
-        return cls(alias, None if version == "none" else version)
 
 
 @dataclass(frozen=True)
@@ -169,11 +135,8 @@ def _interval_rule(name: str, ci, limit: float, what: str, fmt: str) -> RuleOutc
                        f"{what} {ci.describe(fmt)} {relation} the limit {limit:g}")
 
 
-def words_limit(config: dict | None) -> float | None:
+def words_limit(config: dict) -> float | None:
     """verdict.max_mean_words_ratio, else the task profile's conciseness limit, else None (off)."""
-    from tunelens.config import load_config
-
-    config = config if config is not None else load_config()
     limit = config["verdict"]["max_mean_words_ratio"]
     if limit is None:
         profile = task_profile(config)
@@ -189,11 +152,11 @@ def _decision(rules: list[RuleOutcome]) -> Decision:
     return Decision.PROMOTE
 
 
-def decide_part(comparison: PairedComparison, config: dict | None = None, against: str = "base",
+def decide_part(comparison: PairedComparison, config: dict, against: str = "base",
                 serving_rules: list[RuleOutcome] = ()) -> VerdictPart:
     """One part of the verdict from the rules of conf.yaml's `verdict:` section: quality and
     conciseness from the paired rows, plus `serving_rules`, the latency and memory rules of the
-    models as served (evaluators.serving; undecided where they were not measured as served). A
+    models as served (evaluators.timing; undecided where they were not measured as served). A
     batch's queue times and a process's RSS never decide.
     """
     settings = verdict_settings(config)
@@ -215,7 +178,7 @@ def combine(candidate: str, n_rows: int, parts: list[VerdictPart],
     return Verdict(decision, parts, _reasons(decision, candidate, n_rows, parts, holder), holder)
 
 
-def decide(comparison: PairedComparison, config: dict | None = None,
+def decide(comparison: PairedComparison, config: dict,
            serving_rules: list[RuleOutcome] = ()) -> Verdict:
     """The verdict of a comparison against the base alone (no alias holder looked at)."""
     part = decide_part(comparison, config, serving_rules=serving_rules)
@@ -242,7 +205,7 @@ def _reasons(decision: Decision, candidate: str, n_rows: int, parts: list[Verdic
     return " | ".join(pieces)
 
 
-def metric_thresholds(config: dict | None = None, prefix: str = "delta/") -> dict:
+def metric_thresholds(config: dict, prefix: str = "delta/") -> dict:
     """MetricThresholds on the evaluator's paired metric names, one per configured rule.
 
     For `mlflow.validate_evaluation_results(thresholds, candidate_result)`, where candidate_result

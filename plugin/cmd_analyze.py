@@ -9,11 +9,16 @@ HELP = "analyse a LoRA adapter's weight changes: analysis.json, report.html (PNG
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", metavar="ADAPTER", nargs="?",
-                        help="PEFT LoRA adapter directory, or an MLflow model directory with peft/; "
+                        help="PEFT LoRA adapter directory (or an mlx-lm adapter folder), or an "
+                             "MLflow model directory with peft/; "
                              "a full fine-tuned model directory with --base diffs the full weights")
     parser.add_argument("--checkpoints", metavar="PATH", nargs="+",
                         help="training evolution instead: a folder of PEFT checkpoint-* folders, or "
-                             "adapter directories in training order (e.g. initial and final)")
+                             "adapter directories in training order (e.g. initial and final); "
+                             "several folders of checkpoint-* folders: those runs overlaid")
+    parser.add_argument("--label", metavar="NAME", action="append",
+                        help="with several runs under --checkpoints: each run's label (e.g. its "
+                             "domain and learning rate), one per run in order; default: folder names")
     parser.add_argument("--base", metavar="DIR",
                         help="local base model directory (config.json + safetensors): adds relative "
                              "change, amplification, intruder dimensions, DoRA and modules_to_save ΔW")
@@ -36,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from tunelens.registry_hooks.report.outputs import write_analysis
 
     config, progress = load_config(args.config), not args.no_progress
+    if args.label and not args.checkpoints:
+        raise full_diff.AnalysisInputError("--label names the runs of --checkpoints")
+    if args.checkpoints and len(args.checkpoints) > 1 and checkpoints.is_run_folder(
+            args.checkpoints[0]):  # several runs, overlaid
+        return _runs(args, config, progress)
     if args.checkpoints:  # training evolution
         result = checkpoints.analyze_checkpoints(args.checkpoints, args.base, config=config,
                                                  progress=progress)
@@ -65,4 +75,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{len(result.modules)} modules analysed; wrote {files.json_path}, {files.html_path} and "
           f"{len(files.chart_paths)} charts")
+    return 0
+
+
+def _runs(args: argparse.Namespace, config: dict, progress: bool) -> int:
+    from tunelens.registry_hooks.engine.checkpoints import training_runs
+    from tunelens.registry_hooks.report.runs_page import write_runs
+
+    runs = training_runs(args.checkpoints, args.label, config=config, progress=progress)
+    json_path, html_path, charts = write_runs(runs, args.out)
+    print(f"{len(runs.runs)} runs overlaid; wrote {json_path}, {html_path} and {len(charts)} charts")
     return 0

@@ -5,7 +5,8 @@ import argparse
 import sys
 
 HELP = ("compare LoRA adapters (or analysis.json results) of one base: per-layer profiles, "
-        "attention vs MLP share, module-by-module subspace overlap, one report")
+        "attention vs MLP share, module-by-module subspace overlap and shared top shifted neurons, "
+        "one report")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,14 +9,16 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from tunelens.errors import TunelensError
 from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
 
-HELP = ("run a registered LoRA version, its base and the version holding the promotion alias (and "
-        "other versions) side by side on a test set, log everything to one MLflow run and tag the "
-        "version with a verdict; given several versions, compare them all and recommend one")
+HELP = ("run a registered LoRA version (or full fine-tune), its base and the version holding the "
+        "promotion alias (and other versions) side by side on a test set, log everything to one "
+        "MLflow run and tag the version with a verdict; given several versions, compare them all "
+        "and recommend one; with text groups and no test set, their perplexity by domain")
 DECISIONS = ("promote", "reject", "inconclusive")
 
 
@@ -31,16 +33,30 @@ def fail_on(value: str) -> frozenset[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_uris", nargs="+", metavar="models:/NAME/VERSION",
+    parser.add_argument("model_uris", nargs="*", metavar="models:/NAME/VERSION",
                         help="the version to evaluate (models:/NAME@ALIAS works too); several "
                         "versions, of one base or several, are compared in one matrix and one of "
                         "them is recommended for deployment")
-    parser.add_argument("--data", required=True, metavar="FILE",
-                        help="test set: JSONL, CSV or parquet with inputs/targets columns")
+    parser.add_argument("--candidate", metavar="DIR", help="evaluate a folder on disk instead "
+                        "of a registered version: a LoRA adapter or a full fine-tune (a whole "
+                        "model folder), against --base, on --data; no holder is compared and "
+                        "no version gets a verdict")
+    parser.add_argument("--data", metavar="FILE_OR_URI",
+                        help="test set: JSONL, CSV or parquet with inputs/targets columns, a "
+                        "local file or an MLflow artifact URI (runs:/, models:/, "
+                        "mlflow-artifacts:/, s3://, ...); without it, --texts alone: every "
+                        "version and its base scored for perplexity per text group (domain), "
+                        "nothing generated")
     parser.add_argument("--base", metavar="DIR", help="local base model folder (default: found "
                         "from the version's tags, MLmodel or adapter config)")
-    parser.add_argument("--backend", choices=["auto", "vllm", "transformers"],
+    parser.add_argument("--backend", choices=["auto", "vllm", "transformers", "openai_server"],
                         help="generation backend (default: evaluation.backend in conf.yaml)")
+    parser.add_argument("--endpoint", metavar="URL", help="evaluate on a running OpenAI-compatible "
+                        "server (vllm serve BASE --enable-lora): the base is its served model, the "
+                        "adapters are loaded on it as LoRA modules and unloaded afterwards "
+                        "(default: evaluation.endpoint.url)")
+    parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the "
+                        "endpoint's API key")
     parser.add_argument("--max-new-tokens", type=int, metavar="N",
                         help="tokens generated per row at most (default: conf.yaml)")
     parser.add_argument("--against", nargs="+", default=[], metavar="ALIAS_OR_VERSION",
@@ -116,7 +132,9 @@ def _measured(values: dict[str, float], name: str, fmt: str, unit: str) -> str:
 
 def _print_text(outcome) -> None:
     primary = outcome.primary_metric
-    print(f"{outcome.model_name} v{outcome.version}: {outcome.verdict.decision.value}  "
+    name = (f"{outcome.model_name} v{outcome.version}" if outcome.model_uri.startswith("models:/")
+            else outcome.model_uri)
+    print(f"{name}: {outcome.verdict.decision.value}  "
           f"({outcome.rows_evaluated} rows, {outcome.rows_skipped_too_long} skipped as too long; "
           f"backend {outcome.backend.name}: {outcome.backend.reason})")
     for label, values in outcome.per_model().items():
@@ -187,17 +205,78 @@ def _compare(args: argparse.Namespace, config: dict) -> int:
     return 1 if args.fail_on and outcome.recommendation.recommended is None else 0
 
 
+# Options that judge or shape generated answers: refused without --data (nothing is generated).
+_GENERATION_OPTIONS = (("guard", "--guard"), ("against", "--against"), ("fail_on", "--fail-on"),
+                       ("primary_metric", "--primary-metric"),
+                       ("max_new_tokens", "--max-new-tokens"))
+
+
+def _print_domains(outcome) -> None:
+    table = outcome.table
+    labels = table.labels
+    width = max(len(d) for d in table.domains)
+    print(f"perplexity by domain, normalised 0 (best) to 1 (worst) per domain; raw perplexity "
+          f"in brackets (backend {outcome.plan.backend.name}, nothing generated)")
+    print(f"  {'':>{width}}  " + "  ".join(f"{label:>18}" for label in labels) + "  best")
+    for domain in table.domains:
+        cells = [f"{table.normalised[domain][label]:.2f} ({table.ppl[domain][label]:.4g})"
+                 for label in labels]
+        print(f"  {domain:>{width}}  " + "  ".join(f"{c:>18}" for c in cells)
+              + f"  {table.best(domain)}")
+    for note in table.notes[2:]:  # the first two repeat the header
+        print(f"  note: {note}")
+    print(f"run {outcome.run_id}")
+
+
+def _domains(args: argparse.Namespace, config: dict) -> int:
+    """No test set: the versions and their bases scored on the text groups alone."""
+    from tunelens.evaluators.domains import compare_domains
+
+    given = [flag for name, flag in _GENERATION_OPTIONS if getattr(args, name)]
+    if given:
+        raise TunelensError(f"{', '.join(given)} judge{'s' if len(given) == 1 else ''} generated "
+                            "answers: give a test set with --data, or leave "
+                            f"{'it' if len(given) == 1 else 'them'} out to compare perplexity "
+                            "by domain")
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():
+        outcome = compare_domains(args.model_uris, args.texts, config=config, base=args.base,
+                                  backend=args.backend)
+    if args.json:
+        print(json.dumps(_finite(outcome.to_dict()), indent=None, default=str))
+    else:
+        _print_domains(outcome)
+    return 0
+
+
+def _check_models(args: argparse.Namespace) -> None:
+    """Registered versions or one --candidate folder, not both, not neither."""
+    if args.candidate and args.model_uris:
+        raise TunelensError("give registered versions (models:/NAME/VERSION) or one --candidate "
+                            "DIR, not both")
+    if not args.candidate and not args.model_uris:
+        raise TunelensError("nothing to evaluate: give models:/NAME/VERSION or --candidate DIR")
+    if args.candidate and args.data is None:
+        raise TunelensError("--candidate DIR is evaluated on a test set: add --data FILE")
+
+
 def run(args: argparse.Namespace) -> int:
-    from tunelens.config import load_config
+    from tunelens.artifact_uris import fetch_dataset
+    from tunelens.config import load_config, with_endpoint
     from tunelens.console import quiet_console
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise TunelensError("--max-new-tokens must be at least 1")
+    _check_models(args)
     tracking_uri(args)  # MLflow's default server for this process
     log_path = log_file()
-    with quiet_console(log_path, args.verbose):
-        config = load_config(args.config)
-        code = (_compare if len(args.model_uris) > 1 else _evaluate)(args, config)
+    with quiet_console(log_path, args.verbose), \
+            tempfile.TemporaryDirectory(prefix="tunelens-data-") as fetched:
+        config = with_endpoint(load_config(args.config), args.endpoint, args.api_key_env)
+        if args.data is None:
+            code = _domains(args, config)
+        else:
+            args.data = fetch_dataset(args.data, Path(fetched))
+            code = (_compare if len(args.model_uris) > 1 else _evaluate)(args, config)
     if not args.verbose:
         print(f"engine and library logs: {log_path} (--verbose shows them here)", file=sys.stderr)
     return code
@@ -208,7 +287,8 @@ def _evaluate(args: argparse.Namespace, config: dict) -> int:
     from tunelens.evaluators.run import evaluate_version
 
     with stdout_to_stderr() if args.json else contextlib.nullcontext():
-        outcome = evaluate_version(args.model_uris[0], args.data, base=args.base,
+        outcome = evaluate_version(args.model_uris[0] if args.model_uris else "", args.data,
+                                   candidate=args.candidate, base=args.base,
                                    against=args.against, backend=args.backend,
                                    max_new_tokens=args.max_new_tokens,
                                    config=config,

@@ -33,10 +33,6 @@ def registry_client(args: argparse.Namespace):
         raise TunelensError(f"MLflow refused the request: {exc.message.splitlines()[0]}") from None
 
 
-def alias_for(args: argparse.Namespace) -> str:
-    return args.alias or load_config(args.config)["promotion"]["alias"]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered model name")
     parser.add_argument("version", help="model version number")
@@ -48,10 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunelens.evaluators.promotion import promote
+    from tunelens.registry.promotion import Gatekeeper, promote
 
+    gate = Gatekeeper.from_config(load_config(args.config))
     with registry_client(args) as client:
-        result = promote(client, args.name, args.version, alias_for(args), force=args.force,
+        result = promote(client, gate, args.name, args.version, args.alias, force=args.force,
                          reason=args.reason)
     print(result.describe())
     return 0

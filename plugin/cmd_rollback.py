@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from tunelens.plugin.cmd_promote import add_registry_arguments, alias_for, registry_client
+from tunelens.config import load_config
+from tunelens.plugin.cmd_promote import add_registry_arguments, registry_client
 
 HELP = ("point a registry alias (default: production) back at its previous holder, as recorded by "
         "`tunelens promote`; exit 1 and change nothing when none is recorded")
@@ -15,9 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunelens.evaluators.promotion import rollback
+    from tunelens.registry.promotion import Gatekeeper, rollback
 
+    gate = Gatekeeper.from_config(load_config(args.config))
     with registry_client(args) as client:
-        result = rollback(client, args.name, alias_for(args))
+        result = rollback(client, gate, args.name, args.alias)
     print(result.describe())
     return 0

@@ -1,7 +1,14 @@
 """`evaluators=["tunelens"]` for mlflow.models.evaluate: a thin door into evaluate_version.
 
-MLflow loads a `model=` URI as pyfunc before any evaluator runs; tunelens must load the base once,
-in its own engine. So the model goes in the evaluator config and `model` stays None:
+The version is MLflow's `model` argument when `tunelens log-adapter` (tunelens.log_adapter) logged
+it: its pyfunc flavor is a handle that loads nothing (tunelens.registry.version_handle), and the
+evaluator finds the registered version from the handle's LoggedModel id:
+
+    mlflow.models.evaluate(model="models:/NAME/3", data=df, model_type="text",
+                           targets="targets", evaluators=["tunelens"])
+
+A version logged otherwise (mlflow.transformers.log_model) would be loaded whole by MLflow before
+tunelens runs, so it goes in the evaluator config instead and `model` stays None:
 
     mlflow.models.evaluate(model=None, data=df, model_type="text", targets="targets",
                            evaluators=["tunelens"],
@@ -10,12 +17,14 @@ in its own engine. So the model goes in the evaluator config and `model` stays N
 Several versions are compared in one matrix with a recommendation (evaluators.matrix) when the
 config names them instead: {"tunelens": {"model_uris": ["models:/NAME/3", "models:/NAME-8b/1"]}}.
 
-Config keys: model_uri or model_uris (one of them is required), base, against (one version only),
-backend, max_new_tokens, primary_metric, config (a conf file), texts (text groups for perplexity: a
-list of "NAME=PATH" / "PATH" or a dict {name: path}) and guard (the names of the groups that must
-not get worse). `extra_metrics` (made with mlflow.metrics.make_metric, returning per-row scores) are
-scored for every model like the built-ins, logged as `<model>/<name>`, and one can be named
-primary_metric to decide the verdict's quality rule.
+Config keys: model_uri or model_uris (unless `model` is a tunelens handle), base, against (one
+version only), backend, max_new_tokens, primary_metric, config (a conf file), texts (text groups
+for perplexity: a list of "NAME=PATH" / "PATH" or a dict {name: path}), guard (the names of the
+groups that must not get worse), endpoint and api_key_env (evaluate on a running
+OpenAI-compatible server, as `tunelens evaluate --endpoint URL --api-key-env VAR`).
+`extra_metrics` (made with mlflow.metrics.make_metric, returning per-row scores) are scored for
+every model like the built-ins, logged as `<model>/<name>`, and one can be named primary_metric to
+decide the verdict's quality rule.
 """
 from __future__ import annotations
 
@@ -23,11 +32,12 @@ from mlflow.models.evaluation import ModelEvaluator
 from mlflow.models.evaluation.artifacts import JsonEvaluationArtifact, TextEvaluationArtifact
 from mlflow.models.evaluation.base import EvaluationResult
 
-from tunelens.config import load_config
+from tunelens.config import load_config, with_endpoint
 from tunelens.errors import TunelensError
+from tunelens.registry.version_handle import flavors, is_handle, registered_version
 
 CONFIG_KEYS = {"model_uri", "model_uris", "base", "against", "backend", "max_new_tokens",
-               "primary_metric", "config", "texts", "guard"}
+               "primary_metric", "config", "texts", "guard", "endpoint", "api_key_env"}
 
 
 class TunelensEvaluator(ModelEvaluator):
@@ -35,24 +45,33 @@ class TunelensEvaluator(ModelEvaluator):
 
     @classmethod
     def can_evaluate(cls, *, model_type, evaluator_config, **kwargs) -> bool:
-        # Only when invited: evaluators=None must never start an engine uninvited.
-        return isinstance(evaluator_config, dict) and bool(
-            {"model_uri", "model_uris"} & set(evaluator_config))
+        # Invited by a version named in the config, or maybe by `model` (MLflow does not show it
+        # here): a config of tunelens keys only, none at all included, may come with a tunelens
+        # handle, which evaluate() checks; it answers None for any other model, so
+        # evaluators=None never starts an engine uninvited.
+        if not isinstance(evaluator_config, dict):
+            return False
+        keys = set(evaluator_config)
+        return bool({"model_uri", "model_uris"} & keys) or not keys - CONFIG_KEYS
 
     def evaluate(self, *, model_type, dataset, run_id, evaluator_config, model=None,
                  extra_metrics=None, custom_artifacts=None, predictions=None, **kwargs):
-        from tunelens.evaluators.perplexity import TEXTS_TABLE_FILE
-        from tunelens.evaluators.run import REPORT_FILE, TABLE_FILE, VERDICT_FILE, evaluate_version
+        from tunelens.evaluators.texts.perplexity import TEXTS_TABLE_FILE
+        from tunelens.evaluators.run import evaluate_version
+        from tunelens.evaluators.stages.log import REPORT_FILE, TABLE_FILE, VERDICT_FILE
 
         unknown = set(evaluator_config) - CONFIG_KEYS
         if unknown:
             raise TunelensError(f"unknown tunelens evaluator_config key(s) {sorted(unknown)}; "
                                 f"valid: {sorted(CONFIG_KEYS)}")
-        if model is not None:
-            raise TunelensError("pass model=None and the version as evaluator_config "
-                                "{'tunelens': {'model_uri': 'models:/NAME/VERSION'}}: a model= "
-                                "argument makes MLflow load it as pyfunc before tunelens runs")
-        config = load_config(evaluator_config.get("config"))
+        named = {"model_uri", "model_uris"} & set(evaluator_config)
+        handed = _handed_version(model, named) if model is not None else None
+        if handed is None and not named:
+            return None  # no version named, and `model` is none of tunelens's business
+        if handed is not None:
+            evaluator_config = {**evaluator_config, "model_uri": handed}
+        config = with_endpoint(load_config(evaluator_config.get("config")),
+                               evaluator_config.get("endpoint"), evaluator_config.get("api_key_env"))
         frame = dataset.features_data.copy()
         if dataset.has_targets:
             frame[config["evaluation"]["targets_column"]] = list(dataset.labels_data)
@@ -78,6 +97,25 @@ class TunelensEvaluator(ModelEvaluator):
             "tunelens_verdict": JsonEvaluationArtifact(f"{artifact_uri}/{VERDICT_FILE}"),
         }
         return EvaluationResult(metrics=outcome.metrics, artifacts=artifacts, run_id=run_id)
+
+
+def _handed_version(model, named: set[str]) -> str | None:
+    """`models:/NAME/VERSION` of the tunelens handle MLflow loaded from `model=`; None (nothing to
+    evaluate) for a model that is none of tunelens's business; an error for an adapter MLflow
+    loaded whole, or a version named twice."""
+    if named:
+        raise TunelensError(f"pass either model= or evaluator_config {sorted(named)[0]}, not both")
+    if is_handle(model):
+        from mlflow import MlflowClient
+
+        return registered_version(MlflowClient(), model.metadata.model_id)
+    if "peft_adaptor" in flavors(model).get("transformers", {}):
+        raise TunelensError(
+            "MLflow loaded this adapter whole (it was logged by mlflow.transformers.log_model): "
+            "pass model=None and the version as evaluator_config {'tunelens': {'model_uri': "
+            "'models:/NAME/VERSION'}}, or log it with `tunelens log-adapter`, whose versions "
+            "tunelens evaluates from model= without loading them")
+    return None
 
 
 def _compare(evaluator_config: dict, frame, config: dict, run_id: str,

@@ -64,6 +64,25 @@ def _packaged() -> dict[str, Any]:
     return _read(DEFAULTS_PATH)
 
 
+def with_endpoint(config: dict[str, Any], url: str | None, api_key_env: str | None
+                  ) -> dict[str, Any]:
+    """`config` evaluating on the OpenAI-compatible server at `url` (unchanged when None),
+    checked as conf.yaml is."""
+    if url is None:
+        if api_key_env is not None:
+            raise ConfigError("an API key variable was given without an endpoint URL")
+        return config
+    endpoint = {**config["evaluation"]["endpoint"], "url": url}
+    if api_key_env is not None:
+        endpoint["api_key_env"] = api_key_env
+    updated = {**config, "evaluation": {**config["evaluation"], "endpoint": endpoint}}
+    try:
+        Settings.model_validate(updated)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, "the endpoint given")) from None
+    return updated
+
+
 def section(config: dict[str, Any] | None, name: str):
     """conf.yaml's section `name` as its type in tunelens.settings: `config`'s values (a
     load_config() result, or a partial mapping such as {"analysis": {"top_neurons": 5}}) over the

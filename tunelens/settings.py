@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
@@ -45,20 +45,27 @@ class FullDiffSettings(Section):
     power_iterations: Annotated[int, Field(ge=2)]
     exact_max_dim: Count
     rank_rtol: Share
+    lanczos_min_dim: PositiveInt
     intruders_randomized: bool
     intruder_reference_k: PositiveInt
     heatmap_max_entries: Count
 
 
 class GenerationSettings(Section):
+    """Decoding settings applied identically to the base and every adapter."""
+
     max_new_tokens: PositiveInt
-    temperature: Annotated[float, Field(ge=0)]
+    temperature: Annotated[float, Field(ge=0)]  # 0 = greedy
     top_p: Annotated[float, Field(gt=0, le=1)]
     seed: int
     stop: list[str]
     prompt_template: Annotated[str, Field(pattern=r"\{input\}")]
     chat_template: bool
     system_prompt: str | None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 class ExactMatchSettings(Section):
@@ -86,6 +93,12 @@ class VllmSettings(Section):
     max_lora_rank: Annotated[int, Field(ge=1)] | None
 
 
+class EndpointSettings(Section):
+    url: Annotated[str, Field(pattern=r"^https?://")] | None
+    api_key_env: Name | None
+    timeout_s: Positive
+
+
 class TransformersSettings(Section):
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
     dtype: Literal["auto", "float32", "float16", "bfloat16"]
@@ -96,6 +109,7 @@ class LatencySettings(Section):
     warmup_requests: Count
     max_rounds: PositiveInt
     max_core_wait: Share | None
+    concurrency: Annotated[list[PositiveInt], Field(min_length=1)]
 
 
 class TextsSettings(Section):
@@ -109,7 +123,7 @@ class TextsSettings(Section):
 class EvaluationSettings(Section):
     inputs_column: Name
     targets_column: Name
-    backend: Literal["auto", "vllm", "transformers"]
+    backend: Literal["auto", "vllm", "transformers", "openai_server"]
     max_rows: Annotated[int, Field(ge=1)] | None
     experiment: Name
     metrics: Annotated[list[Literal["exact_match", "token_f1", "chrf", "rouge_l"]],
@@ -123,6 +137,7 @@ class EvaluationSettings(Section):
     behaviour: BehaviourSettings
     vllm: VllmSettings
     transformers: TransformersSettings
+    endpoint: EndpointSettings
 
 
 class VerdictSettings(Section):
@@ -134,21 +149,34 @@ class VerdictSettings(Section):
     power: Share
     noninferiority_margin: Annotated[float, Field(ge=0, lt=1)]
     max_latency_ratio: Annotated[float, Field(gt=0)] | None
+    latency_at: PositiveInt
     max_memory_ratio: Annotated[float, Field(gt=0)] | None
     max_memory_gib: Annotated[float, Field(gt=0)] | None
     max_mean_words_ratio: Annotated[float, Field(gt=0)] | None
     same_memory_within: Annotated[float, Field(ge=0, lt=1)]
 
 
+AliasName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
+
+
 class PromotionSettings(Section):
-    alias: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
+    alias: AliasName
     auto_promote: bool
+    guarded_aliases: list[AliasName] | None  # None: [alias]
+    verdict_key_file: Name
+    audit_experiment: Name
+
+    @property
+    def guarded(self) -> frozenset[str]:
+        """The aliases the gate holds."""
+        return frozenset([self.alias] if self.guarded_aliases is None else self.guarded_aliases)
 
 
 class HooksSettings(Section):
     models: list[Name] | Name | None  # names or glob patterns; None: the command's default scope
     models_tag: Annotated[str, Field(pattern=r"^[^=]+=.*$")] | None  # KEY=VALUE opt-in tag
     experiment: Name
+    claim_prefix: Name
     base_models: dict[str, str]
     lease_seconds: Positive
     max_attempts: PositiveInt
@@ -202,3 +230,12 @@ class Settings(Section):
     hooks: HooksSettings
     server: ServerSettings
     demo: DemoSettings
+
+    @model_validator(mode="after")
+    def _judged_level_is_timed(self) -> "Settings":
+        """The latency rule judges a concurrency level that is timed (1 always is)."""
+        levels = {1, *self.evaluation.latency.concurrency}
+        if self.verdict.latency_at not in levels:
+            raise ValueError(f"verdict.latency_at {self.verdict.latency_at} is not a timed level "
+                             f"(evaluation.latency.concurrency: {sorted(levels)})")
+        return self

@@ -73,31 +73,10 @@ def _analyze(adapter: str | Path, base: str | Path | None, settings,
     generator = torch.Generator().manual_seed(settings.seed)
     quotas = _sample_quotas(plans, total_entries, settings) if not exact_histogram else {}
 
-    analyses: list[M.ModuleAnalysis] = []
     samples: list[torch.Tensor] = []
-    work = len(contents.modules) + len(contents.saved) + len(contents.experts)
-    bar = tqdm(total=work, desc="tunelens analyze", unit="module", file=sys.stderr,
-               disable=not progress, leave=False)
-    with bar:
-        for module in contents.modules:
-            for analysis in _analyse_module(module, plans[module.name], contents, base_model,
-                                            settings, device, warnings):
-                analyses.append(analysis)
-                _keep_entries(analysis, exact_histogram, quotas, samples, generator)
-            bar.update()
-        for expert_module in contents.experts:
-            for analysis in _analyse_experts(expert_module, expert_plans[expert_module.name],
-                                             contents, base_model, settings, device, warnings):
-                analyses.append(analysis)
-                _keep_entries(analysis, exact_histogram, quotas, samples, generator)
-            bar.update()
-        for saved in contents.saved:
-            analysis = _analyse_saved(saved, contents, base_model, settings, device, warnings)
-            if analysis is not None:
-                analyses.append(analysis)
-                _keep_entries(analysis, exact_histogram, quotas, samples, generator)
-            bar.update()
-
+    analyses = _analyse_all(contents, plans, expert_plans, base_model, settings, device, warnings,
+                            lambda a: _keep_entries(a, exact_histogram, quotas, samples, generator),
+                            progress)
     _note_missing_base(contents, base_model, needs_base)
     finite = [a for a in analyses if a.metrics.nonfinite == 0]
     for a in analyses:
@@ -106,7 +85,8 @@ def _analyze(adapter: str | Path, base: str | Path | None, settings,
                             "tensors; left out of every aggregate")
     result = AnalysisResult(
         adapter=_adapter_info(contents),
-        summary=_summary(contents, base_model, analyses, finite),
+        summary=_summary(contents, base_model, analyses, finite,
+                         module_fros(finite, _sources(plans, contents))),
         modules=[a.metrics for a in analyses],
         layers=layer_profiles(finite),
         top_neurons=top_neurons(finite, settings.top_neurons),
@@ -118,6 +98,36 @@ def _analyze(adapter: str | Path, base: str | Path | None, settings,
         warnings.append("amplification and intruder dimensions are not computed per expert (each "
                         "needs a dense SVD of every expert's base weight); ‖ΔW‖/‖W‖ is")
     return result
+
+
+def _analyse_all(contents: AdapterContents, plans, expert_plans, base_model, settings, device,
+                 warnings: list[str], keep, progress: bool) -> list[M.ModuleAnalysis]:
+    """Every module, expert parameter and saved weight analysed in turn (a progress bar on
+    stderr); `keep` takes each analysis's entries for the histogram as it comes."""
+    analyses: list[M.ModuleAnalysis] = []
+    work = len(contents.modules) + len(contents.saved) + len(contents.experts)
+    bar = tqdm(total=work, desc="tunelens analyze", unit="module", file=sys.stderr,
+               disable=not progress, leave=False)
+    with bar:
+        for module in contents.modules:
+            for analysis in _analyse_module(module, plans[module.name], contents, base_model,
+                                            settings, device, warnings):
+                analyses.append(analysis)
+                keep(analysis)
+            bar.update()
+        for expert_module in contents.experts:
+            for analysis in _analyse_experts(expert_module, expert_plans[expert_module.name],
+                                             contents, base_model, settings, device, warnings):
+                analyses.append(analysis)
+                keep(analysis)
+            bar.update()
+        for saved in contents.saved:
+            analysis = _analyse_saved(saved, contents, base_model, settings, device, warnings)
+            if analysis is not None:
+                analyses.append(analysis)
+                keep(analysis)
+            bar.update()
+    return analyses
 
 
 def _check_base_shapes(contents: AdapterContents, base_model: BaseModel) -> None:
@@ -401,7 +411,7 @@ def _adapter_info(contents: AdapterContents) -> AdapterInfo:
                        base_model_name_or_path=c.base_model_name_or_path, task_type=c.task_type,
                        fan_in_fan_out=c.fan_in_fan_out, bias=c.bias,
                        modules_to_save=c.modules_to_save, rank_pattern=c.rank_pattern,
-                       alpha_pattern=c.alpha_pattern)
+                       alpha_pattern=c.alpha_pattern, format=c.format, scale=c.scale)
 
 
 def layer_profiles(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
@@ -421,9 +431,36 @@ def layer_profiles(finite: list[M.ModuleAnalysis]) -> list[LayerProfile]:
     return [by_layer[k] for k in sorted(by_layer)]
 
 
-def _summary(contents, base_model, analyses, finite) -> Summary:
+def _sources(plans: dict[str, list[_Part]], contents: AdapterContents) -> dict[str, str]:
+    """Each analysed part's module: a fused projection's parts (.q/.k/.v, .gate/.up) map to the
+    projection, an expert's gate/up parts to that expert's parameter; anything else to itself."""
+    sources = {part.name: key for key, parts in plans.items() for part in parts}
+    for e in contents.experts:
+        for i in range(e.num_experts):
+            sources.update({f"{e.module}.{i}.{part}": f"{e.name}.{i}"
+                            for part, _ in expert_parameter_parts(e.parameter, None)})
+    return sources
+
+
+def module_fros(finite: list[M.ModuleAnalysis], sources: dict[str, str]) -> list[float]:
+    """‖ΔW‖_F per module, a module split into parts counted once: sqrt(Σ parts' ‖ΔW‖_F²)."""
+    parts: dict[str, list[float]] = defaultdict(list)
+    for a in finite:
+        parts[sources.get(a.metrics.name, a.metrics.name)].append(a.metrics.fro)
+    return [lora_math.combined_fro(fros) for fros in parts.values()]
+
+
+def mean_and_max(values: list[float]) -> tuple[float, float]:
+    """(mean, max) of `values`; (NaN, NaN) when there are none."""
+    if not values:
+        return math.nan, math.nan
+    return sum(values) / len(values), max(values)
+
+
+def _summary(contents, base_model, analyses, finite, module_norms: list[float]) -> Summary:
     layers = layer_profiles(finite)
-    magnitudes = [p.fro_sum for p in layers] or [a.metrics.fro for a in finite]
+    mean_module, max_module = mean_and_max(module_norms)
+    mean_layer, max_layer = mean_and_max([p.fro_sum for p in layers])
     group_fro: dict[str, float] = defaultdict(float)
     for a in finite:
         group_fro[a.metrics.group] += a.metrics.fro
@@ -434,8 +471,8 @@ def _summary(contents, base_model, analyses, finite) -> Summary:
         trainable_share=contents.trainable_params / base_params if base_params else None,
         layers_modified=sorted({a.metrics.layer for a in analyses if a.metrics.layer is not None}),
         num_layers=base_model.num_layers if base_model else None,
-        mean_delta_fro=sum(magnitudes) / len(magnitudes) if magnitudes else math.nan,
-        max_delta_fro=max(magnitudes) if magnitudes else math.nan,
+        mean_module_fro=mean_module, max_module_fro=max_module,
+        mean_layer_fro_sum=mean_layer, max_layer_fro_sum=max_layer,
         group_fro=dict(group_fro),
         mean_rank_utilisation=sum(utilisation) / len(utilisation) if utilisation else math.nan,
         nonfinite_modules=[a.metrics.name for a in analyses if a.metrics.nonfinite])

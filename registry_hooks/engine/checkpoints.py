@@ -22,7 +22,7 @@ from .loading import AdapterContents, AnalysisInputError, find_adapter_dir, open
 from .module_metrics import analysis_settings, torch_threads
 from .naming import parse_module_path
 from .result import (AnalysisResult, ChangeStats, CheckpointEvolution, CheckpointRef,
-                     LayerEvolution, ModuleEvolution, SimilarityStep)
+                     LayerEvolution, ModuleEvolution, RunProfile, SimilarityStep, TrainingRuns)
 
 _STEP = re.compile(r"checkpoint-(\d+)$")
 STAT_NAMES = ("mean", "var", "abs_mean", "abs_var")
@@ -175,6 +175,38 @@ def _layer_evolution(modules: list[ModuleEvolution], count: int) -> list[LayerEv
                                       for i in range(count)],
                            A=averaged(layers[layer], "A"), B=averaged(layers[layer], "B"))
             for layer in sorted(layers)]
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """A training run's output folder: not an adapter itself, holding checkpoint-* folders."""
+    path = Path(path)
+    return (path.is_dir() and find_adapter_dir(path) is None
+            and any(d.is_dir() and _STEP.search(d.name) for d in path.iterdir()))
+
+
+def training_runs(paths: list[str | Path], labels: list[str] | None = None, *,
+                  config: dict | None = None, progress: bool = True) -> TrainingRuns:
+    """Several runs (each a folder of checkpoint-* folders), labelled by `labels` or by folder
+    name: each run's S_ℓ per layer at every checkpoint, on the union of their layers."""
+    if labels and len(labels) != len(paths):
+        raise AnalysisInputError(f"{len(labels)} --label values for {len(paths)} runs: give one "
+                                 "per run, in the same order")
+    for path in paths:
+        if not is_run_folder(path):
+            raise AnalysisInputError(f"{path} is not a training run's folder of checkpoint-* "
+                                     "folders (several runs need one such folder each)")
+    names = labels or [Path(p).resolve().name for p in paths]
+    if len(set(names)) != len(names):
+        raise AnalysisInputError(f"runs need distinct labels, got {names}: pass --label per run")
+    evolutions = [checkpoint_evolution([p], config=config, progress=progress) for p in paths]
+    layers = sorted({r.layer for e in evolutions for r in e.layers})
+    runs = []
+    for name, evolution in zip(names, evolutions):
+        by_layer = {r.layer: r.delta_fro for r in evolution.layers}
+        runs.append(RunProfile(name, evolution.checkpoints, [
+            [by_layer[layer][i] if layer in by_layer else None for layer in layers]
+            for i in range(len(evolution.checkpoints))]))
+    return TrainingRuns(layers, runs)
 
 
 def analyze_checkpoints(paths: list[str | Path], base: str | Path | None = None, *,

@@ -5,8 +5,10 @@ for the largest tensor and reused, so peak memory stays at two tensors of the la
 fresh gigabyte-sized allocation per tensor, whose page faults cost three times the copy, is never
 made). ΔW = W_tuned − W_base is computed in float32 (exact for bf16/fp16 inputs); norms use torch's
 cascaded float32 reductions (relative error ~1e-6; a float64 copy of an embedding matrix would
-double the peak). Spectra come from a randomized SVD with power iterations (Halko et al. 2011), or,
-where min(m, n) is small, exactly from the float64 Gram matrix's eigen-decomposition.
+double the peak). Every singular value comes exactly from the float64 Gram matrix's
+eigen-decomposition up to full_diff.lanczos_min_dim; wider matrices get their top singular values
+from Lanczos (ARPACK), as many as the rank at full_diff.rank_rtol needs. Intruder dimensions above
+exact_max_dim come from a randomized SVD with power iterations (Halko et al. 2011).
 """
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.sparse.linalg import ArpackError, svds
 from tqdm import tqdm
 
 from tunelens.config import section
 
 from . import lora_math
 from . import module_metrics as M
-from .analysis import layer_profiles, top_neurons, value_histogram
+from .analysis import layer_profiles, mean_and_max, top_neurons, value_histogram
 from .loading import AnalysisInputError, BaseModel
 from .naming import TYPE_ORDER, matrix_type, parse_module_path
 from .result import (AnalysisResult, FullDiffSection, FullFinetuneInfo, LayerTypeGrid, ModuleMetrics,
@@ -61,15 +65,39 @@ def randomized_svd(terms: list[torch.Tensor], k: int, oversample: int, power_ite
     return (q @ u_small)[:, :k], singular[:k], vh[:k].T
 
 
-def gram_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+def gram_singular_values(matrix: torch.Tensor, block: int = 4096) -> torch.Tensor:
     """σ(M) descending = sqrt(eigvalsh(G)), G = M·Mᵀ or Mᵀ·M (the smaller), in float64.
 
     Exact up to rounding: |Δσ_i| <= ~eps·σ_1²/σ_i, at most ~1e-8·σ_1 for σ_i near 0; several
-    times faster than an SVD of a 256×1536 matrix.
+    times faster than an SVD of a 256×1536 matrix. G is summed over `block`-wide slices of the
+    long side, so no float64 copy of a large M is made.
     """
-    matrix = matrix.double()
-    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
+    wide = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
+    gram = torch.zeros(wide.shape[0], wide.shape[0], dtype=torch.float64, device=matrix.device)
+    for start in range(0, wide.shape[1], block):
+        piece = wide[:, start:start + block].double()
+        gram += piece @ piece.T
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+
+def singular_values_to_threshold(matrix: torch.Tensor, rtol: float, k: int,
+                                 seed: int) -> tuple[torch.Tensor, bool]:
+    """(σ_1 ≥ σ_2 ≥ … down to the first σ_i <= rtol·σ_1, whether that is every σ): Lanczos (ARPACK
+    svds) for the top k, k doubling until σ_k <= rtol·σ_1; every σ from the Gram matrix once k
+    passes min(m, n)/4, where Lanczos is no cheaper. #σ_i > rtol·σ_1 is then the exact rank."""
+    quarter = min(matrix.shape) // 4
+    values = matrix.detach().cpu().numpy()
+    while k <= quarter:
+        try:
+            top = svds(values, k=k, return_singular_vectors=False,
+                       random_state=np.random.default_rng(seed))
+        except ArpackError:  # no convergence: the Gram matrix gives every σ instead
+            break
+        top = torch.from_numpy(np.sort(top.astype(np.float64))[::-1].copy())
+        if not top[-1] > rtol * top[0]:
+            return top, False
+        k *= 2
+    return gram_singular_values(matrix).cpu(), True
 
 
 def left_singular_vectors(matrix: torch.Tensor) -> torch.Tensor:
@@ -243,22 +271,18 @@ def _matrix_diff(name, key, w_base, delta, total, settings, diff_settings, gener
     low, high = (float(v) for v in torch.aminmax(delta))
     exact = min(m, n) <= diff_settings.exact_max_dim
     k = min(diff_settings.top_singular_values, m, n)
-    if exact:
-        singular_all = gram_singular_values(delta)
-        top = singular_all[:k]
-        rank = numerical_rank(singular_all, diff_settings.rank_rtol)
-        rank_at_least = None
-        energy_90 = lora_math.energy_rank(singular_all, 0.90)
-        spectrum = singular_all
+    if exact or min(m, n) < diff_settings.lanczos_min_dim:
+        singular, complete = gram_singular_values(delta), True
+    elif fro == 0:
+        singular, complete = torch.zeros(k, dtype=torch.float64), False
     else:
-        _, top, _ = randomized_svd([delta], k, diff_settings.oversample,
-                                   diff_settings.power_iterations, generator)
-        top = top.double()
-        bounded = numerical_rank(top, diff_settings.rank_rtol) == top.numel()
-        rank = None if bounded else numerical_rank(top, diff_settings.rank_rtol)
-        rank_at_least = top.numel() if bounded else None
-        energy_90 = partial_energy_rank(top, fro * fro, 0.90)
-        spectrum = None
+        singular, complete = singular_values_to_threshold(delta, diff_settings.rank_rtol, 2 * k,
+                                                          settings.seed)
+    top = singular[:k]
+    rank = numerical_rank(singular, diff_settings.rank_rtol)
+    spectrum = singular if complete else None
+    energy_90 = (lora_math.energy_rank(singular, 0.90) if complete
+                 else partial_energy_rank(singular, fro * fro, 0.90))
     intruders = _intruders(w_base, delta, exact, settings, diff_settings, generator)
     mean = total / (m * n)
     spectral = float(top[0]) if top.numel() else 0.0
@@ -269,9 +293,10 @@ def _matrix_diff(name, key, w_base, delta, total, settings, diff_settings, gener
         rank=full_rank, scale=1.0, fro=fro, spectral=spectral,
         singular_values=[float(s) for s in top], effective_rank=effective,
         stable_rank=fro * fro / (spectral * spectral) if spectral > 0 else 0.0,
-        energy_rank_90=_known_or_beyond(energy_90, k),
+        energy_rank_90=_known_or_beyond(energy_90, singular.numel()),
         energy_rank_99=_known_or_beyond(lora_math.energy_rank(spectrum, 0.99) if spectrum is not None
-                                        else partial_energy_rank(top, fro * fro, 0.99), k),
+                                        else partial_energy_rank(singular, fro * fro, 0.99),
+                                        singular.numel()),
         rank_utilisation=effective / full_rank if spectrum is not None else math.nan,
         mean=mean, std=math.sqrt(max(fro * fro / (m * n) - mean * mean, 0.0)),
         min=low, max=high, relative_fro=_ratio(fro, base_fro),
@@ -283,9 +308,8 @@ def _matrix_diff(name, key, w_base, delta, total, settings, diff_settings, gener
     rows = M.top_rows(row_norms, settings.top_neurons)
     analysis = M.ModuleAnalysis(metrics, heatmap, rows, _Population(m * n), total)
     diff = TensorDiff(key, [m, n], fro, base_fro, _ratio(fro, base_fro), spectral=spectral,
-                      rank=rank, rank_at_least=rank_at_least,
-                      relative_rank=rank / full_rank if rank is not None else None,
-                      energy_rank_90=energy_90, spectrum_exact=exact, intruders_exact=exact)
+                      rank=rank, relative_rank=rank / full_rank,
+                      energy_rank_90=energy_90, spectrum_exact=complete, intruders_exact=exact)
     return analysis, diff
 
 
@@ -326,7 +350,8 @@ def _intruders(w_base, delta, exact, settings, diff_settings, generator) -> int 
 def _result(tuned_model, base_model, analyses, diffs, samples, warnings, settings, diff_settings):
     finite = [a for a in analyses if a.metrics.nonfinite == 0]
     layers = layer_profiles(finite)
-    magnitudes = [p.fro_sum for p in layers] or [a.metrics.fro for a in finite]
+    mean_module, max_module = mean_and_max([a.metrics.fro for a in finite])
+    mean_layer, max_layer = mean_and_max([p.fro_sum for p in layers])
     group_fro: dict[str, float] = {}
     for a in finite:
         group_fro[a.metrics.group] = group_fro.get(a.metrics.group, 0.0) + a.metrics.fro
@@ -337,8 +362,8 @@ def _result(tuned_model, base_model, analyses, diffs, samples, warnings, setting
         layers_modified=sorted({a.metrics.layer for a in analyses if a.metrics.layer is not None
                                 and a.metrics.fro != 0}),
         num_layers=base_model.num_layers,
-        mean_delta_fro=sum(magnitudes) / len(magnitudes) if magnitudes else math.nan,
-        max_delta_fro=max(magnitudes) if magnitudes else math.nan,
+        mean_module_fro=mean_module, max_module_fro=max_module,
+        mean_layer_fro_sum=mean_layer, max_layer_fro_sum=max_layer,
         group_fro=group_fro, mean_rank_utilisation=math.nan,
         nonfinite_modules=[a.metrics.name for a in analyses if a.metrics.nonfinite])
     config = base_model.config

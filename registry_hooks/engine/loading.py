@@ -1,7 +1,8 @@
 """Reading adapters and base models without loading a model: headers first, one tensor at a time.
 
 An adapter is a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors, or
-adapter_model.bin read only through torch.load(weights_only=True)), or an MLflow transformers model
+adapter_model.bin read only through torch.load(weights_only=True)), an mlx-lm LoRA folder
+(adapter_config.json with lora_parameters + adapters.safetensors), or an MLflow transformers model
 directory holding one under peft/. Every LoRA module stays factored (L, R, scale); shapes are checked
 against each other and the config before any math runs.
 
@@ -35,10 +36,13 @@ from .naming import expert_parameter_order, strip_peft_prefix
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
+MLX_WEIGHTS_NAME = "adapters.safetensors"  # mlx-lm's adapter file (tuner/trainer.py)
 
 # PEFT's saved key suffixes (an adapter name such as `.default` may sit before `.weight`).
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
                        r"lora_magnitude_vector)(?:\.default)?(?:\.(?P<param>weight|bias))?$")
+# mlx-lm saves dict(tree_flatten(model.trainable_parameters())): `<module path>.lora_a|lora_b`.
+_MLX_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>a|b)$")
 _SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
 # Saved tensors PEFT writes that are neither LoRA factors nor full weights: named, never misread
 # as modules_to_save. Trainable tokens keep new rows of an embedding; any other `lora_*` tensor
@@ -124,6 +128,8 @@ class AdapterConfig:
     bias: str
     lora_bias: bool
     target_parameters: list[str] = field(default_factory=list)  # PEFT ParamWrapper targets
+    format: str = "peft"  # "peft", or "mlx-lm" (adapters.safetensors, lora_parameters)
+    scale: float | None = None  # mlx-lm's multiplier of B·A, used as is (PEFT: α/r)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """r and alpha for one module path, with rank_pattern / alpha_pattern applied like PEFT."""
@@ -180,6 +186,19 @@ def check_safetensors(path: Path, dtypes=tuple(DTYPE_BYTES)) -> dict:
                                   "re-save it with save_pretrained (safetensors)")
 
     size = path.stat().st_size
+    header, length = _safetensors_header(path, size, invalid)
+    data_bytes = size - 8 - length
+    _check_tiling([_tensor_span(name, entry, dtypes, data_bytes, invalid)
+                   for name, entry in header.items() if name != "__metadata__"],
+                  data_bytes, invalid)
+    header.pop("__metadata__", None)
+    for entry in header.values():
+        entry["data_offsets"] = [8 + length + o for o in entry["data_offsets"]]
+    return header
+
+
+def _safetensors_header(path: Path, size: int, invalid) -> tuple[dict, int]:
+    """The header object of a `size`-byte safetensors file, and its length in bytes."""
     with open(path, "rb") as file:
         prefix = file.read(8)
         if len(prefix) < 8:
@@ -195,30 +214,34 @@ def check_safetensors(path: Path, dtypes=tuple(DTYPE_BYTES)) -> dict:
         raise invalid("the header is not JSON") from None
     if not isinstance(header, dict):
         raise invalid(f"the header is a JSON {type(header).__name__}, not an object")
-    data_bytes, spans = size - 8 - length, []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(entry, dict):
-            raise invalid(f"entry {name!r} is not an object with dtype, shape and data_offsets")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in dtypes:
-            raise invalid(f"tensor {name!r} has dtype {dtype!r}, expected one of "
-                          f"{', '.join(dtypes)}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise invalid(f"tensor {name!r} has shape {shape!r}, not a list of non-negative ints")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int and o >= 0 for o in offsets)):
-            raise invalid(f"tensor {name!r} has data_offsets {offsets!r}, not [start, end]")
-        start, end = offsets
-        needed = DTYPE_BYTES[dtype] * math.prod(shape)
-        if end - start != needed:
-            raise invalid(f"tensor {name!r} ({dtype} {shape}) needs {needed:,} bytes but its "
-                          f"data_offsets {offsets} span {end - start:,}")
-        if end > data_bytes:
-            raise invalid(f"tensor {name!r} has data_offsets {offsets} past the end of the "
-                          f"{data_bytes:,}-byte data (truncated?)")
-        spans.append((start, end, name))
+    return header, length
+
+
+def _tensor_span(name: str, entry, dtypes, data_bytes: int, invalid) -> tuple[int, int, str]:
+    """(start, end, name) of one header entry, whose dtype, shape and size are checked."""
+    if not isinstance(entry, dict):
+        raise invalid(f"entry {name!r} is not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in dtypes:
+        raise invalid(f"tensor {name!r} has dtype {dtype!r}, expected one of {', '.join(dtypes)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise invalid(f"tensor {name!r} has shape {shape!r}, not a list of non-negative ints")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)):
+        raise invalid(f"tensor {name!r} has data_offsets {offsets!r}, not [start, end]")
+    start, end = offsets
+    needed = DTYPE_BYTES[dtype] * math.prod(shape)
+    if end - start != needed:
+        raise invalid(f"tensor {name!r} ({dtype} {shape}) needs {needed:,} bytes but its "
+                      f"data_offsets {offsets} span {end - start:,}")
+    if end > data_bytes:
+        raise invalid(f"tensor {name!r} has data_offsets {offsets} past the end of the "
+                      f"{data_bytes:,}-byte data (truncated?)")
+    return start, end, name
+
+
+def _check_tiling(spans: list[tuple[int, int, str]], data_bytes: int, invalid) -> None:
+    """The spans cover [0, data_bytes) exactly: no overlap, gap or overrun."""
     covered = 0
     for start, end, name in sorted(spans):
         if start != covered:
@@ -227,10 +250,6 @@ def check_safetensors(path: Path, dtypes=tuple(DTYPE_BYTES)) -> dict:
         covered = end
     if covered != data_bytes:
         raise invalid(f"the tensors cover {covered:,} of the {data_bytes:,} data bytes")
-    header.pop("__metadata__", None)
-    for entry in header.values():
-        entry["data_offsets"] = [8 + length + o for o in entry["data_offsets"]]
-    return header
 
 
 def check_torch_zip(path: Path) -> None:
@@ -261,10 +280,59 @@ def _is_alpha(value) -> bool:
     return type(value) in (int, float) and math.isfinite(value) and abs(value) <= MAX_ALPHA
 
 
+def is_mlx_config(raw: dict) -> bool:
+    """An mlx-lm adapter_config.json: `lora_parameters` and no PEFT `peft_type`."""
+    return "peft_type" not in raw and isinstance(raw.get("lora_parameters"), dict)
+
+
+def not_lora_reason(raw: dict) -> str | None:
+    """Why an adapter_config.json is not a LoRA adapter tunelens analyses; None when it is one
+    (PEFT's peft_type LORA, or mlx-lm's lora_parameters with fine_tune_type lora)."""
+    if is_mlx_config(raw):
+        kind = raw.get("fine_tune_type", "lora")
+        return None if kind == "lora" else (f"an mlx-lm {kind!r} fine-tune (fine_tune_type), "
+                                            "not LoRA: only LoRA adapters are analysed")
+    peft_type = raw.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        return f"peft_type is {peft_type!r}, not LORA: only LoRA adapters are analysed"
+    return None
+
+
+def _mlx_config(path: Path, raw: dict) -> AdapterConfig:
+    """mlx-lm's config: lora_parameters {rank, scale, dropout[, keys]}; its LoRALinear adds
+    scale·(x·lora_a)·lora_b, so `scale` itself multiplies B·A (no α/r)."""
+    reason = not_lora_reason(raw)
+    if reason:
+        raise AnalysisInputError(f"{path}: {reason}")
+    params = raw["lora_parameters"]
+    rank, scale = params.get("rank"), params.get("scale")
+    if not _is_rank(rank):
+        raise AnalysisInputError(f"{path}: lora_parameters.rank must be a positive integer, got "
+                                 f"{rank!r}")
+    if scale is None:
+        raise AnalysisInputError(
+            f"{path}: lora_parameters has no scale{' (only alpha)' if 'alpha' in params else ''}; "
+            "mlx-lm multiplies B·A by scale and refuses a config without it, so the change this "
+            "adapter applies is unknown: add the scale it was trained with")
+    if not _is_alpha(scale):
+        raise AnalysisInputError(f"{path}: lora_parameters.scale must be a number of magnitude at "
+                                 f"most {MAX_ALPHA:g}, got {scale!r}")
+    keys = params.get("keys")
+    return AdapterConfig(
+        raw=raw, peft_type="LORA", r=rank, lora_alpha=float(scale) * rank, use_rslora=False,
+        use_dora=False, fan_in_fan_out=False,
+        target_modules=keys if isinstance(keys, list) else None, modules_to_save=None,
+        rank_pattern={}, alpha_pattern={}, base_model_name_or_path=raw.get("model"),
+        task_type=None, bias="none", lora_bias=False, format="mlx-lm", scale=float(scale))
+
+
 def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
-    """Parse and check adapter_config.json; AnalysisInputError names what is wrong."""
+    """Parse and check adapter_config.json (PEFT's or mlx-lm's); AnalysisInputError names what is
+    wrong."""
     path = inside(adapter_dir / CONFIG_NAME, adapter_dir)
     raw = read_json_object(path)
+    if is_mlx_config(raw):
+        return _mlx_config(path, raw)
     peft_type = str(raw.get("peft_type") or "")
     if not peft_type:
         raise AnalysisInputError(f"{path} has no peft_type: is this a PEFT adapter?")
@@ -400,11 +468,16 @@ class LoraModule:
     fan_in_fan_out: bool = False
     # A and B hold no NaN/Inf (seen by the opening check): the analysis need not scan them again.
     factors_finite: bool = False
+    # mlx-lm stores each factor as the transpose of PEFT's: lora_a (in, r), lora_b (r, out).
+    transposed: bool = False
 
     def factors(self, tensors: TensorFile, device: torch.device, dtype=torch.float64):
-        """(L, R) as float64 on `device`: (lora_B, lora_A), or (lora_embedding_Aᵀ, lora_embedding_Bᵀ)."""
+        """(L, R) as float64 on `device`: (lora_B, lora_A), or (lora_embedding_Aᵀ, lora_embedding_Bᵀ);
+        mlx-lm's (lora_bᵀ, lora_aᵀ), or (lora_a, lora_b) for an embedding."""
         a = tensors.get(self.keys["A"]).to(device=device, dtype=dtype)
         b = tensors.get(self.keys["B"]).to(device=device, dtype=dtype)
+        if self.transposed:
+            a, b = a.T, b.T
         return (a.T, b.T) if self.kind == "embedding" else (b, a)
 
     def optional(self, tensors: TensorFile, part: str, device: torch.device, dtype=torch.float64):
@@ -491,8 +564,11 @@ def open_adapter(path: str | Path) -> AdapterContents:
     adapter_dir = find_adapter_dir(path)
     if adapter_dir is None:
         raise AnalysisInputError(f"no {CONFIG_NAME} in {path} (nor in {path / 'peft'}): pass a PEFT "
-                                 "LoRA adapter directory or an MLflow model directory with peft/")
+                                 "or mlx-lm LoRA adapter directory or an MLflow model directory "
+                                 "with peft/")
     config = read_adapter_config(adapter_dir)
+    if config.format == "mlx-lm":
+        return _open_mlx(adapter_dir, config)
     weights = adapter_dir / SAFETENSORS_NAME
     if not weights.is_file():
         weights = adapter_dir / BIN_NAME
@@ -507,6 +583,64 @@ def open_adapter(path: str | Path) -> AdapterContents:
     trainable = sum(tensors.numel(k) for k in tensors.keys() if k not in ignored)
     return AdapterContents(adapter_dir, config, tensors, modules, saved, trainable, warnings,
                            experts)
+
+
+def _open_mlx(adapter_dir: Path, config: AdapterConfig) -> AdapterContents:
+    """An mlx-lm adapter: adapters.safetensors holding only `<module>.lora_a` / `.lora_b`."""
+    weights = adapter_dir / MLX_WEIGHTS_NAME
+    if not weights.is_file():
+        raise AnalysisInputError(f"{adapter_dir} has an mlx-lm {CONFIG_NAME} but no "
+                                 f"{MLX_WEIGHTS_NAME}")
+    tensors = TensorFile(inside(weights, adapter_dir))
+    grouped: dict[str, dict[str, str]] = {}
+    for key in tensors.keys():
+        match = _MLX_LORA_KEY.match(key)
+        if match is None:
+            raise AnalysisInputError(f"{weights}: tensor {key} is not an mlx-lm LoRA factor "
+                                     "(<module>.lora_a / .lora_b); only LoRA adapters are analysed")
+        grouped.setdefault(match["module"], {})[match["kind"].upper()] = key
+    warnings = []
+    if "alpha" in config.raw["lora_parameters"]:
+        warnings.append("lora_parameters.alpha is not used: mlx-lm multiplies B·A by scale alone "
+                        f"(s = {config.scale:g} here; mlx-lm up to 0.14.0 multiplied by "
+                        "scale·alpha/rank instead)")
+    modules = [m for name, keys in sorted(grouped.items())
+               if (m := _check_mlx_module(name, keys, tensors, config, weights, warnings))]
+    if not modules:
+        raise AnalysisInputError(f"{weights} holds no 2-D LoRA factors: nothing to analyse")
+    trainable = sum(tensors.numel(k) for k in tensors.keys())
+    return AdapterContents(adapter_dir, config, tensors, modules, [], trainable, warnings)
+
+
+def _check_mlx_module(name: str, keys: dict, tensors: TensorFile, config: AdapterConfig,
+                      weights: Path, warnings: list[str]) -> LoraModule | None:
+    """mlx-lm's LoRALinear: lora_a (in, r), lora_b (r, out); LoRAEmbedding: lora_a (vocab, r),
+    lora_b (r, dim). Checked against each other and lora_parameters.rank."""
+    for needed in ("A", "B"):
+        if needed not in keys:
+            raise AnalysisInputError(f"{weights}: module {name} has no lora_{needed.lower()}; the "
+                                     "adapter file is incomplete")
+    a_shape, b_shape = tensors.shape(keys["A"]), tensors.shape(keys["B"])
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        warnings.append(f"{name}: LoRA on a {len(a_shape)}-D (mixture-of-experts) weight is not "
+                        "analysed")
+        return None
+    if a_shape[1] != b_shape[0] or a_shape[1] != config.r:
+        raise AnalysisInputError(f"{weights}: module {name} has lora_a {a_shape} and lora_b "
+                                 f"{b_shape}, not (in, r) and (r, out) with rank {config.r} from "
+                                 "lora_parameters")
+    embedding = "embed" in name.rsplit(".", 1)[-1]
+    shape = (a_shape[0], b_shape[1]) if embedding else (b_shape[1], a_shape[0])
+    if 0 in shape:
+        raise AnalysisInputError(f"{weights}: module {name} has an empty ΔW; the adapter file is "
+                                 "corrupt")
+    bound, finite = _factor_bound(tensors, keys, config.scale, config.r)
+    if not bound <= MAX_DELTA_ENTRY:
+        raise AnalysisInputError(f"{weights}: module {name} has values whose ΔW could reach "
+                                 f"{bound:.1e}, beyond float64 analysis; the adapter is corrupt")
+    return LoraModule(name=name, kind="embedding" if embedding else "lora", rank=config.r,
+                      alpha=config.lora_alpha, scale=config.scale, shape=shape, keys=keys,
+                      factors_finite=finite, transposed=True)
 
 
 def _collect(tensors: TensorFile, config: AdapterConfig, weights: Path):

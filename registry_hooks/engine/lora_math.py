@@ -74,6 +74,11 @@ def frobenius(singular: torch.Tensor) -> float:
     return float(singular.square().sum().sqrt())
 
 
+def combined_fro(part_fros) -> float:
+    """‖ΔW‖_F of a matrix split into row blocks = sqrt(Σ_parts ‖ΔW_part‖_F²)."""
+    return math.sqrt(sum(f * f for f in part_fros))
+
+
 def effective_rank(singular: torch.Tensor) -> float:
     """exp(−Σ p_i·ln p_i) with p_i = σ_i / Σσ (Roy & Vetterli 2007); 0 for ΔW = 0."""
     total = singular.sum()

@@ -30,6 +30,10 @@ class AdapterInfo:
     modules_to_save: list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # "mlx-lm": an mlx-lm adapter, whose `scale` multiplies B·A as is (lora_alpha = scale·r, the
+    # PEFT α with the same multiplier)
+    format: str = "peft"
+    scale: float | None = None
 
 
 @dataclass
@@ -168,9 +172,12 @@ class Heatmap:
 class Summary:
     """The headline numbers of an adapter.
 
-    mean_delta_fro / max_delta_fro are over the modified layers' S_ℓ = Σ ‖ΔW‖_F (the "mean ΔW
-    magnitude"), or over modules when no module sits in a numbered layer. trainable_share is
-    trainable_params / base_params; mean_rank_utilisation averages effective_rank / max rank.
+    Two sizes of the change, each named for what it averages: mean_module_fro / max_module_fro
+    are over modules of ‖ΔW‖_F (a fused projection such as qkv_proj is one module, its norm
+    sqrt(Σ parts' ‖ΔW‖_F²)); mean_layer_fro_sum / max_layer_fro_sum are over the modified layers
+    of S_ℓ = Σ ‖ΔW‖_F over the layer's matrices (NaN when no module sits in a numbered layer).
+    trainable_share is trainable_params / base_params; mean_rank_utilisation averages
+    effective_rank / max rank.
     """
 
     trainable_params: int
@@ -178,8 +185,10 @@ class Summary:
     trainable_share: float | None
     layers_modified: list[int]
     num_layers: int | None
-    mean_delta_fro: float
-    max_delta_fro: float
+    mean_module_fro: float
+    max_module_fro: float
+    mean_layer_fro_sum: float
+    max_layer_fro_sum: float
     group_fro: dict[str, float]
     mean_rank_utilisation: float
     nonfinite_modules: list[str] = field(default_factory=list)
@@ -195,11 +204,10 @@ class TensorDiff:
     base_fro: float
     relative_fro: float
     spectral: float | None = None
-    rank: int | None = None  # numerical rank of ΔW: #σ_i > rank_rtol·σ_1; None when only bounded
-    rank_at_least: int | None = None  # set instead of `rank` when the computed σ's are all above
+    rank: int | None = None  # numerical rank of ΔW: #σ_i > rank_rtol·σ_1 (exact at that threshold)
     relative_rank: float | None = None  # rank / min(m, n)
-    energy_rank_90: int | None = None  # None when the top singular values hold < 90% of ‖ΔW‖_F²
-    spectrum_exact: bool = True
+    energy_rank_90: int | None = None  # None when the computed singular values hold < 90% of ‖ΔW‖_F²
+    spectrum_exact: bool = True  # every σ computed (else those down to the rank threshold)
     # False: counted against W's top intruder_reference_k vectors (an upper bound); the count is
     # None for large matrices unless full_diff.intruders_randomized is on
     intruders_exact: bool = True
@@ -314,6 +322,25 @@ class CheckpointEvolution:
             subspace_similarity=[SimilarityStep(from_=p["from"], to=p["to"], mean=p["mean"],
                                                 min=p["min"], modules=p["modules"])
                                  for p in data["subspace_similarity"]])
+
+
+@dataclass
+class RunProfile:
+    """One training run: its label, checkpoints and S_ℓ per layer at each checkpoint."""
+
+    label: str
+    checkpoints: list[CheckpointRef]
+    layer_fro: list[list[float | None]]  # per checkpoint, S_ℓ per entry of TrainingRuns.layers
+
+
+@dataclass
+class TrainingRuns:
+    """runs.json ("tunelens.runs/1"): several runs of one base (domains, learning rates), their
+    per-layer change S_ℓ = Σ ‖ΔW‖_F at every checkpoint, side by side."""
+
+    layers: list[int]
+    runs: list[RunProfile]
+    schema: str = "tunelens.runs/1"
 
 
 @dataclass

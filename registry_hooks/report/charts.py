@@ -8,6 +8,7 @@ than solved by a layout engine: a 224-module adapter's charts then take a fracti
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from tunelens.registry_hooks.engine.naming import ROLE_NAMES, ROLE_ORDER, role_of
 from tunelens.registry_hooks.engine.result import AnalysisResult, ModuleMetrics
+from tunelens.settings import AnalysisSettings
 
 from .narrative import component_order, fmt
 
@@ -244,9 +246,10 @@ def heatmaps(result: AnalysisResult, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def top_neurons(result: AnalysisResult, path: Path) -> Path | None:
-    """Horizontal bars of the most-shifted neurons, largest on top."""
-    top = result.top_neurons[:20]
+def top_neurons(result: AnalysisResult, path: Path, limit: int | None = None) -> Path | None:
+    """Horizontal bars of the `limit` most-shifted neurons (None: all the result keeps), largest
+    on top."""
+    top = result.top_neurons[:limit]
     if not top:
         return None
     components = component_order(result)
@@ -299,9 +302,13 @@ CHARTS = {
 }
 
 
-def render_charts(result: AnalysisResult, out_dir: str | Path) -> list[Path]:
-    """Write every chart that has data to out_dir; return their paths."""
+def render_charts(result: AnalysisResult, out_dir: str | Path,
+                  settings: AnalysisSettings | None = None) -> list[Path]:
+    """Write every chart that has data to out_dir, to the limits of `settings` (None: the result's
+    own lists); return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [draw(result, out / name) for name, draw in CHARTS.items()]
+    draws = {**CHARTS, "top_neurons.png": partial(
+        top_neurons, limit=settings.top_neurons if settings else None)}
+    written = [draw(result, out / name) for name, draw in draws.items()]
     return [p for p in written if p is not None]

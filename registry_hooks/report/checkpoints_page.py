@@ -29,35 +29,46 @@ def write_checkpoints(result: AnalysisResult, out_dir: str | Path, *,
     return files
 
 
-def render_frames(section: CheckpointEvolution, out_dir: Path) -> list[Path]:
-    """One PNG per checkpoint: per-layer mean |Δ| of A and B, and S_ℓ, on fixed axes."""
+# The four statistics of A's and B's change since the reference checkpoint, one panel each.
+STAT_LABELS = {"mean": "mean Δ", "var": "variance of Δ", "abs_mean": "mean |Δ|",
+               "abs_var": "variance of |Δ|"}
+
+
+def profile_frame(section: CheckpointEvolution, index: int):
+    """One checkpoint's figure: per layer, A's and B's mean Δ, var Δ, mean |Δ| and var |Δ| since
+    the reference, and S_ℓ; every panel on the axes of its largest value over all checkpoints."""
     layers = [r.layer for r in section.layers]
-    series = {"A": [r.A["abs_mean"] for r in section.layers],
-              "B": [r.B["abs_mean"] for r in section.layers],
-              "S": [r.delta_fro for r in section.layers]}
-    top = {k: max((max(v) for v in vals), default=0.0) or 1.0 for k, vals in series.items()}
-    paths = []
-    for i, checkpoint in enumerate(section.checkpoints):
-        fig = figure(9, 3.4)
-        left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        width = 0.4
-        left.bar([x - width / 2 for x in layers], [v[i] for v in series["A"]], width,
-                 label="lora_A", color="#0072B2")
-        left.bar([x + width / 2 for x in layers], [v[i] for v in series["B"]], width,
-                 label="lora_B", color="#E69F00")
-        left.set_ylim(0, max(top["A"], top["B"]) * 1.05)
-        left.set_xlabel("layer")
-        left.set_ylabel(f"mean |Δ| since {section.reference}")
-        left.legend(loc="upper left", fontsize=8)
-        right.bar(layers, [v[i] for v in series["S"]], color="#009E73")
-        right.set_ylim(0, top["S"] * 1.05)
-        right.set_xlabel("layer")
-        right.set_ylabel("S_ℓ = Σ ‖ΔW‖_F")
-        fig.suptitle(checkpoint.label + (f" (step {checkpoint.step})"
-                                         if checkpoint.step is not None else ""),
-                     x=0.01, ha="left")
-        paths.append(save_png(fig, out_dir / f"frame_{i:03d}.png"))
-    return paths
+    fig = figure(13, 6)
+    grid = fig.add_gridspec(2, 3)
+    for n, (stat, label) in enumerate(STAT_LABELS.items()):
+        ax = fig.add_subplot(grid[n // 2, n % 2])
+        reach = max((abs(v) for r in section.layers for f in "AB" for v in getattr(r, f)[stat]),
+                    default=0.0) or 1.0
+        for offset, factor, colour in ((-0.2, "A", "#0072B2"), (0.2, "B", "#E69F00")):
+            ax.bar([x + offset for x in layers],
+                   [getattr(r, factor)[stat][index] for r in section.layers], 0.4,
+                   label=f"lora_{factor}", color=colour)
+        ax.set_ylim(-reach * 1.05 if stat == "mean" else 0, reach * 1.05)
+        ax.set_ylabel(f"{label} since {section.reference}", fontsize=8)
+        ax.set_xlabel("layer", fontsize=8)
+        if n == 0:
+            ax.legend(loc="upper left", fontsize=8)
+    right = fig.add_subplot(grid[:, 2])
+    right.bar(layers, [r.delta_fro[index] for r in section.layers], color="#009E73")
+    right.set_ylim(0, max((max(r.delta_fro) for r in section.layers), default=0.0) * 1.05 or 1.0)
+    right.set_xlabel("layer")
+    right.set_ylabel("S_ℓ = Σ ‖ΔW‖_F")
+    checkpoint = section.checkpoints[index]
+    fig.suptitle(checkpoint.label + (f" (step {checkpoint.step})"
+                                     if checkpoint.step is not None else ""), x=0.01, ha="left")
+    fig.tight_layout()
+    return fig
+
+
+def render_frames(section: CheckpointEvolution, out_dir: Path) -> list[Path]:
+    """One PNG per checkpoint (profile_frame), on fixed axes."""
+    return [save_png(profile_frame(section, i), out_dir / f"frame_{i:03d}.png")
+            for i in range(len(section.checkpoints))]
 
 
 def frames_to_gif(frames: list[Path], path: Path, frame_ms: int = 700) -> Path:

@@ -5,13 +5,17 @@ import json
 from typing import Any
 
 from tunelens.registry_hooks.engine.result import AnalysisResult
+from tunelens.settings import AnalysisSettings
 
 from .narrative import glossary_for, narrate
 
 
-def analysis_document(result: AnalysisResult) -> dict[str, Any]:
-    """result.to_dict() with `narrative` (every sentence, most important first) and `glossary`."""
-    return {**result.to_dict(), "narrative": narrate(result), "glossary": glossary_for(result)}
+def analysis_document(result: AnalysisResult,
+                      settings: AnalysisSettings | None = None) -> dict[str, Any]:
+    """result.to_dict() with `narrative` (every sentence, most important first, read to the limits
+    of `settings`) and `glossary`."""
+    return {**result.to_dict(), "narrative": narrate(result, settings),
+            "glossary": glossary_for(result)}
 
 
 def analysis_json(result: AnalysisResult) -> str:

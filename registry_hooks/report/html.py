@@ -24,6 +24,7 @@ from .narrative import (SECTION_TITLES, glossary_for, is_full_finetune, narrate_
                         narrate_sections)
 from .sections import Section, data_uri
 from tunelens.registry_hooks.engine.result import AnalysisResult
+from tunelens.settings import AnalysisSettings
 
 DATA_ELEMENT_ID = "tunelens-data"
 
@@ -57,7 +58,7 @@ WORDING = {
       <p>This page measures those differences: how many parameters changed, which layers and
       matrix types (q/k/v/o, gate/up/down) moved most relative to their base weights, how many
       directions each change spans (its rank), and which individual neurons moved.</p>""",
-        "spectrum": """the largest ones (from a randomized SVD for large matrices). A steep
+        "spectrum": """the largest ones (from a Lanczos solver for large matrices). A steep
       fall-off: the update is effectively low-rank, as LoRA assumes; a flat run of bars: the
       change is spread over many directions.""",
         "who": "the fine-tune",
@@ -97,7 +98,8 @@ def heatmap_modules(result: AnalysisResult, max_heatmaps: int) -> set[str]:
 
 
 def report_payload(result: AnalysisResult, data: dict | None = None, *,
-                   max_heatmaps: int | None = None) -> dict:
+                   max_heatmaps: int | None = None,
+                   settings: AnalysisSettings | None = None) -> dict:
     """What the page's script reads: the result plus the narrative by section.
 
     Heatmaps are 98% of an analysis.json (a 64×64 grid per module); the page carries them as
@@ -105,7 +107,7 @@ def report_payload(result: AnalysisResult, data: dict | None = None, *,
     max_heatmaps largest modules (None: all), so a 6000-expert adapter's page stays a few megabytes
     and its browser tab responsive. analysis.json keeps every one.
     """
-    data = dict(analysis_document(result) if data is None else data)
+    data = dict(analysis_document(result, settings) if data is None else data)
     keep = None if max_heatmaps is None else heatmap_modules(result, max_heatmaps)
     data["heatmaps"] = [{"module": h["module"], "rows": h["rows"], "cols": h["cols"],
                          "f32": encode_heatmap(h["values"])} for h in data["heatmaps"]
@@ -113,7 +115,7 @@ def report_payload(result: AnalysisResult, data: dict | None = None, *,
     shown, folded = chart_components(result)
     return {
         "result": data,
-        "sections": narrate_sections(result),
+        "sections": narrate_sections(result, settings),
         "section_titles": SECTION_TITLES,
         "glossary": glossary_for(result),
         "roles": {m.name: role for m in result.modules if (role := role_of(m))},
@@ -138,14 +140,15 @@ def heatmap_note(result: AnalysisResult, shown: int) -> str:
 
 
 def render_report(result: AnalysisResult, data: dict | None = None, *,
-                  max_heatmaps: int | None = None, sections: list[Section] = ()) -> str:
+                  max_heatmaps: int | None = None, sections: list[Section] = (),
+                  settings: AnalysisSettings | None = None) -> str:
     """The full report.html text for `result` (`data`: its analysis_document(), when at hand), with
     the heatmaps of at most max_heatmaps modules, the largest (None: all), and `sections` below."""
     full = is_full_finetune(result)
     base = result.adapter.base_model_name_or_path
     title = ("tunelens · full fine-tune of " + (base or "a base model") if full else
              "tunelens · " + (base or "LoRA adapter") + " adapter")
-    payload = report_payload(result, data, max_heatmaps=max_heatmaps)
+    payload = report_payload(result, data, max_heatmaps=max_heatmaps, settings=settings)
     return PAGES.get_template("report.html").render(
         title=title, wording={k: Markup(v) for k, v in WORDING["full" if full else "lora"].items()},
         css=_asset("report.css"), js=_asset("report.js"),

@@ -11,6 +11,7 @@ from statistics import fmean
 
 from tunelens.registry_hooks.engine.naming import LEAF_ORDER, ROLE_NAMES, ROLE_ORDER, role_of
 from tunelens.registry_hooks.engine.result import AnalysisResult, FullDiffSection, FullFinetuneInfo
+from tunelens.settings import AnalysisSettings
 
 NORMAL_SHARE_WITHIN_ONE_STD = 0.6827  # P(|x - μ| < σ) for a normal distribution
 DRIFT_MEAN_OVER_STD = 0.1  # |mean| / std above this reads as the whole delta leaning one way
@@ -21,7 +22,6 @@ TREND_CORRELATION = 0.5  # |Pearson r| of layer index vs change above this: a de
 TREND_MIN_RATIO = 1.2  # ...and only when the layers differ this much (no trend in noise)
 SAME_SIZE_RATIO = 1.1  # two sizes within this factor read as "about as much"
 AMPLIFICATION_HIGH = 2.0  # above: ΔW boosts directions W barely emphasised (LoRA paper, §7)
-TOP_NEURONS_READ = 10
 # The experts' change reads as concentrated when a layer's top experts hold at least this many
 # times the share they would hold if every expert had moved alike.
 EXPERT_CONCENTRATED = 2.0
@@ -125,9 +125,10 @@ FULL_GLOSSARY: dict[str, str] = {
     "Parameter": "One number of the model. The changed share is the parameters in tensors that "
                  "differ from the base divided by the base model's parameters.",
     "Singular values": "σ₁ ≥ σ₂ ≥ … ≥ 0: how strongly each independent direction of a change "
-                       "acts. Large matrices report the top few, from a randomized SVD.",
-    "Relative rank": "The rank of ΔW (singular values above 1% of σ₁) divided by min(m, n), the "
-                     "most it could have: low values mean the update is low-rank, as LoRA assumes.",
+                       "acts. Large matrices report the top few, from a Lanczos solver.",
+    "Relative rank": "The rank of ΔW (singular values above 1% of σ₁, counted exactly) divided "
+                     "by min(m, n), the most it could have: low values mean the update is "
+                     "low-rank, as LoRA assumes.",
     "Top shifted neuron": "A row of ΔW with a large L2 norm: an output unit whose incoming "
                           "weights the fine-tune changed most.",
     "Drift": "A histogram whose centre sits far from zero relative to its width: the fine-tune "
@@ -240,7 +241,9 @@ def _summary(result: AnalysisResult) -> list[str]:
         count = len(s.layers_modified)
         of = (f"{count} of {s.num_layers} layers" if s.num_layers else
               f"{count} layer{'s' if count != 1 else ''}")
-        config = (f" with LoRA rank {a.r} and α {fmt(a.lora_alpha)}"
+        config = (f" with mlx-lm LoRA rank {a.r} and scale {fmt(a.scale)} (ΔW = scale·B·A)"
+                  if a.format == "mlx-lm" else
+                  f" with LoRA rank {a.r} and α {fmt(a.lora_alpha)}"
                   f"{' (rsLoRA scaling)' if a.use_rslora else ''}"
                   f"{' using DoRA' if a.use_dora else ''}")
         out.append(f"It modifies {of} ({_layer_range(s.layers_modified)}){config}.")
@@ -249,14 +252,17 @@ def _summary(result: AnalysisResult) -> list[str]:
 
 
 def _mean_change(result: AnalysisResult) -> list[str]:
-    """The mean and largest S_ℓ = Σ_components ‖ΔW‖_F over modified layers (the engine's
-    average; over modules when nothing sits in a numbered layer)."""
+    """The two average sizes of change, each said as what it averages: ‖ΔW‖_F per module (a
+    fused projection counted once) and S_ℓ = Σ_components ‖ΔW‖_F per modified layer."""
     s = result.summary
     out = []
-    unit = "modified layer (summed over its matrices)" if result.layers else "modified matrix"
-    if math.isfinite(s.mean_delta_fro) and s.mean_delta_fro > 0:
-        out.append(f"The average size of change per {unit} is ‖ΔW‖_F = "
-                   f"{fmt(s.mean_delta_fro)}, the largest {fmt(s.max_delta_fro)}.")
+    if math.isfinite(s.mean_module_fro) and s.mean_module_fro > 0:
+        out.append(f"Per modified matrix (a fused projection such as qkv_proj counted once) the "
+                   f"change averages ‖ΔW‖_F = {fmt(s.mean_module_fro)}, the largest "
+                   f"{fmt(s.max_module_fro)}.")
+    if math.isfinite(s.mean_layer_fro_sum) and s.mean_layer_fro_sum > 0:
+        out.append(f"Summed over each modified layer's matrices (S_ℓ) it averages "
+                   f"{fmt(s.mean_layer_fro_sum)}, the largest {fmt(s.max_layer_fro_sum)}.")
     return out
 
 
@@ -325,17 +331,12 @@ def _full_rank(result: AnalysisResult) -> list[str]:
     section = result.full_diff
     tensors = section.tensors if section is not None else []
     ranks = sorted(d.relative_rank for d in tensors if d.relative_rank is not None)
-    bounded = sum(1 for d in tensors if d.rank_at_least is not None)
-    out = []
-    if ranks:
-        rtol = section.settings.get("rank_rtol", 0.01)
-        out.append(f"Relative rank of ΔW (σ_i above {rtol:g}·σ_1, over min(m, n)): median "
-                   f"{ranks[len(ranks) // 2]:.3f} over {len(ranks)} matrices; a low value says "
-                   f"the update is low-rank, as LoRA assumes.")
-    if bounded:
-        out.append(f"For {bounded} large matrices all computed singular values exceed that "
-                   "tolerance, so only a lower bound on their rank is known (rank_at_least).")
-    return out
+    if not ranks:
+        return []
+    rtol = section.settings.get("rank_rtol", 0.01)
+    return [f"Relative rank of ΔW (σ_i above {rtol:g}·σ_1, over min(m, n)): median "
+            f"{ranks[len(ranks) // 2]:.3f} over {len(ranks)} matrices, from {ranks[0]:.3f} to "
+            f"{ranks[-1]:.3f}; a low value says the update is low-rank, as LoRA assumes."]
 
 
 def _times(big: float, small: float) -> str:
@@ -521,8 +522,10 @@ def _histogram(result: AnalysisResult) -> list[str]:
     return out
 
 
-def _neurons(result: AnalysisResult) -> list[str]:
-    top = result.top_neurons[:TOP_NEURONS_READ]
+def _neurons(result: AnalysisResult, settings: AnalysisSettings | None) -> list[str]:
+    """The most-shifted neuron and where the top ones gather: the top analysis.top_neurons of
+    `settings` (None: every neuron the result keeps, which the analysis cut at that setting)."""
+    top = result.top_neurons[:settings.top_neurons] if settings else result.top_neurons
     if not top:
         return []
     first = top[0]
@@ -628,20 +631,22 @@ def _experts(result: AnalysisResult) -> list[str]:
     return out
 
 
-def narrate_sections(result: AnalysisResult) -> dict[str, list[str]]:
-    """The narrative by report section (keys of SECTION_TITLES), empty sections left out."""
+def narrate_sections(result: AnalysisResult,
+                     settings: AnalysisSettings | None = None) -> dict[str, list[str]]:
+    """The narrative by report section (keys of SECTION_TITLES), empty sections left out; the
+    limits it reads to (top neurons) are `settings`' (None: the result's own lists)."""
     sections = {
         "health": _health(result), "summary": _summary(result), "layers": _layers(result),
         "qkvo": _qkvo(result), "experts": _experts(result), "rank": _rank(result),
-        "histogram": _histogram(result), "neurons": _neurons(result), "base": _base(result),
+        "histogram": _histogram(result), "neurons": _neurons(result, settings), "base": _base(result),
         "training": _training(result),
     }
     return {k: v for k, v in sections.items() if v}
 
 
-def narrate(result: AnalysisResult) -> list[str]:
+def narrate(result: AnalysisResult, settings: AnalysisSettings | None = None) -> list[str]:
     """Plain-English sentences derived from the result's numbers, most important first."""
-    return [s for sentences in narrate_sections(result).values() for s in sentences]
+    return [s for sentences in narrate_sections(result, settings).values() for s in sentences]
 
 
 def narrate_layer(result: AnalysisResult, layer: int | None) -> list[str]:

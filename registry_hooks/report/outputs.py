@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelens.config import load_config
+from tunelens.config import section
 
 from tunelens.registry_hooks.engine.result import AnalysisResult
 
@@ -31,22 +31,23 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
                    config: dict | None = None, charts: bool | None = None,
                    sections: list[Section] = ()) -> AnalysisFiles:
     """Write out_dir/analysis.json, out_dir/report.html and out_dir/charts/*.png (`config`:
-    load_config()'s settings, None reads conf.yaml and $TUNELENS_CONFIG; `charts`: draw the PNG
-    copies, None = analysis.png_charts (off by default: report.html draws every chart itself); `sections`: more of the page, below the report)."""
-    settings = (config if config is not None else load_config())["analysis"]
+    the command's settings, a load_config() result; None: the packaged defaults; `charts`: draw
+    the PNG copies, None = analysis.png_charts (off by default: report.html draws every chart
+    itself); `sections`: more of the page, below the report)."""
+    settings = section(config, "analysis")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The document once for both files: on a 224-module adapter it is a second of CPU (the
     # heatmaps). The text is exactly analysis_json()'s (tests/report/test_report.py checks it).
-    data = analysis_document(result)
+    data = analysis_document(result, settings)
     json_path = out / "analysis.json"
     json_path.write_text(json.dumps(data, allow_nan=False), encoding="utf-8")
     html_path = out / "report.html"
-    html_path.write_text(render_report(result, data, max_heatmaps=settings["report_max_heatmaps"],
-                                       sections=sections), encoding="utf-8")
+    html_path.write_text(render_report(result, data, max_heatmaps=settings.report_max_heatmaps,
+                                       sections=sections, settings=settings), encoding="utf-8")
     chart_paths = []
-    if settings["png_charts"] if charts is None else charts:
+    if settings.png_charts if charts is None else charts:
         from .charts import render_charts  # matplotlib: imported only when drawing
 
-        chart_paths = render_charts(result, out / "charts")
+        chart_paths = render_charts(result, out / "charts", settings)
     return AnalysisFiles(json_path=json_path, html_path=html_path, chart_paths=chart_paths)

@@ -199,8 +199,9 @@ class EmbeddedServer:
         log_file.close()
         self._write_pid_file()
         self._wait_healthy(timeout)
-        self.service = HookService(self.url, self.config,
-                                   dead_workers=frozenset(self.dead_workers)).start()
+        self.service = HookService(
+            self.url, self.config, dead_workers=frozenset(self.dead_workers),
+            guard_aliases=not self.config["server"]["registry_store_plugin"]).start()
         self._write_pid_file()
         return self
 

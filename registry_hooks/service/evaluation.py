@@ -1,17 +1,21 @@
 """The evaluation job's work, as its child process (sandbox.EVALUATION_WORK) runs it.
 
 The child evaluates with the side-by-side evaluator (imported lazily: the service never needs it
-unless hooks.evaluate_on_registration is on) on the files the job fetched, logs one run tagged with
+unless a registered model names a test set) on the files the job fetched, logs one run tagged with
 the job's attempt, and writes the verdict on the version only while the job's lease is still its
 own and the worker that started it is alive. Auto-promote is the worker's step, after this returns.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
+
+from tunelens.artifact_uris import fetch_dataset
+from tunelens.registry.version import VersionRef
 
 from . import state
 
@@ -55,7 +59,7 @@ def evaluate_in_child(job: EvaluationJob) -> EvaluationDone:
     """evaluate_version on the fetched files; raises state.LeaseLost (its run deleted) when the
     job changed hands or its worker died before the verdict reached the version."""
     from tunelens.evaluators.run import evaluate_version
-    from tunelens.evaluators.sources import ModelRef
+    from tunelens.registry.files import ModelRef
 
     client = MlflowClient(job.tracking_uri)
 
@@ -68,11 +72,14 @@ def evaluate_in_child(job: EvaluationJob) -> EvaluationDone:
             client.delete_run(run_id)
             raise
 
-    outcome = evaluate_version(
-        f"models:/{job.name}/{job.version}", job.dataset, base=job.base_path, config=job.config,
-        client=client, fetched=ModelRef(job.name, job.version, job.model_dir, job.adapter_dir),
-        run_tags={state.EVALUATION.attempt: str(job.lease.attempt)},
-        before_version_tags=still_ours, texts=job.texts, guard=job.guard)
+    with tempfile.TemporaryDirectory(prefix="tunelens-data-") as fetched:
+        outcome = evaluate_version(
+            VersionRef(job.name, job.version).uri,
+            fetch_dataset(job.dataset, Path(fetched), job.tracking_uri), base=job.base_path,
+            config=job.config, client=client,
+            fetched=ModelRef(job.name, job.version, job.model_dir, job.adapter_dir),
+            run_tags={state.EVALUATION.attempt: str(job.lease.attempt)},
+            before_version_tags=still_ours, texts=job.texts, guard=job.guard)
     return EvaluationDone(outcome.run_id, outcome.verdict.decision.value)
 
 
@@ -85,6 +92,6 @@ def evaluation_runs(client: MlflowClient, config: dict, name: str, version: str)
     # Matched on the version's number (nothing in it needs quoting), then on the whole name.
     runs = client.search_runs([experiment.experiment_id],
                               f"tags.`tunelens.model` LIKE '%/{int(version)}'", max_results=1000)
-    model = f"models:/{name}/{version}"
+    model = VersionRef(name, version).uri
     return [r for r in runs if r.data.tags.get("tunelens.model") == model
             and state.EVALUATION.attempt in r.data.tags]

@@ -3,27 +3,23 @@
 The run lives in experiment hooks.experiment (default `tunelens-analysis`), tagged
 tunelens.model_name / tunelens.model_version. The per-layer profile is logged as stepped metrics
 (step = layer index) so MLflow's own charts draw it. The version gets the summary tags and a
-short markdown section in its description pointing to the run's report.
-
-tunelens writes the description only between its own markers (`replace_section`): the user's
-text around them is kept as it is, and any tunelens section (the analysis, an evaluation) can be
-replaced on its own. The markers are markdown link-reference definitions, which every markdown
-renderer (MLflow's UI included) shows as nothing.
+short markdown section in its description (tunelens.registry.description) pointing to the run's
+report.
 """
 from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.entities import LoggedModelInput, Metric, Param
 
-from .base_resolution import BaseModelResolution
+from tunelens.machine import this_machine
+from tunelens.registry.base_model import BaseModelResolution
+from tunelens.registry.description import DESCRIPTION_HEADING, escape_markdown
+from tunelens.registry.version import logged_model_id
 from tunelens.registry_hooks.report.narrative import narrate
 from tunelens.registry_hooks.report.outputs import AnalysisFiles
 from tunelens.registry_hooks.engine.result import AnalysisResult
@@ -32,24 +28,7 @@ MODEL_NAME_TAG = "tunelens.model_name"
 MODEL_VERSION_TAG = "tunelens.model_version"
 ARTIFACT_DIR = "tunelens"
 TABLE_FILE = "tunelens/modules.json"
-DESCRIPTION_HEADING = "### tunelens analysis"
-ANALYSIS_SECTION = "analysis"
 _MAX_PARAM = 6000
-_MAX_DESCRIPTION = 5000  # the registry's description column
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The named experiment's id (the analysis's, the evaluation's), created on first use (two
-    workers racing both get it)."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException as exc:
-        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-        return client.get_experiment_by_name(name).experiment_id
 
 
 def analysis_runs(client: MlflowClient, experiment: str, name: str, version: str) -> list:
@@ -65,12 +44,28 @@ def top_layer(result: AnalysisResult) -> int | None:
     return max(finite, key=lambda p: p.fro_sum).layer if finite else None
 
 
+def summary_tags(result: AnalysisResult) -> dict[str, str]:
+    """The version's summary tags: sizes, layers, and the two means of ‖ΔW‖_F (per module, a
+    fused projection counted once; per layer, S_ℓ), each with its max ("nan" when undefined)."""
+    summary = result.summary
+    layer = top_layer(result)
+    sizes = {"mean_module_fro": summary.mean_module_fro, "max_module_fro": summary.max_module_fro,
+             "mean_layer_fro_sum": summary.mean_layer_fro_sum,
+             "max_layer_fro_sum": summary.max_layer_fro_sum}
+    return {"tunelens.trainable_params": str(summary.trainable_params),
+            "tunelens.layers_modified": str(len(summary.layers_modified)),
+            "tunelens.top_layer": "" if layer is None else str(layer),
+            **{f"tunelens.{key}": f"{value:.6g}" for key, value in sizes.items()}}
+
+
 def _metrics(result: AnalysisResult, now_ms: int) -> list[Metric]:
     summary = result.summary
     scalars = {"trainable_params": summary.trainable_params,
                "layers_modified": len(summary.layers_modified),
-               "mean_delta_fro": summary.mean_delta_fro,
-               "max_delta_fro": summary.max_delta_fro,
+               "mean_module_fro": summary.mean_module_fro,
+               "max_module_fro": summary.max_module_fro,
+               "mean_layer_fro_sum": summary.mean_layer_fro_sum,
+               "max_layer_fro_sum": summary.max_layer_fro_sum,
                "mean_rank_utilisation": summary.mean_rank_utilisation,
                "trainable_share": summary.trainable_share,
                "modules_analysed": len(result.modules)}
@@ -116,9 +111,11 @@ def log_analysis_run(client: MlflowClient, experiment: str, name: str, version: 
     run = client.create_run(experiment, run_name=f"{name} v{version}", tags={
         MODEL_NAME_TAG: name, MODEL_VERSION_TAG: str(version),
         "tunelens.analysis.attempt": str(attempt), "mlflow.note.content":
-            f"tunelens weight analysis of registered model `{name}` version {version}."})
+            f"tunelens weight analysis of registered model `{name}` version {version}.",
+        **this_machine().tags()})
     run_id = run.info.run_id
     try:
+        link_logged_model(client, run_id, name, version)
         now_ms = int(time.time() * 1000)
         params = _params(result, base)
         metrics = _metrics(result, now_ms)
@@ -136,12 +133,12 @@ def log_analysis_run(client: MlflowClient, experiment: str, name: str, version: 
     return run_id
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#])")
-
-
-def escape_markdown(text: str) -> str:
-    """`text` shown literally by a markdown renderer (‖ΔW‖_F must not open an italic)."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+def link_logged_model(client: MlflowClient, run_id: str, name: str, version: str) -> None:
+    """Log the version's LoggedModel as the run's input model, so the model and the run name each
+    other."""
+    model_id = logged_model_id(client.get_model_version(name, version))
+    if model_id:
+        client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
 
 def description_section(result: AnalysisResult, experiment: str, run_id: str,
@@ -156,39 +153,13 @@ def description_section(result: AnalysisResult, experiment: str, run_id: str,
              f"- layers modified: **{len(summary.layers_modified)}**"
              + (f" of {summary.num_layers}" if summary.num_layers else "")
              + (f"; most changed: layer **{layer}**" if layer is not None else ""),
-             f"- mean per-layer {escape_markdown('‖ΔW‖_F (S_ℓ, summed over its matrices)')}: "
-             f"**{summary.mean_delta_fro:.4g}**",
+             f"- mean {escape_markdown('‖ΔW‖_F')} per module (a fused projection counts once): "
+             f"**{summary.mean_module_fro:.4g}**, max {summary.max_module_fro:.4g}",
+             *([f"- mean per-layer {escape_markdown('S_ℓ = Σ‖ΔW‖_F')} over its matrices: "
+                f"**{summary.mean_layer_fro_sum:.4g}**, max {summary.max_layer_fro_sum:.4g}"]
+               if math.isfinite(summary.mean_layer_fro_sum) else []),
              f"- base model: {base_text}"]
     lines += [f"- {escape_markdown(line)}" for line in narrate(result)[:3]]
     lines += ["", f"Report: [run {run_id[:8]}](#/experiments/{experiment}/runs/{run_id}), "
                   f"artifact `{ARTIFACT_DIR}/report.html`."]
     return "\n".join(lines)
-
-
-def _marker(key: str, end: str) -> str:
-    return f"[//]: # (tunelens:{key}:{end})"
-
-
-def replace_section(description: str | None, key: str, text: str | None) -> str:
-    """`description` with tunelens's section `key` set to `text` (None removes it): only the
-    part between the section's markers changes; a new section goes at the end. The whole stays
-    within the registry's 5000 characters by shortening the section, never the user's text."""
-    description = description or ""
-    start, end = _marker(key, "start"), _marker(key, "end")
-    if start in description and end in description.split(start, 1)[1]:
-        before, rest = description.split(start, 1)
-        after = rest.split(end, 1)[1]
-    elif key == ANALYSIS_SECTION and DESCRIPTION_HEADING in description:
-        # written before the markers existed: the analysis section ran to the end of the text
-        before, after = description.split(DESCRIPTION_HEADING, 1)[0], ""
-    else:
-        before, after = description, ""
-    before, after = before.rstrip(), after.strip()
-    if text is None:
-        return "\n\n".join(part for part in (before, after) if part)
-    room = (_MAX_DESCRIPTION - len(before) - len(after) - len(start) - len(end) - 8)
-    if room < 80:  # the user's text leaves no useful room: keep it whole, without the section
-        return "\n\n".join(part for part in (before, after) if part)[:_MAX_DESCRIPTION]
-    text = text if len(text) <= room else text[:room - 1] + "…"
-    section = f"{start}\n{text.strip()}\n{end}"
-    return "\n\n".join(part for part in (before, section, after) if part)

@@ -1,8 +1,10 @@
 """The hook service: webhook receiver + worker + reconciling scan against one MLflow server.
 
 `tunelens hooks --tracking-uri URI` runs it alone; `tunelens server` runs it beside an embedded
-MLflow server. It creates or updates its MLflow webhook (model_version.created) with a secret
-generated at each start, so only this process can verify deliveries.
+MLflow server. It creates or updates its MLflow webhook (model_version.created, and the alias
+events its alias guard undoes refused moves on) with a secret generated at each start, so only
+this process can verify deliveries. Beside a registry store that holds the guarded aliases itself
+(`tunelens server`), the alias guard is off: the store refuses such a move before it is written.
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ from mlflow.exceptions import MlflowException
 
 from tunelens.errors import TunelensError
 
+from tunelens.registry.promotion import Gatekeeper
+
+from .alias_guard import ALIAS_EVENTS, AliasGuard
 from .webhook import WebhookReceiver
 from .worker import Worker
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_EVENTS = ["model_version.created"]
+WEBHOOK_EVENTS = ["model_version.created", *ALIAS_EVENTS]
 SECRET_ENV = "TUNELENS_WEBHOOK_SECRET"
 
 
@@ -48,7 +53,7 @@ class HookService:
     """Receiver, worker and scan; start() returns once deliveries can be received."""
 
     def __init__(self, tracking_uri: str, config: dict, *, register_webhook: bool = True,
-                 dead_workers: frozenset[str] = frozenset()):
+                 dead_workers: frozenset[str] = frozenset(), guard_aliases: bool = True):
         self.tracking_uri = tracking_uri
         self.config = config
         hooks = config["hooks"]
@@ -56,10 +61,14 @@ class HookService:
         # from a settings file; otherwise each start generates one and updates the webhook.
         self.secret = os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32)
         self.worker = Worker(tracking_uri, config, dead_workers=dead_workers)
+        self.alias_guard = (AliasGuard(tracking_uri, Gatekeeper.from_config(config),
+                                       self.worker.in_scope, float(hooks["poll_interval"]))
+                            if guard_aliases else None)
         self.receiver = WebhookReceiver(hooks["host"], int(hooks["port"]), self.secret,
                                         self.worker.enqueue,
                                         max_body_bytes=int(hooks["max_body_bytes"]),
-                                        max_age=float(hooks["max_age_seconds"]))
+                                        max_age=float(hooks["max_age_seconds"]),
+                                        on_alias=self.alias_guard and self.alias_guard.watch)
         self.register_webhook = register_webhook
         self.webhook_id: str | None = None
 
@@ -84,6 +93,8 @@ class HookService:
 
     def start(self) -> "HookService":
         self._check_reachable()
+        if self.alias_guard is not None:
+            self.alias_guard.start()
         self.receiver.start()
         if self.register_webhook:
             try:
@@ -102,4 +113,6 @@ class HookService:
     def stop(self) -> None:
         """Stop receiving, then stop the worker (a job in progress resumes after its lease)."""
         self.receiver.stop()
+        if self.alias_guard is not None:
+            self.alias_guard.stop()
         self.worker.stop(timeout=5)

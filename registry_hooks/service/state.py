@@ -58,7 +58,8 @@ EVALUATION = JobKind("evaluation", "tunelens.evaluation", "evaluation-")
 # The analysis's tags, read in many places.
 STATUS, RUN_ID, ERROR, LEASE = ANALYSIS.status, ANALYSIS.run_id, ANALYSIS.error, ANALYSIS.lease
 SUMMARY_TAGS = ("tunelens.trainable_params", "tunelens.layers_modified", "tunelens.top_layer",
-                "tunelens.mean_delta_fro")
+                "tunelens.mean_module_fro", "tunelens.max_module_fro",
+                "tunelens.mean_layer_fro_sum", "tunelens.max_layer_fro_sum")
 
 _MAX_EXPERIMENT_NAME = 500
 
@@ -128,23 +129,27 @@ def check_lease(client: MlflowClient, name: str, version: str, held: Lease,
         raise LeaseLost(f"{name} v{version}: {kind.name} lease taken over by {current}")
 
 
-def claim_name(name: str, version: str, attempt: int, kind: JobKind = ANALYSIS) -> str:
+def claim_name(name: str, version: str, attempt: int, kind: JobKind = ANALYSIS, *,
+               prefix: str) -> str:
     """The unique experiment name whose creation claims attempt `attempt` of a version's job of
-    `kind`. Read from the right it is unambiguous whatever the model's name holds: the last part
-    names the kind and attempt, the one before it the version."""
+    `kind`, under `prefix` (hooks.claim_prefix: a plain name or a workspace folder such as
+    /Shared/tunelens-claims). Read from the right it is unambiguous whatever the model's name
+    holds: the last part names the kind and attempt, the one before it the version."""
     last = f"{kind.claim_label}attempt-{attempt}"
-    claim = f"tunelens-claims/{name}/v{version}/{last}"
+    folder = prefix.rstrip("/")
+    claim = f"{folder}/{name}/v{version}/{last}"
     if len(claim) > _MAX_EXPERIMENT_NAME:
         digest = hashlib.sha256(name.encode()).hexdigest()
-        claim = f"tunelens-claims/{digest}/v{version}/{last}"
+        claim = f"{folder}/{digest}/v{version}/{last}"
     return claim
 
 
 def try_claim(client: MlflowClient, name: str, version: str, attempt: int,
-              kind: JobKind = ANALYSIS) -> bool:
+              kind: JobKind = ANALYSIS, *, prefix: str) -> bool:
     """True for exactly one caller per (name, version, attempt, kind), across processes and hosts."""
     try:
-        experiment_id = client.create_experiment(claim_name(name, version, attempt, kind))
+        experiment_id = client.create_experiment(claim_name(name, version, attempt, kind,
+                                                            prefix=prefix))
     except MlflowException as exc:
         if exc.error_code == ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             return False
@@ -155,10 +160,10 @@ def try_claim(client: MlflowClient, name: str, version: str, attempt: int,
 
 def claim_abandoned(client: MlflowClient, name: str, version: str, attempt: int,
                     lease_seconds: float, now: float | None = None,
-                    kind: JobKind = ANALYSIS) -> bool:
+                    kind: JobKind = ANALYSIS, *, prefix: str) -> bool:
     """True when attempt's claim is older than a lease and the version's lease (of `kind`) still
     names an earlier attempt (or none): its claimant died before it could write its lease."""
-    claim = client.get_experiment_by_name(claim_name(name, version, attempt, kind))
+    claim = client.get_experiment_by_name(claim_name(name, version, attempt, kind, prefix=prefix))
     if claim is None:
         return False
     claimed_at = (claim.creation_time or claim.last_update_time or 0) / 1000

@@ -30,6 +30,7 @@ import psutil
 
 MARKER_ENV = "TUNELENS_SERVER_DATA_DIR"
 GRACE_SECONDS = 10.0
+KILL_WAIT_SECONDS = 5.0
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -64,7 +65,7 @@ def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
 
 def end_processes(processes: list[psutil.Process], grace: float = GRACE_SECONDS) -> None:
     """SIGTERM each, then SIGKILL whatever still runs after `grace` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_WAIT_SECONDS)):
         for process in processes:
             try:
                 process.send_signal(sig)
@@ -79,13 +80,26 @@ def end_processes(processes: list[psutil.Process], grace: float = GRACE_SECONDS)
 
 
 def end_descendants(grace: float = GRACE_SECONDS) -> None:
-    """End every descendant of this process, including orphans re-parented to it (subreaper)."""
+    """End every descendant of this process, including orphans re-parented to it (subreaper), in
+    at most `grace` + `KILL_WAIT_SECONDS`: SIGTERM to each as it is found (a child may spawn while
+    its parent stops), SIGKILL to whatever still runs once `grace` has passed."""
     me = psutil.Process()
-    for _ in range(5):  # a child may spawn while we stop its parent: look again
-        descendants = me.children(recursive=True)
-        if not descendants:
+    kill_at = time.monotonic() + grace
+    give_up_at = kill_at + KILL_WAIT_SECONDS
+    signalled: set[int] = set()
+    while time.monotonic() < give_up_at:
+        alive = _running(me.children(recursive=True))
+        if not alive:
             return
-        end_processes(descendants, grace)
+        killing = time.monotonic() >= kill_at
+        for process in alive:
+            if killing or process.pid not in signalled:
+                try:
+                    process.send_signal(signal.SIGKILL if killing else signal.SIGTERM)
+                except psutil.Error:
+                    pass
+                signalled.add(process.pid)
+        time.sleep(0.1)
 
 
 def stop_leftovers(data_dir: str, grace: float = GRACE_SECONDS) -> list[int]:

@@ -38,6 +38,7 @@ DELIVERY_ID = "X-MLflow-Delivery-Id"
 TIMESTAMP = "X-MLflow-Timestamp"
 SIGNATURE = "X-MLflow-Signature"
 EVENT = ("model_version", "created")
+ALIAS_ENTITY = "model_version_alias"  # created / deleted: the alias guard checks the alias
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,15 @@ class RejectionLog:
 
 
 class WebhookReceiver:
-    """POST /webhook (and GET /health) on uvicorn; `on_version(name, version)` must not block."""
+    """POST /webhook (and GET /health) on uvicorn; `on_version(name, version)` and
+    `on_alias(name, alias)` must not block."""
 
     def __init__(self, host: str, port: int, secret: str, on_version: Callable[[str, str], None],
-                 *, max_body_bytes: int, max_age: float, read_timeout: float = 10.0):
+                 *, max_body_bytes: int, max_age: float, read_timeout: float = 10.0,
+                 on_alias: Callable[[str, str], None] | None = None):
         self.secret = secret
         self.on_version = on_version
+        self.on_alias = on_alias
         self.max_body_bytes = max_body_bytes
         self.max_age = max_age
         self.read_timeout = read_timeout
@@ -210,6 +214,10 @@ class WebhookReceiver:
         if (delivery.entity, delivery.action) == EVENT and delivery.data.get("name"):
             self.on_version(str(delivery.data["name"]), str(delivery.data["version"]))
             return 200, "queued"
+        if (delivery.entity == ALIAS_ENTITY and self.on_alias is not None
+                and delivery.data.get("name") and delivery.data.get("alias")):
+            self.on_alias(str(delivery.data["name"]), str(delivery.data["alias"]))
+            return 200, "alias queued for the gate"
         return 200, f"ignored event {delivery.entity}.{delivery.action}"
 
     def start(self) -> "WebhookReceiver":

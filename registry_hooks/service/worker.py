@@ -1,14 +1,17 @@
 """The worker: takes a version's jobs from any trigger and brings each to a final status.
 
 A version has up to two jobs (state.JobKind), each with its own status, lease and attempts: its
-analysis, and its evaluation on registration, queued when the analysis is done if
-hooks.evaluate_on_registration is on and the registered model names a test set (tag
-tunelens.eval_dataset). Triggers (webhook receiver, reconciling scan, registry-store plugin via the
-scan) only enqueue. Every job goes: claim (state.try_claim, atomic) -> status running under a lease
-renewed while it works -> fetch the version's files -> resolve the base -> its heavy part in a
-child process (sandbox.py: analyse and write the files, or evaluate) -> one MLflow run -> tags
-(and description) -> status done. A killed worker's lease expires and the next scan resumes the
-job as a new attempt; runs of earlier attempts are deleted first, so each job keeps exactly one run.
+analysis, and its evaluation on registration, queued when the analysis is done if the registered
+model names a test set (tag tunelens.eval_dataset: the owner's opt-in) and
+hooks.evaluate_on_registration has not turned evaluations off on this service. The evaluation's
+progress (queued, running, done with its verdict, failed or skipped with the reason) is shown in
+a section of the version's description as well as in its tags. Triggers (webhook receiver,
+reconciling scan, registry-store plugin via the scan) only enqueue. Every job goes: claim
+(state.try_claim, atomic) -> status running under a lease renewed while it works -> fetch the
+version's files -> resolve the base -> its heavy part in a child process (sandbox.py: analyse and
+write the files, or evaluate) -> one MLflow run -> tags (and description) -> status done. A
+killed worker's lease expires and the next scan resumes the job as a new attempt; runs of earlier
+attempts are deleted first, so each job keeps exactly one run.
 """
 from __future__ import annotations
 
@@ -28,12 +31,14 @@ from mlflow.exceptions import MlflowException
 from tunelens.errors import one_line
 
 from . import state
-from .base_resolution import resolve_base_model
-from .detection import Detection, detect_adapter
+from tunelens.registry.base_model import resolve_base_model
+from tunelens.registry.description import ANALYSIS_SECTION, escape_markdown, replace_section
+from tunelens.registry.experiments import experiment_id
+from tunelens.registry.files import Detection, detect_adapter
+from tunelens.registry.version import VersionRef
 from .evaluation import (EVAL_DATASET_TAG, EVAL_GUARD_TAG, EVAL_TEXTS_TAG, EvaluationDone,
                          EvaluationJob, evaluation_runs, listed)
-from .mlflow_logging import (ANALYSIS_SECTION, analysis_runs, description_section,
-                             experiment_id, log_analysis_run, replace_section, top_layer)
+from .mlflow_logging import analysis_runs, description_section, log_analysis_run, summary_tags
 from .sandbox import ANALYSIS_WORK, EVALUATION_WORK, SandboxProcess, transient
 from .scope import Scope
 from .state import ANALYSIS, EVALUATION, JobKind, LeaseLost
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 SKIP_REASON = ANALYSIS.reason
 Job = tuple[JobKind, str, str]  # (kind, registered model, version)
 _DOING = {ANALYSIS: "analysing", EVALUATION: "evaluating"}  # the log line that starts a job
+PROGRESS_SECTION = "evaluation-progress"  # the description section following the evaluation job
 
 
 @dataclass
@@ -129,6 +135,7 @@ class Worker:
         self.max_attempts = int(hooks["max_attempts"])
         self.poll_interval = float(hooks["poll_interval"])
         self.experiment_name = hooks["experiment"]
+        self.claim_prefix = hooks["claim_prefix"]
         # A worker with the setting off neither queues nor runs evaluations; in a fleet, those
         # with it on run the ones queued.
         self.evaluates = bool(hooks["evaluate_on_registration"])
@@ -256,13 +263,13 @@ class Worker:
             self._stop.wait(self.poll_interval)
 
     def _warm_up(self) -> None:
-        """Start the child processes now (they import torch and matplotlib, the evaluator's
-        engines), not in a job."""
-        for kind in [ANALYSIS] + ([EVALUATION] if self.evaluates else []):
-            sandboxes = [self._sandboxes[kind].get() for _ in range(self.threads)]
-            for sandbox in sandboxes:
-                sandbox.start()
-                self._sandboxes[kind].put(sandbox)
+        """Start the analysis children now (they import torch and matplotlib), not in a job. An
+        evaluation child starts with the first evaluation: most registries name no test set, and
+        those processes would sit idle."""
+        sandboxes = [self._sandboxes[ANALYSIS].get() for _ in range(self.threads)]
+        for sandbox in sandboxes:
+            sandbox.start()
+            self._sandboxes[ANALYSIS].put(sandbox)
 
     def _work(self) -> None:
         while True:
@@ -327,9 +334,9 @@ class Worker:
         if kind is EVALUATION and tags.get(state.STATUS) not in state.FINAL:
             return JobOutcome(name, version, None, "the analysis is not final yet", kind.name)
         attempt = current.next_attempt
-        while not state.try_claim(client, name, version, attempt, kind):
+        while not state.try_claim(client, name, version, attempt, kind, prefix=self.claim_prefix):
             if not state.claim_abandoned(client, name, version, attempt, self.lease_seconds,
-                                         kind=kind):
+                                         kind=kind, prefix=self.claim_prefix):
                 return JobOutcome(name, version, None,
                                   f"attempt {attempt} claimed by another worker", kind.name)
             attempt += 1
@@ -342,8 +349,12 @@ class Worker:
                      f"killed or the MLflow server unreachable); see the hook service's log, then "
                      f"set the version's {kind.status} tag to queued to retry")
             log.warning("%s of %s v%s failed: %s", kind.name, name, version, error)
-            self._finish(client, name, version, state.FAILED, {kind.error: error}, kind=kind)
+            self._finish(client, name, version, state.FAILED, {kind.error: error}, kind=kind,
+                         progress=f"failed: {error}")
             return JobOutcome(name, version, state.FAILED, error, kind.name)
+        if kind is EVALUATION:  # before the status: whoever sees `running` sees it on the page
+            show_progress(client, name, version, f"running (attempt {attempt}, started "
+                          f"{time.strftime('%H:%M:%S UTC', time.gmtime())})")
         client.set_model_version_tag(name, version, kind.status, state.RUNNING)
         log.info("%s %s v%s (attempt %d)", _DOING[kind], name, version, attempt)
         tmp = Path(tempfile.mkdtemp(prefix="tunelens-hook-"))
@@ -358,14 +369,15 @@ class Worker:
             error = one_line(exc)
             fetched = self._fetched.get((name, version)) if kind is EVALUATION else None
             for local in [tmp / "model"] + ([fetched.model_dir] if fetched else []):
-                error = error.replace(str(local), f"models:/{name}/{version}")
+                error = error.replace(str(local), VersionRef(name, version).uri)
             if transient(exc) and attempt < self.max_attempts:
                 # The server or network, not the input: leave the lease to expire and retry.
                 log.warning("%s of %s v%s interrupted (%s); retried after the lease",
                             kind.name, name, version, error)
                 return JobOutcome(name, version, None, error, kind.name)
             log.warning("%s of %s v%s failed: %s", kind.name, name, version, error)
-            self._finish(client, name, version, state.FAILED, {kind.error: error}, kind=kind)
+            self._finish(client, name, version, state.FAILED, {kind.error: error}, kind=kind,
+                         progress=f"failed: {error}")
             return JobOutcome(name, version, state.FAILED, error, kind.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -398,8 +410,6 @@ class Worker:
         except LeaseLost:
             client.delete_run(run_id)
             raise
-        summary = result.summary
-        layer = top_layer(result)
         description = replace_section(client.get_model_version(name, version).description,
                                       ANALYSIS_SECTION,
                                       description_section(result, experiment, run_id, base))
@@ -407,14 +417,11 @@ class Worker:
         # Queued before the analysis is done, so no kill in between can lose it.
         evaluate = self.evaluates and bool(
             client.get_registered_model(name).tags.get(EVAL_DATASET_TAG))
-        if evaluate:
-            state.mark_queued(client, name, version, EVALUATION)
-        self._finish(client, name, version, state.DONE, {
-            state.RUN_ID: run_id,
-            "tunelens.trainable_params": str(summary.trainable_params),
-            "tunelens.layers_modified": str(len(summary.layers_modified)),
-            "tunelens.top_layer": "" if layer is None else str(layer),
-            "tunelens.mean_delta_fro": f"{summary.mean_delta_fro:.6g}"}, beat)
+        if evaluate and state.mark_queued(client, name, version, EVALUATION):
+            show_progress(client, name, version, "queued: the verdict comes when the evaluation "
+                          "has run (its status is the tag tunelens.evaluation.status)")
+        self._finish(client, name, version, state.DONE,
+                     {state.RUN_ID: run_id, **summary_tags(result)}, beat)
         clock.lap("mlflow")
         log.info("%s v%s done in %s", name, version, clock)
         if evaluate:
@@ -441,7 +448,7 @@ class Worker:
         if skip is not None:
             beat.check()
             self._finish(client, name, version, state.SKIPPED, {EVALUATION.reason: skip}, beat,
-                         EVALUATION)
+                         EVALUATION, progress=f"skipped: {skip}")
             return JobOutcome(name, version, state.SKIPPED, skip, EVALUATION.name)
         base = resolve_base_model(client, name, version, self.config, detection.model_dir)
         clock.lap("download")
@@ -463,20 +470,21 @@ class Worker:
         except LeaseLost:
             client.delete_run(done.run_id)
             raise
-        from tunelens.evaluators.promotion import auto_promote
+        from tunelens.registry.promotion import Gatekeeper, auto_promote
 
-        promoted = auto_promote(client, name, version, self.config)
+        promoted = auto_promote(client, Gatekeeper.from_config(self.config), name, version)
         if promoted is not None:
             log.info("%s", promoted.describe())
         self._finish(client, name, version, state.DONE, {EVALUATION.run_id: done.run_id}, beat,
-                     EVALUATION)
+                     EVALUATION, progress=f"done: verdict {done.decision} (see the evaluation "
+                     "section)")
         clock.lap("mlflow")
         log.info("%s v%s evaluated in %s: %s", name, version, clock, done.decision)
         return JobOutcome(name, version, state.DONE, done.run_id, EVALUATION.name)
 
     def _finish(self, client: MlflowClient, name: str, version: str, status: str,
                 tags: dict[str, str], beat: _Heartbeat | None = None,
-                kind: JobKind = ANALYSIS) -> None:
+                kind: JobKind = ANALYSIS, progress: str | None = None) -> None:
         """Write the outcome's tags, then the final status (it is what readers wait for), then
         drop the lease: internal state has no place among the user's tags once a job is final.
         The lease goes after the status, so no scan ever sees an unleased job that is not final
@@ -485,7 +493,17 @@ class Worker:
             client.set_model_version_tag(name, version, key, value)
         if status != state.FAILED and kind.error in client.get_model_version(name, version).tags:
             client.delete_model_version_tag(name, version, kind.error)
+        if progress is not None and kind is EVALUATION:
+            show_progress(client, name, version, progress)
         if beat is not None:
             beat.stop()
         client.set_model_version_tag(name, version, kind.status, status)
         client.delete_model_version_tag(name, version, kind.lease)
+
+
+def show_progress(client: MlflowClient, name: str, version: str, line: str) -> None:
+    """The evaluation job's state in the version's description, where its page shows it."""
+    description = client.get_model_version(name, version).description
+    client.update_model_version(name, version, description=replace_section(
+        description, PROGRESS_SECTION,
+        f"### tunelens evaluation on registration\n\n{escape_markdown(line)}"))

@@ -19,23 +19,13 @@ from safetensors.torch import load_file, save_file
 from tunelens.registry_hooks.engine.analysis import analyze_adapter
 from tunelens.registry_hooks.engine.naming import strip_peft_prefix
 from tunelens.registry_hooks.engine.result import AnalysisResult
-from tunelens.registry_hooks.report.narrative import narrate
+from tunelens.registry_hooks.report.document import analysis_document
+from tunelens.registry_hooks.report.narrative import fmt, narrate
 
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Exact histograms up to 50M entries: these tests check every count against the dense ΔW.
 TINY = {"analysis": {"heatmap_size": 8, "top_neurons": 15, "histogram_bins": 30,
                      "histogram_exact_max_entries": 50_000_000}}
-
-
-@pytest.fixture(scope="module")
-def phi3_base(tmp_path_factory) -> Path:
-    """Phi-3 with fused qkv_proj (4 heads, 2 KV heads, head_dim 16) and gate_up_proj."""
-    from transformers import Phi3Config
-
-    config = Phi3Config(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
-    return save_tiny_model(config, tmp_path_factory.mktemp("phi3-base"))
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +321,40 @@ def test_phi3_fused_qkv_and_gate_up_split_with_base_config(phi3_base, tmp_path):
                                                 {"gate_up_proj": splits["gate_up_proj"]}))
 
 
+def test_mean_delta_per_module_and_per_layer_are_two_named_numbers(phi3_base, tmp_path):
+    """Per module: mean and max of ‖ΔW‖_F over modules, a fused qkv_proj / gate_up_proj one
+    module (its whole ΔW). Per layer: mean and max of S_ℓ, the sum over the layer's (split)
+    matrices. Both against PEFT's dense ΔW."""
+    adapter = make_lora_adapter(phi3_base, tmp_path / "a", r=4, lora_alpha=8,
+                                target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    result = analyze_adapter(adapter, phi3_base, config=TINY, progress=False)
+    deltas = peft_deltas(phi3_base, adapter)
+    whole = [float(d.norm()) for d in deltas.values()]
+    assert len(whole) == 8  # 2 layers × qkv, o, gate_up, down
+    summary = result.summary
+    assert summary.mean_module_fro == pytest.approx(float(np.mean(whole)), rel=1e-9)
+    assert summary.max_module_fro == pytest.approx(max(whole), rel=1e-9)
+    parts = split_reference(deltas, {"qkv_proj": (["q", "k", "v"], [64, 32, 32]),
+                                     "gate_up_proj": (["gate", "up"], [96, 96])})
+    sums: dict[int, float] = {}
+    for name, delta in parts.items():
+        layer = int(name.split(".")[2])
+        sums[layer] = sums.get(layer, 0.0) + float(delta.norm())
+    assert summary.mean_layer_fro_sum == pytest.approx(float(np.mean(list(sums.values()))),
+                                                       rel=1e-9)
+    assert summary.max_layer_fro_sum == pytest.approx(max(sums.values()), rel=1e-9)
+    # The split parts averaged one by one would be a third number: the module mean is not that.
+    part_mean = float(np.mean([m.fro for m in result.modules]))
+    assert abs(summary.mean_module_fro - part_mean) > 0.05 * part_mean
+    document = analysis_document(result)
+    assert document["summary"]["mean_module_fro"] == summary.mean_module_fro
+    text = " ".join(narrate(result))
+    assert (f"counted once) the change averages ‖ΔW‖_F = {fmt(summary.mean_module_fro)}, the "
+            f"largest {fmt(summary.max_module_fro)}") in text
+    assert (f"(S_ℓ) it averages {fmt(summary.mean_layer_fro_sum)}, the largest "
+            f"{fmt(summary.max_layer_fro_sum)}") in text
+
+
 def test_gpt2_fan_in_fan_out_conv1d_and_c_attn_split(gpt2_base, tmp_path):
     adapter = make_lora_adapter(gpt2_base, tmp_path / "a", r=4, lora_alpha=16, fan_in_fan_out=True,
                                 target_modules=["c_attn", "c_proj", "c_fc"])
@@ -359,7 +383,8 @@ def test_nonfinite_weights_are_reported_not_fatal(llama_adapter, tmp_path):
     assert bad.nonfinite == 2 and math.isnan(bad.fro)
     assert result.summary.nonfinite_modules == ["model.layers.1.mlp.up_proj"]
     assert any("NaN/Inf" in w for w in result.warnings)
-    assert math.isfinite(result.summary.max_delta_fro) and math.isfinite(result.histogram.std)
+    assert math.isfinite(result.summary.max_module_fro) and math.isfinite(result.histogram.std)
+    assert math.isfinite(result.summary.max_layer_fro_sum)
     data = result.to_dict()
     assert next(m for m in data["modules"] if m["name"] == bad.name)["fro"] is None
     again = AnalysisResult.from_dict(data)

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from support.factories import make_lora_adapter, train_lora_checkpoints
 from tunelens.plugin.cli import main
-from tunelens.registry_hooks.engine.checkpoints import checkpoint_evolution, find_checkpoints
+from tunelens.registry_hooks.report.checkpoints_page import profile_frame
+from tunelens.registry_hooks.engine.checkpoints import (analyze_checkpoints, checkpoint_evolution,
+                                                        find_checkpoints)
 from tunelens.registry_hooks.engine.result import CheckpointEvolution, json_safe
 from support.cli_support import assert_one_line_error
 
@@ -100,6 +102,55 @@ def test_cli_writes_gif_frames_and_section(run_dir, tmp_path, capsys):
                  str(run_dir / "checkpoint-4"), "--out", str(out2), "--no-progress"]) == 0
     pair = json.loads((out2 / "analysis.json").read_text())["checkpoints"]
     assert [c["label"] for c in pair["checkpoints"]] == ["checkpoint-0", "checkpoint-4"]
+
+
+def test_each_frame_shows_the_four_statistics_of_a_and_b_per_layer(run_dir):
+    """Every frame has a panel per statistic (mean Δ, variance of Δ, mean |Δ|, variance of |Δ|)
+    whose lora_A and lora_B bars are the layer's values at that checkpoint, and S_ℓ."""
+    section = analyze_checkpoints([run_dir], progress=False).checkpoints
+    last = len(section.checkpoints) - 1
+    fig = profile_frame(section, last)
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    reference = section.reference
+    assert labels == [f"{label} since {reference}" for label in
+                      ("mean Δ", "variance of Δ", "mean |Δ|", "variance of |Δ|")] + ["S_ℓ = Σ ‖ΔW‖_F"]
+    for ax, stat in zip(fig.axes, ("mean", "var", "abs_mean", "abs_var")):
+        heights = [bar.get_height() for bar in ax.patches]
+        expected = ([r.A[stat][last] for r in section.layers]
+                    + [r.B[stat][last] for r in section.layers])
+        assert heights == pytest.approx(expected, rel=1e-12)
+    assert [bar.get_height() for bar in fig.axes[4].patches] == pytest.approx(
+        [r.delta_fro[last] for r in section.layers])
+    assert any(v != 0 for r in section.layers for v in r.B["var"])  # the run moved B
+
+
+def test_several_runs_are_overlaid_and_labelled(run_dir, llama_base, tmp_path, capsys):
+    """Two runs (learning rates 1e-2 and 5e-2, three and two checkpoints): runs.json holds each
+    run's S_ℓ = Σ ‖s·B·A‖_F per layer at every checkpoint, runs.html one animated chart and one
+    table, both labelled by run."""
+    fast = train_lora_checkpoints(llama_base, tmp_path / "fast", steps=2, save_every=2, lr=5e-2,
+                                  r=4, lora_alpha=8, target_modules=TARGETS)
+    out = tmp_path / "out"
+    assert main(["analyze", "--checkpoints", str(run_dir), str(fast), "--label", "lr=1e-2",
+                 "--label", "lr=5e-2", "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "runs.json").read_text())
+    assert data["schema"] == "tunelens.runs/1" and data["layers"] == [0, 1]
+    assert [run["label"] for run in data["runs"]] == ["lr=1e-2", "lr=5e-2"]
+    for run, folder in zip(data["runs"], (run_dir, fast)):
+        steps = sorted(int(d.name.split("-")[1]) for d in folder.glob("checkpoint-*"))
+        assert [c["step"] for c in run["checkpoints"]] == steps
+        for checkpoint, values in zip(run["checkpoints"], run["layer_fro"]):
+            factors = _factors(folder / checkpoint["label"])
+            dense = [sum(float((2.0 * f["B"] @ f["A"]).norm()) for name, f in factors.items()
+                         if f"layers.{layer}." in name) for layer in (0, 1)]
+            assert values == pytest.approx(dense, rel=1e-9, abs=1e-12)
+    gif = Image.open(out / "charts" / "runs_profile.gif")
+    assert gif.n_frames == 3  # the longer run's checkpoints; the shorter holds its last
+    html = (out / "runs.html").read_text()
+    assert "lr=1e-2 · lr=5e-2" in html and html.count("<tr>") == 1 + 3 + 2
+    capsys.readouterr()  # the training's own output
+    assert_one_line_error(capsys, ["analyze", "--checkpoints", str(run_dir), str(fast), "--label",
+                                   "one", "--out", str(out)], "1 --label values for 2 runs")
 
 
 def test_bad_checkpoint_inputs(run_dir, llama_base, tmp_path, capsys):

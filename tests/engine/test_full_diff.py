@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tunelens.registry_hooks.engine import lora_math
 from tunelens.registry_hooks.engine.full_diff import diff_models, randomized_svd, stratified_positions
 from tunelens.registry_hooks.engine.result import AnalysisResult, json_safe
 from support.cli_support import assert_one_line_error
+from tunelens.registry_hooks.report.narrative import narrate
 
 SCALES = {"layers.1.mlp.down_proj": 0.05, "layers.0.self_attn.q_proj": 0.01,
           "layers.1.self_attn.v_proj": 0.02}
@@ -71,26 +73,32 @@ def test_exact_metrics_match_dense_reference(pair):
     assert rel[0][0] > 0 and rel[1][2] > 0 and rel[0][4] == 0.0
     assert result.summary.layers_modified == [0, 1]
     assert result.full_diff.tensors_unchanged == len(dense) - len(changed)
+    # Per module: every weight matrix of the model; per layer: S_ℓ over a layer's matrices.
+    matrix_norms = {k: float(d.norm()) for k, (_, d) in dense.items() if d.ndim == 2}
+    summary = result.summary
+    assert summary.mean_module_fro == pytest.approx(sum(matrix_norms.values()) / len(matrix_norms),
+                                                    rel=1e-5)
+    assert summary.max_module_fro == pytest.approx(max(matrix_norms.values()), rel=1e-5)
+    sums = [sum(v for k, v in matrix_norms.items() if f"layers.{layer}." in k) for layer in (0, 1)]
+    assert summary.mean_layer_fro_sum == pytest.approx(sum(sums) / 2, rel=1e-5)
+    assert summary.max_layer_fro_sum == pytest.approx(max(sums), rel=1e-5)
 
 
-def test_randomized_path_agrees_with_dense(pair):
+def test_large_matrix_path_agrees_with_dense(pair):
     base, tuned = pair
-    config = {"full_diff": {"exact_max_dim": 0, "top_singular_values": 4}}
+    config = {"full_diff": {"exact_max_dim": 0, "top_singular_values": 4, "lanczos_min_dim": 1}}
     result = diff_models(tuned, base, config=config, progress=False)
     dense = _dense(base, tuned)
+    diffs = {d["name"]: d for d in json_safe(result.full_diff)["tensors"]}
     for m in result.modules:
         w, delta = dense[m.name + ".weight"]
-        if m.fro == 0:
-            continue
         singular = torch.linalg.svdvals(delta)
-        # isotropic noise has a flat spectrum: the worst case for a randomized SVD
-        assert m.spectral == pytest.approx(float(singular[0]), rel=0.05)
-        assert m.singular_values == pytest.approx(singular[:4].tolist(), rel=0.08)
-    noisy = next(d for d in json_safe(result.full_diff)["tensors"] if d["name"].endswith("down_proj.weight")
-                 and d["fro"] > 0)
-    # isotropic noise is high-rank: 4 values cannot reach 90% energy nor bound the rank
-    assert noisy["energy_rank_90"] is None and noisy["rank"] is None and noisy["rank_at_least"] == 4
-    assert not noisy["spectrum_exact"]
+        assert m.singular_values == pytest.approx(singular[:4].tolist(), rel=1e-5, abs=1e-12)
+        rank = int((singular > 0.01 * singular[0]).sum()) if m.fro > 0 else 0
+        assert diffs[m.name + ".weight"]["rank"] == rank, m.name
+    noisy = diffs["model.layers.1.mlp.down_proj.weight"]
+    # isotropic noise is high-rank: past min(m, n)/4 values every σ comes from the Gram matrix
+    assert noisy["spectrum_exact"] and noisy["relative_rank"] > 0.5
     assert all(m.intruder_dimensions is None for m in result.modules)  # off for large by default
     config["full_diff"].update(intruders_randomized=True, intruder_reference_k=128)
     bounded = diff_models(tuned, base, config=config, progress=False)
@@ -98,6 +106,68 @@ def test_randomized_path_agrees_with_dense(pair):
         w, delta = dense[m.name + ".weight"]
         exact = lora_math.intruder_dimensions(w, w + delta, 10, 0.5)
         assert exact <= m.intruder_dimensions <= 10, m.name
+
+
+@pytest.fixture(scope="module")
+def planted_pair(tmp_path_factory):
+    """(base, tuned) float32 Llamas 320 wide, so min(m, n) > exact_max_dim (256): layer 0's
+    q_proj moved by a planted ΔW of 40 singular values from 1 down to 0.02 over a tail of 60 at
+    0.004 (rank 40 at rtol 0.01); layer 1's down_proj by noise (full rank)."""
+    from safetensors.torch import save_file
+    from support.factories import tiny_llama
+
+    root = tmp_path_factory.mktemp("planted")
+    base = tiny_llama(root / "base", hidden=320, heads=5, kv_heads=5, intermediate=640)
+    weights = load_file(base / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    spectrum = torch.cat([torch.logspace(0, math.log10(0.02), 40, dtype=torch.float64),
+                          torch.full((60,), 0.004, dtype=torch.float64)])
+    u = torch.linalg.qr(torch.randn(320, 100, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(320, 100, generator=g, dtype=torch.float64))[0]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    weights[q] = (weights[q].double() + (u * spectrum) @ v.T).float()
+    down = "model.layers.1.mlp.down_proj.weight"
+    weights[down] = weights[down] + 0.01 * torch.randn(weights[down].shape, generator=g)
+    tuned = root / "tuned"
+    tuned.mkdir()
+    shutil.copy(base / "config.json", tuned / "config.json")
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    return base, tuned
+
+
+@pytest.mark.parametrize("lanczos_min_dim", [300, 4096])
+def test_rank_of_large_matrices_is_exact_at_the_threshold(planted_pair, tmp_path,
+                                                          lanczos_min_dim):
+    """Above exact_max_dim the rank is counted exactly, not bounded by the first 16 σ's: from
+    Lanczos singular values down to the threshold (lanczos_min_dim 300) or every σ of the Gram
+    matrix (the default, 4096). The planted q_proj has rank 40, the noisy down_proj its dense
+    count."""
+    base, tuned = planted_pair
+    config = {"full_diff": {"lanczos_min_dim": lanczos_min_dim}}
+    result = diff_models(tuned, base, config=config, progress=False)
+    dense = _dense(base, tuned)
+    diffs = {d.name: d for d in result.full_diff.tensors}
+    q = diffs["model.layers.0.self_attn.q_proj.weight"]
+    # Lanczos stops at the first σ below the threshold; the Gram matrix gives every σ.
+    assert (q.rank, q.relative_rank, q.spectrum_exact) == (40, 40 / 320, lanczos_min_dim > 320)
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        singular = torch.linalg.svdvals(dense[key][1])
+        assert diffs[key].rank == int((singular > 0.01 * singular[0]).sum()), key
+        module = next(m for m in result.modules if m.name + ".weight" == key)
+        assert module.singular_values == pytest.approx(singular[:16].tolist(), rel=1e-5)
+    assert diffs["model.layers.1.mlp.down_proj.weight"].relative_rank > 0.5
+    grid = result.full_diff.grid
+    assert grid.rows("relative_rank")[0][grid.matrix_types.index("q")] == 40 / 320
+    sentence = next(s for s in narrate(result) if s.startswith("Relative rank of ΔW"))
+    assert "median" in sentence and "lower bound" not in sentence
+    if lanczos_min_dim > 320:
+        return
+    out = tmp_path / "out"
+    assert main(["analyze", str(tuned), "--base", str(base), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert (out / "charts" / "full_diff_relative_rank.png").stat().st_size > 1000
+    assert "the relative rank is the number of singular values of ΔW above 0.01·σ_1" in (
+        out / "report.html").read_text()
 
 
 def test_randomized_svd_with_power_iterations():

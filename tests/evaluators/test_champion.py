@@ -24,16 +24,22 @@ from mlflow import MlflowClient
 from support.eval_support import greedy, prompt_pool, rows_owned_by
 from support.factories import make_lora_adapter
 from tunelens.config import load_config
-from tunelens.evaluators.promotion import PromotionRefused, promote
 from tunelens.evaluators.run import evaluate_version
-from tunelens.evaluators.metrics import word_count
-from tunelens.evaluators.verdict import HOLDER_TAG, VERDICT_TAG, decide
+from tunelens.evaluators.scoring.metrics import word_count
+from tunelens.evaluators.verdict import decide
+from tunelens.registry import promotion
+from tunelens.registry.promotion import Gatekeeper, PromotionRefused
+from tunelens.registry.verdicts import HOLDER_TAG, VERDICT_TAG
 from tunelens.registry_hooks.service.log_adapter import log_adapter
 
 NAME = "champion"
 MAX_NEW = 6
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OWNED_ROWS = {"v3": 24, "v1": 12, "v2": 4}  # 40 rows; the base owns none
+
+
+def promote(client, name, version):
+    return promotion.promote(client, Gatekeeper.from_config(None), name, version)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +95,12 @@ def assert_comparison_on_the_version_page(client, outcome):
     description = client.get_model_version(NAME, outcome.version).description
     start, end = "[//]: # (tunelens:evaluation:start)", "[//]: # (tunelens:evaluation:end)"
     assert description.startswith(ANALYSED_DESCRIPTION + f"\n\n{start}\n### tunelens evaluation")
-    assert description.rstrip().endswith(end)  # the user's text and the analysis are kept
+    # the user's text and the analysis are kept; the gate's section follows the comparison
+    assert description.index(end) < description.index("[//]: # (tunelens:promotion:start)")
+    assert description.rstrip().endswith("[//]: # (tunelens:promotion:end)")
+    gate = description.split("[//]: # (tunelens:promotion:start)", 1)[1]
+    assert "may be promoted to **production**: yes — because verdict PROMOTE and it covered " \
+           "holder v1" in gate
     section = description.split("### tunelens evaluation", 1)[1]
     assert "**PROMOTE** on 40 rows (vs base **PROMOTE**; vs holder production (v1) **PROMOTE**)" \
         in section
@@ -171,9 +182,9 @@ def test_champion_stays_when_the_challenger_is_worse_and_a_better_one_is_promote
     assert promote(client, NAME, "3").previous == "1"
     assert client.get_registered_model(NAME).aliases == {"production": "3"}
 
-    # v2's verdict covered v1, which no longer holds production: refused even if forced to say so
+    # v2's REJECT typed over as PROMOTE by hand is not tunelens's verdict: refused
     client.set_model_version_tag(NAME, "2", VERDICT_TAG, "PROMOTE")
-    with pytest.raises(PromotionRefused, match="does not cover the current holder"):
+    with pytest.raises(PromotionRefused, match="verdict tag not written by tunelens"):
         promote(client, NAME, "2")
     assert client.get_registered_model(NAME).aliases == {"production": "3"}
 
@@ -223,6 +234,13 @@ def test_an_extra_metric_is_logged_and_as_primary_decides_the_quality_rule(world
         # 4 rows a round; another (3 at most) while the latency rule was undecided (transformers)
         assert logged[f"{label}/served_latency_requests"] in (4, 8, 12)
         assert logged[f"{label}/memory_weights_gib"] > 0
+    # under load: every model at each default level, and the chart on the side-by-side page
+    for label in ("base", "finetuned"):
+        for level in (1, 4, 16):
+            assert logged[f"{label}/latency_p50_c{level}"] > 0
+            assert logged[f"{label}/output_tokens_per_s_c{level}"] >= 0
+    page = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/tunelens/side_by_side.html")
+    assert "Latency and throughput under load" in page and "<polyline" in page
     # the figures the served rules judged are logged under their names, for metric_thresholds
     assert logged["delta/latency_ratio"] == pytest.approx(rules["latency_ratio"]["observed"])
     assert logged["delta/memory_ratio"] == pytest.approx(rules["memory_ratio"]["observed"])

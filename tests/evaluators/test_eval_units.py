@@ -13,13 +13,15 @@ import pytest
 from support.factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
-from tunelens.evaluators.backends import vllm_max_lora_rank, vllm_refusal
-from tunelens.evaluators.datasets import load_dataset
-from tunelens.evaluators.metrics import exact_match, word_edit_distance
-from tunelens.evaluators.prompts import GenerationSettings, build_prompts, cut_at_stop
-from tunelens.evaluators.report import render_report
-from tunelens.evaluators.run import choose_backend
-from tunelens.evaluators.sources import check_adapter_fits, parse_model_uri
+from tunelens.evaluators.engines.choice import choose_backend
+from tunelens.evaluators.engines.vllm import vllm_max_lora_rank, vllm_refusal
+from tunelens.evaluators.scoring.behaviour import word_edit_distance
+from tunelens.evaluators.scoring.metrics import exact_match
+from tunelens.evaluators.inputs.prompts import build_prompts, cut_at_stop, generation_settings
+from tunelens.evaluators.pages.report import render_report
+from tunelens.evaluators.adapter_fit import check_adapter_fits
+from tunelens.registry.datasets import load_dataset
+from tunelens.registry.version import parse_model_uri
 
 # The examples documented with HF evaluate's exact_match metric (predictions, references, kwargs,
 # documented score). `evaluate.load("exact_match")` needs the Hub, so tunelens implements the
@@ -112,21 +114,22 @@ def test_dataset_errors_are_one_clear_line(tmp_path):
 
 def test_generation_settings_from_conf_and_stop_cut():
     evaluation = load_config()["evaluation"]
-    settings = GenerationSettings.from_config(evaluation, max_new_tokens=5)
+    settings = generation_settings(evaluation["generation"], 5)
     assert settings.max_new_tokens == 5 and settings.greedy
     assert cut_at_stop("answer\nmore", ("\n", "more")) == ("answer", True)
     assert cut_at_stop("answer", ("\n",)) == ("answer", False)
     evaluation["generation"]["prompt_template"] = "no placeholder"
     with pytest.raises(TunelensError, match=r"must contain \{input\}"):
-        GenerationSettings.from_config(evaluation)
+        generation_settings(evaluation["generation"])
 
 
 def test_chat_template_is_applied_identically_and_required(llama_base):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llama_base)
-    settings = GenerationSettings(prompt_template="Fix: {input}", chat_template=True,
-                                  system_prompt="be brief")
+    settings = generation_settings({**load_config()["evaluation"]["generation"],
+                                    "prompt_template": "Fix: {input}", "chat_template": True,
+                                    "system_prompt": "be brief"})
     with pytest.raises(TunelensError, match="no chat template"):
         build_prompts(["x"], tokenizer, settings)
     tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
@@ -160,6 +163,31 @@ def test_adapters_vllm_refuses_fall_back_to_transformers_with_the_reason(llama_b
     assert choose_backend("transformers", [plain]).reason == "requested"
 
 
+def test_a_backend_registered_by_name_is_chosen_by_its_own_rules(llama_base, tmp_path,
+                                                                   monkeypatch):
+    """A new backend is one module with a BACKEND listed in engines.choice.BACKENDS: asked for by
+    name it is chosen, refused with its own reason, or reported missing with its own line."""
+    from tunelens.evaluators.engines import choice
+    from tunelens.evaluators.engines.interface import Backend
+
+    plain = make_lora_adapter(llama_base, tmp_path / "plain", r=4, target_modules=["q_proj"])
+    picky = Backend("picky", title="Picky", available=lambda: True, missing="unused",
+                    start=lambda *args, **options: None,
+                    refusal=lambda adapter: "it is not picky enough")
+    absent = Backend("absent", title="Absent", available=lambda: False,
+                     missing="Absent is not installed here", start=lambda *args, **options: None)
+    monkeypatch.setitem(choice.BACKENDS, picky.name, picky)
+    monkeypatch.setitem(choice.BACKENDS, absent.name, absent)
+    assert choose_backend("picky", []) == choice.BackendChoice("picky", "requested")
+    with pytest.raises(TunelensError, match="Picky cannot serve .*plain: it is not picky enough"):
+        choose_backend("picky", [plain])
+    with pytest.raises(TunelensError, match="^Absent is not installed here$"):
+        choose_backend("absent", [plain])
+    with pytest.raises(TunelensError, match="use auto, vllm, transformers, openai_server, picky or absent"):
+        choose_backend("nothing", [])
+    assert choose_backend("auto", [plain]).name in ("vllm", "transformers")
+
+
 def test_adapter_on_the_wrong_base_is_refused(llama_base, llama_adapter, tmp_path):
     check_adapter_fits(llama_base, llama_adapter)  # the right base passes
     narrow = tiny_llama(tmp_path / "narrow", hidden=64, heads=1, kv_heads=1, intermediate=128)
@@ -177,10 +205,22 @@ def test_model_uri_parsing():
 def test_plugin_is_registered_and_only_runs_when_invited():
     from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry
 
+    from mlflow.models.evaluation.base import _get_model_from_function
+
     evaluator = _model_evaluation_registry.get_evaluator("tunelens")
     assert evaluator.can_evaluate(model_type="text", evaluator_config={"model_uri": "models:/m/1"})
-    assert not evaluator.can_evaluate(model_type="text", evaluator_config={})
+    # no config may come with a tunelens handle as the model (MLflow does not show the model
+    # here); another evaluator's settings, applied to all by evaluators=None, never do
+    assert evaluator.can_evaluate(model_type="text", evaluator_config={})
+    assert not evaluator.can_evaluate(model_type="text",
+                                      evaluator_config={"log_model_explainability": False})
     assert not evaluator.can_evaluate(model_type="classifier", evaluator_config=None)
+    # then neither a version named nor a tunelens handle handed over: nothing runs, no error
+    assert evaluator.evaluate(model_type="text", dataset=None, run_id="r",
+                              evaluator_config={}) is None
+    not_ours = _get_model_from_function(lambda frame: frame)
+    assert evaluator.evaluate(model=not_ours, model_type="text", dataset=None, run_id="r",
+                              evaluator_config={}) is None
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -24,8 +24,9 @@ from support.eval_support import mean_nll
 from support.factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
-from tunelens.evaluators.backends import cpu_worker_binding
-from tunelens.evaluators.run import REPORT_FILE, TABLE_FILE, VERDICT_FILE, evaluate_version
+from tunelens.evaluators.engines.vllm import cpu_worker_binding
+from tunelens.evaluators.run import evaluate_version
+from tunelens.evaluators.stages.log import REPORT_FILE, TABLE_FILE, VERDICT_FILE
 from tunelens.registry_hooks.service.log_adapter import log_adapter
 
 NAME = "grammar-eval"
@@ -299,7 +300,7 @@ def test_mlflow_evaluate_plugin_uses_the_engine_not_pyfunc(setup, vllm_outcome):
         vllm_outcome.metrics["finetuned/ppl_grammar"], rel=1e-4)
     assert "perplexity_grammar" in version_tags(setup["client"], "2")["tunelens.verdict.reasons"]
     assert version_tags(setup["client"], "2")["tunelens.eval.run_id"] == run.info.run_id
-    with pytest.raises(Exception, match="pass model=None"):
+    with pytest.raises(Exception, match="pass either model= or evaluator_config model_uri, not both"):
         with mlflow.start_run():
             mlflow.models.evaluate(model=lambda df: df["inputs"], data=frame, model_type="text",
                                    targets="targets", evaluators=["tunelens"],

@@ -28,10 +28,10 @@ from support.cli_support import assert_one_line_error
 from support.eval_support import greedy, prompt_pool, rows_owned_by
 from support.factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config
-from tunelens.evaluators.backends import vllm_available
+from tunelens.evaluators.engines.vllm import vllm_available
 from tunelens.evaluators.matrix import RECOMMENDATION_TAG, compare_versions
-from tunelens.evaluators.promotion import promote
-from tunelens.evaluators.verdict import VERDICT_TAG
+from tunelens.registry.promotion import Gatekeeper, promote
+from tunelens.registry.verdicts import VERDICT_TAG
 from tunelens.registry_hooks.service.log_adapter import log_adapter
 
 NAME = "matrix"
@@ -147,6 +147,13 @@ def test_equally_good_candidates_recommend_the_smaller_base_and_keep_the_other_a
     page = open(mlflow.artifacts.download_artifacts(run_id=outcome.run_id,
                                                    artifact_path="tunelens/matrix.html")).read()
     assert "recommended: v1" in page and "Paired tests between candidates" in page
+    # the models side by side: length against the expected answer and its base, cost as served,
+    # and what each is suited for in the recommendation's words
+    side_by_side = page.split("<h2>Models side by side</h2>")[1].split("</table>")[0]
+    assert "<th>output length (vs expected)</th>" in side_by_side
+    assert f"{metrics['v1/words_vs_target']:.1f}x the expected answer" in side_by_side
+    assert "GiB as served" in side_by_side and "recommended v1: " in side_by_side
+    assert "adds a preamble" not in side_by_side  # no grammar profile here
     for version, role in (("1", "recommended"), ("2", "backup")):
         mv = client.get_model_version(NAME, version)
         assert mv.tags[VERDICT_TAG] == "PROMOTE"
@@ -154,7 +161,7 @@ def test_equally_good_candidates_recommend_the_smaller_base_and_keep_the_other_a
         assert mv.tags[RECOMMENDATION_TAG] == role
         assert f"**{role}**" in mv.description and "tunelens/matrix.html" in mv.description
     # the recommended version is promoted as usual
-    assert promote(client, NAME, "1").changed
+    assert promote(client, Gatekeeper.from_config(None), NAME, "1").changed
 
 
 def test_a_significantly_better_candidate_is_recommended_whatever_it_costs(world):
@@ -181,6 +188,9 @@ def test_a_significantly_better_candidate_is_recommended_whatever_it_costs(world
     # and drift from its own base, each candidate's charts in a folder of its own
     for label in [m.label for m in outcome.plan.models]:
         assert metrics[f"{label}/ppl_general"] > 1
+    # and the perplexity-by-domain table over every model, logged beside the matrix
+    assert {"tunelens/domain_perplexity.json", "tunelens/matrix.html"} <= {
+        a.path for a in client.list_artifacts(outcome.run_id, "tunelens")}
     for label in ("v1", "v2"):
         assert f"{label}/delta/log_ppl_general" in metrics
         assert f"{label}/drift/relative_change_max" in metrics

@@ -7,19 +7,19 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from support.eval_support import mean_nll
-from support.factories import CORPUS, make_lora_adapter, tiny_llama
+from support.factories import CORPUS, make_lora_adapter, tiny_llama, train_lora_on_texts
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
-from tunelens.evaluators.backends import Candidate, TransformersBackend
-from tunelens.evaluators.drift import layer_drift, weight_delta_by_layer
-from tunelens.evaluators.perplexity import (compare_group, cumulative_delta_curve,
+from tunelens.evaluators.engines.interface import Candidate
+from tunelens.evaluators.engines.transformers import TransformersEngine
+from tunelens.evaluators.texts.drift import layer_drift, weight_delta_by_layer
+from tunelens.evaluators.texts.perplexity import (compare_group, cumulative_delta_curve,
                                             group_perplexity, perplexity_rule, plan_texts,
                                             summarize_texts, tokenize_texts)
-from tunelens.evaluators.texts import TextGroup, load_groups
+from tunelens.evaluators.texts.groups import TextGroup, load_groups
 
 # The task group: sentences of the tiny corpus; "general" text: the same words shuffled.
 TASK = sorted(set(CORPUS))[:10]
@@ -128,31 +128,13 @@ def test_perplexity_rule_passes_fails_and_waits():
 @pytest.fixture(scope="module")
 def trained(llama_base, tmp_path_factory):
     """A LoRA trained a few steps on the task group's texts (real PEFT, AdamW)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("trained")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_base),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj",
-                                                                          "down_proj"],
-                                      task_type="CAUSAL_LM"))
-    tokenizer = AutoTokenizer.from_pretrained(llama_base)
-    batch = tokenizer([tokenizer.bos_token + t for t in TASK], return_tensors="pt",
-                      padding=True, add_special_tokens=False)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(15):
-        model(**batch, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    return out
+    return train_lora_on_texts(llama_base, tmp_path_factory.mktemp("trained"), TASK)
 
 
 def cpu_engine(base_dir):
     """A transformers engine of `base_dir` on the CPU, closed after; each adapter is a PEFT
     adapter of its own label on it."""
-    backend = TransformersBackend(base_dir, {"device": "cpu", "dtype": "float32"})
+    backend = TransformersEngine(base_dir, {"device": "cpu", "dtype": "float32"})
     yield backend
     backend.close()
 
@@ -229,7 +211,7 @@ def test_drift_starts_at_the_only_adapted_layer(deep_base, deep_engine, tmp_path
 
 def test_version_page_shows_each_groups_perplexity():
     from tunelens.evaluators.verdict import Decision, VerdictPart, combine
-    from tunelens.evaluators.version_page import comparison_section
+    from tunelens.evaluators.pages.version_page import comparison_section
 
     rule = perplexity_rule(compare_group(
         TextGroup("general", tuple("ab"), "x", True), "base", "finetuned",

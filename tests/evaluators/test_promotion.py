@@ -8,11 +8,25 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
+from support.verdicts import CURRENT, sign_verdict
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
-from tunelens.evaluators.promotion import (PromotionRefused, auto_promote, history_tag, promote,
-                                           promotion_tag, rollback)
-from tunelens.evaluators.verdict import HOLDER_TAG, REASONS_TAG, VERDICT_TAG
+from tunelens.registry import promotion
+from tunelens.registry.promotion import Gatekeeper, PromotionRefused, history_tag, promotion_tag
+
+GATE = Gatekeeper.from_config(None)
+
+
+def promote(client, name, version, alias=None, **kwargs):
+    return promotion.promote(client, GATE, name, version, alias, **kwargs)
+
+
+def rollback(client, name, alias=None):
+    return promotion.rollback(client, GATE, name, alias)
+
+
+def auto_promote(client, name, version, config):
+    return promotion.auto_promote(client, Gatekeeper.from_config(config), name, version)
 
 
 @pytest.fixture()
@@ -34,13 +48,11 @@ def registered(client, tmp_path):
         (adapter / "adapter_config.json").write_text('{"r": 8}')
         client.log_artifacts(run.info.run_id, str(adapter), "model")
         client.set_terminated(run.info.run_id)
-        tags = {}
+        version = client.create_model_version(name, f"{run.info.artifact_uri}/model",
+                                              run_id=run.info.run_id).version
         if verdict:
-            tags[VERDICT_TAG] = verdict
-        if reasons:
-            tags[REASONS_TAG] = reasons
-        return client.create_model_version(name, f"{run.info.artifact_uri}/model",
-                                           run_id=run.info.run_id, tags=tags).version
+            sign_verdict(client, name, version, verdict, reasons=reasons or "")
+        return version
 
     register.name = name
     return register
@@ -52,10 +64,9 @@ def tunelens(server, *args):
 
 
 def covered(client, name, version, alias="production"):
-    """Tag the version as an evaluation made now would: its verdict covered the current holder."""
-    holder = client.get_registered_model(name).aliases.get(alias)
-    client.set_model_version_tag(name, version, HOLDER_TAG, f"{alias}={holder or 'none'}")
-    return version
+    """Re-sign the version's verdict as an evaluation made now would: covering the current holder."""
+    decision = client.get_model_version(name, version).tags["tunelens.verdict"]
+    return sign_verdict(client, name, version, decision, holder=CURRENT, alias=alias)
 
 
 def state(client, name, version=None, alias="production"):
@@ -73,17 +84,17 @@ def test_cli_refuses_a_version_whose_verdict_is_not_promote(mlflow_server, clien
     before = state(client, name, rejected)
     out = tunelens(mlflow_server, "promote", name, rejected)
     assert out.returncode == 1, out.stderr
-    assert "verdict REJECT, not PROMOTE" in out.stderr and "latency_ratio FAIL" in out.stderr
+    assert "its verdict is REJECT, not PROMOTE" in out.stderr and "latency_ratio FAIL" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert state(client, name, rejected) == before
     assert before[0] == {"production": good}
 
     never = registered(None)
-    with pytest.raises(PromotionRefused, match=r"none \(never evaluated\)") as refused:
+    with pytest.raises(PromotionRefused, match="it was never evaluated") as refused:
         promote(client, name, never)
     assert refused.value.exit_code == 1
     inconclusive = registered("INCONCLUSIVE")
-    with pytest.raises(PromotionRefused, match="verdict INCONCLUSIVE"):
+    with pytest.raises(PromotionRefused, match="its verdict is INCONCLUSIVE"):
         promote(client, name, inconclusive)
     assert client.get_registered_model(name).aliases == {"production": good}
 
@@ -165,7 +176,9 @@ def test_aliases_are_independent_and_repeating_a_promotion_changes_nothing(clien
     assert not again.changed and "nothing changed" in again.describe()
     model = client.get_registered_model(name)
     assert model.aliases == {"production": v1, "staging": v2}
-    assert not any(key.startswith("tunelens.alias.") for key in model.tags)
+    # no earlier holder recorded for either alias (only the holders themselves, signed)
+    assert not any(key.startswith("tunelens.alias.") and key.endswith(".previous")
+                   for key in model.tags)
     with pytest.raises(PromotionRefused, match="staging has no earlier holder"):
         rollback(client, name, "staging")
 
@@ -215,24 +228,38 @@ def test_a_verdict_that_did_not_cover_the_current_holder_is_refused(mlflow_serve
     name = registered.name
     first, second, third = (registered("PROMOTE") for _ in range(3))
     promote(client, name, covered(client, name, first))  # nobody held it: covers "none"
-    client.set_model_version_tag(name, third, HOLDER_TAG, "production=none")  # evaluated before
+    sign_verdict(client, name, third, "PROMOTE", holder="none")  # evaluated before
     before = state(client, name, third)
     out = tunelens(mlflow_server, "promote", name, third)
     assert out.returncode == 1, out.stderr
-    assert "production held by no version" in out.stderr and f"now version {first}" in out.stderr
-    assert "Re-evaluate" in out.stderr and "Traceback" not in out.stderr
+    assert "evaluated against no version holding it" in out.stderr
+    assert f"v{first} holds production now" in out.stderr
+    assert "tunelens evaluate" in out.stderr and "Traceback" not in out.stderr
     assert state(client, name, third) == before
 
     promote(client, name, covered(client, name, second))  # production: first -> second
-    client.set_model_version_tag(name, third, HOLDER_TAG, f"production={first}")  # stale holder
-    with pytest.raises(PromotionRefused, match=f"production held by v{first}.*now version "
-                                               f"{second}.*Re-evaluate"):
+    sign_verdict(client, name, third, "PROMOTE", holder=first)  # stale holder
+    with pytest.raises(PromotionRefused, match=f"evaluated against v{first} but v{second} holds "
+                                               "production now.*tunelens evaluate"):
         promote(client, name, third)
     never_recorded = registered("PROMOTE")  # a verdict without a holder tag covers nobody
-    with pytest.raises(PromotionRefused, match="no holder recorded"):
+    with pytest.raises(PromotionRefused, match="evaluated against no holder"):
         promote(client, name, never_recorded)
     assert client.get_registered_model(name).aliases == {"production": second}
     # another alias: nobody holds staging, so the production-covering verdict may go there
     assert promote(client, name, third, alias="staging").changed
     # --force still overrides, with its reason recorded
     assert promote(client, name, third, force=True, reason="rollout ticket 7").previous == second
+
+
+def test_the_audit_experiment_may_be_a_workspace_path(client, registered):
+    name = registered.name
+    rejected = registered("REJECT")
+    config = load_config()
+    config["promotion"]["audit_experiment"] = "/Shared/team-a/tunelens-audit"
+    promotion.promote(client, Gatekeeper.from_config(config), name, rejected, force=True,
+                      reason="hotfix: base model outage")
+    audit = client.get_experiment_by_name("/Shared/team-a/tunelens-audit")
+    [run] = client.search_runs([audit.experiment_id],
+                               f"tags.`tunelens.model` = 'models:/{name}/{rejected}'")
+    assert run.info.status == "FINISHED"

@@ -8,8 +8,8 @@ from mlflow.metrics import MetricValue, make_metric
 
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
-from tunelens.evaluators.quality import builtin_metric, from_mlflow, quality_metrics
-from tunelens.evaluators.stats import ModelScores, QualityMetricInfo, compare_paired
+from tunelens.evaluators.scoring.quality import builtin_metric, from_mlflow, quality_metrics
+from tunelens.evaluators.scoring.stats import ModelScores, QualityMetricInfo, compare_paired
 from tunelens.evaluators.verdict import (Decision, HolderCoverage, combine, decide, decide_part)
 
 OPTIONS = load_config()["evaluation"]["exact_match"]
@@ -65,7 +65,7 @@ def test_mlflow_metric_gives_per_row_scores_and_refuses_aggregates():
 def continuous(base, other, greater_is_better=True, n=200):
     words = np.full(n, 10)
     return compare_paired(ModelScores("base", base, words), ModelScores("ft", other, words),
-                          metric=QualityMetricInfo("token_f1", greater_is_better))
+                          load_config(), metric=QualityMetricInfo("token_f1", greater_is_better))
 
 
 def test_continuous_scores_get_the_paired_bca_bootstrap():
@@ -76,15 +76,17 @@ def test_continuous_scores_get_the_paired_bca_bootstrap():
     assert not comparison.binary and comparison.mcnemar is None and comparison.power is None
     assert comparison.test_name == "paired BCa bootstrap"
     assert comparison.quality_delta.low > 0.08 and comparison.quality_delta.high < 0.12
-    verdict = decide(comparison)
+    verdict = decide(comparison, load_config())
     assert verdict.rules[0].name == "token_f1" and verdict.rules[0].passed is True
     assert "significant gain (paired BCa bootstrap" in verdict.rules[0].detail
     assert "delta/token_f1_ci_low" in comparison.metrics() and \
         "delta/mcnemar_p_value" not in comparison.metrics()
-    worse = decide(continuous(base, np.clip(base - rng.normal(0.1, 0.05, 200), 0, 1)))
+    worse = decide(continuous(base, np.clip(base - rng.normal(0.1, 0.05, 200), 0, 1)),
+                   load_config())
     assert worse.rules[0].passed is False and worse.decision is Decision.REJECT
     # lower is better: the same drop is now a gain
-    flipped = decide(continuous(base, np.clip(base - rng.normal(0.1, 0.05, 200), 0, 1), False))
+    flipped = decide(continuous(base, np.clip(base - rng.normal(0.1, 0.05, 200), 0, 1), False),
+                     load_config())
     assert flipped.rules[0].passed is True
 
 
@@ -92,7 +94,7 @@ def test_a_constant_difference_leaves_the_bootstrap_nothing_to_measure():
     base = np.linspace(0.1, 0.5, 20)
     comparison = continuous(base, base + 0.05, n=20)
     assert np.isnan(comparison.quality_delta.low)
-    verdict = decide(comparison)
+    verdict = decide(comparison, load_config())
     assert verdict.rules[0].passed is None and verdict.decision is Decision.INCONCLUSIVE
     assert "cannot measure the spread" in verdict.warnings[0]
 
@@ -102,8 +104,8 @@ def test_promote_needs_both_parts_and_the_reasons_name_the_deciding_one():
     base = rng.uniform(0.2, 0.4, 200)
     holder = np.clip(base + 0.3 + rng.normal(0, 0.03, 200), 0, 1)
     candidate = np.clip(base + 0.1 + rng.normal(0, 0.03, 200), 0, 1)
-    vs_base = decide_part(continuous(base, candidate), against="base")
-    vs_holder = decide_part(continuous(holder, candidate), against="holder")
+    vs_base = decide_part(continuous(base, candidate), load_config(), against="base")
+    vs_holder = decide_part(continuous(holder, candidate), load_config(), against="holder")
     assert vs_base.decision is Decision.PROMOTE and vs_holder.decision is Decision.REJECT
     verdict = combine("finetuned", 200, [vs_base, vs_holder], HolderCoverage("production", "4"))
     assert verdict.decision is Decision.REJECT
@@ -112,7 +114,7 @@ def test_promote_needs_both_parts_and_the_reasons_name_the_deciding_one():
     assert "[vs holder production=v4 REJECT] token_f1 FAIL" in verdict.reasons
     assert verdict.to_dict()["holder"] == {"alias": "production", "version": "4"}
     both = combine("finetuned", 200, [vs_base, decide_part(continuous(candidate, holder),
-                                                           against="holder")])
+                                                           load_config(), against="holder")])
     assert both.decision is Decision.PROMOTE
     assert HolderCoverage.from_tag("production=none") == HolderCoverage("production", None)
     assert HolderCoverage.from_tag(None) is None

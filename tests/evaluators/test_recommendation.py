@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tunelens.config import load_config
-from tunelens.evaluators.recommendation import Standing, recommend
-from tunelens.evaluators.stats import ModelScores, compare_paired
+from tunelens.evaluators.scoring.recommendation import Standing, recommend
+from tunelens.evaluators.scoring.stats import ModelScores, compare_paired
 from tunelens.evaluators.verdict import Decision
 
 GIB = 2 ** 30

@@ -15,13 +15,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from tunelens.config import load_config
+from tunelens.config import ConfigError, load_config
 from tunelens.errors import TunelensError
-from tunelens.evaluators.backends import Candidate
-from tunelens.evaluators.prompts import GenerationSettings
-from tunelens.evaluators.serving import (LatencyJudgement, LatencyProfile, MemoryProfile,
-                                         ServedTiming, ServingSettings, compare_latency,
-                                         latency_rule, memory_rules, sample_rows)
+from tunelens.evaluators.engines.interface import Candidate, MemoryProfile
+from tunelens.evaluators.inputs.prompts import generation_settings
+from tunelens.evaluators.timing.profiles import LatencyProfile, ServingSettings
+from tunelens.evaluators.timing.rules import (LatencyJudgement, compare_latency, latency_rule,
+                                              memory_rules)
+from tunelens.evaluators.timing.schedule import ServedTiming, sample_rows, windows_of
 
 SENTENCES = ["she go to school every day", "they was happy", "i has a apple", "he dont like it",
              "the cat sat on the mat", "correct the grammar of this sentence"] * 7
@@ -126,7 +127,7 @@ def test_scheduler_times_see_a_thread_wait_for_a_core_on_an_oversubscribed_machi
     itself, near 1/2 or more with a busy process per core plus one competing for them."""
     import time
 
-    from tunelens.evaluators.core_wait import SchedulerTimes, waiting_share
+    from tunelens.evaluators.timing.core_wait import SchedulerTimes, waiting_share
 
     def spin_share() -> float:
         before = SchedulerTimes.of([os.getpid()])
@@ -157,7 +158,7 @@ def test_request_path_is_this_process_the_workers_and_the_processes_between_them
 
     import psutil
 
-    from tunelens.evaluators.core_wait import request_path
+    from tunelens.evaluators.engines.vllm import request_path
 
     engine_core = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
@@ -202,14 +203,31 @@ def test_memory_rules_on_totals_and_unmeasured_figures():
 
 def test_serving_settings_are_checked():
     evaluation = load_config()["evaluation"]
-    assert ServingSettings.from_config(evaluation) == ServingSettings("adapter", 20, 3, 3)
+    assert ServingSettings.from_config(evaluation) == ServingSettings("adapter", 20, 3, 3, (1, 4, 16))
     for bad, message in (({"served": "quantized"}, "evaluation.served"),
                          ({"latency": {"sample_rows": 1, "warmup_requests": 0}}, "sample_rows"),
                          ({"latency": {"sample_rows": 4, "warmup_requests": -1}}, "warmup"),
-                         ({"latency": {"sample_rows": 4, "max_rounds": 0}}, "max_rounds")):
+                         ({"latency": {"sample_rows": 4, "max_rounds": 0}}, "max_rounds"),
+                         ({"latency": {"sample_rows": 4, "concurrency": [0]}}, "concurrency")):
         with pytest.raises(TunelensError, match=message):
             ServingSettings.from_config({**evaluation, **bad})
     assert sample_rows(100, 5) == [0, 25, 50, 74, 99] and sample_rows(3, 5) == [0, 1, 2]
+    assert ServingSettings.from_config(
+        {**evaluation, "latency": {"concurrency": [4, 2]}}).concurrency == (1, 2, 4)
+
+
+def test_windows_send_every_row_and_fill_the_last_window_from_the_first_rows():
+    assert windows_of([3, 5, 7, 9], 1) == [(3,), (5,), (7,), (9,)]
+    assert windows_of([3, 5, 7, 9], 2) == [(3, 5), (7, 9)]
+    assert windows_of([3, 5, 7], 2) == [(3, 5), (7, 3)]
+    assert windows_of([3, 5], 4) == [(3, 5, 3, 5)]
+
+
+def test_the_judged_level_must_be_timed(tmp_path):
+    override = tmp_path / "conf.yaml"
+    override.write_text("verdict:\n  latency_at: 8\n")
+    with pytest.raises(ConfigError, match="latency_at 8 is not a timed level"):
+        load_config(override)
 
 
 # --- Real transformers servers ---------------------------------------------------------------
@@ -223,12 +241,14 @@ def served(llama_base, llama_adapter, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(llama_base)
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
     evaluation = load_config()["evaluation"]
-    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    settings = generation_settings(evaluation["generation"], MAX_NEW)
     candidates = [Candidate("base"), Candidate("finetuned", llama_adapter, "1")]
 
-    def measure(served_as: str, rows: int = 6, judgement=None, max_rounds: int = 3):
+    def measure(served_as: str, rows: int = 6, judgement=None, max_rounds: int = 3,
+                concurrency: tuple[int, ...] = (1,)):
         setup = {**evaluation, "served": served_as,
-                 "latency": {"sample_rows": rows, "warmup_requests": 2, "max_rounds": max_rounds}}
+                 "latency": {"sample_rows": rows, "warmup_requests": 2, "max_rounds": max_rounds,
+                             "concurrency": list(concurrency)}}
         timing = ServedTiming(llama_base, candidates, ids, tokenizer, settings, setup,
                               "transformers", max_model_len=256,
                               work_dir=tmp_path_factory.mktemp("served"), judgement=judgement)
@@ -293,6 +313,29 @@ def test_transformers_served_latency_profiles(served):
     assert "finetuned" in figures.notes[0] and "concurrency 1" in figures.notes[0]
 
 
+def test_transformers_under_load_one_caller_thread_per_request(served):
+    """At 2 requests in flight each model gets its own figures, on the same rows as at 1, the
+    base timed before and after the candidate as at concurrency 1."""
+    figures = served["measure"]("adapter", rows=4, concurrency=(1, 2))
+    assert figures.levels == (1, 2)
+    for label in ("base", "finetuned"):
+        alone, loaded = figures.at(label, 1), figures.at(label, 2)
+        assert loaded.concurrency == 2 and loaded.n_requests == 4 and len(loaded.window_s) == 2
+        assert loaded.rows == alone.rows
+        assert all(0 < t < e for t, e in zip(loaded.ttft_ms, loaded.e2e_ms))
+        # a window lasts as long as its slowest request, at least
+        assert all(wall * 1e3 >= max(loaded.e2e_ms[2 * k:2 * k + 2]) * 0.999
+                   for k, wall in enumerate(loaded.window_s))
+        assert loaded.output_tokens_per_s >= 0 and alone.output_tokens_per_s >= 0
+        metrics = loaded.load_metrics()
+        assert {"latency_p50_c2", "latency_p95_c2", "ttft_p50_c2", "tpot_p50_c2",
+                "output_tokens_per_s_c2"} <= set(metrics)
+        assert metrics["latency_p50_c2"] == pytest.approx(float(np.median(loaded.e2e_ms)))
+    assert figures.at("base", 2).repeat_e2e_ms is not None
+    latency_rule(figures.at("base", 2), figures.at("finetuned", 2), 1.2, **RULE)  # judgeable
+    assert "at 1, 2 requests in flight together" in figures.notes[0]
+
+
 def first_requests(profile: LatencyProfile, n: int) -> LatencyProfile:
     """The profile as it stood after its first `n` timed rows."""
     def head(values):
@@ -333,9 +376,14 @@ def test_transformers_times_another_round_only_while_the_latency_rule_is_undecid
 # --- The same verdict idle and under load ------------------------------------------------------
 
 
+# Spins until killed or until the process that started it is gone: a test run that is itself
+# killed (a timeout) must not leave a core busy for everything after it.
+_BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
 def burn_cores(count: int) -> list[subprocess.Popen]:
-    """Processes that keep `count` cores busy until killed."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    """Processes that keep `count` cores busy until killed (or this process ends)."""
+    return [subprocess.Popen([sys.executable, "-c", _BUSY_LOOP]) for _ in range(count)]
 
 
 MAX_CORE_WAIT = load_config()["evaluation"]["latency"]["max_core_wait"]
@@ -394,7 +442,7 @@ def test_merge_adapter_folds_the_adapter_into_a_plain_model(llama_base, llama_ad
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelens.evaluators.serving import merge_adapter
+    from tunelens.evaluators.engines.transformers import merge_adapter
 
     merged_dir = merge_adapter(llama_base, llama_adapter, tmp_path / "merged")
     ids = AutoTokenizer.from_pretrained(merged_dir)(SENTENCES[0], return_tensors="pt")["input_ids"]
@@ -423,10 +471,10 @@ def test_latency_rule_against_a_reference_timed_in_the_same_rows():
 def test_adapter_server_shares_the_base_weights_and_leaves_the_base_plain(llama_base,
                                                                           llama_adapter):
     """One copy of the weights for base and adapter; the base itself gets no LoRA layers."""
-    from tunelens.evaluators.serving import _TransformersServer
+    from tunelens.evaluators.engines.transformers import TransformersServer
 
     options = load_config()["evaluation"]["transformers"]
-    server = _TransformersServer(llama_base, [Candidate("base"), Candidate("ft", llama_adapter)],
+    server = TransformersServer(llama_base, [Candidate("base"), Candidate("ft", llama_adapter)],
                                  options, "adapter")
     try:
         base, adapted = server.models["base"], server.models["ft"]
@@ -442,7 +490,7 @@ def test_figures_not_measured_as_served_leave_the_rules_undecided_not_a_batch_pr
     """Without a served measurement (sample_rows 0, or a holder on another base's engine) the
     latency and memory rules say so and cannot pass: no queue time or RSS stands in for them."""
     from tunelens.config import load_config
-    from tunelens.evaluators.run import _served_rules
+    from tunelens.evaluators.stages.score import _served_rules
 
     config = load_config()
     config["verdict"] |= {"max_latency_ratio": 1.2, "max_memory_ratio": 1.25,

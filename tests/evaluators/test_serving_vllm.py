@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -14,16 +15,19 @@ from test_serving import (MAX_CORE_WAIT, MAX_NEW, SENTENCES, burn_cores,
                           expected_adapter_elements, expected_weight_elements, first_requests,
                           llama_sizes)
 from tunelens.config import load_config
-from tunelens.evaluators.backends import Candidate, VllmBackend
-from tunelens.evaluators.prompts import GenerationSettings
-from tunelens.evaluators.run import BackendChoice, EngineGroup, run_group
-from tunelens.evaluators.serving import latency_rule
+from tunelens.evaluators.engines.choice import BackendChoice
+from tunelens.evaluators.engines.interface import Candidate
+from tunelens.evaluators.engines.vllm import VllmEngine
+from tunelens.evaluators.inputs.prompts import generation_settings
+from tunelens.evaluators.stages.generate import run_group
+from tunelens.evaluators.stages.plan import EngineGroup
+from tunelens.evaluators.timing.rules import latency_rule
 
 RULE = dict(level=0.95, n_resamples=1000, seed=0)
 
 
 def evaluate_group(base_dir, adapter_dir, served_as: str, sample_rows: int = 4,
-                   max_rounds: int = 1, limit: float = 1.2):
+                   max_rounds: int = 1, limit: float = 1.2, concurrency: tuple[int, ...] = (1,)):
     """run_group on the base and one adapter with vLLM: (GroupRun, token ids, engine starts), each
     start as the number of adapters that engine attached (0: a plain engine)."""
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -31,27 +35,29 @@ def evaluate_group(base_dir, adapter_dir, served_as: str, sample_rows: int = 4,
     config["evaluation"].update(served=served_as, latency={**config["evaluation"]["latency"],
                                                            "sample_rows": sample_rows,
                                                            "warmup_requests": 1,
-                                                           "max_rounds": max_rounds})
+                                                           "max_rounds": max_rounds,
+                                                           "concurrency": list(concurrency)})
     config["verdict"]["max_latency_ratio"] = limit
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
     group = EngineGroup(base_dir, [Candidate("base"), Candidate("finetuned", adapter_dir)], 256,
                         ids)
-    starts, start = [], VllmBackend.__init__
+    starts, start = [], VllmEngine.__init__
 
     def counted(engine, model_dir, adapters, *args, **kwargs):  # the real engine, counted
         starts.append(len(adapters))
         start(engine, model_dir, adapters, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(VllmBackend, "__init__", counted)
+        patch.setattr(VllmEngine, "__init__", counted)
         done = run_group(group, list(range(len(ids))), BackendChoice("vllm", "requested"),
-                         GenerationSettings(max_new_tokens=MAX_NEW), config, serve=True)
+                         generation_settings(config["evaluation"]["generation"], MAX_NEW), config,
+                         serve=True)
     return done, ids, starts
 
 
 @pytest.fixture(scope="module")
 def as_adapter(llama_base, llama_adapter):
-    return evaluate_group(llama_base, llama_adapter, "adapter")
+    return evaluate_group(llama_base, llama_adapter, "adapter", concurrency=(1, 2))
 
 
 def test_vllm_three_engines_adapters_timed_on_the_generation_engine(as_adapter):
@@ -173,3 +179,30 @@ def test_vllm_with_a_busy_core_sees_the_wait_and_keeps_the_idle_status_or_does_n
     waits = [(idle.latency_of(label).core_wait_p50, busy.latency_of(label).core_wait_p50)
              for label in ("base", "finetuned")]
     assert all(at_rest < loaded for at_rest, loaded in waits), waits
+
+
+def test_vllm_under_load_two_requests_in_flight_on_each_engine(as_adapter):
+    """At 2 requests in flight each model has its own figures on every engine it is served on:
+    each request timed from its submission to its last token as the caller (this process) sees
+    it, TTFT from the first streamed token; the base before and after the adapter, as at 1."""
+    figures = as_adapter[0].serving
+    assert figures.levels == (1, 2)
+    for label in ("base", "finetuned"):
+        alone, loaded = figures.at(label, 1), figures.at(label, 2)
+        assert loaded.concurrency == 2 and loaded.rows == alone.rows
+        assert len(loaded.window_s) == loaded.n_requests // 2 == 2
+        assert all(0 < t <= e for t, e in zip(loaded.ttft_ms, loaded.e2e_ms))
+        assert all(wall * 1e3 >= max(loaded.e2e_ms[2 * k:2 * k + 2]) * 0.999
+                   for k, wall in enumerate(loaded.window_s))
+        assert loaded.output_tokens_per_s >= 0
+        metrics = loaded.load_metrics()
+        assert {"latency_p50_c2", "latency_p95_c2", "ttft_p50_c2", "output_tokens_per_s_c2"} \
+            <= set(metrics)
+        # the figures are the measured ones, in the order measured (no ordering assumed)
+        assert metrics["latency_p95_c2"] == pytest.approx(float(np.percentile(loaded.e2e_ms, 95)))
+        assert "LoRA enabled" in loaded.served_as if label == "finetuned" else \
+            "no LoRA" in loaded.served_as
+    base = figures.at("base", 2)
+    assert base.repeat_e2e_ms is not None and len(base.repeat_e2e_ms) == base.n_requests
+    rule = latency_rule(base, figures.at("finetuned", 2), 1.2, **RULE)
+    assert "at concurrency 2" in rule.detail

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tunelens.errors import TunelensError
-from tunelens.evaluators.sources import download_version
+from tunelens.registry.files import download_version
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from scipy.stats import binomtest, norm
 
 from tunelens.config import load_config
 from tunelens.errors import TunelensError
-from tunelens.evaluators.stats import (McNemarResult, ModelScores, QualityMetricInfo,
+from tunelens.evaluators.scoring.stats import (McNemarResult, ModelScores, QualityMetricInfo,
                                        compare_paired, mcnemar_exact, paired_bootstrap,
                                        paired_score_interval)
 
@@ -115,7 +115,7 @@ def test_power_note_min_discordant_and_min_detectable_gain_against_scipy():
 def test_rows_needed_gives_about_the_promised_power():
     """Simulate test sets of `rows_needed` rows at the same rates: ~80% reach p < 0.05."""
     base, other = paired_rows(30, 10, 20, 40)  # psi = 0.3, delta = 0.1
-    note = compare_paired(scores("b", base), scores("o", other)).power
+    note = compare_paired(scores("b", base), scores("o", other), load_config()).power
     rng = np.random.default_rng(2)
     hits = 0
     for _ in range(400):
@@ -127,16 +127,16 @@ def test_rows_needed_gives_about_the_promised_power():
 
 def test_warning_when_too_few_rows_disagree_and_none_when_significant():
     base, other = paired_rows(2, 1, 2, 3)
-    small = compare_paired(scores("base", base), scores("ft", other))
+    small = compare_paired(scores("base", base), scores("ft", other), load_config())
     assert "only 3 rows where the models disagree" in small.warning
     assert "needs at least 6" in small.warning and "too small to decide on 8 rows" in small.warning
     assert small.power.min_detectable_gain is None
     base, other = paired_rows(1, 0, 6, 3)  # a grammar fine-tune's jump: 10% -> 70% on ten rows
-    decisive = compare_paired(scores("base", base), scores("ft", other))
+    decisive = compare_paired(scores("base", base), scores("ft", other), load_config())
     assert decisive.mcnemar.p_value == pytest.approx(1 / 32)
     assert decisive.warning is None
     same = np.arange(300) % 3 == 0
-    assert compare_paired(scores("a", same), scores("b", same)).warning is None
+    assert compare_paired(scores("a", same), scores("b", same), load_config()).warning is None
 
 
 def test_comparison_fields_follow_from_the_arrays():
@@ -144,7 +144,7 @@ def test_comparison_fields_follow_from_the_arrays():
     base_exact, other_exact = paired_rows(20, 5, 15, 10)
     base_words, other_words = rng.integers(30, 60, 50), rng.integers(10, 20, 50)
     comparison = compare_paired(scores("base", base_exact, base_words),
-                                scores("ft", other_exact, other_words))
+                                scores("ft", other_exact, other_words), load_config())
     assert comparison.quality_delta.estimate == pytest.approx(0.2)
     assert comparison.mean_words_delta.estimate == pytest.approx(other_words.mean() -
                                                                  base_words.mean())
@@ -152,7 +152,7 @@ def test_comparison_fields_follow_from_the_arrays():
     assert metrics["delta/exact_match"] == pytest.approx(0.2)
     assert metrics["delta/discordant_rows"] == 20
     assert metrics["delta/primary_gain_ci_low"] == pytest.approx(comparison.quality_cautious.low)
-    # latency and memory are compared as served (serving.py), never from the scored batch
+    # latency and memory are compared as served (evaluators/timing), never from the scored batch
     assert not any("latency" in name or "memory" in name for name in metrics)
 
 
@@ -161,10 +161,10 @@ def test_the_logged_gain_bound_is_oriented_so_that_positive_is_better():
     base = rng.uniform(0.3, 0.5, 30)
     other = base - rng.uniform(0.05, 0.15, 30)  # lower on every row
     lower_better = compare_paired(ModelScores("b", base, np.full(30, 5)),
-                                  ModelScores("o", other, np.full(30, 5)),
+                                  ModelScores("o", other, np.full(30, 5)), load_config(),
                                   metric=QualityMetricInfo("loss", greater_is_better=False))
     higher_better = compare_paired(ModelScores("b", base, np.full(30, 5)),
-                                   ModelScores("o", other, np.full(30, 5)))
+                                   ModelScores("o", other, np.full(30, 5)), load_config())
     assert lower_better.metrics()["delta/primary_gain_ci_low"] > 0
     assert higher_better.metrics()["delta/primary_gain_ci_low"] < 0
 
@@ -177,7 +177,7 @@ def test_bad_scores_are_one_clear_error():
     with pytest.raises(TunelensError, match="finite"):
         ModelScores("ft", np.array([1.0, np.nan]), np.ones(2))
     with pytest.raises(TunelensError, match="same rows in the same order"):
-        compare_paired(scores("b", np.ones(3, bool)), scores("o", np.ones(4, bool)))
+        compare_paired(scores("b", np.ones(3, bool)), scores("o", np.ones(4, bool)), load_config())
 
 
 def test_score_interval_closed_form_when_the_models_never_disagree():

@@ -9,7 +9,7 @@ from mlflow.models.evaluation.validation import ModelValidationFailedException
 
 from test_stats import paired_rows
 from tunelens.config import ConfigError, load_config
-from tunelens.evaluators.stats import ModelScores, compare_paired
+from tunelens.evaluators.scoring.stats import ModelScores, compare_paired
 from tunelens.evaluators.verdict import Decision, RuleOutcome, decide, metric_thresholds
 
 # 1000 rows, the models disagree on 2 of them, one each way: non-inferior within 2 points
@@ -23,7 +23,7 @@ def pair(both, base_only, other_only, neither, *, base_words=None, other_words=N
     words = np.arange(base_exact.size) % 7 + 5
     base = ModelScores("base", base_exact, words if base_words is None else base_words)
     other = ModelScores("v2", other_exact, words if other_words is None else other_words)
-    return compare_paired(base, other, config)
+    return compare_paired(base, other, config or load_config())
 
 
 def rule(verdict, name):
@@ -40,7 +40,7 @@ def test_significant_gain_on_ten_rows_promotes():
     rng = np.random.default_rng(0)
     comparison = pair(1, 0, 6, 3, base_words=rng.integers(35, 55, 10),
                       other_words=rng.integers(12, 20, 10))
-    verdict = decide(comparison)
+    verdict = decide(comparison, load_config())
     assert verdict.decision is Decision.PROMOTE
     exact = rule(verdict, "exact_match")
     assert exact.passed is True and "significant gain" in exact.detail
@@ -54,7 +54,7 @@ def test_significant_gain_on_ten_rows_promotes():
 
 
 def test_non_inferior_on_enough_rows_promotes_without_a_significant_gain():
-    verdict = decide(pair(*CLOSE_ON_1000_ROWS))
+    verdict = decide(pair(*CLOSE_ON_1000_ROWS), load_config())
     exact = rule(verdict, "exact_match")
     assert exact.passed is True and "non-inferior" in exact.detail
     assert verdict.decision is Decision.PROMOTE
@@ -65,16 +65,17 @@ def test_models_that_never_disagree_on_few_rows_are_not_called_non_inferior():
     """Zero discordant rows in 30: the bootstrap says [0, 0], the score interval -0.11 to +0.11."""
     comparison = pair(15, 0, 0, 15)
     assert (comparison.quality_delta.low, comparison.quality_delta.high) == (0, 0)
-    verdict = decide(comparison)
+    verdict = decide(comparison, load_config())
     assert rule(verdict, "exact_match").passed is None
     assert verdict.decision is Decision.INCONCLUSIVE
     assert "only 0 rows where the models disagree" in verdict.warnings[0]
-    assert decide(pair(300, 0, 0, 300)).decision is Decision.PROMOTE  # -0.006 on 600 rows
+    # -0.006 on 600 rows
+    assert decide(pair(300, 0, 0, 300), load_config()).decision is Decision.PROMOTE
 
 
 def test_too_few_rows_is_inconclusive_with_the_power_note():
     comparison = pair(2, 1, 2, 3)
-    verdict = decide(comparison)
+    verdict = decide(comparison, load_config())
     assert verdict.decision is Decision.INCONCLUSIVE
     assert rule(verdict, "exact_match").passed is None
     assert "CIs reach below -0.02" in rule(verdict, "exact_match").detail
@@ -83,7 +84,7 @@ def test_too_few_rows_is_inconclusive_with_the_power_note():
 
 
 def test_interval_straddling_the_margin_is_inconclusive_and_a_wider_margin_promotes(tmp_path):
-    verdict = decide(pair(40, 5, 3, 52))
+    verdict = decide(pair(40, 5, 3, 52), load_config())
     assert verdict.decision is Decision.INCONCLUSIVE
     assert "CIs reach below -0.02" in rule(verdict, "exact_match").detail
     lenient = user_config(tmp_path, "verdict:\n  noninferiority_margin: 0.1\n")
@@ -91,7 +92,7 @@ def test_interval_straddling_the_margin_is_inconclusive_and_a_wider_margin_promo
 
 
 def test_significant_loss_rejects():
-    verdict = decide(pair(20, 12, 2, 6))
+    verdict = decide(pair(20, 12, 2, 6), load_config())
     exact = rule(verdict, "exact_match")
     assert exact.passed is False and "significant loss" in exact.detail
     assert verdict.decision is Decision.REJECT
@@ -103,7 +104,7 @@ def test_wordier_outputs_pass_by_default_and_a_relative_limit_or_the_grammar_pro
         tmp_path):
     words = np.arange(1000) % 7 + 5
     comparison = pair(*CLOSE_ON_1000_ROWS, base_words=words, other_words=words + 3)
-    default = decide(comparison)
+    default = decide(comparison, load_config())
     assert "mean_words_ratio" not in {r.name for r in default.rules}
     assert default.decision is Decision.PROMOTE
     # words grew by about 38 %: within a limit of +50 %, beyond one of +20 %
@@ -118,19 +119,20 @@ def test_wordier_outputs_pass_by_default_and_a_relative_limit_or_the_grammar_pro
 
 
 def test_serving_rules_decide_beside_quality_and_an_unmeasured_one_is_undecided():
-    """Latency and memory rules come from the models as served (evaluators.serving); a failing one
+    """Latency and memory rules come from the models as served (evaluators.timing); a failing one
     rejects a candidate whose quality passes, an undecided one leaves the verdict inconclusive."""
     comparison = pair(*CLOSE_ON_1000_ROWS)
-    assert decide(comparison).decision is Decision.PROMOTE
+    assert decide(comparison, load_config()).decision is Decision.PROMOTE
     heavy = RuleOutcome("memory_ratio", 1.38, 1.25, False, "memory as served 6.5 -> 9.0 GiB")
-    rejected = decide(comparison, serving_rules=[heavy])
+    rejected = decide(comparison, load_config(), serving_rules=[heavy])
     assert rejected.decision is Decision.REJECT and "memory_ratio FAIL" in rejected.reasons
     unmeasured = RuleOutcome("latency_ratio", None, 1.2, None, "latency as served not measured")
-    assert decide(comparison, serving_rules=[unmeasured]).decision is Decision.INCONCLUSIVE
+    undecided = decide(comparison, load_config(), serving_rules=[unmeasured])
+    assert undecided.decision is Decision.INCONCLUSIVE
 
 
 def test_verdict_to_dict_lists_every_rule_with_its_status():
-    data = decide(pair(2, 1, 2, 3)).to_dict()
+    data = decide(pair(2, 1, 2, 3), load_config()).to_dict()
     assert data["decision"] == "INCONCLUSIVE"
     assert {r["name"]: r["status"] for r in data["rules"]}["exact_match"] == "undecided"
 
@@ -144,8 +146,8 @@ def evaluation(comparison, prefix="delta/", served=None):
 
 def test_metric_thresholds_pass_with_mlflow_validate_for_a_promoted_comparison():
     comparison = pair(*CLOSE_ON_1000_ROWS)
-    assert decide(comparison).decision is Decision.PROMOTE
-    thresholds = metric_thresholds()
+    assert decide(comparison, load_config()).decision is Decision.PROMOTE
+    thresholds = metric_thresholds(load_config())
     assert set(thresholds) == {"delta/primary_gain_ci_low", "delta/latency_ratio",
                                "delta/memory_ratio"}
     served = {"latency_ratio": 1.05, "memory_ratio": 1.01}
@@ -172,7 +174,7 @@ def test_metric_thresholds_fail_with_mlflow_validate_on_the_rules_decide_fails(t
 
 def test_metric_thresholds_follow_the_prefix_and_name_missing_metrics():
     comparison = pair(20, 12, 2, 6)
-    thresholds = metric_thresholds(prefix="delta/production/")
+    thresholds = metric_thresholds(load_config(), prefix="delta/production/")
     with pytest.raises(ModelValidationFailedException) as failure:
         mlflow.validate_evaluation_results(thresholds, evaluation(comparison, "delta/production/"))
     message = str(failure.value)

@@ -44,7 +44,8 @@ def test_analyze_writes_json_report_and_charts(tmp_path, llama_adapter, llama_ba
     assert set(data["adapter"]) >= {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora",
                                     "target_modules", "base_model_name_or_path"}
     assert set(data["summary"]) >= {"trainable_params", "base_params", "layers_modified",
-                                    "mean_delta_fro", "max_delta_fro"}
+                                    "mean_module_fro", "max_module_fro", "mean_layer_fro_sum",
+                                    "max_layer_fro_sum"}
     assert data["summary"]["base_params"] > data["summary"]["trainable_params"] > 0
     module = data["modules"][0]
     assert set(module) >= {"name", "layer", "component", "group", "shape", "rank", "scale", "fro",

@@ -45,3 +45,33 @@ def test_story_on_the_console_everything_else_in_the_log(tmp_path):
     for line in ("engine config dump", "a library warning", "child stdout", "child stderr",
                  "Successfully registered model", "mlflow logger line"):
         assert line in text, text
+
+
+def test_the_lock_line_is_the_gates_refusal(tmp_path):
+    """The demo's last step on a server running the tunelens registry store: moving production to
+    the REJECTed version through the plain MlflowClient is refused, and the console says why and
+    where the UI shows it."""
+    from mlflow import MlflowClient
+
+    from support.mlflow_server import MlflowServer
+    from support.verdicts import CURRENT, new_versions, sign_verdict
+    from tunelens.demo.story import show_the_lock
+    from tunelens.registry.promotion import Gatekeeper, promote
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with MlflowServer(tmp_path, uri, args=["--registry-store-uri", "tunelens+" + uri]) as server:
+        client = MlflowClient(server.url)
+        client.create_registered_model("demo-model", tags={"tunelens.enabled": "true"})
+        concise, echo = new_versions(client, "demo-model", tmp_path / "files", 2)
+        sign_verdict(client, "demo-model", concise, "PROMOTE", holder=CURRENT)
+        promote(client, Gatekeeper.from_config(None), "demo-model", concise)
+        sign_verdict(client, "demo-model", echo, "REJECT", holder=CURRENT,
+                     reasons="REJECT: corrects nothing")
+        lines = show_the_lock(client, server.url, "demo-model", echo)
+        assert client.get_registered_model("demo-model").aliases == {"production": concise}
+    assert lines[0].startswith(f"MlflowClient().set_registered_model_alias('demo-model', "
+                               f"'production', '{echo}') refused (PERMISSION_DENIED): "
+                               f"demo-model@production may not point at version {echo}: its "
+                               "verdict is REJECT"), lines
+    assert lines[1] == (f"  the MLflow UI shows the same message when you add the alias on "
+                        f"{server.url}/#/models/demo-model/versions/{echo}")

@@ -1,4 +1,6 @@
-"""The MLflow UI in a real browser: a registered LoRA version shows its analysis and verdict.
+"""The MLflow UI in a real browser: a registered LoRA version shows its analysis and verdict, and
+the version page's alias editor shows tunelens's refusal when `production` is added to a REJECTed
+version.
 
 A real `tunelens server` (MLflow + hooks) in-process, a real PEFT adapter logged with
 tunelens.log_adapter, the automatic analysis, a real evaluation (transformers backend: the vLLM
@@ -10,7 +12,7 @@ import json
 
 import pytest
 
-from support.ui_checks import CHROMIUM, check_ui
+from support.ui_checks import CHROMIUM, add_alias_in_ui, check_ui
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None,
                                 reason="chromium is not installed (apt-get install chromium)")
@@ -54,3 +56,35 @@ def test_version_page_report_and_evaluation_table_render(tmp_path, llama_base, l
     assert findings.side_by_side_rendered, "side_by_side.html did not render in the artifact viewer"
     for shot in findings.screenshots:
         assert shot.stat().st_size > 10_000
+
+
+def test_the_alias_editor_shows_the_refusal_and_nothing_is_written(tmp_path):
+    """On a real `tunelens server`, a user adds `production` to a REJECTed version in its page:
+    MLflow's error alert shows tunelens's message, and the alias stays where it was."""
+    from mlflow import MlflowClient
+
+    from support.mlflow_server import free_port
+    from support.verdicts import CURRENT, new_versions, sign_verdict
+    from tunelens.config import load_config
+    from tunelens.registry.promotion import Gatekeeper, promote
+    from tunelens.registry_hooks.service.embedded import EmbeddedServer
+
+    server = EmbeddedServer(load_config(), port=free_port(), data_dir=tmp_path / "server").start()
+    try:
+        client = MlflowClient(server.url)
+        client.create_registered_model("locked")
+        champion, rejected = new_versions(client, "locked", tmp_path / "files", 2)
+        sign_verdict(client, "locked", champion, "PROMOTE", holder=CURRENT)
+        promote(client, Gatekeeper.from_config(None), "locked", champion)
+        sign_verdict(client, "locked", rejected, "REJECT", holder=CURRENT,
+                     reasons="REJECT: exact_match 0.41 vs 0.62 for the production version")
+        shot = tmp_path / "alias-refused.png"
+        message = add_alias_in_ui(server.url, "locked", rejected, "production", shot)
+        aliases = client.get_registered_model("locked").aliases
+    finally:
+        server.stop()
+
+    assert f"locked@production may not point at version {rejected}" in message, message
+    assert "its verdict is REJECT, not PROMOTE" in message and "tunelens promote" in message
+    assert aliases == {"production": champion}
+    assert shot.stat().st_size > 10_000

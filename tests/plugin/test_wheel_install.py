@@ -42,7 +42,7 @@ def test_wheel_installs_in_a_fresh_venv_and_analyses(tmp_path, llama_adapter, ll
         metadata = next(archive.read(n) for n in names if n.endswith(".dist-info/METADATA"))
     assert "tunelens/conf.yaml" in names
     assert "tunelens/registry_hooks/report/templates/report.html" in names
-    assert "tunelens/evaluators/templates/side_by_side.html" in names
+    assert "tunelens/evaluators/pages/templates/side_by_side.html" in names
     assert not any(n.startswith(("tests/", "plugin/", "registry_hooks/")) for n in names)
 
     # Every declared requirement is met by the lock the project tests with.

@@ -1,14 +1,19 @@
 """The narrative names what the numbers say: checked on adapters with a known, planted answer."""
 from __future__ import annotations
 
+import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from support.dense_result import dense_result, llama_like_result, lora_delta
+from tunelens.config import load_config, section
 from tunelens.registry_hooks.engine.result import FullFinetuneInfo
+from tunelens.registry_hooks.report.charts import DPI
+from tunelens.registry_hooks.report.outputs import write_analysis
 from tunelens.registry_hooks.report.narrative import (GLOSSARY, component_order, fmt, narrate,
                                                narrate_layer, narrate_sections)
 
@@ -158,6 +163,25 @@ def test_top_neuron_is_named():
     text = " ".join(narrate_sections(result)["neurons"])
     assert f"row {top.index} of layer {top.layer} {top.component}" in text
     assert "Layer 1 holds" in text
+
+
+def test_neuron_sentences_and_chart_read_to_the_settings_top_neurons(tmp_path):
+    """The narrative and the top-neuron chart use analysis.top_neurons from the settings passed
+    down, not fixed cuts: 15 and 6 here, on a result that keeps 20."""
+    result = llama_like_result(layer_magnitudes=(1.0, 5.0, 1.0))
+    assert len(result.top_neurons) == 20
+    for limit in (15, 20):
+        text = " ".join(narrate_sections(result, section({"analysis": {"top_neurons": limit}},
+                                                         "analysis"))["neurons"])
+        held = Counter(t.layer for t in result.top_neurons[:limit])[1]
+        assert f"Layer 1 holds {held} of the top {limit}" in text
+    files = write_analysis(result, tmp_path, config=load_config() | {
+        "analysis": {**load_config()["analysis"], "top_neurons": 6, "png_charts": True}})
+    document = json.loads(files.json_path.read_text())
+    held = Counter(t.layer for t in result.top_neurons[:6])[1]
+    assert any(f"Layer 1 holds {held} of the top 6" in s for s in document["narrative"])
+    chart = Image.open(tmp_path / "charts" / "top_neurons.png")
+    assert chart.height == int((0.26 * 6 + 1.3) * DPI)  # six bars (20 would be 715 px)
 
 
 def test_every_sentence_is_finished_and_free_of_nan():

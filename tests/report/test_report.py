@@ -234,6 +234,23 @@ def test_report_renders_in_a_real_browser(written):
     assert glossary.count("<dt>") == len(glossary_for(result))
     for sentence in narrate(result):
         assert html.escape(sentence, quote=False) in dom, sentence
+    cards = dom.split('id="cards"', 1)[1].split('id="findings', 1)[0]
+    assert "Mean ΔW per module" in cards and "Mean ΔW per layer" in cards
+    assert "a fused qkv counted once" in cards and "S_ℓ = Σ‖ΔW‖_F over a layer" in cards
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_mlx_lm_report_shows_its_scale_in_a_real_browser(llama_base, tmp_path):
+    from support.factories import make_mlx_lm_adapter
+    from tunelens.registry_hooks.engine.analysis import analyze_adapter
+
+    adapter = make_mlx_lm_adapter(llama_base, tmp_path / "mlx", rank=4, scale=10.0,
+                                  keys=["self_attn.q_proj"])
+    files = write_analysis(analyze_adapter(adapter, progress=False), tmp_path / "out")
+    dom = _rendered_dom(files.html_path)
+    assert 'data-rendered="true"' in dom
+    cards = dom.split('id="cards"', 1)[1].split('id="findings', 1)[0]
+    assert "LoRA config (mlx-lm)" in cards and "scale 10 · ΔW = scale·B·A" in cards
 
 
 def test_nan_weights_are_reported_not_a_crash(llama_base, tmp_path):

@@ -6,7 +6,7 @@ import json
 import yaml
 from mlflow import MlflowClient
 
-from tunelens.registry_hooks.service.base_resolution import BASE_MODEL_TAG, resolve_base_model
+from tunelens.registry.base_model import BASE_MODEL_TAG, resolve_base_model
 
 
 def _model_dir(tmp_path, *, hub_id=None, local_base=None, recorded=None):

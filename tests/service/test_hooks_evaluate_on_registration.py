@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from support.eval_support import greedy, prompt_pool, rows_owned_by
 from support.hooks_support import HooksProcess, register, wait_status
-from tunelens.evaluators.verdict import EVAL_RUN_TAG, REASONS_TAG, VERDICT_TAG
+from tunelens.registry.verdicts import EVAL_RUN_TAG, REASONS_TAG, VERDICT_TAG
 from tunelens.registry_hooks.service.evaluation import (EVAL_DATASET_TAG, EVAL_GUARD_TAG,
                                                        EVAL_TEXTS_TAG, evaluation_runs)
 from tunelens.registry_hooks.service.state import EVALUATION, FINAL, STATUS, Lease
@@ -35,8 +35,8 @@ def test_set(tmp_path_factory):
 
 def _config(path, verdict=None, **hooks):
     path.write_text(yaml.safe_dump({
-        "hooks": {"lease_seconds": 30, "poll_interval": 2, "evaluate_on_registration": True,
-                  "models": ["*"], **hooks},
+        # no evaluate_on_registration: the registered model's tunelens.eval_dataset is the opt-in
+        "hooks": {"lease_seconds": 30, "poll_interval": 2, "models": ["*"], **hooks},
         # the cheapest real evaluation: two tokens, one metric, no served-latency sample
         "evaluation": {"backend": "transformers", "generation": {"max_new_tokens": MAX_NEW},
                        "metrics": ["exact_match"], "latency": {"sample_rows": 0},
@@ -85,6 +85,8 @@ def _assert_evaluated_once(client, name, version, tags, attempt="1"):
     assert tags[VERDICT_TAG] in {"PROMOTE", "REJECT", "INCONCLUSIVE"} and tags[REASONS_TAG]
     assert runs[0].data.metrics["finetuned/exact_match"] >= 0
     assert EVALUATION.lease not in tags and EVALUATION.error not in tags
+    assert (f"### tunelens evaluation on registration\n\ndone: verdict {tags[VERDICT_TAG]}"
+            in client.get_model_version(name, version).description)
 
 
 def _promoted_exactly_on_promote(client, name, version, verdict):
@@ -93,12 +95,21 @@ def _promoted_exactly_on_promote(client, name, version, verdict):
     assert (holder == version) == (verdict == "PROMOTE"), (verdict, holder)
 
 
+def _logged(server, path) -> str:
+    """`path` logged as a run artifact on `server`, named by its runs:/ URI."""
+    client = MlflowClient(server.url)
+    run = client.create_run(client.create_experiment(f"test-sets-{path.stem}"))
+    client.log_artifact(run.info.run_id, str(path))
+    return f"runs:/{run.info.run_id}/{path.name}"
+
+
 def test_two_workers_evaluate_each_version_once_and_a_bad_test_set_fails_at_once(
         mlflow_server, tmp_path, llama_base, llama_adapter, test_set):
     client = MlflowClient(mlflow_server.url)
     general = tmp_path / "general.txt"
     general.write_text("the cat sat on the mat\n\nthey were happy\n\ni have an apple\n")
-    _model(client, "fleet-eval", test_set, llama_base, texts=general)
+    # The test set as an MLflow artifact URI, fetched by the worker.
+    _model(client, "fleet-eval", _logged(mlflow_server, test_set), llama_base, texts=general)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "she go", "answer": "she goes"}) + "\n")
     _model(client, "bad-eval", bad, llama_base)
@@ -123,6 +134,7 @@ def test_two_workers_evaluate_each_version_once_and_a_bad_test_set_fails_at_once
         error = tags[EVALUATION.error]
         assert tags[EVALUATION.status] == "failed" and tags[STATUS] == "done"
         assert "no column" in error and "\n" not in error and "Traceback" not in error
+        assert "failed: " in client.get_model_version("bad-eval", bad_version).description
         time.sleep(2.5)  # another scan each: a failed evaluation is final, never retried
         logs = "".join(w.log_tail(1_000_000) for w in workers)
         assert logs.count(f"evaluating bad-eval v{bad_version} (attempt") == 1
@@ -146,6 +158,7 @@ def test_worker_killed_mid_evaluation_is_resumed_with_one_run(mlflow_server, tmp
     client.set_model_version_tag("crash-eval", version, EVALUATION.status, "queued")
     first = _hooks(mlflow_server, tmp_path, "first", lease_seconds=5)
     _wait_evaluation(client, "crash-eval", version, [first], statuses={"running"})
+    assert "running (attempt 1" in client.get_model_version("crash-eval", version).description
     children = psutil.Process(first.process.pid).children(recursive=True)
     first.kill()
     tags = client.get_model_version("crash-eval", version).tags

@@ -60,7 +60,15 @@ def test_versions_are_analysed_skipped_or_failed_and_many_at_once_lose_nothing(
         assert int(tags["tunelens.trainable_params"]) == run.data.metrics["trainable_params"] > 0
         assert tags["tunelens.layers_modified"] == "2"
         assert tags["tunelens.top_layer"] in {"0", "1"}
-        assert float(tags["tunelens.mean_delta_fro"]) > 0
+        for size in ("mean_module_fro", "max_module_fro", "mean_layer_fro_sum",
+                     "max_layer_fro_sum"):
+            assert float(tags[f"tunelens.{size}"]) == pytest.approx(run.data.metrics[size],
+                                                                    rel=1e-5)
+        # Two layers of 7 modules each: the mean S_ℓ is 7 times the mean per module.
+        assert float(tags["tunelens.mean_layer_fro_sum"]) == pytest.approx(
+            7 * float(tags["tunelens.mean_module_fro"]), rel=1e-5)
+        page = client.get_model_version("lora", version).description
+        assert "per module (a fused projection counts once)" in page and "per-layer" in page
         assert run.data.params["r"] == "8" and float(run.data.params["lora_alpha"]) == 16
         steps = client.get_metric_history(run.info.run_id, "layer_fro_sum")
         assert sorted(m.step for m in steps) == [0, 1]

@@ -8,8 +8,7 @@ import time
 from mlflow import MlflowClient
 
 from support.hooks_support import HooksProcess, register, wait_status, write_config
-from tunelens.registry_hooks.service.mlflow_logging import (ANALYSIS_SECTION, escape_markdown,
-                                                    replace_section)
+from tunelens.registry.description import ANALYSIS_SECTION, escape_markdown, replace_section
 from tunelens.registry_hooks.service.scope import Scope
 from tunelens.registry_hooks.service.state import LEASE, STATUS
 

@@ -1,6 +1,7 @@
 """`tunelens server` (embedded MLflow + hooks) and the registry-store plugin, as real processes."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+import mlflow
 import requests
 from mlflow import MlflowClient
 
@@ -21,6 +23,10 @@ from support.mlflow_server import MlflowServer, free_port, postgres_database
 from tunelens.registry_hooks.service.embedded import KEY_FILE, PID_FILE
 from tunelens.registry_hooks.service.state import STATUS
 from tunelens.registry_hooks.service.supervisor import MARKER_ENV
+
+# mlflow.transformers stores a PEFT adapter alone (what tunelens.log_adapter needs) from 3.12 on.
+ADAPTER_ONLY_LOGGING = "base_model_path" in inspect.signature(
+    mlflow.transformers.log_model).parameters
 
 
 def _answers(url: str) -> bool:
@@ -64,6 +70,8 @@ class ServerProcess:
         return self.process.wait(60)
 
 
+@pytest.mark.skipif(not ADAPTER_ONLY_LOGGING, reason="this MLflow cannot log an adapter alone "
+                    "(tests/plugin/test_mlflow_range.py checks log_adapter says so)")
 def test_embedded_server_analyses_logged_adapters_and_restarts_cleanly(tmp_path, llama_base,
                                                                         llama_adapter):
     import tunelens
@@ -85,6 +93,12 @@ def test_embedded_server_analyses_logged_adapters_and_restarts_cleanly(tmp_path,
         run = client.get_run(tags["tunelens.analysis.run_id"])
         assert run.data.params["base_model_path"] == str(llama_base)
         assert run.data.params["base_model_source"] == "MLmodel local_base_model_path"
+        # Lineage: the machine and the libraries, and the version's LoggedModel as the run's input.
+        assert run.data.tags["tunelens.machine.cpu_count"] == str(len(os.sched_getaffinity(0)))
+        assert run.data.tags["tunelens.library.mlflow"] == mlflow.__version__
+        model_id = logged.model_uri.removeprefix("models:/")
+        assert [m.model_id for m in run.inputs.model_inputs] == [model_id]
+        assert client.get_logged_model(model_id).name == "model"
     finally:
         assert server.terminate() == 0, server.log_tail()
     assert "tunelens server: stopped" in server.log_tail()
@@ -212,5 +226,51 @@ def test_embedded_server_hands_its_scope_to_the_registry_store_plugin(tmp_path, 
         time.sleep(3)  # another scan
         tags = client.get_model_version("other-chat", outside).tags
         assert not [k for k in tags if k.startswith("tunelens.")], tags
+    finally:
+        assert server.terminate() == 0, server.log_tail()
+
+
+def test_tunelens_server_holds_production_from_the_client_and_the_rest_api(tmp_path):
+    """A REJECTed, a stale-PROMOTE and a never-evaluated version cannot take `production` on a
+    real `tunelens server`, through MlflowClient or the REST API; a covering PROMOTE can."""
+    from mlflow.exceptions import MlflowException
+
+    from support.verdicts import CURRENT, new_versions, sign_verdict
+    from tunelens.registry.promotion import Gatekeeper, promote
+
+    server = ServerProcess(tmp_path / "data", write_config(tmp_path / "conf.yaml",
+                                                           poll_interval=3600),
+                           tmp_path / "server.log")
+    try:
+        client = MlflowClient(server.url)
+        client.create_registered_model("held")
+        v1, rejected, never, stale, better, best = new_versions(client, "held",
+                                                                tmp_path / "files", 6)
+        sign_verdict(client, "held", v1, "PROMOTE", holder=CURRENT)
+        promote(client, Gatekeeper.from_config(None), "held", v1)
+        sign_verdict(client, "held", rejected, "REJECT", holder=CURRENT)
+        sign_verdict(client, "held", stale, "PROMOTE", holder="none")
+        sign_verdict(client, "held", better, "PROMOTE", holder=CURRENT)
+
+        def rest(version):
+            return requests.post(f"{server.url}/api/2.0/mlflow/registered-models/alias",
+                                 json={"name": "held", "alias": "production",
+                                       "version": version}, timeout=30)
+
+        for version, says in ((rejected, "its verdict is REJECT, not PROMOTE"),
+                              (never, "it was never evaluated"),
+                              (stale, f"its verdict is stale: it was evaluated against no version "
+                                      f"holding it but v{v1} holds production now")):
+            with pytest.raises(MlflowException) as refused:
+                client.set_registered_model_alias("held", "production", version)
+            assert says in refused.value.message and "tunelens promote" in refused.value.message
+            answer = rest(version)
+            assert answer.status_code == 403 and says in answer.json()["message"], answer.text
+            assert client.get_registered_model("held").aliases == {"production": v1}
+
+        client.set_registered_model_alias("held", "production", better)  # covers v1: allowed
+        sign_verdict(client, "held", best, "PROMOTE", holder=CURRENT)
+        assert rest(best).status_code == 200
+        assert client.get_registered_model("held").aliases == {"production": best}
     finally:
         assert server.terminate() == 0, server.log_tail()

@@ -12,6 +12,8 @@ from tunelens.registry_hooks.service.state import (EVALUATION, ERROR, LEASE, RUN
                                                    VersionState, claim_name, try_claim)
 from tunelens.registry_hooks.service.worker import Worker
 
+PREFIX = load_config()["hooks"]["claim_prefix"]
+
 
 def test_needs_work_follows_status_and_lease():
     now = time.time()
@@ -33,7 +35,8 @@ def test_needs_work_follows_status_and_lease():
 
 def test_racing_claims_have_one_winner_per_attempt(mlflow_server):
     def claim(attempt):
-        return try_claim(MlflowClient(mlflow_server.url), "raced/model", "3", attempt)
+        return try_claim(MlflowClient(mlflow_server.url), "raced/model", "3", attempt,
+                         prefix=PREFIX)
 
     with ThreadPoolExecutor(8) as pool:
         first = list(pool.map(claim, [1] * 8))
@@ -53,11 +56,14 @@ def test_each_job_kind_has_its_own_state_and_claims(mlflow_server):
     evaluation = VersionState.of(tags, EVALUATION)
     assert evaluation.needs_work(now) and evaluation.next_attempt == 3
     # The claim names never meet, whatever the model's name: one winner per kind and attempt.
-    assert claim_name("m", "1", 1, EVALUATION) != claim_name("m", "1", 1)
-    assert claim_name("m/v1/evaluation-attempt-1", "1", 1) != claim_name("m", "1", 1, EVALUATION)
+    assert claim_name("m", "1", 1, EVALUATION, prefix=PREFIX) != claim_name("m", "1", 1,
+                                                                            prefix=PREFIX)
+    assert claim_name("m/v1/evaluation-attempt-1", "1", 1, prefix=PREFIX) != claim_name(
+        "m", "1", 1, EVALUATION, prefix=PREFIX)
     client = MlflowClient(mlflow_server.url)
-    assert try_claim(client, "kinds", "1", 1) and try_claim(client, "kinds", "1", 1, EVALUATION)
-    assert not try_claim(client, "kinds", "1", 1, EVALUATION)
+    assert try_claim(client, "kinds", "1", 1, prefix=PREFIX)
+    assert try_claim(client, "kinds", "1", 1, EVALUATION, prefix=PREFIX)
+    assert not try_claim(client, "kinds", "1", 1, EVALUATION, prefix=PREFIX)
 
 
 def _worker(server, lease_seconds: float) -> Worker:
@@ -71,7 +77,7 @@ def test_claim_stranded_by_a_claimant_killed_before_its_lease_is_taken_over(mlfl
     client = MlflowClient(mlflow_server.url)
     version = register(client, "stranded", llama_adapter)
     # A worker created attempt 1's claim and was killed before deleting it or writing its lease.
-    stranded = client.create_experiment(claim_name("stranded", version, 1))
+    stranded = client.create_experiment(claim_name("stranded", version, 1, prefix=PREFIX))
     worker = _worker(mlflow_server, lease_seconds=3)
     assert worker.process("stranded", version).status is None  # the claimant may still be alive
     time.sleep(3.2)
@@ -87,10 +93,28 @@ def test_a_version_whose_workers_keep_dying_fails_with_a_reason(mlflow_server, l
     client = MlflowClient(mlflow_server.url)
     version = register(client, "deadly", llama_adapter)
     for attempt in range(1, 6):  # five attempts claimed, each worker killed mid-job
-        assert try_claim(client, "deadly", version, attempt)
+        assert try_claim(client, "deadly", version, attempt, prefix=PREFIX)
     client.set_model_version_tag("deadly", version, LEASE, Lease(5, "gone", time.time() - 1).render())
     client.set_model_version_tag("deadly", version, STATUS, "running")
     outcome = _worker(mlflow_server, lease_seconds=30).process("deadly", version)
     tags = client.get_model_version("deadly", version).tags
     assert outcome.status == tags[STATUS] == "failed"
     assert "no attempt finished in 5 tries" in tags[ERROR] and "\n" not in tags[ERROR]
+
+
+def test_workspace_paths_name_the_analysis_experiment_and_the_claims(mlflow_server, llama_adapter):
+    """Managed MLflow services file experiments in folders: a leading-slash path works for the
+    analysis experiment and the claims alike."""
+    client = MlflowClient(mlflow_server.url)
+    version = register(client, "workspace", llama_adapter)
+    config = load_config()
+    config["hooks"].update(experiment="/Shared/team-a/tunelens-analysis",
+                           claim_prefix="/Shared/team-a/tunelens-claims")
+    outcome = Worker(mlflow_server.url, config).process("workspace", version)
+    assert outcome.status == "done", outcome.detail
+    run = client.get_run(client.get_model_version("workspace", version).tags[RUN_ID])
+    assert client.get_experiment(run.info.experiment_id).name == "/Shared/team-a/tunelens-analysis"
+    claim = claim_name("workspace", version, 1, prefix="/Shared/team-a/tunelens-claims/")
+    assert claim == f"/Shared/team-a/tunelens-claims/workspace/v{version}/attempt-1"
+    assert client.get_experiment_by_name(claim).lifecycle_stage == "deleted"  # won, then deleted
+    assert not try_claim(client, "workspace", version, 1, prefix="/Shared/team-a/tunelens-claims")

@@ -27,7 +27,7 @@ from hostile.build_corpus import main as main_of_generator
 from support.mlflow_server import MlflowServer
 from tunelens.config import load_config
 from tunelens.plugin.cli import main
-from tunelens.registry_hooks.service.detection import AdapterDetectionError, _names, detect_adapter
+from tunelens.registry.files import AdapterDetectionError, _names, detect_adapter
 from tunelens.registry_hooks.service.state import ERROR, STATUS
 from tunelens.registry_hooks.service.worker import Worker
 

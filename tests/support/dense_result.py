@@ -67,12 +67,14 @@ def dense_result(deltas, *, r: int, alpha: float, num_layers: int, base_params=N
     layers = [LayerProfile(l, sum(c.values()), c, dict(per_layer_group[l]))
               for l, c in sorted(per_layer.items())]
     trainable = sum(r * (d.shape[0] + d.shape[1]) for _, _, d in deltas)
-    fros = [l.fro_sum for l in layers]  # the engine's mean/max ΔW: over layers' S_ℓ
+    fros = [l.fro_sum for l in layers]  # S_ℓ per layer
+    module_fros = [m.fro for m in modules]  # no fused projections here: one module each
     result = AnalysisResult(
         adapter=AdapterInfo("LORA", r, alpha, False, False, list({c.split(".")[-1]: 0 for _, c, _ in deltas}),
                             "tiny-llama"),
         summary=Summary(trainable, base_params, trainable / base_params if base_params else None,
-                        sorted(per_layer), num_layers, float(np.mean(fros)), float(np.max(fros)),
+                        sorted(per_layer), num_layers, float(np.mean(module_fros)),
+                        float(np.max(module_fros)), float(np.mean(fros)), float(np.max(fros)),
                         dict(group_fro), float(np.mean([m.rank_utilisation for m in modules]))),
         modules=modules, layers=layers,
         top_neurons=sorted(neurons, key=lambda t: -t.shift)[:top_k],

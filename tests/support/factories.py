@@ -1,6 +1,7 @@
 """Tiny models, tokenizers and real PEFT adapters built locally from configs: nothing is downloaded."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -63,6 +64,30 @@ def make_lora_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, **lora_kw
     model = get_peft_model(base, LoraConfig(**lora_kwargs))
     model.save_pretrained(out_dir)
     # base_model_name_or_path is what PEFT recorded; keep it pointing at the local base.
+    return Path(out_dir)
+
+
+def train_lora_on_texts(base_dir: Path, out_dir: Path, texts: list[str], *, steps: int = 15,
+                        seed: int = 0) -> Path:
+    """A real PEFT LoRA (r=8 on q, v and down_proj) trained `steps` AdamW steps on `texts`, each
+    after the tokenizer's BOS token, so its perplexity on them drops."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj",
+                                                                          "down_proj"],
+                                      task_type="CAUSAL_LM"))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    batch = tokenizer([tokenizer.bos_token + t for t in texts], return_tensors="pt",
+                      padding=True, add_special_tokens=False)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out_dir)
     return Path(out_dir)
 
 
@@ -195,3 +220,68 @@ def perturbed_copy(model_dir: Path, out_dir: Path, scales: dict[str, float], *, 
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": weight_map}))
     return out_dir
+
+
+def make_mlx_lm_adapter(base_dir: Path, out_dir: Path, *, keys: list[str], rank: int = 8,
+                        scale: float = 10.0, num_layers: int = 1, alpha: float | None = None,
+                        seed: int = 0) -> Path:
+    """An adapter laid out exactly as mlx-lm 0.32 saves one (mlx is not importable here, so its
+    save code is reproduced with the safetensors numpy API), with trained-looking factors.
+
+    mlx_lm/lora.py writes `save_config(vars(args), adapter_config.json)`: the run's arguments,
+    keys sorted, indent 4, `lora_parameters` {rank, dropout, scale[, keys]} (an `alpha` beside
+    them is what older configs carry). tuner/trainer.py writes `mx.save_safetensors(
+    adapters.safetensors, dict(tree_flatten(model.trainable_parameters())))` (metadata format
+    mlx): per adapted Linear of the last `num_layers` layers, `<path>.lora_a` (in, r) and
+    `<path>.lora_b` (r, out), float32 (tuner/lora.py's LoRALinear: a ~ U(±1/√in), b from zeros).
+    """
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import save_file as save_numpy
+
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    shapes = {}
+    with safe_open(str(Path(base_dir) / "model.safetensors"), framework="np") as base:
+        for key in base.keys():
+            shapes[key] = base.get_slice(key).get_shape()
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for layer in range(layers - num_layers, layers):
+        for key in keys:
+            path = f"model.layers.{layer}.{key}"
+            out_dims, in_dims = shapes[f"{path}.weight"]
+            bound = 1 / math.sqrt(in_dims)
+            weights[f"{path}.lora_a"] = rng.uniform(-bound, bound, (in_dims, rank)).astype(np.float32)
+            weights[f"{path}.lora_b"] = (0.02 * rng.standard_normal((rank, out_dims))).astype(np.float32)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_numpy(weights, str(out_dir / "adapters.safetensors"), metadata={"format": "mlx"})
+    lora_parameters = {"rank": rank, "dropout": 0.0, "scale": scale, "keys": keys}
+    if alpha is not None:
+        lora_parameters["alpha"] = alpha
+    args = {"model": str(base_dir), "train": True, "fine_tune_type": "lora", "optimizer": "adam",
+            "optimizer_config": {"adam": {}, "adamw": {}, "muon": {}, "sgd": {}, "adafactor": {}},
+            "data": "data", "seed": seed, "num_layers": num_layers, "batch_size": 4, "iters": 100,
+            "val_batches": 25, "learning_rate": 1e-5, "steps_per_report": 10,
+            "steps_per_eval": 200, "resume_adapter_file": None, "adapter_path": str(out_dir),
+            "save_every": 100, "test": False, "test_batches": 500, "max_seq_length": 2048,
+            "config": None, "grad_checkpoint": False, "grad_accumulation_steps": 1,
+            "clear_cache_threshold": 0, "lr_schedule": None, "lora_parameters": lora_parameters,
+            "mask_prompt": False, "report_to": None, "project_name": None}
+    (out_dir / "adapter_config.json").write_text(json.dumps(dict(sorted(args.items())), indent=4))
+    return out_dir
+
+
+def mlx_lm_fused_deltas(adapter: Path, scale: float) -> dict:
+    """ΔW [out, in] per module as mlx-lm's LoRALinear.fuse adds it (W + (scale·lora_bᵀ)·lora_aᵀ),
+    float64 numpy arrays keyed by module path."""
+    import numpy as np
+    from safetensors.numpy import load_file as load_numpy
+
+    weights = load_numpy(str(Path(adapter) / "adapters.safetensors"))
+    return {key[:-len(".lora_a")]: (scale * weights[key[:-1] + "b"].astype(np.float64).T)
+            @ weights[key].astype(np.float64).T
+            for key in weights if key.endswith(".lora_a")}

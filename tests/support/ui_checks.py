@@ -107,6 +107,38 @@ def check_ui(url: str, model: str, version: str, out_dir: Path, timeout_ms: int 
                       shots)
 
 
+def add_alias_in_ui(url: str, model: str, version: str, alias: str, screenshot: Path,
+                    timeout_ms: int = 60_000) -> str:
+    """Add `alias` to the version in its page's alias editor, as a user does (Add, type the alias,
+    Enter, Save aliases), and return the text of the alerts saving brought up (the error; empty
+    when none showed up); the page is screenshot with the editor open."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.add_init_script(CLOSE_ASSISTANT)
+        page.goto(f"{url}/#/models/{model}/versions/{version}")
+        page.get_by_title("Add aliases").click(timeout=timeout_ms)
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_role("combobox").fill(alias)
+        page.keyboard.press("Enter")
+        alerts = dialog.get_by_role("alert")
+        shown_before = alerts.all_inner_texts()  # e.g. "also being used on version 1"
+        dialog.get_by_role("button", name="Save aliases").click()
+        try:
+            page.wait_for_function("n => document.querySelectorAll('[role=dialog] [role=alert]')"
+                                   ".length > n", arg=len(shown_before), timeout=timeout_ms // 4)
+        except PlaywrightTimeout:
+            pass
+        message = "\n".join(text for text in alerts.all_inner_texts() if text not in shown_before)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=screenshot)
+        browser.close()
+    return message
+
+
 if __name__ == "__main__":
     findings = check_ui(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]))
     print("report rendered:", findings.report_rendered, "layer bars:", findings.report_layer_bars,

@@ -7,6 +7,8 @@
 4. Compare both on a held-out set and two text groups to choose which to deploy: the concise one
    beats the base, the echo one answers as briefly but corrects nothing and gets REJECT; the
    concise one is recommended and promoted to `production`.
+5. Show the lock: move `production` to the echo version through the plain MlflowClient (what the
+   MLflow UI's alias editor calls); the registry store refuses it, and the refusal is printed.
 """
 from __future__ import annotations
 
@@ -94,6 +96,24 @@ def print_choice(url: str, name: str, outcome, registered: list[Registered],
                   f"tunelens/report.html")
 
 
+def show_the_lock(client, url: str, name: str, other: str) -> list[str]:
+    """Point `name@production` at `other` through the plain MlflowClient, as anyone with MLflow
+    write access could; the console lines saying what the gate answered."""
+    from mlflow.exceptions import MlflowException
+
+    page = f"{url}/#/models/{name}/versions/{other}"
+    try:
+        client.set_registered_model_alias(name, "production", other)
+    except MlflowException as refused:
+        said = refused.message.splitlines()[0].removeprefix(f"{refused.error_code}: ")
+        return [f"MlflowClient().set_registered_model_alias({name!r}, 'production', {other!r}) "
+                f"refused ({refused.error_code}): {said}",
+                f"  the MLflow UI shows the same message when you add the alias on {page}"]
+    return [f"MlflowClient().set_registered_model_alias({name!r}, 'production', {other!r}) was "
+            "written: the tunelens registry store is off (server.registry_store_plugin), so the "
+            f"hook service can only put it back afterwards; see {page}"]
+
+
 def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int:
     """The whole story; keeps serving the UI until Ctrl-C when `serve`."""
     import mlflow
@@ -101,11 +121,16 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
 
     from tunelens.demo.assets import build_assets
     from tunelens.evaluators.matrix import compare_versions
-    from tunelens.evaluators.promotion import promote
+    from tunelens.registry.promotion import Gatekeeper, promote
     from tunelens.registry_hooks.service.embedded import EmbeddedServer
 
     data_dir = Path(data_dir).expanduser().resolve()
     config["evaluation"]["task_profile"] = config["evaluation"]["task_profile"] or "grammar"
+    # the load chart with two levels at most 4 in flight: 16 callers at once would make the demo
+    # minutes longer on a laptop without showing more
+    latency = config["evaluation"]["latency"]
+    latency["concurrency"] = [n for n in latency["concurrency"]
+                              if n <= 4 or n == config["verdict"]["latency_at"]] or [1]
     name = config["demo"]["model_name"]
     say(f"building the demo models in {data_dir} (first run only: about half a minute on 2 cores)")
     assets = build_assets(data_dir, config["demo"])
@@ -124,7 +149,8 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
         recommended = next((m for m in choice.plan.models
                             if m.label == choice.recommendation.recommended), None)
         if recommended is not None:
-            say(promote(client, name, recommended.uri.rsplit("/", 1)[1], "production").describe())
+            say(promote(client, Gatekeeper.from_config(config), name,
+                        recommended.uri.rsplit("/", 1)[1], "production").describe())
         experiments = {
             "analysis": client.get_experiment_by_name(
                 config["hooks"]["experiment"]).experiment_id,
@@ -133,6 +159,11 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
         production = client.get_registered_model(name).aliases.get("production")
         print(f"\n{name}@production -> v{production}" if production else
               f"\n{name} has no production alias: no version earned a PROMOTE verdict")
+        # the last version registered that does not hold production: the echo one, REJECTed
+        other = next((r.version for r in reversed(registered) if r.version != str(production)),
+                     None)
+        if other is not None:
+            print("\n" + "\n".join(show_the_lock(client, server.url, name, other)))
         if serve:
             print(f"\nMLflow UI: {server.url}  (Ctrl-C to stop)", flush=True)
             server.serve_until_stopped()

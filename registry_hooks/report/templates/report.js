@@ -125,11 +125,12 @@
       S.trainable_share !== null && S.trainable_share !== undefined ? pct(S.trainable_share, 3) + " of the base's " + S.base_params.toLocaleString("en-US") : "share unknown (no base given)"],
     [`${lm.length}${S.num_layers ? " / " + S.num_layers : ""}`, "Layers modified",
       lm.length ? (lm.length === 1 ? "layer " + lm[0] : `layers ${lm[0]}–${lm[lm.length - 1]}`) : "none"],
-    [fmt(S.mean_delta_fro), R.layers.length ? "Mean ΔW per layer" : "Mean ΔW per module",
-      (R.layers.length ? "Σ‖ΔW‖_F over a layer's matrices · " : "‖ΔW‖_F · ") + "max " + fmt(S.max_delta_fro)],
+    [fmt(S.mean_module_fro), "Mean ΔW per module", "‖ΔW‖_F, a fused qkv counted once · max " + fmt(S.max_module_fro)],
     FULL ? ["full", "Fine-tune", "every weight trainable · ΔW = W_tuned − W_base"]
+      : a.format === "mlx-lm" ? [`r ${a.r}`, "LoRA config (mlx-lm)", `scale ${fmt(a.scale)} · ΔW = scale·B·A`]
       : [`r ${a.r}`, "LoRA config", `α ${fmt(a.lora_alpha)}${a.use_rslora ? ", rsLoRA" : ""}${a.use_dora ? ", DoRA" : ""} · scale ${fmt(a.use_rslora ? a.lora_alpha / Math.sqrt(a.r) : a.lora_alpha / a.r)}`],
   ];
+  if (S.mean_layer_fro_sum !== null && S.mean_layer_fro_sum !== undefined) cards.splice(3, 0, [fmt(S.mean_layer_fro_sum), "Mean ΔW per layer", "S_ℓ = Σ‖ΔW‖_F over a layer's matrices · max " + fmt(S.max_layer_fro_sum)]);
   if (S.mean_rank_utilisation !== null && S.mean_rank_utilisation !== undefined) cards.push([pct(S.mean_rank_utilisation, 0), "Mean rank utilisation", "effective rank ÷ r"]);
   const findings = [];
   (DATA.sections.health || []).forEach((l) => findings.push(`<li class="bad">${esc(l)}</li>`));

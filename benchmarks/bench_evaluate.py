@@ -56,13 +56,13 @@ def run_backend(kind: str, base: Path, adapter: Path, n: int, max_new: int) -> d
     from tunelens.evaluators.engines.vllm import VllmEngine
     from tunelens.evaluators.inputs.prompts import generation_settings
 
-    evaluation = load_config()["evaluation"]
-    settings = generation_settings(evaluation["generation"], max_new)
+    evaluation = load_config().evaluation
+    settings = generation_settings(evaluation.generation, max_new)
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = [tokenizer(p)["input_ids"] for p in prompts(n)]
     start = time.perf_counter()
-    backend = (VllmEngine(base, [adapter], evaluation["vllm"], max_model_len=256)
-               if kind == "vllm" else TransformersEngine(base, evaluation["transformers"]))
+    backend = (VllmEngine(base, [adapter], evaluation.vllm, max_model_len=256)
+               if kind == "vllm" else TransformersEngine(base, evaluation.transformers))
     loaded = time.perf_counter()
     phases = [backend.generate(c, ids, tokenizer, settings)
               for c in (Candidate("base"), Candidate("finetuned", adapter))]

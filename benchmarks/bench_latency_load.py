@@ -43,7 +43,7 @@ def main() -> None:
 
     from support.factories import make_lora_adapter, tiny_llama
     from test_serving import LORA_TARGETS, MAX_NEW, RULE, SENTENCES, burn_cores
-    from tunelens.config import load_config
+    from tunelens.config import load_config, with_changes
     from tunelens.evaluators.engines.choice import BackendChoice
     from tunelens.evaluators.engines.interface import Candidate
     from tunelens.evaluators.inputs.prompts import generation_settings
@@ -60,12 +60,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
     config = load_config()
-    max_core_wait = config["evaluation"]["latency"]["max_core_wait"]
-    evaluation = {**config["evaluation"], "served": "adapter",
-                  "latency": {**config["evaluation"]["latency"], "sample_rows": 20,
-                              "warmup_requests": 2, "max_rounds": 3}}
+    max_core_wait = config.evaluation.latency.max_core_wait
+    config = with_changes(config, {"evaluation": {"served": "adapter", "latency": {
+        "sample_rows": 20, "warmup_requests": 2, "max_rounds": 3}}})
+    evaluation = config.evaluation
     candidates = [Candidate("base"), Candidate("finetuned", adapter, "1")]
-    settings = generation_settings(config["evaluation"]["generation"], MAX_NEW)
+    settings = generation_settings(config.evaluation.generation, MAX_NEW)
 
     def status(compared):
         if compared.oversubscribed:
@@ -76,8 +76,7 @@ def main() -> None:
 
     def served_figures():
         if args.backend == "vllm":
-            run_config = {**config, "evaluation": evaluation,
-                          "verdict": {**config["verdict"], "max_latency_ratio": LIMIT}}
+            run_config = with_changes(config, {"verdict": {"max_latency_ratio": LIMIT}})
             return run_group(EngineGroup(base, candidates, 256, ids), list(range(len(ids))),
                              BackendChoice("vllm", "requested"), settings, run_config,
                              serve=True).serving

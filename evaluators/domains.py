@@ -36,6 +36,7 @@ from tunelens.evaluators.texts.perplexity import (TextPlan, model_perplexities, 
                                                   score_texts)
 from tunelens.registry.files import ModelRef, download_version
 from tunelens.registry.version import parse_model_uri, resolve_version
+from tunelens.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class DomainPlan:
     groups: list[EngineGroup]  # one per base, run in turn
     backend: BackendChoice
     texts: TextPlan
-    config: dict
+    config: Settings
 
     @property
     def labels(self) -> list[str]:
@@ -52,10 +53,10 @@ class DomainPlan:
 
 
 def _fetched(client, model_uris: list[str], base: str | Path | None,
-             config: dict) -> list[tuple[ModelRef, Path]]:
+             config: Settings) -> list[tuple[ModelRef, Path]]:
     """Each version's files and base folder, an adapter checked to fit its base, a full
     fine-tune to have its base's architecture."""
-    max_bytes = int(config["hooks"]["max_download_bytes"])
+    max_bytes = int(config.hooks.max_download_bytes)
     fetched = []
     for uri in model_uris:
         name, version, alias = parse_model_uri(uri)
@@ -89,21 +90,21 @@ def _models(fetched: list[tuple[ModelRef, Path]]) -> list[MatrixModel]:
     return models
 
 
-def plan_domains(client, model_uris: list[str], texts, config: dict, *,
+def plan_domains(client, model_uris: list[str], texts, config: Settings, *,
                  base: str | Path | None = None, backend: str | None = None) -> DomainPlan:
     """Check every input and decide what runs where; raises TunelensError, writes nothing."""
-    evaluation = config["evaluation"]
-    if not texts and not evaluation["texts"]["groups"]:
+    evaluation = config.evaluation
+    if not texts and not evaluation.texts.groups:
         raise TunelensError("without --data, give the domains' texts with --texts NAME=PATH "
                             "(one per domain)")
     distinct_versions(client, model_uris, at_least=1)
     models = _models(_fetched(client, model_uris, base, config))
     adapters = [m.adapter_dir for m in models if m.adapter_dir is not None]
-    choice = choose_backend(backend or evaluation["backend"], adapters)
+    choice = choose_backend(backend or evaluation.backend, adapters)
     check_text_scoring(choice, adapters)
     model_dirs = list(dict.fromkeys(m.base_dir for m in models))  # bases, then full fine-tunes
     groups = [EngineGroup(d, [m.candidate for m in models if m.base_dir == d],
-                          context_length(d, evaluation["vllm"]["max_model_len"]), [])
+                          context_length(d, evaluation.vllm.max_model_len), [])
               for d in model_dirs]
     text_plan = plan_texts(texts, (), config, model_dirs, min(g.max_model_len for g in groups))
     return DomainPlan(models, groups, choice, text_plan, config)
@@ -111,8 +112,8 @@ def plan_domains(client, model_uris: list[str], texts, config: dict, *,
 
 def score_domains(plan: DomainPlan) -> dict[str, list[np.ndarray]]:
     """Per model label, each token's log-probability in every text: one base's engine at a time."""
-    evaluation = plan.config["evaluation"]
-    settings = generation_settings(evaluation["generation"], None)
+    evaluation = plan.config.evaluation
+    settings = generation_settings(evaluation.generation, None)
     logprobs: dict[str, list[np.ndarray]] = {}
     for group in plan.groups:
         adapters = [c.adapter_dir for c in group.candidates if c.adapter_dir is not None]
@@ -179,7 +180,7 @@ def log_domains(client, outcome: DomainOutcome) -> str:
     plan = outcome.plan
     uris = [m.uri for m in plan.models if m.uri]
     run_id = client.create_run(
-        experiment_id(client, plan.config["evaluation"]["experiment"]),
+        experiment_id(client, plan.config.evaluation.experiment),
         run_name=f"domains-{'-'.join(m.label for m in plan.models if m.uri)}"[:250]).info.run_id
     client.set_tag(run_id, "tunelens.models", " ".join(uris))
     with closed_when_done(client, run_id, owned=True):
@@ -194,7 +195,7 @@ def log_domains(client, outcome: DomainOutcome) -> str:
     return run_id
 
 
-def compare_domains(model_uris: list[str], texts, *, config: dict, base: str | Path | None = None,
+def compare_domains(model_uris: list[str], texts, *, config: Settings, base: str | Path | None = None,
                     backend: str | None = None, client=None) -> DomainOutcome:
     """Score registered versions and their bases on text groups (one per domain), with no test set
     and no generation: the domain × model perplexity table, normalised per domain, logged to a new

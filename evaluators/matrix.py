@@ -33,7 +33,7 @@ from tunelens.errors import TunelensError
 
 from tunelens.evaluators.engines.choice import BackendChoice, check_text_scoring, choose_backend
 from tunelens.evaluators.engines.interface import Candidate
-from tunelens.settings import GenerationSettings
+from tunelens.settings import GenerationSettings, Settings
 from tunelens.evaluators.pages.domains import domains_section
 from tunelens.evaluators.pages.models_table import ModelColumn, models_side_by_side
 from tunelens.evaluators.pages.report import PAGES, render_report
@@ -102,7 +102,7 @@ class MatrixPlan:
     kept: list[int]
     skipped: int
     backend: BackendChoice
-    config: dict
+    config: Settings
     texts: TextPlan | None = None  # the text groups, tokenised for every base alike
 
     @property
@@ -214,7 +214,7 @@ def _matrix_groups(plans: list[EvaluationPlan], base_dirs: list[Path],
 
 
 def plan_matrix(client, model_uris: list[str], request: EvaluationRequest,
-                config: dict) -> MatrixPlan:
+                config: Settings) -> MatrixPlan:
     """Check every input of every candidate and decide what runs where; writes nothing.
     `request`: what every candidate is evaluated with (its model_uri is each of `model_uris`)."""
     distinct_versions(client, model_uris)
@@ -231,7 +231,7 @@ def plan_matrix(client, model_uris: list[str], request: EvaluationRequest,
                             "without --data")
     base_dirs = _base_dirs(plans)
     models, candidates = _matrix_models(plans, base_dirs)
-    choice = choose_backend(request.backend or config["evaluation"]["backend"],
+    choice = choose_backend(request.backend or config.evaluation.backend,
                             [m.adapter_dir for m in models.values() if m.adapter_dir is not None])
     groups = _matrix_groups(plans, base_dirs, models)
     kept = sorted(set.intersection(*(set(plan.kept) for plan in plans)))
@@ -337,21 +337,21 @@ def _renamed(metrics: dict[str, float], candidate: CandidatePlan) -> dict[str, f
     return out
 
 
-def _standing(candidate: CandidatePlan, scored: Scored, view: Generated, config: dict) -> Standing:
+def _standing(candidate: CandidatePlan, scored: Scored, view: Generated, config: Settings) -> Standing:
     """The candidate's verdict, quality and cost as served (None where not measured)."""
-    settings = config["verdict"]
+    settings = config.verdict
     memory = latency = None
     noise = 1.0
     serving = view.serving
     if serving is not None and serving.unmeasured is None:
         memory = serving.memory_of(FINETUNED).total_bytes
-        level = int(settings["latency_at"])  # the level the latency rule judges
+        level = int(settings.latency_at)  # the level the latency rule judges
         profile = serving.at(FINETUNED, level)
         latency = profile.e2e_p50_ms
         noise = compare_latency(serving.at(BASE, level), profile,
-                                level=float(settings["confidence_level"]),
-                                n_resamples=int(settings["bootstrap_resamples"]),
-                                seed=int(settings["seed"])).noise_bound
+                                level=float(settings.confidence_level),
+                                n_resamples=int(settings.bootstrap_resamples),
+                                seed=int(settings.seed)).noise_bound
     primary = candidate.plan.primary.name
     return Standing(candidate.label, f"models:/{candidate.plan.ref.name}/"
                     f"{candidate.plan.ref.version}", scored.verdict.decision,
@@ -381,11 +381,11 @@ def score_matrix(plan: MatrixPlan, runs: MatrixRuns) -> MatrixScores:
              for a, b in itertools.permutations(scores, 2)}
     for a, b in itertools.combinations(scores, 2):
         metrics |= pairs[(a, b)].metrics(f"pairs/{b}_vs_{a}/")
-    verdict = config["verdict"]
+    verdict = config.verdict
     recommendation = recommend(standings, pairs, metric=primary.name,
                                greater_is_better=primary.greater_is_better,
-                               margin=float(verdict["noninferiority_margin"]),
-                               same_memory_within=float(verdict["same_memory_within"]))
+                               margin=float(verdict.noninferiority_margin),
+                               same_memory_within=float(verdict.same_memory_within))
     table = build_table(first.dataset, plan.kept, plan.labels, rows, plan.bases)
     settings: GenerationSettings = first.settings
     notes = [f"backend: {plan.backend.name} ({plan.backend.reason}); {len(plan.kept)} rows "
@@ -408,7 +408,7 @@ def _columns(plan: MatrixPlan, recommendation: Recommendation) -> list[ModelColu
     base_of = {m.label: next(b.label for b in plan.models if b.role == "base"
                              and b.base_dir == m.base_dir) for m in plan.models}
     suited = {"base": "the reference its fine-tunes are judged against",
-              "holder": f"holds {plan.config['promotion']['alias']} now: the reference a "
+              "holder": f"holds {plan.config.promotion.alias} now: the reference a "
                         "candidate must hold its own against"}
     return [ModelColumn(m.label, base_of[m.label],
                         recommendation.suited_for(m.label) if m.role == "candidate"
@@ -461,7 +461,7 @@ def _page(plan: MatrixPlan, scores: MatrixScores) -> str:
                                   f"{p_value}",
                           "css": {True: "ok", False: "bad"}.get(significant, "")})
         pairs.append((a, cells))
-    level = f"{float(plan.config['verdict']['confidence_level']):.0%}"
+    level = f"{plan.config.verdict.confidence_level:.0%}"
     per_model = {k: v for k, v in scores.metrics.items() if k.split("/", 1)[0] in plan.labels
                  and "/delta" not in k}
     models = models_side_by_side(_columns(plan, scores.recommendation), per_model)
@@ -513,12 +513,12 @@ def log_matrix(client, plan: MatrixPlan, scores: MatrixScores, html: str,
 
     from tunelens.registry.experiments import experiment_id
 
-    evaluation = plan.config["evaluation"]
+    evaluation = plan.config.evaluation
     uris = [c.plan.model_uri for c in plan.candidates]
     owned = run_id is None
     if owned:
         run_id = client.create_run(
-            experiment_id(client, evaluation["experiment"]),
+            experiment_id(client, evaluation.experiment),
             run_name=f"compare-{'-'.join(c.label for c in plan.candidates)}"[:250]).info.run_id
     client.set_tag(run_id, "tunelens.models", " ".join(uris))
     recommendation = scores.recommendation
@@ -606,7 +606,7 @@ class MatrixOutcome:
 
 
 def compare_versions(model_uris: list[str], data, *, base: str | Path | None = None,
-                     config: dict, backend: str | None = None,
+                     config: Settings, backend: str | None = None,
                      max_new_tokens: int | None = None, client=None, extra_metrics=(),
                      primary_metric: str | None = None, texts=(), guard=(),
                      run_id: str | None = None) -> MatrixOutcome:

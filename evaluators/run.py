@@ -25,6 +25,7 @@ from tunelens.evaluators.stages.score import score
 from tunelens.evaluators.texts.perplexity import TextResults
 from tunelens.evaluators.verdict import Verdict
 from tunelens.registry.files import ModelRef
+from tunelens.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class EvaluationOutcome:
                 "metrics": self.per_model(), "deltas": deltas, "notes": self.notes}
 
 
-def evaluate(client, request: EvaluationRequest, config: dict,
+def evaluate(client, request: EvaluationRequest, config: Settings,
              target: RunTarget = RunTarget()) -> EvaluationOutcome:
     """Plan, generate, score and log one evaluation (see evaluate_version)."""
     plan = plan_evaluation(client, request, config)
@@ -91,7 +92,7 @@ def evaluate(client, request: EvaluationRequest, config: dict,
                              model_uri=plan.ref.uri)
 
 
-def evaluate_version(model_uri: str, data, *, config: dict, base: str | Path | None = None,
+def evaluate_version(model_uri: str, data, *, config: Settings, base: str | Path | None = None,
                      against: tuple[str, ...] | list[str] = (),
                      backend: str | None = None, max_new_tokens: int | None = None,
                      run_id: str | None = None, client=None, set_version_tags: bool = True,

@@ -19,8 +19,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from tunelens.evaluators.scoring.profiles import task_profile
-from tunelens.evaluators.scoring.stats import PairedComparison, verdict_settings
+from tunelens.evaluators.scoring.stats import PairedComparison
 from tunelens.registry.verdicts import Decision, HolderCoverage
+from tunelens.settings import Settings
 
 _SEVERITY = {Decision.PROMOTE: 0, Decision.INCONCLUSIVE: 1, Decision.REJECT: 2}
 
@@ -135,9 +136,9 @@ def _interval_rule(name: str, ci, limit: float, what: str, fmt: str) -> RuleOutc
                        f"{what} {ci.describe(fmt)} {relation} the limit {limit:g}")
 
 
-def words_limit(config: dict) -> float | None:
+def words_limit(config: Settings) -> float | None:
     """verdict.max_mean_words_ratio, else the task profile's conciseness limit, else None (off)."""
-    limit = config["verdict"]["max_mean_words_ratio"]
+    limit = config.verdict.max_mean_words_ratio
     if limit is None:
         profile = task_profile(config)
         limit = profile.max_mean_words_ratio if profile else None
@@ -152,15 +153,15 @@ def _decision(rules: list[RuleOutcome]) -> Decision:
     return Decision.PROMOTE
 
 
-def decide_part(comparison: PairedComparison, config: dict, against: str = "base",
+def decide_part(comparison: PairedComparison, config: Settings, against: str = "base",
                 serving_rules: list[RuleOutcome] = ()) -> VerdictPart:
     """One part of the verdict from the rules of conf.yaml's `verdict:` section: quality and
     conciseness from the paired rows, plus `serving_rules`, the latency and memory rules of the
     models as served (evaluators.timing; undecided where they were not measured as served). A
     batch's queue times and a process's RSS never decide.
     """
-    settings = verdict_settings(config)
-    rules = [_quality_rule(comparison, float(settings["noninferiority_margin"]))]
+    settings = config.verdict
+    rules = [_quality_rule(comparison, float(settings.noninferiority_margin))]
     limit = words_limit(config)
     if limit is not None:
         rules.append(_interval_rule("mean_words_ratio", comparison.mean_words_ratio, limit,
@@ -178,7 +179,7 @@ def combine(candidate: str, n_rows: int, parts: list[VerdictPart],
     return Verdict(decision, parts, _reasons(decision, candidate, n_rows, parts, holder), holder)
 
 
-def decide(comparison: PairedComparison, config: dict,
+def decide(comparison: PairedComparison, config: Settings,
            serving_rules: list[RuleOutcome] = ()) -> Verdict:
     """The verdict of a comparison against the base alone (no alias holder looked at)."""
     part = decide_part(comparison, config, serving_rules=serving_rules)
@@ -205,7 +206,7 @@ def _reasons(decision: Decision, candidate: str, n_rows: int, parts: list[Verdic
     return " | ".join(pieces)
 
 
-def metric_thresholds(config: dict, prefix: str = "delta/") -> dict:
+def metric_thresholds(config: Settings, prefix: str = "delta/") -> dict:
     """MetricThresholds on the evaluator's paired metric names, one per configured rule.
 
     For `mlflow.validate_evaluation_results(thresholds, candidate_result)`, where candidate_result
@@ -224,12 +225,12 @@ def metric_thresholds(config: dict, prefix: str = "delta/") -> dict:
     """
     from mlflow.models import MetricThreshold
 
-    settings = verdict_settings(config)
+    settings = config.verdict
     thresholds = {f"{prefix}primary_gain_ci_low": MetricThreshold(
-        threshold=-float(settings["noninferiority_margin"]), greater_is_better=True)}
-    lower_is_better = {"latency_ratio": settings["max_latency_ratio"],
-                       "memory_ratio": settings["max_memory_ratio"],
-                       "memory_gib": settings["max_memory_gib"],
+        threshold=-float(settings.noninferiority_margin), greater_is_better=True)}
+    lower_is_better = {"latency_ratio": settings.max_latency_ratio,
+                       "memory_ratio": settings.max_memory_ratio,
+                       "memory_gib": settings.max_memory_gib,
                        "mean_words_ratio": words_limit(config)}
     for name, limit in lower_is_better.items():
         if limit is not None:

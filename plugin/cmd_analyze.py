@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tunelens.settings import Settings
+
 HELP = "analyse a LoRA adapter's weight changes: analysis.json, report.html (PNGs with --charts)"
 
 
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runs(args: argparse.Namespace, config: dict, progress: bool) -> int:
+def _runs(args: argparse.Namespace, config: Settings, progress: bool) -> int:
     from tunelens.registry_hooks.engine.checkpoints import training_runs
     from tunelens.registry_hooks.report.runs_page import write_runs
 

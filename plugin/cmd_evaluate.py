@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tunelens.errors import TunelensError
 from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
+from tunelens.settings import Settings
 
 HELP = ("run a registered LoRA version (or full fine-tune), its base and the version holding the "
         "promotion alias (and other versions) side by side on a test set, log everything to one "
@@ -186,7 +187,7 @@ def _print_matrix(outcome) -> None:
     print(f"run {outcome.run_id}")
 
 
-def _compare(args: argparse.Namespace, config: dict) -> int:
+def _compare(args: argparse.Namespace, config: Settings) -> int:
     """Several versions: one matrix, a verdict each, a recommendation."""
     from tunelens.evaluators.matrix import compare_versions
 
@@ -228,7 +229,7 @@ def _print_domains(outcome) -> None:
     print(f"run {outcome.run_id}")
 
 
-def _domains(args: argparse.Namespace, config: dict) -> int:
+def _domains(args: argparse.Namespace, config: Settings) -> int:
     """No test set: the versions and their bases scored on the text groups alone."""
     from tunelens.evaluators.domains import compare_domains
 
@@ -282,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _evaluate(args: argparse.Namespace, config: dict) -> int:
+def _evaluate(args: argparse.Namespace, config: Settings) -> int:
     """One version against its base and the alias holder."""
     from tunelens.evaluators.run import evaluate_version
 

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from tunelens.config import load_config
+from tunelens.config import load_config, with_changes
 from tunelens.plugin.cli import add_tracking_uri_argument, tracking_uri
 
 HELP = ("run only the tunelens hook service (webhook receiver, worker, reconciling scan) against "
@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     uri = tracking_uri(args, required=True)
     configure_logging()
-    config = load_config(args.config)
-    for key, value in (("host", args.host), ("port", args.port), ("public_url", args.public_url)):
-        if value is not None:
-            config["hooks"][key] = value
+    given = {"host": args.host, "port": args.port, "public_url": args.public_url}
+    config = with_changes(load_config(args.config),
+                          {"hooks": {key: value for key, value in given.items() if value is not None}},
+                          "--host/--port/--public-url")
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())

@@ -35,6 +35,7 @@ from mlflow.models.evaluation.base import EvaluationResult
 from tunelens.config import load_config, with_endpoint
 from tunelens.errors import TunelensError
 from tunelens.registry.version_handle import flavors, is_handle, registered_version
+from tunelens.settings import Settings
 
 CONFIG_KEYS = {"model_uri", "model_uris", "base", "against", "backend", "max_new_tokens",
                "primary_metric", "config", "texts", "guard", "endpoint", "api_key_env"}
@@ -74,7 +75,7 @@ class TunelensEvaluator(ModelEvaluator):
                                evaluator_config.get("endpoint"), evaluator_config.get("api_key_env"))
         frame = dataset.features_data.copy()
         if dataset.has_targets:
-            frame[config["evaluation"]["targets_column"]] = list(dataset.labels_data)
+            frame[config.evaluation.targets_column] = list(dataset.labels_data)
         if "model_uris" in evaluator_config:
             return _compare(evaluator_config, frame, config, run_id, extra_metrics)
         outcome = evaluate_version(evaluator_config["model_uri"], frame,
@@ -118,7 +119,7 @@ def _handed_version(model, named: set[str]) -> str | None:
     return None
 
 
-def _compare(evaluator_config: dict, frame, config: dict, run_id: str,
+def _compare(evaluator_config: dict, frame, config: Settings, run_id: str,
              extra_metrics) -> EvaluationResult:
     """Several versions in one matrix, logged into mlflow.models.evaluate's run."""
     from mlflow import MlflowClient

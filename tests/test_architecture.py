@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from support import REPO
+from tunelens.settings import Settings
 
 # package -> its folder, and the tunelens packages it may import (itself always).
 FOLDERS = {
@@ -140,6 +141,25 @@ def test_only_the_doors_read_the_settings_file():
                if _package_of_file(path) not in SETTINGS_READERS
                and _calls_load_config(path.read_text(encoding="utf-8"))]
     assert not readers, f"read conf.yaml at the command's edge and pass it down: {readers}"
+
+
+def _settings_read_as_dicts(source: str, where: str) -> list[str]:
+    """`config["verdict"]`-style subscripts: the settings are typed, read as attributes."""
+    sections = set(Settings.model_fields)
+    return [f"{where}:{node.lineno}" for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+            and node.slice.value in sections
+            and (getattr(node.value, "id", None) == "config"
+                 or getattr(node.value, "attr", None) == "config")]
+
+
+def test_settings_are_read_as_types():
+    found = [hit for path in _product_sources()
+             for hit in _settings_read_as_dicts(path.read_text(encoding="utf-8"),
+                                                str(path.relative_to(REPO)))]
+    assert not found, f"read the typed settings (config.verdict.alpha), not a dict: {found}"
+    assert _settings_read_as_dicts('a = plan.config["verdict"]["alpha"]\n', "f.py") == ["f.py:1"]
+    assert not _settings_read_as_dicts('a = adapter_config["r"]\n', "f.py")
 
 
 def test_the_rules_see_a_settings_read_and_a_long_function():

@@ -5,12 +5,12 @@ import copy
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 from pydantic import ValidationError
 
-from .settings import Settings
+from .settings import Section, Settings
 
 DEFAULTS_PATH = Path(__file__).with_name("conf.yaml")
 ENV_VAR = "TUNELENS_CONFIG"
@@ -46,60 +46,71 @@ def _read(path: Path) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
+def load_config(path: str | os.PathLike | None = None) -> Settings:
     """Defaults from the packaged conf.yaml, overridden by `path` or $TUNELENS_CONFIG if given."""
     config = _read(DEFAULTS_PATH)
     user_path = path or os.environ.get(ENV_VAR)
     if user_path:
         config = _merge(config, _read(Path(user_path)), "")
-    try:
-        Settings.model_validate(config)
-    except ValidationError as exc:
-        raise ConfigError(_first_error(exc, user_path)) from None
-    return config
+    return _validated(config, user_path)
 
 
 @functools.lru_cache(maxsize=1)
-def _packaged() -> dict[str, Any]:
-    return _read(DEFAULTS_PATH)
+def packaged_settings() -> Settings:
+    """The packaged conf.yaml's settings: the defaults, part of the code (no user file read)."""
+    return _validated(_read(DEFAULTS_PATH), None)
 
 
-def with_endpoint(config: dict[str, Any], url: str | None, api_key_env: str | None
-                  ) -> dict[str, Any]:
+def with_changes(config: Settings | None, changes: Mapping[str, Any],
+                 where: str = "the settings given") -> Settings:
+    """`config` (the packaged defaults when None) with `changes` (a partial conf.yaml mapping,
+    e.g. {"verdict": {"alpha": 0.1}}) merged key by key, checked the way load_config checks a
+    file."""
+    return _validated(_changed(config or packaged_settings(), changes, ""), where)
+
+
+def _changed(section: Section, changes: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`section`'s values with `changes` in: a sub-section key by key, any other value (a list,
+    a free-form mapping such as hooks.base_models) replaced whole."""
+    values = section.model_dump()
+    for key, value in changes.items():
+        if key not in type(section).model_fields:
+            raise ConfigError(f"unknown setting '{where}{key}' (see conf.yaml for the valid keys)")
+        current = getattr(section, key)
+        values[key] = (_changed(current, value, f"{where}{key}.")
+                       if isinstance(current, Section) and isinstance(value, Mapping) else value)
+    return values
+
+
+def with_endpoint(config: Settings, url: str | None, api_key_env: str | None) -> Settings:
     """`config` evaluating on the OpenAI-compatible server at `url` (unchanged when None),
     checked as conf.yaml is."""
     if url is None:
         if api_key_env is not None:
             raise ConfigError("an API key variable was given without an endpoint URL")
         return config
-    endpoint = {**config["evaluation"]["endpoint"], "url": url}
+    endpoint: dict[str, Any] = {"url": url}
     if api_key_env is not None:
         endpoint["api_key_env"] = api_key_env
-    updated = {**config, "evaluation": {**config["evaluation"], "endpoint": endpoint}}
+    return with_changes(config, {"evaluation": {"endpoint": endpoint}}, "the endpoint given")
+
+
+def _validated(values: dict[str, Any], where) -> Settings:
     try:
-        Settings.model_validate(updated)
+        return Settings.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc, "the endpoint given")) from None
-    return updated
+        raise ConfigError(_first_error(exc, where)) from None
 
 
-def section(config: dict[str, Any] | None, name: str):
-    """conf.yaml's section `name` as its type in tunelens.settings: `config`'s values (a
-    load_config() result, or a partial mapping such as {"analysis": {"top_neurons": 5}}) over the
-    packaged defaults, checked the way load_config checks a file."""
-    kind = Settings.model_fields[name].annotation
-    given = (config or {}).get(name) or {}
-    try:
-        return kind.model_validate({**_packaged()[name], **given})
-    except ValidationError as exc:
-        raise ConfigError(_first_error(exc, "the settings given", prefix=f"{name}.")) from None
-
-
-def _first_error(exc: ValidationError, user_path, prefix: str = "") -> str:
+def _first_error(exc: ValidationError, user_path) -> str:
     """One line: the key's dotted path, what is wrong with it, the value given, and where from."""
     error = exc.errors()[0]
-    key = prefix + ".".join(str(part) for part in error["loc"])
+    key = ".".join(str(part) for part in error["loc"])
     where = f" in {user_path}" if user_path else " in the packaged conf.yaml"
     if error["type"] == "extra_forbidden":
         return f"unknown setting '{key}'{where} (see conf.yaml for the valid keys)"
-    return f"setting '{key}'{where}: {error['msg'][0].lower()}{error['msg'][1:]} (got {error['input']!r})"
+    # a check of tunelens.settings says it in its own words, without pydantic's "Value error, "
+    what = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    if not key:  # a check across sections (tunelens.settings.Settings): its own words say which
+        return f"{what}{where}"
+    return f"setting '{key}'{where}: {what[0].lower()}{what[1:]} (got {error['input']!r})"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
@@ -59,9 +59,16 @@ class GenerationSettings(Section):
     top_p: Annotated[float, Field(gt=0, le=1)]
     seed: int
     stop: list[str]
-    prompt_template: Annotated[str, Field(pattern=r"\{input\}")]
+    prompt_template: str
     chat_template: bool
     system_prompt: str | None
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_the_input(cls, template: str) -> str:
+        if "{input}" not in template:
+            raise ValueError("must contain {input}, where each row's input goes")
+        return template
 
     @property
     def greedy(self) -> bool:
@@ -105,11 +112,18 @@ class TransformersSettings(Section):
 
 
 class LatencySettings(Section):
-    sample_rows: Count
+    sample_rows: Count  # 0: no served-latency or memory pass; otherwise at least 2 (a paired ratio)
     warmup_requests: Count
     max_rounds: PositiveInt
     max_core_wait: Share | None
     concurrency: Annotated[list[PositiveInt], Field(min_length=1)]
+
+    @field_validator("sample_rows")
+    @classmethod
+    def _off_or_paired(cls, rows: int) -> int:
+        if rows == 1:
+            raise ValueError("must be 0 (off) or at least 2")
+        return rows
 
 
 class TextsSettings(Section):

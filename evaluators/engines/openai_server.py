@@ -27,7 +27,7 @@ from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.interface import (Backend, Candidate, Generation, MemoryProfile,
                                                    Phase, ServedRequest, decode, timed_phase)
 from tunelens.evaluators.engines.vllm import lm_head_refusal, vllm_refusal
-from tunelens.settings import GenerationSettings
+from tunelens.settings import EvaluationSettings, GenerationSettings
 
 BASE_ON_ENDPOINT = "the served model of the endpoint (its server as deployed)"
 LORA_ON_ENDPOINT = "a LoRA module loaded on the endpoint's server"
@@ -43,16 +43,16 @@ class Endpoint:
     timeout_s: float
 
     @classmethod
-    def from_config(cls, evaluation: dict) -> "Endpoint":
-        section = evaluation["endpoint"]
-        if not section["url"]:
+    def from_config(cls, evaluation: EvaluationSettings) -> "Endpoint":
+        section = evaluation.endpoint
+        if not section.url:
             raise TunelensError("the openai_server backend needs evaluation.endpoint.url "
                                 "(tunelens evaluate --endpoint URL)")
-        key_env = section["api_key_env"]
+        key_env = section.api_key_env
         api_key = os.environ.get(key_env) if key_env else None
         if key_env and not api_key:
             raise TunelensError(f"the API key variable {key_env} (--api-key-env) is not set")
-        return cls(section["url"].rstrip("/"), api_key, float(section["timeout_s"]))
+        return cls(section.url.rstrip("/"), api_key, float(section.timeout_s))
 
     def call(self, method: str, path: str, body: dict | None = None, *, stream: bool = False):
         """One HTTP call; any failure to reach the server or a non-2xx answer is one line."""
@@ -101,7 +101,7 @@ class EndpointServer:
     backend = "openai_server"
     compute_pids: tuple[int, ...] = ()  # the server's processes are not this machine's to read
 
-    def __init__(self, base_dir: Path, adapters: list[Path], evaluation: dict):
+    def __init__(self, base_dir: Path, adapters: list[Path], evaluation: EvaluationSettings):
         self.endpoint = Endpoint.from_config(evaluation)
         self.models_answer = self.endpoint.call("GET", "/v1/models").json()
         served = [m["id"] for m in self.models_answer.get("data", []) if not m.get("parent")]
@@ -221,7 +221,7 @@ class EndpointServer:
 class EndpointServing(EndpointServer):
     """The endpoint as the served-latency timing sees it: every candidate on the one server."""
 
-    def __init__(self, base_dir: Path, candidates: list[Candidate], evaluation: dict,
+    def __init__(self, base_dir: Path, candidates: list[Candidate], evaluation: EvaluationSettings,
                  served: str):
         if served != "adapter":
             raise TunelensError("an endpoint serves adapters as LoRA modules: evaluation.served "
@@ -235,14 +235,14 @@ class EndpointServing(EndpointServer):
                 for label, is_base in self._labels.items()}
 
 
-def start_engine(base_dir: Path, adapters: list[Path], evaluation: dict,
+def start_engine(base_dir: Path, adapters: list[Path], evaluation: EvaluationSettings,
                  settings: GenerationSettings, max_model_len: int, *,
                  inspect_workers: bool = False, served_as: str | None = None) -> EndpointServer:
     """The endpoint, with `adapters` loaded on it as LoRA modules."""
     return EndpointServer(base_dir, adapters, evaluation)
 
 
-def start_server(base_dir: Path, candidates: list[Candidate], evaluation: dict,
+def start_server(base_dir: Path, candidates: list[Candidate], evaluation: EvaluationSettings,
                  served: str) -> EndpointServing:
     """The endpoint holding the base and every candidate at once."""
     return EndpointServing(base_dir, candidates, evaluation, served)

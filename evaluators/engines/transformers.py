@@ -18,7 +18,7 @@ from tunelens.evaluators.engines.interface import (ADAPTER_SERVED_AS, BASE_SERVE
                                                    MERGED_SERVED_AS, Backend, Candidate,
                                                    Generation, MemoryProfile, Phase,
                                                    ServedRequest, decode, timed_phase)
-from tunelens.settings import GenerationSettings
+from tunelens.settings import EvaluationSettings, GenerationSettings, TransformersSettings
 
 
 def hf_sampling_options(settings: GenerationSettings, tokenizer) -> dict:
@@ -32,14 +32,14 @@ def hf_sampling_options(settings: GenerationSettings, tokenizer) -> dict:
     return options
 
 
-def torch_setup(options: dict):
+def torch_setup(options: TransformersSettings):
     """The torch device and dtype of `evaluation.transformers` ("auto" resolved)."""
     import torch
 
-    device = options["device"]
+    device = options.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = options["dtype"]
+    dtype = options.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     return torch.device(device), getattr(torch, dtype)
@@ -50,7 +50,7 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, base_dir: Path, options: dict):
+    def __init__(self, base_dir: Path, options: TransformersSettings):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -213,7 +213,7 @@ class TransformersServer:
 
     backend = "transformers"
 
-    def __init__(self, base_dir, candidates: list, options: dict, served: str):
+    def __init__(self, base_dir, candidates: list, options: TransformersSettings, served: str):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -361,17 +361,17 @@ class TransformersServer:
             self._torch.cuda.empty_cache()
 
 
-def start_engine(base_dir: Path, adapters: list[Path], evaluation: dict,
+def start_engine(base_dir: Path, adapters: list[Path], evaluation: EvaluationSettings,
                  settings: GenerationSettings, max_model_len: int, *,
                  inspect_workers: bool = False, served_as: str | None = None) -> TransformersEngine:
     """The base on evaluation.transformers' device and dtype; adapters attach when first used."""
-    return TransformersEngine(base_dir, evaluation["transformers"])
+    return TransformersEngine(base_dir, evaluation.transformers)
 
 
-def start_server(base_dir: Path, candidates: list[Candidate], evaluation: dict,
+def start_server(base_dir: Path, candidates: list[Candidate], evaluation: EvaluationSettings,
                  served: str) -> TransformersServer:
     """The base and every candidate as served, in this process."""
-    return TransformersServer(base_dir, candidates, evaluation["transformers"], served)
+    return TransformersServer(base_dir, candidates, evaluation.transformers, served)
 
 
 BACKEND = Backend("transformers", title="transformers", available=lambda: True,

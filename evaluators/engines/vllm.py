@@ -25,7 +25,7 @@ from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.interface import (ADAPTER_SERVED_AS, BASE_SERVED_AS, Backend,
                                                    Candidate, Generation, MemoryProfile, Phase,
                                                    ServedRequest, decode, timed_phase)
-from tunelens.settings import GenerationSettings
+from tunelens.settings import EvaluationSettings, GenerationSettings, VllmSettings
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -176,29 +176,29 @@ def request_path(workers: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(path))
 
 
-def engine_options(base_dir: Path, adapters: list[Path], options: dict, *, seed: int,
+def engine_options(base_dir: Path, adapters: list[Path], options: VllmSettings, *, seed: int,
                    max_model_len: int, on_cpu: bool) -> dict:
     """vLLM's LLM(...) arguments for `evaluation.vllm` (`options`) on this platform."""
-    memory_share = options["gpu_memory_utilization"]
+    memory_share = options.gpu_memory_utilization
     engine = dict(
         # bfloat16 (vLLM's "auto" for most checkpoints) kills the CPU worker (SIGILL) here.
         model=str(base_dir), tokenizer=str(base_dir),
-        dtype="float32" if on_cpu and options["dtype"] == "auto" else options["dtype"],
+        dtype="float32" if on_cpu and options.dtype == "auto" else options.dtype,
         max_model_len=max_model_len, seed=seed,
         gpu_memory_utilization=memory_share if memory_share is not None else (0.1 if on_cpu else 0.9),
-        tensor_parallel_size=int(options["tensor_parallel_size"]),
-        pipeline_parallel_size=int(options["pipeline_parallel_size"]),
-        distributed_executor_backend=options["distributed_executor_backend"],
-        enforce_eager=bool(options["enforce_eager"] or on_cpu),
+        tensor_parallel_size=int(options.tensor_parallel_size),
+        pipeline_parallel_size=int(options.pipeline_parallel_size),
+        distributed_executor_backend=options.distributed_executor_backend,
+        enforce_eager=bool(options.enforce_eager or on_cpu),
         enable_lora=bool(adapters), disable_log_stats=False)
-    kv_cache_gib = options.get("kv_cache_gib")
+    kv_cache_gib = options.kv_cache_gib
     if kv_cache_gib is None and on_cpu and memory_share is None:
         kv_cache_gib = CPU_KV_CACHE_GIB
     if kv_cache_gib is not None:
         engine["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     if adapters:
         engine.update(max_lora_rank=vllm_max_lora_rank([adapter_rank(a) for a in adapters],
-                                                       options["max_lora_rank"]),
+                                                       options.max_lora_rank),
                       max_loras=len(adapters))
     return engine
 
@@ -214,7 +214,7 @@ class VllmEngine:
     name = "vllm"
     backend = "vllm"
 
-    def __init__(self, base_dir: Path, adapters: list[Path], options: dict, *, seed: int = 0,
+    def __init__(self, base_dir: Path, adapters: list[Path], options: VllmSettings, *, seed: int = 0,
                  max_model_len: int, inspect_workers: bool = False, served_as: str | None = None):
         """`inspect_workers`: let `accounting()` run a function in the engine's worker processes.
 
@@ -229,7 +229,7 @@ class VllmEngine:
         self.served_as = served_as or (ADAPTER_SERVED_AS if adapters else BASE_SERVED_AS)
         self.engine_options = engine_options(base_dir, adapters, options, seed=seed,
                                              max_model_len=max_model_len, on_cpu=on_cpu)
-        workers = int(options["tensor_parallel_size"]) * int(options["pipeline_parallel_size"])
+        workers = int(options.tensor_parallel_size) * int(options.pipeline_parallel_size)
         self._previous_serialization = os.environ.get(INSECURE_SERIALIZATION)
         if inspect_workers:
             os.environ[INSECURE_SERIALIZATION] = "1"
@@ -474,11 +474,11 @@ def lm_head_refusal(adapter_dir: Path) -> str | None:
     return None
 
 
-def start_engine(base_dir: Path, adapters: list[Path], evaluation: dict,
+def start_engine(base_dir: Path, adapters: list[Path], evaluation: EvaluationSettings,
                  settings: GenerationSettings, max_model_len: int, *,
                  inspect_workers: bool = False, served_as: str | None = None) -> VllmEngine:
     """A vLLM engine of `base_dir` with `adapters` enabled, as evaluation.vllm configures it."""
-    return VllmEngine(base_dir, adapters, evaluation["vllm"], seed=settings.seed,
+    return VllmEngine(base_dir, adapters, evaluation.vllm, seed=settings.seed,
                       max_model_len=max_model_len, inspect_workers=inspect_workers,
                       served_as=served_as)
 

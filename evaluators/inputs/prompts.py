@@ -6,18 +6,15 @@ from tunelens.errors import TunelensError
 from tunelens.settings import GenerationSettings
 
 
-def generation_settings(generation: dict, max_new_tokens: int | None = None
+def generation_settings(generation: GenerationSettings, max_new_tokens: int | None = None
                         ) -> GenerationSettings:
-    """evaluation.generation of conf.yaml as its type, with the command's `max_new_tokens` (when
-    given) over the configured one."""
-    values = {**generation, "max_new_tokens": int(max_new_tokens or generation["max_new_tokens"]),
-              "stop": list(generation["stop"] or ()),
-              "system_prompt": generation["system_prompt"] or None}
-    if values["max_new_tokens"] < 1:
+    """evaluation.generation with the command's `max_new_tokens` (when given) over the configured
+    one; an empty system prompt is none."""
+    wanted = int(max_new_tokens or generation.max_new_tokens)
+    if wanted < 1:
         raise TunelensError("max new tokens must be at least 1")
-    if "{input}" not in values["prompt_template"]:
-        raise TunelensError("evaluation.generation.prompt_template must contain {input}")
-    return GenerationSettings.model_validate(values)
+    return generation.model_copy(update={"max_new_tokens": wanted,
+                                         "system_prompt": generation.system_prompt or None})
 
 
 def build_prompts(inputs: list[str], tokenizer, settings: GenerationSettings) -> list[str]:

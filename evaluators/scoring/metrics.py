@@ -11,6 +11,7 @@ import numpy as np
 
 from tunelens.evaluators.engines.interface import Phase
 from tunelens.evaluators.scoring.behaviour import GrammarChecks, grammar_checks, split_answer
+from tunelens.settings import EvaluationSettings
 
 
 def exact_match(predictions: list[str], references: list[str], *, strip: bool = True,
@@ -62,7 +63,7 @@ class RowScores:
 
 
 def score_rows(phase: Phase, inputs: list[str], targets: list[str], base_outputs: list[str],
-               evaluation: dict, metrics, profile=None) -> RowScores:
+               evaluation: EvaluationSettings, metrics, profile=None) -> RowScores:
     """Every per-row value for one model's phase against the targets and the base's outputs.
 
     `metrics`: the QualityMetric list; `profile`: the TaskProfile (None: no task-specific checks).
@@ -71,12 +72,12 @@ def score_rows(phase: Phase, inputs: list[str], targets: list[str], base_outputs
     quality = {metric.name: metric.per_row(outputs, targets, inputs) for metric in metrics}
     grammar = None
     if profile is not None and profile.behaviour_checks:
-        behaviour = evaluation["behaviour"]
-        answers = [split_answer(o, t, behaviour["preamble_patterns"],
-                                behaviour["explanation_patterns"])
+        behaviour = evaluation.behaviour
+        answers = [split_answer(o, t, behaviour.preamble_patterns,
+                                behaviour.explanation_patterns)
                    for o, t in zip(outputs, targets)]
         correct = exact_match([a.correction for a in answers], targets,
-                              **evaluation["exact_match"])
+                              **evaluation.exact_match.model_dump())
         grammar = grammar_checks(answers, inputs, targets, correct)
     return RowScores(
         outputs=outputs, quality=quality,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunelens.errors import TunelensError
+from tunelens.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,9 @@ class TaskProfile:
 PROFILES = {"grammar": TaskProfile("grammar", behaviour_checks=True, max_mean_words_ratio=1.0)}
 
 
-def task_profile(config: dict) -> TaskProfile | None:
+def task_profile(config: Settings) -> TaskProfile | None:
     """The profile conf.yaml's evaluation.task_profile names, None for none."""
-    name = config["evaluation"].get("task_profile")
+    name = config.evaluation.task_profile
     if name is None:
         return None
     if name not in PROFILES:

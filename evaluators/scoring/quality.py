@@ -19,6 +19,7 @@ import pandas as pd
 from tunelens.errors import TunelensError
 
 from tunelens.evaluators.scoring.metrics import exact_match
+from tunelens.settings import ExactMatchSettings
 
 BUILTIN_METRICS = ("exact_match", "token_f1", "chrf", "rouge_l")
 # Arguments tunelens can give an MLflow metric's eval_fn, by parameter name.
@@ -63,10 +64,10 @@ def _chrf(predictions, targets, inputs):
     return np.array([chrf.sentence_score(p, [t]).score / 100 for p, t in zip(predictions, targets)])
 
 
-def builtin_metric(name: str, exact_match_options: dict) -> QualityMetric:
+def builtin_metric(name: str, exact_match_options: ExactMatchSettings) -> QualityMetric:
     """One of BUILTIN_METRICS, exact match with conf.yaml's evaluation.exact_match options."""
     scorers = {
-        "exact_match": lambda p, t, i: exact_match(p, t, **exact_match_options).astype(float),
+        "exact_match": lambda p, t, i: exact_match(p, t, **exact_match_options.model_dump()).astype(float),
         "token_f1": _rouge("rouge1"),
         "chrf": _chrf,
         "rouge_l": _rouge("rougeL"),
@@ -106,7 +107,7 @@ def from_mlflow(metric) -> QualityMetric:
     return QualityMetric(name, bool(metric.greater_is_better), score, "extra_metrics")
 
 
-def quality_metrics(names: list[str], exact_match_options: dict, extra_metrics=(),
+def quality_metrics(names: list[str], exact_match_options: ExactMatchSettings, extra_metrics=(),
                     primary: str = "exact_match") -> list[QualityMetric]:
     """The built-ins named in conf.yaml, then every extra metric; `primary` must be among them."""
     metrics = [builtin_metric(name, exact_match_options) for name in names]

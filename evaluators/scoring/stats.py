@@ -19,6 +19,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from tunelens.errors import TunelensError
+from tunelens.settings import Settings
 
 # Bootstrap index matrices are drawn in blocks of at most this many entries (bounded memory).
 _BOOTSTRAP_BLOCK_ENTRIES = 4_000_000
@@ -359,13 +360,7 @@ def _continuous_warning(n_rows: int, gain: ConfidenceInterval, margin: float,
             "narrow it")
 
 
-def verdict_settings(config: dict) -> dict:
-    """The `verdict:` section of a load_config() dict; its values were checked when the settings
-    were loaded (tunelens.settings.VerdictSettings)."""
-    return config["verdict"]
-
-
-def compare_paired(base: ModelScores, other: ModelScores, config: dict,
+def compare_paired(base: ModelScores, other: ModelScores, config: Settings,
                    metric: QualityMetricInfo = QualityMetricInfo()) -> PairedComparison:
     """Every paired difference of `other` against `base`, with CIs, the fitting test and a power
     note; `metric` names the primary quality metric the `quality` arrays hold."""
@@ -373,11 +368,11 @@ def compare_paired(base: ModelScores, other: ModelScores, config: dict,
         raise TunelensError(f"{base.label} has {base.n_rows} rows and {other.label} "
                             f"{other.n_rows}: a paired comparison needs the same rows in the same "
                             f"order")
-    settings = verdict_settings(config)
-    alpha = float(settings["alpha"])
-    margin = float(settings["noninferiority_margin"])
-    boot = dict(n_resamples=int(settings["bootstrap_resamples"]),
-                level=float(settings["confidence_level"]), seed=int(settings["seed"]))
+    settings = config.verdict
+    alpha = float(settings.alpha)
+    margin = float(settings.noninferiority_margin)
+    boot = dict(n_resamples=int(settings.bootstrap_resamples),
+                level=float(settings.confidence_level), seed=int(settings.seed))
     binary = bool(np.isin(base.quality, (0.0, 1.0)).all() and np.isin(other.quality, (0.0, 1.0)).all())
     sign = 1.0 if metric.greater_is_better else -1.0
     mcnemar = note = score = None
@@ -386,7 +381,7 @@ def compare_paired(base: ModelScores, other: ModelScores, config: dict,
         right_base, right_other = (base.quality == 1, other.quality == 1) if sign > 0 else (
             base.quality == 0, other.quality == 0)
         mcnemar = mcnemar_exact(right_base, right_other)
-        note = _power_note(base.n_rows, mcnemar, alpha, float(settings["power"]))
+        note = _power_note(base.n_rows, mcnemar, alpha, float(settings.power))
         delta = paired_bootstrap(base.quality, other.quality, **boot)
         score = paired_score_interval(mcnemar, base.n_rows, boot["level"])
         if sign < 0:  # the score interval is of (right other - right base): back to other - base

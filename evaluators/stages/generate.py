@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.choice import BackendChoice
 from tunelens.evaluators.engines.interface import Candidate, Engine, Phase
-from tunelens.settings import GenerationSettings
+from tunelens.settings import GenerationSettings, Settings
 from tunelens.evaluators.stages.plan import BASE, FINETUNED, EngineGroup, EvaluationPlan
 from tunelens.evaluators.texts.drift import (DriftProfile, full_weight_delta_by_layer,
                                              measure_drift, model_drift)
@@ -52,7 +52,7 @@ def run_phases(engine: Engine, candidates: list[Candidate], prompt_ids: list[lis
 
 
 def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
-              settings: GenerationSettings, config: dict, *, serve: bool,
+              settings: GenerationSettings, config: Settings, *, serve: bool,
               texts: TextPlan | None = None,
               drift_pairs: tuple[tuple[Candidate, Candidate], ...] = (),
               judged: tuple[str, ...] = (FINETUNED,)) -> GroupRun:
@@ -71,7 +71,7 @@ def run_group(group: EngineGroup, rows: list[int], backend: BackendChoice,
     engine alone."""
     from transformers import AutoTokenizer
 
-    evaluation = config["evaluation"]
+    evaluation = config.evaluation
     adapters = [c.adapter_dir for c in group.candidates if c.adapter_dir is not None]
     tokenizer = AutoTokenizer.from_pretrained(group.base_dir)
     prompt_ids = [group.prompt_ids[i] for i in rows]
@@ -118,20 +118,20 @@ def _served_or_why(timing: ServedTiming) -> ServingFigures:
                               unmeasured=str(exc))
 
 
-def _latency_judgement(group: EngineGroup, config: dict,
+def _latency_judgement(group: EngineGroup, config: Settings,
                        judged: tuple[str, ...]) -> LatencyJudgement | None:
     """The verdict's latency rule for the `judged` candidates in `group`, None when none is
     judged (no limit set, or none of them runs on this engine)."""
-    settings = config["verdict"]
+    settings = config.verdict
     here = tuple(c.label for c in group.candidates if c.label in judged)
-    if settings["max_latency_ratio"] is None or not here:
+    if settings.max_latency_ratio is None or not here:
         return None
-    return LatencyJudgement(here, float(settings["max_latency_ratio"]),
-                            level=float(settings["confidence_level"]),
-                            n_resamples=int(settings["bootstrap_resamples"]),
-                            seed=int(settings["seed"]),
-                            max_core_wait=config["evaluation"]["latency"]["max_core_wait"],
-                            concurrency=int(settings["latency_at"]))
+    return LatencyJudgement(here, float(settings.max_latency_ratio),
+                            level=float(settings.confidence_level),
+                            n_resamples=int(settings.bootstrap_resamples),
+                            seed=int(settings.seed),
+                            max_core_wait=config.evaluation.latency.max_core_wait,
+                            concurrency=int(settings.latency_at))
 
 
 def generate(plan: EvaluationPlan) -> Generated:
@@ -170,7 +170,7 @@ def full_model_drift(plan: EvaluationPlan) -> DriftProfile:
 
 
 def group_drift(engine, texts: TextPlan, group: EngineGroup,
-                pairs: tuple[tuple[Candidate, Candidate], ...], config: dict
+                pairs: tuple[tuple[Candidate, Candidate], ...], config: Settings
                 ) -> dict[str, DriftProfile]:
     """Each pair's candidate's activation drift from its base on the first texts
     (transformers), by candidate label."""

@@ -22,6 +22,7 @@ from tunelens.evaluators.pages.texts import log_text_results
 from tunelens.registry.files import ModelRef
 from tunelens.registry.verdicts import HOLDER_TAG, REASONS_TAG, VERDICT_TAG
 from tunelens.registry.version import VersionRef, logged_model_id
+from tunelens.settings import EvaluationSettings
 
 TABLE_FILE = "tunelens/eval_table.json"
 REPORT_FILE = "tunelens/side_by_side.html"
@@ -42,7 +43,7 @@ class RunTarget:
     before_version_tags: Callable[[str], None] | None = None
 
 
-def _open_run(client, run_id: str | None, evaluation: dict, ref: ModelRef,
+def _open_run(client, run_id: str | None, evaluation: EvaluationSettings, ref: ModelRef,
               run_tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """The run to log into: the caller's (mlflow.models.evaluate's) or a new one we own, born
     with `run_tags` (the hook worker's attempt, so a killed attempt's run is found again)."""
@@ -51,7 +52,7 @@ def _open_run(client, run_id: str | None, evaluation: dict, ref: ModelRef,
     if run_id:
         return run_id, False
     # created on first use; two hook workers evaluating at once both get it
-    run = client.create_run(experiment_id(client, evaluation["experiment"]),
+    run = client.create_run(experiment_id(client, evaluation.experiment),
                             run_name=f"eval-{ref.name}-v{ref.version}"
                             if ref.registered else f"eval-{ref.name}",
                             tags={"tunelens.model": ref.uri, **(run_tags or {})})
@@ -76,7 +77,7 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
                    target: RunTarget) -> str:
     """Everything to one run, then (last) the verdict on the version; returns the run id."""
     ref, verdict = plan.ref, scored.verdict
-    run_id, owned = _open_run(client, target.run_id, plan.config["evaluation"], ref,
+    run_id, owned = _open_run(client, target.run_id, plan.config.evaluation, ref,
                               target.run_tags)
     with closed_when_done(client, run_id, owned):
         client.log_batch(run_id, params=_params(plan, generated.engine_settings),

@@ -18,7 +18,7 @@ from tunelens.evaluators.engines.choice import BackendChoice, check_text_scoring
 from tunelens.evaluators.adapter_fit import check_adapter_fits
 from tunelens.evaluators.engines.interface import Candidate
 from tunelens.evaluators.inputs.prompts import build_prompts, generation_settings
-from tunelens.settings import GenerationSettings
+from tunelens.settings import EvaluationSettings, GenerationSettings, Settings
 from tunelens.evaluators.scoring.profiles import TaskProfile, task_profile
 from tunelens.evaluators.scoring.quality import QualityMetric, quality_metrics
 from tunelens.evaluators.texts.perplexity import TextPlan, plan_texts
@@ -94,7 +94,7 @@ class EvaluationPlan:
     metrics: list[QualityMetric]
     primary: QualityMetric
     profile: TaskProfile | None
-    config: dict
+    config: Settings
     notes: list[str]
     texts: TextPlan | None = None  # the text groups for perplexity, tokenised per base
     # what the verdict's texts call each label (a comparison's labels: finetuned -> v2); a label
@@ -112,7 +112,7 @@ class EvaluationPlan:
         return next(g.base_dir for g in self.groups if any(c.label == label for c in g.candidates))
 
 
-def resolve_base(client, ref: ModelRef, base: str | Path | None, config: dict) -> Path:
+def resolve_base(client, ref: ModelRef, base: str | Path | None, config: Settings) -> Path:
     """The base folder: --base if given, else the registry hooks' resolution order."""
     if base is not None:
         path = Path(base)
@@ -146,7 +146,7 @@ def _holder(client, name: str, alias: str) -> str | None:
     return holder_to_beat(client, client.get_registered_model(name), alias)
 
 
-def _holder_base(client, ref: ModelRef, config: dict, fallback: Path) -> Path:
+def _holder_base(client, ref: ModelRef, config: Settings, fallback: Path) -> Path:
     """The holder's own base by the registry's resolution order; the candidate's when none is
     found (check_adapter_fits then says if the holder was trained on another one)."""
     try:
@@ -176,15 +176,15 @@ class _Quality:
     profile: TaskProfile | None
 
 
-def _check_quality(request: EvaluationRequest, config: dict) -> _Quality:
+def _check_quality(request: EvaluationRequest, config: Settings) -> _Quality:
     """The test set, generation settings, quality metrics and task profile; the latency settings
     too, so a bad one fails here, not after generating."""
-    evaluation = config["evaluation"]
-    dataset = load_dataset(request.data, inputs_column=evaluation["inputs_column"],
-                           targets_column=evaluation["targets_column"])
-    settings = generation_settings(evaluation["generation"], request.max_new_tokens)
-    primary_name = request.primary_metric or config["verdict"]["primary_metric"]
-    metrics = quality_metrics(list(evaluation["metrics"]), evaluation["exact_match"],
+    evaluation = config.evaluation
+    dataset = load_dataset(request.data, inputs_column=evaluation.inputs_column,
+                           targets_column=evaluation.targets_column)
+    settings = generation_settings(evaluation.generation, request.max_new_tokens)
+    primary_name = request.primary_metric or config.verdict.primary_metric
+    metrics = quality_metrics(list(evaluation.metrics), evaluation.exact_match,
                               request.extra_metrics, primary_name)
     primary = next(m for m in metrics if m.name == primary_name)
     profile = task_profile(config)
@@ -204,7 +204,7 @@ class _Versions:
     notes: list[str]
 
 
-def _local_candidate(client, request: EvaluationRequest, config: dict) -> _Versions:
+def _local_candidate(client, request: EvaluationRequest, config: Settings) -> _Versions:
     """A candidate folder on disk: its base is --base; no registered model, so no holder and no
     other version."""
     if request.base is None:
@@ -215,24 +215,24 @@ def _local_candidate(client, request: EvaluationRequest, config: dict) -> _Versi
                             "--candidate")
     ref = local_model(Path(request.candidate))
     note = (f"the candidate is a local folder: no registered model, so no holder of "
-            f"{config['promotion']['alias']} is compared and no verdict is written on a version")
+            f"{config.promotion.alias} is compared and no verdict is written on a version")
     return _Versions(ref, resolve_base(client, ref, request.base, config), None, None, [],
                      [note])
 
 
-def _fetch_versions(client, request: EvaluationRequest, config: dict) -> _Versions:
+def _fetch_versions(client, request: EvaluationRequest, config: Settings) -> _Versions:
     """The candidate (fetched unless the caller has its files), its base, the holder of
     promotion.alias (compared unless it is the candidate) and each --against version."""
     if request.candidate is not None:
         return _local_candidate(client, request, config)
     name, version, alias = parse_model_uri(request.model_uri)
     version = resolve_version(client, name, version or alias)
-    max_bytes = int(config["hooks"]["max_download_bytes"])
+    max_bytes = int(config.hooks.max_download_bytes)
     fetched = request.fetched
     ref = (fetched if fetched is not None and (fetched.name, fetched.version) == (name, version)
            else download_version(client, name, version, max_bytes))
     base_dir = resolve_base(client, ref, request.base, config)
-    promotion_alias = config["promotion"]["alias"]
+    promotion_alias = config.promotion.alias
     holder_version = _holder(client, name, promotion_alias)
     holder = HolderCoverage(promotion_alias, holder_version)
     holder_label = promotion_alias if holder_version not in (None, version) else None
@@ -265,7 +265,7 @@ def check_full_model_fits(base_dir: Path, full_dir: Path) -> None:
                             open_full_model(base_dir, "base"))
 
 
-def _members_by_base(client, versions: _Versions, config: dict) -> dict[Path, list[Candidate]]:
+def _members_by_base(client, versions: _Versions, config: Settings) -> dict[Path, list[Candidate]]:
     """One group per base: the candidate's base serves base, candidate and every version that
     resolves to it; a version on another base gets an engine of its own, after, and so does a
     full fine-tune (the engine's model is the version itself). Every adapter is checked to fit
@@ -286,11 +286,11 @@ def _members_by_base(client, versions: _Versions, config: dict) -> dict[Path, li
     return groups_by_base
 
 
-def _rows_that_fit(groups: list[EngineGroup], size: int, evaluation: dict,
+def _rows_that_fit(groups: list[EngineGroup], size: int, evaluation: EvaluationSettings,
                    settings: GenerationSettings) -> tuple[list[int], int]:
     """The rows (up to evaluation.max_rows) whose prompt + max_new_tokens fits every engine's
     context, and how many were left out."""
-    limit = size if evaluation["max_rows"] is None else int(evaluation["max_rows"])
+    limit = size if evaluation.max_rows is None else int(evaluation.max_rows)
     considered = range(min(limit, size))
     kept = [i for i in considered
             if all(len(g.prompt_ids[i]) + settings.max_new_tokens <= g.max_model_len for g in groups)]
@@ -307,10 +307,10 @@ def _labels(groups: list[EngineGroup]) -> list[str]:
     return [BASE, FINETUNED, *rest]
 
 
-def _requested_backend(requested: str | None, evaluation: dict) -> str:
+def _requested_backend(requested: str | None, evaluation: EvaluationSettings) -> str:
     """The backend asked for; an endpoint's url asks for the server behind it."""
-    requested = requested or evaluation["backend"]
-    if not evaluation["endpoint"]["url"]:
+    requested = requested or evaluation.backend
+    if not evaluation.endpoint.url:
         return requested
     if requested not in ("auto", "openai_server"):
         raise TunelensError(f"an endpoint is given (evaluation.endpoint.url), so the models run on "
@@ -318,9 +318,9 @@ def _requested_backend(requested: str | None, evaluation: dict) -> str:
     return "openai_server"
 
 
-def plan_evaluation(client, request: EvaluationRequest, config: dict) -> EvaluationPlan:
+def plan_evaluation(client, request: EvaluationRequest, config: Settings) -> EvaluationPlan:
     """Check every input and decide what runs where; raises TunelensError, writes nothing."""
-    evaluation = config["evaluation"]
+    evaluation = config.evaluation
     quality = _check_quality(request, config)
     versions = _fetch_versions(client, request, config)
     groups_by_base = _members_by_base(client, versions, config)
@@ -329,7 +329,7 @@ def plan_evaluation(client, request: EvaluationRequest, config: dict) -> Evaluat
     choice = choose_backend(_requested_backend(request.backend, evaluation), adapters)
     log.info("tunelens evaluate: %s backend (%s)", choice.name, choice.reason)
     groups = [EngineGroup(group_base, members,
-                          context_length(group_base, evaluation["vllm"]["max_model_len"]),
+                          context_length(group_base, evaluation.vllm.max_model_len),
                           _tokenize(group_base, quality.dataset, quality.settings))
               for group_base, members in groups_by_base.items()]
     kept, skipped = _rows_that_fit(groups, len(quality.dataset), evaluation, quality.settings)

@@ -26,6 +26,7 @@ from tunelens.evaluators.texts.perplexity import TextResults, same_token_labels,
 from tunelens.evaluators.timing.profiles import ServingFigures
 from tunelens.evaluators.timing.rules import latency_rule, memory_rules
 from tunelens.evaluators.verdict import RuleOutcome, Verdict, VerdictPart, combine, decide_part
+from tunelens.settings import Settings, VerdictSettings
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def build_table(dataset: EvalDataset, kept: list[int], labels: list[str],
     return pd.DataFrame(table)
 
 
-def _served_rules(serving: ServingFigures | None, reference: str, config: dict,
+def _served_rules(serving: ServingFigures | None, reference: str, config: Settings,
                   called=lambda label: label) -> list:
     """The rules from latency and memory as served: memory totals
     of the candidate against `reference`, and the served latency ratio against it (request by
@@ -73,7 +74,7 @@ def _served_rules(serving: ServingFigures | None, reference: str, config: dict,
     when `reference` was not served here (sample_rows 0, or the holder on another base): then each
     limit that is set gets an undecided rule saying so, never a batch queue time or a process's
     RSS in place of a figure as served. The rules' texts call each model `called(label)`."""
-    settings = config["verdict"]
+    settings = config.verdict
     served = set() if serving is None else {p.label for p in serving.memory}
     unserved = next((label for label in (FINETUNED, reference) if label not in served), None)
     if serving is None or unserved is not None:
@@ -84,27 +85,27 @@ def _served_rules(serving: ServingFigures | None, reference: str, config: dict,
         return _not_served(settings, why)
 
     def latency(label):
-        return replace(serving.at(label, int(settings["latency_at"])), label=called(label))
+        return replace(serving.at(label, int(settings.latency_at)), label=called(label))
 
     def memory(label):
         return replace(serving.memory_of(label), label=called(label))
 
     rules = memory_rules(memory(reference), memory(FINETUNED),
-                         settings["max_memory_ratio"], settings["max_memory_gib"])
-    if settings["max_latency_ratio"] is not None:
+                         settings.max_memory_ratio, settings.max_memory_gib)
+    if settings.max_latency_ratio is not None:
         rules.insert(0, latency_rule(
             latency(BASE), latency(FINETUNED),
-            float(settings["max_latency_ratio"]), level=float(settings["confidence_level"]),
-            n_resamples=int(settings["bootstrap_resamples"]), seed=int(settings["seed"]),
+            float(settings.max_latency_ratio), level=float(settings.confidence_level),
+            n_resamples=int(settings.bootstrap_resamples), seed=int(settings.seed),
             reference=None if reference == BASE else latency(reference),
-            max_core_wait=config["evaluation"]["latency"]["max_core_wait"]))
+            max_core_wait=config.evaluation.latency.max_core_wait))
     return rules
 
 
-def _not_served(settings: dict, why: str) -> list[RuleOutcome]:
+def _not_served(settings: VerdictSettings, why: str) -> list[RuleOutcome]:
     """Undecided latency and memory rules, for each limit conf.yaml sets, saying why."""
-    limits = {"latency_ratio": settings["max_latency_ratio"],
-              "memory_ratio": settings["max_memory_ratio"], "memory_gib": settings["max_memory_gib"]}
+    limits = {"latency_ratio": settings.max_latency_ratio,
+              "memory_ratio": settings.max_memory_ratio, "memory_gib": settings.max_memory_gib}
     return [RuleOutcome(name, None, float(limit), None,
                         f"{name.split('_')[0]} as served not measured ({why}), so this rule cannot "
                         f"decide; set its limit to null in conf.yaml to skip it")
@@ -125,7 +126,7 @@ def _texts(plan: EvaluationPlan, generated: Generated) -> TextResults | None:
     same = same_token_labels(plan.texts, plan.groups, plan.base_dir)
     results = summarize_texts(plan.texts, generated.text_logprobs, plan.labels, FINETUNED,
                               [label for label in plan.labels if label != FINETUNED], same,
-                              plan.config["verdict"])
+                              plan.config.verdict)
     if generated.drift is not None:
         results.metrics.update(generated.drift.metrics())
         results = replace(results, drift=generated.drift)
@@ -136,7 +137,7 @@ def _per_model(plan: EvaluationPlan, generated: Generated
                ) -> tuple[dict[str, RowScores], dict[str, float], dict[str, ModelScores]]:
     """Every model's per-row scores, its summary metrics `<label>/…`, and its primary metric's
     scores for the paired tests."""
-    evaluation = plan.config["evaluation"]
+    evaluation = plan.config.evaluation
     inputs = [plan.dataset.inputs[i] for i in plan.kept]
     targets = [plan.dataset.targets[i] for i in plan.kept]
     phases = generated.phases

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tunelens.settings import Settings
+
 DRIFT_FILE = "tunelens/activation_drift.json"
 DRIFT_CHART = "tunelens/activation_drift.png"
 
@@ -140,14 +142,14 @@ def layer_drift(engine, reference, candidate, token_ids: list[list[int]],
 
 def model_drift(base_dir: Path, model_dir: Path, reference, candidate,
                 token_ids: list[list[int]], weight_delta: dict[int, float],
-                config: dict) -> DriftProfile:
+                config: Settings) -> DriftProfile:
     """Drift of a model of its own (a full fine-tune in `model_dir`) from its base, per decoder
     layer: the base's layer outputs of every text are kept on the CPU, then the fine-tune's are
     compared as they come; one model in memory at a time."""
     from tunelens.evaluators.engines.transformers import TransformersEngine
 
     kept_by_text: list[list] = []
-    engine = TransformersEngine(base_dir, config["evaluation"]["transformers"])
+    engine = TransformersEngine(base_dir, config.evaluation.transformers)
     try:
         count = len(decoder_layers(engine.model))
         sums = _DriftSums(count)
@@ -156,7 +158,7 @@ def model_drift(base_dir: Path, model_dir: Path, reference, candidate,
             _forward_hooked(engine, reference, ids, sums.keeper(kept_by_text[-1]))
     finally:
         engine.close()
-    engine = TransformersEngine(model_dir, config["evaluation"]["transformers"])
+    engine = TransformersEngine(model_dir, config.evaluation.transformers)
     try:
         for ids, kept in zip(token_ids, kept_by_text):
             _forward_hooked(engine, candidate, ids, sums.comparer(kept))
@@ -166,7 +168,7 @@ def model_drift(base_dir: Path, model_dir: Path, reference, candidate,
     return sums.profile(reference.label, candidate.label, len(token_ids), weight_delta)
 
 
-def weight_delta_by_layer(adapter_dir: Path, config: dict) -> dict[int, float]:
+def weight_delta_by_layer(adapter_dir: Path, config: Settings) -> dict[int, float]:
     """S_ℓ per layer from the weight analysis of the adapter's factors (no base needed)."""
     from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
@@ -174,7 +176,7 @@ def weight_delta_by_layer(adapter_dir: Path, config: dict) -> dict[int, float]:
     return {profile.layer: float(profile.fro_sum) for profile in result.layers}
 
 
-def full_weight_delta_by_layer(model_dir: Path, base_dir: Path, config: dict) -> dict[int, float]:
+def full_weight_delta_by_layer(model_dir: Path, base_dir: Path, config: Settings) -> dict[int, float]:
     """S_ℓ = Σ ‖W_tuned − W_base‖_F per layer, from the full diff of the two model folders."""
     from tunelens.registry_hooks.engine.full_diff import diff_models
 
@@ -183,7 +185,7 @@ def full_weight_delta_by_layer(model_dir: Path, base_dir: Path, config: dict) ->
 
 
 def measure_drift(engine, base_dir: Path, pairs, token_ids: list[list[int]],
-                  config: dict) -> dict[str, DriftProfile]:
+                  config: Settings) -> dict[str, DriftProfile]:
     """`layer_drift` of each (reference, candidate) pair, by candidate label: on `engine` when it
     is a transformers one, else on one transformers model of the base loaded for them alone (the
     caller has closed its vLLM engine first) and closed after."""
@@ -191,7 +193,7 @@ def measure_drift(engine, base_dir: Path, pairs, token_ids: list[list[int]],
 
     own = engine is None or not isinstance(engine, TransformersEngine)
     if own:
-        engine = TransformersEngine(base_dir, config["evaluation"]["transformers"])
+        engine = TransformersEngine(base_dir, config.evaluation.transformers)
     try:
         return {candidate.label: layer_drift(engine, reference, candidate, token_ids,
                                              weight_delta_by_layer(candidate.adapter_dir, config))

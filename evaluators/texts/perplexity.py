@@ -32,6 +32,7 @@ from tunelens.errors import TunelensError
 from tunelens.evaluators.scoring.stats import ConfidenceInterval, paired_bca
 from tunelens.evaluators.texts.groups import TextGroup, load_groups
 from tunelens.evaluators.verdict import RuleOutcome
+from tunelens.settings import Settings, VerdictSettings
 
 TEXTS_TABLE_FILE = "tunelens/texts_table.json"
 CURVES_FILE = "tunelens/perplexity_curves.png"
@@ -86,20 +87,20 @@ def tokenize_texts(base_dir: Path, texts: list[str], max_tokens: int) -> tuple[l
     return ids, cut
 
 
-def plan_texts(specs, guard, config: dict, bases: list[Path], max_model_len: int
+def plan_texts(specs, guard, config: Settings, bases: list[Path], max_model_len: int
                ) -> TextPlan | None:
     """Load and tokenise the text groups of conf.yaml's evaluation.texts plus `specs` (CLI,
     evaluator config, model tag); None when there are none. Raises TunelensError on bad input."""
-    settings = config["evaluation"]["texts"]
-    configured = dict(settings["groups"] or {})
+    settings = config.evaluation.texts
+    configured = dict(settings.groups or {})
     specs = list(specs or ())
-    guard = [*settings["guard"], *(guard or ())]
+    guard = [*settings.guard, *(guard or ())]
     if not configured and not specs:
         if guard:
             raise TunelensError(f"--guard {', '.join(guard)}: no text groups given (--texts)")
         return None
     groups = load_groups([f"{name}={path}" for name, path in configured.items()] + specs, guard,
-                         settings["max_texts"])
+                         settings.max_texts)
     texts = [t for group in groups for t in group.texts]
     max_tokens = max_model_len - 1
     token_ids, cut_flags = {}, None
@@ -115,7 +116,7 @@ def plan_texts(specs, guard, config: dict, bases: list[Path], max_model_len: int
                                     "the tokenizer has no BOS token to predict it from: nothing "
                                     "to score")
         start += len(group.texts)
-    return TextPlan(groups, float(settings["margin"]), int(settings["drift_texts"]), max_tokens,
+    return TextPlan(groups, float(settings.margin), int(settings.drift_texts), max_tokens,
                     token_ids, spans)
 
 
@@ -195,19 +196,19 @@ class PerplexityComparison:
 
 def compare_group(group: TextGroup, reference: str, other: str,
                   ref_logprobs: list[np.ndarray], other_logprobs: list[np.ndarray],
-                  settings: dict) -> PerplexityComparison:
+                  settings: VerdictSettings) -> PerplexityComparison:
     """The paired comparison of two models' per-text log-perplexities on one group."""
     from scipy.stats import wilcoxon
 
     ref_nll, other_nll = mean_nll(ref_logprobs), mean_nll(other_logprobs)
     differences = other_nll - ref_nll
-    level = float(settings["confidence_level"])
+    level = float(settings.confidence_level)
     constant = len(differences) < 2 or float(np.ptp(differences)) <= 1e-12
     if len(differences) < 2:
         delta = ConfidenceInterval(float(differences.mean()), math.nan, math.nan, level)
     else:
-        delta = paired_bca(ref_nll, other_nll, n_resamples=int(settings["bootstrap_resamples"]),
-                           level=level, seed=int(settings["seed"]))
+        delta = paired_bca(ref_nll, other_nll, n_resamples=int(settings.bootstrap_resamples),
+                           level=level, seed=int(settings.seed))
     p_value = math.nan
     if np.any(differences != 0):
         p_value = float(wilcoxon(differences, zero_method="wilcox").pvalue)
@@ -284,7 +285,7 @@ def model_perplexities(plan: TextPlan, logprobs: dict[str, list[np.ndarray]],
 
 def summarize_texts(plan: TextPlan, logprobs: dict[str, list[np.ndarray]], labels: list[str],
                     candidate: str, references: list[str], same_tokens: set[str],
-                    settings: dict) -> TextResults:
+                    settings: VerdictSettings) -> TextResults:
     """Per model and group perplexity, candidate-vs-reference comparisons, the per-text table."""
     spans = plan.spans()
     metrics = model_perplexities(plan, logprobs, labels)

@@ -44,8 +44,7 @@ import numpy as np
 
 from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.interface import MemoryProfile
-
-SERVED_AS = ("adapter", "merged")
+from tunelens.settings import EvaluationSettings
 
 
 def percentile(values, q: float) -> float:
@@ -175,27 +174,11 @@ class ServingSettings:
     concurrency: tuple[int, ...] = (1,)  # levels timed, ascending (1 always among them)
 
     @classmethod
-    def from_config(cls, evaluation: dict) -> "ServingSettings":
-        served = evaluation.get("served", "adapter")
-        latency = evaluation.get("latency") or {}
-        if served not in SERVED_AS:
-            raise TunelensError(f"evaluation.served must be one of {', '.join(SERVED_AS)}, got "
-                                f"{served!r}")
-        sample_rows, warmup = latency.get("sample_rows", 20), latency.get("warmup_requests", 3)
-        max_rounds = latency.get("max_rounds", 3)
-        for key, value, least in (("sample_rows", sample_rows, 0), ("warmup_requests", warmup, 0),
-                                  ("max_rounds", max_rounds, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise TunelensError(f"evaluation.latency.{key} must be an integer >= {least}, got "
-                                    f"{value!r}")
-        if 0 < sample_rows < 2:
-            raise TunelensError("evaluation.latency.sample_rows must be 0 (off) or at least 2")
-        levels = latency.get("concurrency", [1])
-        if not isinstance(levels, list) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in levels):
-            raise TunelensError(f"evaluation.latency.concurrency must be a list of integers >= 1, "
-                                f"got {levels!r}")
-        return cls(served, sample_rows, warmup, max_rounds, tuple(sorted({1, *levels})))
+    def from_config(cls, evaluation: EvaluationSettings) -> "ServingSettings":
+        """The checked settings' served mode and latency schedule (level 1 always timed)."""
+        latency = evaluation.latency
+        return cls(evaluation.served, latency.sample_rows, latency.warmup_requests,
+                   latency.max_rounds, tuple(sorted({1, *latency.concurrency})))
 
 
 @dataclass(frozen=True)

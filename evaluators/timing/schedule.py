@@ -49,6 +49,7 @@ from tunelens.evaluators.timing.core_wait import SchedulerTimes, waiting_share
 from tunelens.evaluators.timing.profiles import (LatencyProfile, ServingFigures,
                                                  ServingSettings)
 from tunelens.evaluators.timing.rules import LatencyJudgement
+from tunelens.settings import EvaluationSettings
 
 
 def sample_rows(n_rows: int, wanted: int) -> list[int]:
@@ -190,7 +191,7 @@ class ServedTiming:
     """
 
     def __init__(self, base_dir, candidates: list, prompt_ids: list[list[int]], tokenizer,
-                 settings, evaluation: dict, backend: str, *, max_model_len: int, work_dir,
+                 settings, evaluation: EvaluationSettings, backend: str, *, max_model_len: int, work_dir,
                  judgement: LatencyJudgement | None = None):
         self.serving = ServingSettings.from_config(evaluation)
         self.base_dir, self.work_dir = Path(base_dir), Path(work_dir)

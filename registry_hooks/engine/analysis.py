@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tunelens.settings import Settings
+
 from . import lora_math
 from . import module_metrics as M
 from .loading import (AdapterContents, AnalysisInputError, BaseModel, ExpertModule, LoraModule,
@@ -41,7 +43,7 @@ class _Part:
 
 
 def analyze_adapter(adapter: str | Path, base: str | Path | None = None, *,
-                    config: dict | None = None, progress: bool = True) -> AnalysisResult:
+                    config: Settings | None = None, progress: bool = True) -> AnalysisResult:
     """Analyse a PEFT LoRA adapter (or an MLflow model dir with peft/) against an optional base."""
     settings = M.analysis_settings(config)
     # Every torch call under the analysis's threads, the file checks and histogram included: on a

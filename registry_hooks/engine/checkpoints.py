@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tunelens.settings import Settings
+
 from . import lora_math
 from .analysis import analyze_adapter
 from .loading import AdapterContents, AnalysisInputError, find_adapter_dir, open_adapter
@@ -108,7 +110,7 @@ def _open_all(checkpoints: list[Checkpoint]) -> list[AdapterContents]:
     return opened
 
 
-def checkpoint_evolution(paths: list[str | Path], *, config: dict | None = None,
+def checkpoint_evolution(paths: list[str | Path], *, config: Settings | None = None,
                          progress: bool = True) -> CheckpointEvolution:
     """analysis.json's `checkpoints` section: per module and per layer, every checkpoint."""
     settings = analysis_settings(config)
@@ -185,7 +187,7 @@ def is_run_folder(path: str | Path) -> bool:
 
 
 def training_runs(paths: list[str | Path], labels: list[str] | None = None, *,
-                  config: dict | None = None, progress: bool = True) -> TrainingRuns:
+                  config: Settings | None = None, progress: bool = True) -> TrainingRuns:
     """Several runs (each a folder of checkpoint-* folders), labelled by `labels` or by folder
     name: each run's S_ℓ per layer at every checkpoint, on the union of their layers."""
     if labels and len(labels) != len(paths):
@@ -210,7 +212,7 @@ def training_runs(paths: list[str | Path], labels: list[str] | None = None, *,
 
 
 def analyze_checkpoints(paths: list[str | Path], base: str | Path | None = None, *,
-                        config: dict | None = None, progress: bool = True) -> AnalysisResult:
+                        config: Settings | None = None, progress: bool = True) -> AnalysisResult:
     """The final checkpoint's full analysis with the evolution attached as `checkpoints`."""
     section = checkpoint_evolution(paths, config=config, progress=progress)
     result = analyze_adapter(section.checkpoints[-1].path, base, config=config,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from tunelens.settings import Settings
+
 from .analysis import analyze_adapter
 from .checkpoints import column_space, subspace_similarity
 from .loading import (AdapterContents, AnalysisInputError, LoraModule, find_adapter_dir,
@@ -114,7 +116,7 @@ def input_kind(path: str | Path) -> str:
     raise AnalysisInputError(f"{path} is neither a LoRA adapter directory nor an analysis.json")
 
 
-def load_input(path: str | Path, base: str | Path | None, config: dict | None,
+def load_input(path: str | Path, base: str | Path | None, config: Settings | None,
                progress: bool) -> Compared:
     """An adapter directory (analysed now) or an analysis.json / folder holding one."""
     path = Path(path)
@@ -135,7 +137,7 @@ def _label(path: Path) -> str:
     return path.name if path.name not in ("peft", "") else path.parent.name
 
 
-def compare(paths: list[str | Path], base: str | Path | None = None, *, config: dict | None = None,
+def compare(paths: list[str | Path], base: str | Path | None = None, *, config: Settings | None = None,
             progress: bool = True) -> Comparison:
     """Compare two or more adapters or analysis results of the same base model."""
     if len(paths) < 2:

@@ -22,7 +22,8 @@ import torch
 from scipy.sparse.linalg import ArpackError, svds
 from tqdm import tqdm
 
-from tunelens.config import section
+from tunelens.config import packaged_settings
+from tunelens.settings import Settings
 
 from . import lora_math
 from . import module_metrics as M
@@ -184,11 +185,11 @@ def check_same_architecture(tuned: BaseModel, base: BaseModel) -> None:
 
 # --------------------------------------------------------------------------- the diff
 
-def diff_models(finetuned: str | Path, base: str | Path, *, config: dict | None = None,
+def diff_models(finetuned: str | Path, base: str | Path, *, config: Settings | None = None,
                 progress: bool = True) -> AnalysisResult:
     """Every tensor's ΔW = W_tuned − W_base between two full model directories, streamed."""
     settings = M.analysis_settings(config)
-    diff_settings = section(config, "full_diff")
+    diff_settings = (config or packaged_settings()).full_diff
     device = M.torch_device(settings)
     tuned_model, base_model = open_full_model(finetuned, "fine-tuned"), open_full_model(base, "base")
     check_same_architecture(tuned_model, base_model)
@@ -366,8 +367,7 @@ def _result(tuned_model, base_model, analyses, diffs, samples, warnings, setting
         mean_layer_fro_sum=mean_layer, max_layer_fro_sum=max_layer,
         group_fro=group_fro, mean_rank_utilisation=math.nan,
         nonfinite_modules=[a.metrics.name for a in analyses if a.metrics.nonfinite])
-    config = base_model.config
-    adapter = FullFinetuneInfo(config.get("_name_or_path") or str(base_model.path))
+    adapter = FullFinetuneInfo(base_model.config.get("_name_or_path") or str(base_model.path))
     result = AnalysisResult(
         adapter=adapter, summary=summary, modules=[a.metrics for a in analyses], layers=layers,
         top_neurons=top_neurons(finite, settings.top_neurons),

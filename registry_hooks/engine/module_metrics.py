@@ -13,17 +13,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tunelens.config import section
-from tunelens.settings import AnalysisSettings
+from tunelens.config import packaged_settings
+from tunelens.settings import AnalysisSettings, Settings
 
 from . import lora_math
 from .naming import ModulePath
 from .result import Heatmap, ModuleMetrics
 
 
-def analysis_settings(config: dict | None) -> AnalysisSettings:
-    """conf.yaml's `analysis:` section, typed (tunelens.settings), over the packaged defaults."""
-    return section(config, "analysis")
+def analysis_settings(config: Settings | None) -> AnalysisSettings:
+    """conf.yaml's `analysis:` section of `config` (the packaged defaults when None)."""
+    return (config or packaged_settings()).analysis
 
 
 @contextmanager

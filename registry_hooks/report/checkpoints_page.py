@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelens.registry_hooks.engine.result import AnalysisResult, CheckpointEvolution
+from tunelens.settings import Settings
 
 from .narrative import narrate_sections
 from .outputs import write_analysis
@@ -13,7 +14,7 @@ from .sections import Section, Table
 
 
 def write_checkpoints(result: AnalysisResult, out_dir: str | Path, *,
-                      config: dict | None = None):
+                      config: Settings | None = None):
     """write_analysis's files plus the per-layer profile over steps: PNG frames and an animated GIF."""
     chart_dir = Path(out_dir) / "charts"
     frames = render_frames(result.checkpoints, chart_dir / "checkpoints")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelens.registry_hooks.engine.result import AnalysisResult
+from tunelens.settings import Settings
 
 from .outputs import write_analysis
 from .figures import grid_heatmap
@@ -11,7 +12,7 @@ from .sections import Section
 
 
 def write_full_diff(result: AnalysisResult, out_dir: str | Path, *,
-                    config: dict | None = None):
+                    config: Settings | None = None):
     """write_analysis's files plus the layer × matrix type charts and a report section."""
     chart_dir = Path(out_dir) / "charts"
     grid = result.full_diff.grid

@@ -9,9 +9,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelens.config import section
+from tunelens.config import packaged_settings
 
 from tunelens.registry_hooks.engine.result import AnalysisResult
+from tunelens.settings import Settings
 
 from .document import analysis_document
 from .html import render_report
@@ -28,13 +29,13 @@ class AnalysisFiles:
 
 
 def write_analysis(result: AnalysisResult, out_dir: str | Path, *,
-                   config: dict | None = None, charts: bool | None = None,
+                   config: Settings | None = None, charts: bool | None = None,
                    sections: list[Section] = ()) -> AnalysisFiles:
     """Write out_dir/analysis.json, out_dir/report.html and out_dir/charts/*.png (`config`:
     the command's settings, a load_config() result; None: the packaged defaults; `charts`: draw
     the PNG copies, None = analysis.png_charts (off by default: report.html draws every chart
     itself); `sections`: more of the page, below the report)."""
-    settings = section(config, "analysis")
+    settings = (config or packaged_settings()).analysis
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The document once for both files: on a 224-module adapter it is a second of CPU (the

@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from tunelens.errors import TunelensError
+from tunelens.settings import Settings
 
 import psutil
 
@@ -96,15 +97,15 @@ def _wait_port_free(host: str, port: int, timeout: float) -> bool:
 class EmbeddedServer:
     """MLflow server subprocess + HookService; run() blocks until Ctrl-C or SIGTERM."""
 
-    def __init__(self, config: dict, *, host: str | None = None, port: int | None = None,
+    def __init__(self, config: Settings, *, host: str | None = None, port: int | None = None,
                  data_dir: str | os.PathLike | None = None, backend_store_uri: str | None = None):
-        server = config["server"]
+        server = config.server
         # Its own registry: every model is in scope unless the user narrowed hooks.models.
         self.config = config = with_default_models(config, EVERYTHING)
-        self.host = host or server["host"]
-        self.port = int(port or server["port"])
-        self.data_dir = Path(data_dir or server["data_dir"]).expanduser().resolve()
-        self.backend_store_uri = (backend_store_uri or server["backend_store_uri"]
+        self.host = host or server.host
+        self.port = int(port or server.port)
+        self.data_dir = Path(data_dir or server.data_dir).expanduser().resolve()
+        self.backend_store_uri = (backend_store_uri or server.backend_store_uri
                                   or f"sqlite:///{self.data_dir / 'mlflow.db'}")
         self.process: subprocess.Popen | None = None
         self.service: HookService | None = None
@@ -118,12 +119,12 @@ class EmbeddedServer:
 
     def command(self) -> list[str]:
         registry_uri = []
-        if self.config["server"]["registry_store_plugin"]:
+        if self.config.server.registry_store_plugin:
             registry_uri = ["--registry-store-uri", "tunelens+" + self.backend_store_uri]
         return [sys.executable, "-m", "tunelens.registry_hooks.service.supervisor", str(os.getpid()),
                 "--",
                 sys.executable, "-m", "mlflow", "server", "--host", self.host, "--port",
-                str(self.port), "--workers", str(self.config["server"]["workers"]),
+                str(self.port), "--workers", str(self.config.server.workers),
                 "--backend-store-uri", self.backend_store_uri, *registry_uri,
                 "--artifacts-destination", str(self.data_dir / "artifacts")]
 
@@ -172,7 +173,7 @@ class EmbeddedServer:
                      len(stopped), ", ".join(map(str, stopped)))
         # A dead worker's leases all expire within lease_seconds of its death, which came before
         # now: remember it (across further restarts) only that long.
-        now, lease = time.time(), float(self.config["hooks"]["lease_seconds"])
+        now, lease = time.time(), float(self.config.hooks.lease_seconds)
         dead = record.get("dead_workers") if isinstance(record.get("dead_workers"), dict) else {}
         self.dead_workers = {owner: float(since) for owner, since in dead.items()
                              if now - float(since) < lease}
@@ -201,7 +202,7 @@ class EmbeddedServer:
         self._wait_healthy(timeout)
         self.service = HookService(
             self.url, self.config, dead_workers=frozenset(self.dead_workers),
-            guard_aliases=not self.config["server"]["registry_store_plugin"]).start()
+            guard_aliases=not self.config.server.registry_store_plugin).start()
         self._write_pid_file()
         return self
 

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from tunelens.artifact_uris import fetch_dataset
 from tunelens.registry.version import VersionRef
+from tunelens.settings import Settings
 
 from . import state
 
@@ -40,7 +41,7 @@ class EvaluationJob:
     version: str
     dataset: str
     base_path: Path | None
-    config: dict
+    config: Settings
     model_dir: Path
     adapter_dir: Path
     lease: state.Lease
@@ -83,10 +84,10 @@ def evaluate_in_child(job: EvaluationJob) -> EvaluationDone:
     return EvaluationDone(outcome.run_id, outcome.verdict.decision.value)
 
 
-def evaluation_runs(client: MlflowClient, config: dict, name: str, version: str) -> list:
+def evaluation_runs(client: MlflowClient, config: Settings, name: str, version: str) -> list:
     """Every live run the version's evaluation jobs made (runs of `tunelens evaluate` and
     mlflow.models.evaluate, which carry no attempt, are the user's and are not listed)."""
-    experiment = client.get_experiment_by_name(config["evaluation"]["experiment"])
+    experiment = client.get_experiment_by_name(config.evaluation.experiment)
     if experiment is None:
         return []
     # Matched on the version's number (nothing in it needs quoting), then on the whole name.

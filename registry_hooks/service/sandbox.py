@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from tunelens.errors import TunelensError, one_line
+from tunelens.settings import Settings
 
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
                    "DEADLINE_EXCEEDED"}
@@ -50,7 +51,7 @@ class SandboxFailed(TunelensError):
         self.transient = transient
 
 
-def analyse_to_files(adapter_dir: Path, base_path: Path | None, config: dict, out_dir: Path):
+def analyse_to_files(adapter_dir: Path, base_path: Path | None, config: Settings, out_dir: Path):
     """analyze_adapter + write_analysis: (AnalysisResult, AnalysisFiles)."""
     from tunelens.registry_hooks.engine.analysis import analyze_adapter
     from tunelens.registry_hooks.report.outputs import write_analysis

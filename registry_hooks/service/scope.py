@@ -13,6 +13,9 @@ import fnmatch
 import json
 from dataclasses import dataclass
 
+from tunelens.config import with_changes
+from tunelens.settings import Settings
+
 EVERYTHING = ("*",)
 # The hook service's scope handed to the registry-store plugin inside the MLflow server it runs.
 SCOPE_ENV = "TUNELENS_HOOKS_SCOPE"
@@ -24,20 +27,23 @@ class Scope:
     tag: tuple[str, str] | None
 
     @classmethod
-    def from_config(cls, config: dict) -> "Scope":
-        hooks = config["hooks"]
-        models = hooks.get("models")
+    def of(cls, models: list[str] | str | None, models_tag: str | None) -> "Scope":
+        """hooks.models (names or glob patterns) and hooks.models_tag (KEY=VALUE) as a scope."""
         patterns = (models,) if isinstance(models, str) else tuple(models or ())
-        tag_setting = hooks.get("models_tag")
         tag = None
-        if tag_setting:
-            key, _, value = str(tag_setting).partition("=")
+        if models_tag:
+            key, _, value = str(models_tag).partition("=")
             tag = (key.strip(), value.strip())
         return cls(tuple(str(p) for p in patterns), tag)
 
     @classmethod
+    def from_config(cls, config: Settings) -> "Scope":
+        return cls.of(config.hooks.models, config.hooks.models_tag)
+
+    @classmethod
     def from_json(cls, text: str) -> "Scope":
-        return cls.from_config({"hooks": json.loads(text)})
+        handed = json.loads(text)
+        return cls.of(handed.get("models"), handed.get("models_tag"))
 
     def to_json(self) -> str:
         tag = f"{self.tag[0]}={self.tag[1]}" if self.tag else None
@@ -66,8 +72,8 @@ class Scope:
         return " or ".join(parts) or "no model (set hooks.models or hooks.models_tag)"
 
 
-def with_default_models(config: dict, models: tuple[str, ...]) -> dict:
+def with_default_models(config: Settings, models: tuple[str, ...]) -> Settings:
     """`config` with hooks.models set to `models` when the user left it null."""
-    if config["hooks"].get("models") is not None:
+    if config.hooks.models is not None:
         return config
-    return {**config, "hooks": {**config["hooks"], "models": list(models)}}
+    return with_changes(config, {"hooks": {"models": list(models)}})

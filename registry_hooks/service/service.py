@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from tunelens.errors import TunelensError
 
 from tunelens.registry.promotion import Gatekeeper
+from tunelens.settings import Settings
 
 from .alias_guard import ALIAS_EVENTS, AliasGuard
 from .webhook import WebhookReceiver
@@ -52,30 +53,30 @@ def ensure_webhook(client: MlflowClient, name: str, url: str, secret: str) -> st
 class HookService:
     """Receiver, worker and scan; start() returns once deliveries can be received."""
 
-    def __init__(self, tracking_uri: str, config: dict, *, register_webhook: bool = True,
+    def __init__(self, tracking_uri: str, config: Settings, *, register_webhook: bool = True,
                  dead_workers: frozenset[str] = frozenset(), guard_aliases: bool = True):
         self.tracking_uri = tracking_uri
         self.config = config
-        hooks = config["hooks"]
+        hooks = config.hooks
         # A fixed secret (several hook services behind one URL) comes from the environment, never
         # from a settings file; otherwise each start generates one and updates the webhook.
         self.secret = os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32)
         self.worker = Worker(tracking_uri, config, dead_workers=dead_workers)
         self.alias_guard = (AliasGuard(tracking_uri, Gatekeeper.from_config(config),
-                                       self.worker.in_scope, float(hooks["poll_interval"]))
+                                       self.worker.in_scope, float(hooks.poll_interval))
                             if guard_aliases else None)
-        self.receiver = WebhookReceiver(hooks["host"], int(hooks["port"]), self.secret,
+        self.receiver = WebhookReceiver(hooks.host, int(hooks.port), self.secret,
                                         self.worker.enqueue,
-                                        max_body_bytes=int(hooks["max_body_bytes"]),
-                                        max_age=float(hooks["max_age_seconds"]),
+                                        max_body_bytes=int(hooks.max_body_bytes),
+                                        max_age=float(hooks.max_age_seconds),
                                         on_alias=self.alias_guard and self.alias_guard.watch)
         self.register_webhook = register_webhook
         self.webhook_id: str | None = None
 
     @property
     def webhook_url(self) -> str:
-        hooks = self.config["hooks"]
-        return hooks.get("public_url") or f"http://{hooks['host']}:{self.receiver.port}/webhook"
+        hooks = self.config.hooks
+        return hooks.public_url or f"http://{hooks.host}:{self.receiver.port}/webhook"
 
     def _check_reachable(self) -> None:
         """Fail in seconds with one line, not after the MLflow client's minutes of retries."""
@@ -99,12 +100,12 @@ class HookService:
         if self.register_webhook:
             try:
                 self.webhook_id = ensure_webhook(MlflowClient(self.tracking_uri),
-                                                 self.config["hooks"]["webhook_name"],
+                                                 self.config.hooks.webhook_name,
                                                  self.webhook_url, self.secret)
             except MlflowException as exc:
                 # A file store or an old server has no webhooks: the scan still finds everything.
                 log.warning("no MLflow webhook (%s); relying on the scan every %s s",
-                            exc.message.splitlines()[0], self.config["hooks"]["poll_interval"])
+                            exc.message.splitlines()[0], self.config.hooks.poll_interval)
         self.worker.start()
         log.info("tunelens hooks: receiving on %s, worker %s, analysing %s", self.webhook_url,
                  self.worker.owner, self.worker.scope.describe())

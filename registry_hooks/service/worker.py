@@ -36,6 +36,7 @@ from tunelens.registry.description import ANALYSIS_SECTION, escape_markdown, rep
 from tunelens.registry.experiments import experiment_id
 from tunelens.registry.files import Detection, detect_adapter
 from tunelens.registry.version import VersionRef
+from tunelens.settings import Settings
 from .evaluation import (EVAL_DATASET_TAG, EVAL_GUARD_TAG, EVAL_TEXTS_TAG, EvaluationDone,
                          EvaluationJob, evaluation_runs, listed)
 from .mlflow_logging import analysis_runs, description_section, log_analysis_run, summary_tags
@@ -126,20 +127,20 @@ class _Heartbeat:
 class Worker:
     """Processes queued jobs on `threads` threads; enqueue() never blocks."""
 
-    def __init__(self, tracking_uri: str, config: dict, *, threads: int | None = None,
+    def __init__(self, tracking_uri: str, config: Settings, *, threads: int | None = None,
                  dead_workers: frozenset[str] = frozenset()):
         self.tracking_uri = tracking_uri
         self.config = config
-        hooks = config["hooks"]
-        self.lease_seconds = float(hooks["lease_seconds"])
-        self.max_attempts = int(hooks["max_attempts"])
-        self.poll_interval = float(hooks["poll_interval"])
-        self.experiment_name = hooks["experiment"]
-        self.claim_prefix = hooks["claim_prefix"]
+        hooks = config.hooks
+        self.lease_seconds = float(hooks.lease_seconds)
+        self.max_attempts = int(hooks.max_attempts)
+        self.poll_interval = float(hooks.poll_interval)
+        self.experiment_name = hooks.experiment
+        self.claim_prefix = hooks.claim_prefix
         # A worker with the setting off neither queues nor runs evaluations; in a fleet, those
         # with it on run the ones queued.
-        self.evaluates = bool(hooks["evaluate_on_registration"])
-        self.threads = threads or int(hooks["workers"])
+        self.evaluates = bool(hooks.evaluate_on_registration)
+        self.threads = threads or int(hooks.workers)
         self.owner = state.worker_id()
         # Workers known to be dead (a killed `tunelens server` on the same data dir): their
         # leases are taken over at once rather than after they expire.
@@ -156,8 +157,8 @@ class Worker:
         # evaluation when this worker runs it (then the files are fetched once); dropped after it.
         self._fetched: dict[tuple[str, str], Detection] = {}
         # Per kind, one child process per worker thread (see sandbox.py), started on first use.
-        timeouts = {ANALYSIS: hooks["analysis_timeout_seconds"],
-                    EVALUATION: hooks["evaluation_timeout_seconds"]}
+        timeouts = {ANALYSIS: hooks.analysis_timeout_seconds,
+                    EVALUATION: hooks.evaluation_timeout_seconds}
         works = {ANALYSIS: ANALYSIS_WORK, EVALUATION: EVALUATION_WORK}
         self._sandboxes: dict[JobKind, queue.Queue[SandboxProcess]] = {}
         for kind, work in works.items():
@@ -386,7 +387,7 @@ class Worker:
                  beat: _Heartbeat, tmp: Path) -> JobOutcome:
         clock = _PhaseClock()
         detection = detect_adapter(client, name, version, tmp / "model",
-                                   max_bytes=int(self.config["hooks"]["max_download_bytes"]))
+                                   max_bytes=int(self.config.hooks.max_download_bytes))
         clock.lap("download")
         if not detection.is_lora:
             beat.check()
@@ -443,7 +444,7 @@ class Worker:
         detection = self._fetched.get((name, version))  # this worker's analysis fetched it
         if skip is None and detection is None:
             detection = detect_adapter(client, name, version, tmp / "model",
-                                       max_bytes=int(self.config["hooks"]["max_download_bytes"]))
+                                       max_bytes=int(self.config.hooks.max_download_bytes))
             skip = detection.skip_reason if not detection.is_lora else None
         if skip is not None:
             beat.check()

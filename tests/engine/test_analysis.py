@@ -16,6 +16,7 @@ import torch
 from support.factories import make_lora_adapter, make_moe_adapter, save_tiny_model, tiny_moe
 from safetensors.torch import load_file, save_file
 
+from tunelens.config import with_changes
 from tunelens.registry_hooks.engine.analysis import analyze_adapter
 from tunelens.registry_hooks.engine.naming import strip_peft_prefix
 from tunelens.registry_hooks.engine.result import AnalysisResult
@@ -24,8 +25,8 @@ from tunelens.registry_hooks.report.narrative import fmt, narrate
 
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Exact histograms up to 50M entries: these tests check every count against the dense ΔW.
-TINY = {"analysis": {"heatmap_size": 8, "top_neurons": 15, "histogram_bins": 30,
-                     "histogram_exact_max_entries": 50_000_000}}
+TINY = with_changes(None, {"analysis": {"heatmap_size": 8, "top_neurons": 15, "histogram_bins": 30,
+                                       "histogram_exact_max_entries": 50_000_000}})
 
 
 @pytest.fixture(scope="module")

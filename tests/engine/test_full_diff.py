@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from support.factories import perturbed_copy
+from tunelens.config import with_changes
 from tunelens.plugin.cli import main
 from tunelens.registry_hooks.engine import lora_math
 from tunelens.registry_hooks.engine.full_diff import diff_models, randomized_svd, stratified_positions
@@ -86,7 +87,8 @@ def test_exact_metrics_match_dense_reference(pair):
 
 def test_large_matrix_path_agrees_with_dense(pair):
     base, tuned = pair
-    config = {"full_diff": {"exact_max_dim": 0, "top_singular_values": 4, "lanczos_min_dim": 1}}
+    config = with_changes(None, {"full_diff": {"exact_max_dim": 0, "top_singular_values": 4,
+                                               "lanczos_min_dim": 1}})
     result = diff_models(tuned, base, config=config, progress=False)
     dense = _dense(base, tuned)
     diffs = {d["name"]: d for d in json_safe(result.full_diff)["tensors"]}
@@ -100,7 +102,8 @@ def test_large_matrix_path_agrees_with_dense(pair):
     # isotropic noise is high-rank: past min(m, n)/4 values every σ comes from the Gram matrix
     assert noisy["spectrum_exact"] and noisy["relative_rank"] > 0.5
     assert all(m.intruder_dimensions is None for m in result.modules)  # off for large by default
-    config["full_diff"].update(intruders_randomized=True, intruder_reference_k=128)
+    config = with_changes(config, {"full_diff": {"intruders_randomized": True,
+                                                 "intruder_reference_k": 128}})
     bounded = diff_models(tuned, base, config=config, progress=False)
     for m in bounded.modules:
         w, delta = dense[m.name + ".weight"]
@@ -143,7 +146,7 @@ def test_rank_of_large_matrices_is_exact_at_the_threshold(planted_pair, tmp_path
     matrix (the default, 4096). The planted q_proj has rank 40, the noisy down_proj its dense
     count."""
     base, tuned = planted_pair
-    config = {"full_diff": {"lanczos_min_dim": lanczos_min_dim}}
+    config = with_changes(None, {"full_diff": {"lanczos_min_dim": lanczos_min_dim}})
     result = diff_models(tuned, base, config=config, progress=False)
     dense = _dense(base, tuned)
     diffs = {d.name: d for d in result.full_diff.tensors}
@@ -244,7 +247,7 @@ def test_histogram_never_samples_more_entries_than_exist(pair):
     """A pair smaller than analysis.histogram_sample_entries: every entry once, an exact histogram
     (the old draw with replacement reported 1,999,998 samples of 783,360 entries)."""
     base, tuned = pair
-    result = diff_models(tuned, base, config={"analysis": {"histogram_sample_entries": 2_000_000}},
+    result = diff_models(tuned, base, config=with_changes(None, {"analysis": {"histogram_sample_entries": 2_000_000}}),
                          progress=False)
     dense = _dense(base, tuned)
     entries = torch.cat([d.reshape(-1) for _, d in dense.values() if d.ndim == 2])
@@ -255,7 +258,7 @@ def test_histogram_never_samples_more_entries_than_exist(pair):
     reference = torch.histogram(entries, len(h.counts), range=(h.min, h.max))[0]
     assert h.counts == [int(c) for c in reference]
     # a quota below the population: a sample, never larger than asked for
-    config = {"analysis": {"histogram_sample_entries": 5000}}
+    config = with_changes(None, {"analysis": {"histogram_sample_entries": 5000}})
     sampled = diff_models(tuned, base, config=config, progress=False).histogram
     assert not sampled.exact and sampled.share_within_one_std_error is not None
     # per-matrix quotas are rounded: within one entry per matrix of the 5000 asked for

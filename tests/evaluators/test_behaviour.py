@@ -11,9 +11,8 @@ from tunelens.evaluators.scoring.behaviour import sentence_starts, split_answer
 from tunelens.evaluators.scoring.metrics import score_rows, summarize
 from tunelens.evaluators.scoring.profiles import PROFILES
 
-EVALUATION = load_config()["evaluation"]
-PATTERNS = (EVALUATION["behaviour"]["preamble_patterns"],
-            EVALUATION["behaviour"]["explanation_patterns"])
+EVALUATION = load_config().evaluation
+PATTERNS = (EVALUATION.behaviour.preamble_patterns, EVALUATION.behaviour.explanation_patterns)
 REFERENCE = "She goes home."
 
 # (output, reference, preamble, correction, explanation), with conf.yaml's packaged patterns

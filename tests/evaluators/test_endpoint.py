@@ -45,14 +45,14 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
     data = root / "test.jsonl"
     pd.DataFrame({"inputs": SENTENCES, "targets": targets}).to_json(data, orient="records",
                                                                     lines=True)
-    config = load_config()
-    config["evaluation"]["generation"]["max_new_tokens"] = MAX_NEW
-    config["evaluation"]["latency"] |= {"sample_rows": 4, "warmup_requests": 1, "max_rounds": 1,
-                                        "concurrency": [1, 2]}
-    config["evaluation"]["texts"]["drift_texts"] = 0
-    config["verdict"] |= {"bootstrap_resamples": 200, "max_memory_ratio": None}
+    changes = {"evaluation": {"generation": {"max_new_tokens": MAX_NEW},
+                              "latency": {"sample_rows": 4, "warmup_requests": 1, "max_rounds": 1,
+                                          "concurrency": [1, 2]},
+                              "texts": {"drift_texts": 0}},
+               "verdict": {"bootstrap_resamples": 200, "max_memory_ratio": None}}
+    config = with_changes(load_config(), changes)
     policy = root / "policy.yaml"
-    policy.write_text(json.dumps({key: config[key] for key in ("evaluation", "verdict")}))
+    policy.write_text(json.dumps(changes))
     yield {"data": data, "config": config, "client": client, "policy": policy}
     if previous is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -69,9 +69,7 @@ def on_endpoint(setup, vllm_endpoint):
 
 @pytest.fixture(scope="module")
 def in_process(setup):
-    config = {**setup["config"], "evaluation": {**setup["config"]["evaluation"],
-                                                "latency": {**setup["config"]["evaluation"]
-                                                            ["latency"], "sample_rows": 0}}}
+    config = with_changes(setup["config"], {"evaluation": {"latency": {"sample_rows": 0}}})
     return evaluate_version(f"models:/{NAME}/2", setup["data"], backend="vllm", config=config,
                             client=setup["client"])
 
@@ -152,7 +150,7 @@ def test_a_refusal_while_timing_leaves_the_latency_part_inconclusive(setup, vllm
     cannot serve): the quality rules are judged as before, the latency rule is undecided with
     that one line, so the part is INCONCLUSIVE, never a half verdict."""
     config = with_endpoint(setup["config"], vllm_endpoint.url, None)
-    config = {**config, "evaluation": {**config["evaluation"], "served": "merged"}}
+    config = with_changes(config, {"evaluation": {"served": "merged"}})
     outcome = evaluate_version(f"models:/{NAME}/2", setup["data"], config=config,
                                client=setup["client"], set_version_tags=False)
     assert quality_rules(outcome) == quality_rules(on_endpoint)

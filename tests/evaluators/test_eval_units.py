@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from support.factories import make_lora_adapter, tiny_llama
-from tunelens.config import load_config
+from tunelens.config import ConfigError, load_config, with_changes
 from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.choice import choose_backend
 from tunelens.evaluators.engines.vllm import vllm_max_lora_rank, vllm_refusal
@@ -113,23 +113,22 @@ def test_dataset_errors_are_one_clear_line(tmp_path):
 
 
 def test_generation_settings_from_conf_and_stop_cut():
-    evaluation = load_config()["evaluation"]
-    settings = generation_settings(evaluation["generation"], 5)
+    config = load_config()
+    settings = generation_settings(config.evaluation.generation, 5)
     assert settings.max_new_tokens == 5 and settings.greedy
     assert cut_at_stop("answer\nmore", ("\n", "more")) == ("answer", True)
     assert cut_at_stop("answer", ("\n",)) == ("answer", False)
-    evaluation["generation"]["prompt_template"] = "no placeholder"
-    with pytest.raises(TunelensError, match=r"must contain \{input\}"):
-        generation_settings(evaluation["generation"])
+    with pytest.raises(ConfigError, match=r"prompt_template.*must contain \{input\}"):
+        with_changes(config, {"evaluation": {"generation": {"prompt_template": "no placeholder"}}})
 
 
 def test_chat_template_is_applied_identically_and_required(llama_base):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llama_base)
-    settings = generation_settings({**load_config()["evaluation"]["generation"],
-                                    "prompt_template": "Fix: {input}", "chat_template": True,
-                                    "system_prompt": "be brief"})
+    settings = generation_settings(with_changes(None, {"evaluation": {"generation": {
+        "prompt_template": "Fix: {input}", "chat_template": True,
+        "system_prompt": "be brief"}}}).evaluation.generation)
     with pytest.raises(TunelensError, match="no chat template"):
         build_prompts(["x"], tokenizer, settings)
     tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"

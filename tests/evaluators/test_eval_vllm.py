@@ -6,7 +6,6 @@ every bad-input case run around it.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from mlflow import MlflowClient
 from support.eval_support import greedy as greedy_outputs
 from support.eval_support import mean_nll
 from support.factories import make_lora_adapter, tiny_llama
-from tunelens.config import load_config
+from tunelens.config import load_config, with_changes
 from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.vllm import cpu_worker_binding
 from tunelens.evaluators.run import evaluate_version
@@ -74,11 +73,11 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
     data = root / "test.jsonl"
     pd.DataFrame({"inputs": SENTENCES + [TOO_LONG], "targets": targets}).to_json(
         data, orient="records", lines=True)
-    config = load_config()
-    config["evaluation"]["generation"]["max_new_tokens"] = MAX_NEW
-    config["verdict"]["bootstrap_resamples"] = 200
-    config["evaluation"]["latency"]["sample_rows"] = 0  # served latency: tests/evaluators/test_serving.py
-    config["evaluation"]["texts"]["drift_texts"] = 2
+    config = with_changes(load_config(), {
+        "evaluation": {"generation": {"max_new_tokens": MAX_NEW},
+                       "latency": {"sample_rows": 0},  # served latency: tests/evaluators/test_serving.py
+                       "texts": {"drift_texts": 2}},
+        "verdict": {"bootstrap_resamples": 200}})
     texts = write_text_groups(root)
     yield {"data": data, "config": config, "references": references, "base": llama_base,
            "client": client, "root": root, "url": mlflow_server.url, "texts": texts}
@@ -311,8 +310,8 @@ def test_mlflow_evaluate_plugin_uses_the_engine_not_pyfunc(setup, vllm_outcome):
 def test_engine_that_cannot_start_is_a_clear_error_and_no_verdict(setup, vllm_outcome):
     client = setup["client"]
     before = version_tags(client, "2")
-    config = json.loads(json.dumps(setup["config"]))
-    config["evaluation"]["vllm"]["gpu_memory_utilization"] = 0.001  # no room for weights + KV
+    # no room for weights + KV
+    config = with_changes(setup["config"], {"evaluation": {"vllm": {"gpu_memory_utilization": 0.001}}})
     with pytest.raises(TunelensError, match="vLLM engine failed to start.*not enough memory"):
         evaluate_version(f"models:/{NAME}/2", setup["data"], backend="vllm", config=config)
     assert version_tags(client, "2") == before
@@ -343,8 +342,7 @@ def test_adapter_that_changed_nothing_is_flagged(setup, llama_base):
 def test_tensor_parallel_engine_gives_the_same_outputs(setup, vllm_outcome):
     """The scale path for models larger than one device: the same evaluation sharded over two
     vLLM workers (two CPU worker processes here, two GPUs elsewhere) gives the same table."""
-    config = copy.deepcopy(setup["config"])
-    config["evaluation"]["vllm"]["tensor_parallel_size"] = 2
+    config = with_changes(setup["config"], {"evaluation": {"vllm": {"tensor_parallel_size": 2}}})
     outcome = evaluate_version(f"models:/{NAME}/2", setup["data"], backend="vllm", config=config,
                                set_version_tags=False)
     assert outcome.engine_settings["tensor_parallel_size"] == 2

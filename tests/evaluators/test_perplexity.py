@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from support.eval_support import mean_nll
 from support.factories import CORPUS, make_lora_adapter, tiny_llama, train_lora_on_texts
-from tunelens.config import load_config
+from tunelens.config import load_config, with_changes
 from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.interface import Candidate
 from tunelens.evaluators.engines.transformers import TransformersEngine
@@ -20,11 +20,13 @@ from tunelens.evaluators.texts.perplexity import (compare_group, cumulative_delt
                                             group_perplexity, perplexity_rule, plan_texts,
                                             summarize_texts, tokenize_texts)
 from tunelens.evaluators.texts.groups import TextGroup, load_groups
+from tunelens.settings import TransformersSettings
 
 # The task group: sentences of the tiny corpus; "general" text: the same words shuffled.
 TASK = sorted(set(CORPUS))[:10]
 GENERAL = [" ".join(sorted(s.split(), key=lambda w: (len(w), w))[::-1]) for s in TASK]
-SETTINGS = {"confidence_level": 0.95, "bootstrap_resamples": 500, "seed": 0}
+SETTINGS = with_changes(None, {"verdict": {"confidence_level": 0.95, "bootstrap_resamples": 500,
+                                          "seed": 0}}).verdict
 
 
 def write_groups(root):
@@ -134,7 +136,7 @@ def trained(llama_base, tmp_path_factory):
 def cpu_engine(base_dir):
     """A transformers engine of `base_dir` on the CPU, closed after; each adapter is a PEFT
     adapter of its own label on it."""
-    backend = TransformersEngine(base_dir, {"device": "cpu", "dtype": "float32"})
+    backend = TransformersEngine(base_dir, TransformersSettings(device="cpu", dtype="float32"))
     yield backend
     backend.close()
 

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from support.verdicts import CURRENT, sign_verdict
-from tunelens.config import load_config
+from tunelens.config import load_config, with_changes
 from tunelens.errors import TunelensError
 from tunelens.registry import promotion
 from tunelens.registry.promotion import Gatekeeper, PromotionRefused, history_tag, promotion_tag
@@ -205,7 +205,7 @@ def test_auto_promote_follows_the_switch_and_the_verdict(client, registered, tmp
     name = registered.name
     champion, rejected, better = registered("PROMOTE"), registered("REJECT"), registered("PROMOTE")
     off = load_config()
-    assert off["promotion"]["auto_promote"] is False
+    assert off.promotion.auto_promote is False
     assert auto_promote(client, name, champion, off) is None
     assert client.get_registered_model(name).aliases == {}
     policy = tmp_path / "auto.yaml"
@@ -255,8 +255,7 @@ def test_a_verdict_that_did_not_cover_the_current_holder_is_refused(mlflow_serve
 def test_the_audit_experiment_may_be_a_workspace_path(client, registered):
     name = registered.name
     rejected = registered("REJECT")
-    config = load_config()
-    config["promotion"]["audit_experiment"] = "/Shared/team-a/tunelens-audit"
+    config = with_changes(load_config(), {"promotion": {"audit_experiment": "/Shared/team-a/tunelens-audit"}})
     promotion.promote(client, Gatekeeper.from_config(config), name, rejected, force=True,
                       reason="hotfix: base model outage")
     audit = client.get_experiment_by_name("/Shared/team-a/tunelens-audit")

@@ -12,7 +12,7 @@ from tunelens.evaluators.scoring.quality import builtin_metric, from_mlflow, qua
 from tunelens.evaluators.scoring.stats import ModelScores, QualityMetricInfo, compare_paired
 from tunelens.evaluators.verdict import (Decision, HolderCoverage, combine, decide, decide_part)
 
-OPTIONS = load_config()["evaluation"]["exact_match"]
+OPTIONS = load_config().evaluation.exact_match
 
 
 def per_row(name, predictions, targets):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from tunelens.config import ConfigError, load_config
+from tunelens.config import ConfigError, load_config, with_changes
 from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.interface import Candidate, MemoryProfile
 from tunelens.evaluators.inputs.prompts import generation_settings
@@ -202,18 +202,19 @@ def test_memory_rules_on_totals_and_unmeasured_figures():
 
 
 def test_serving_settings_are_checked():
-    evaluation = load_config()["evaluation"]
-    assert ServingSettings.from_config(evaluation) == ServingSettings("adapter", 20, 3, 3, (1, 4, 16))
+    config = load_config()
+    assert ServingSettings.from_config(config.evaluation) == ServingSettings("adapter", 20, 3, 3,
+                                                                             (1, 4, 16))
     for bad, message in (({"served": "quantized"}, "evaluation.served"),
                          ({"latency": {"sample_rows": 1, "warmup_requests": 0}}, "sample_rows"),
                          ({"latency": {"sample_rows": 4, "warmup_requests": -1}}, "warmup"),
                          ({"latency": {"sample_rows": 4, "max_rounds": 0}}, "max_rounds"),
                          ({"latency": {"sample_rows": 4, "concurrency": [0]}}, "concurrency")):
-        with pytest.raises(TunelensError, match=message):
-            ServingSettings.from_config({**evaluation, **bad})
+        with pytest.raises(ConfigError, match=message):
+            with_changes(config, {"evaluation": bad})
     assert sample_rows(100, 5) == [0, 25, 50, 74, 99] and sample_rows(3, 5) == [0, 1, 2]
-    assert ServingSettings.from_config(
-        {**evaluation, "latency": {"concurrency": [4, 2]}}).concurrency == (1, 2, 4)
+    assert ServingSettings.from_config(with_changes(config, {"evaluation": {"latency": {
+        "concurrency": [4, 2]}}}).evaluation).concurrency == (1, 2, 4)
 
 
 def test_windows_send_every_row_and_fill_the_last_window_from_the_first_rows():
@@ -240,15 +241,16 @@ def served(llama_base, llama_adapter, tmp_path_factory):
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(llama_base)
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
-    evaluation = load_config()["evaluation"]
-    settings = generation_settings(evaluation["generation"], MAX_NEW)
+    evaluation = load_config().evaluation
+    settings = generation_settings(evaluation.generation, MAX_NEW)
     candidates = [Candidate("base"), Candidate("finetuned", llama_adapter, "1")]
 
     def measure(served_as: str, rows: int = 6, judgement=None, max_rounds: int = 3,
                 concurrency: tuple[int, ...] = (1,)):
-        setup = {**evaluation, "served": served_as,
-                 "latency": {"sample_rows": rows, "warmup_requests": 2, "max_rounds": max_rounds,
-                             "concurrency": list(concurrency)}}
+        setup = with_changes(None, {"evaluation": {
+            "served": served_as, "latency": {"sample_rows": rows, "warmup_requests": 2,
+                                             "max_rounds": max_rounds,
+                                             "concurrency": list(concurrency)}}}).evaluation
         timing = ServedTiming(llama_base, candidates, ids, tokenizer, settings, setup,
                               "transformers", max_model_len=256,
                               work_dir=tmp_path_factory.mktemp("served"), judgement=judgement)
@@ -386,15 +388,15 @@ def burn_cores(count: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", _BUSY_LOOP]) for _ in range(count)]
 
 
-MAX_CORE_WAIT = load_config()["evaluation"]["latency"]["max_core_wait"]
+MAX_CORE_WAIT = load_config().evaluation.latency.max_core_wait
 
 
 def rule_statuses(figures) -> list[tuple[str, bool | None]]:
-    settings = load_config()["verdict"]
+    settings = load_config().verdict
     rules = [latency_rule(figures.latency_of("base"), figures.latency_of("finetuned"),
-                          settings["max_latency_ratio"], **RULE, max_core_wait=MAX_CORE_WAIT),
+                          settings.max_latency_ratio, **RULE, max_core_wait=MAX_CORE_WAIT),
              *memory_rules(figures.memory_of("base"), figures.memory_of("finetuned"),
-                           settings["max_memory_ratio"], 0.01)]
+                           settings.max_memory_ratio, 0.01)]
     return [(rule.name, rule.passed) for rule in rules]
 
 
@@ -416,8 +418,8 @@ def test_same_verdict_idle_and_under_load(served, served_as, rows):
     while the rule is undecided, up to the default max_rounds). With a busy process on every core
     the requests also queue for a core: the rows where they waited are left out, and the rule
     either keeps its idle status or, with too few rows left, does not judge; it never turns."""
-    settings = load_config()["verdict"]
-    judgement = LatencyJudgement(("finetuned",), settings["max_latency_ratio"], **RULE,
+    settings = load_config().verdict
+    judgement = LatencyJudgement(("finetuned",), settings.max_latency_ratio, **RULE,
                                  max_core_wait=MAX_CORE_WAIT)
     cores = os.cpu_count() or 2
     idle = served["measure"](served_as, rows=rows, judgement=judgement)
@@ -473,7 +475,7 @@ def test_adapter_server_shares_the_base_weights_and_leaves_the_base_plain(llama_
     """One copy of the weights for base and adapter; the base itself gets no LoRA layers."""
     from tunelens.evaluators.engines.transformers import TransformersServer
 
-    options = load_config()["evaluation"]["transformers"]
+    options = load_config().evaluation.transformers
     server = TransformersServer(llama_base, [Candidate("base"), Candidate("ft", llama_adapter)],
                                  options, "adapter")
     try:
@@ -489,15 +491,14 @@ def test_adapter_server_shares_the_base_weights_and_leaves_the_base_plain(llama_
 def test_figures_not_measured_as_served_leave_the_rules_undecided_not_a_batch_proxy():
     """Without a served measurement (sample_rows 0, or a holder on another base's engine) the
     latency and memory rules say so and cannot pass: no queue time or RSS stands in for them."""
-    from tunelens.config import load_config
     from tunelens.evaluators.stages.score import _served_rules
 
-    config = load_config()
-    config["verdict"] |= {"max_latency_ratio": 1.2, "max_memory_ratio": 1.25,
-                          "max_memory_gib": 8.0}
+    config = with_changes(load_config(), {"verdict": {"max_latency_ratio": 1.2,
+                                                      "max_memory_ratio": 1.25,
+                                                      "max_memory_gib": 8.0}})
     rules = {rule.name: rule for rule in _served_rules(None, "base", config)}
     assert set(rules) == {"latency_ratio", "memory_ratio", "memory_gib"}
     assert all(rule.passed is None and "not measured" in rule.detail for rule in rules.values())
     assert "sample_rows is 0" in rules["latency_ratio"].detail
-    config["verdict"] |= {"max_latency_ratio": None, "max_memory_gib": None}
+    config = with_changes(config, {"verdict": {"max_latency_ratio": None, "max_memory_gib": None}})
     assert [rule.name for rule in _served_rules(None, "base", config)] == ["memory_ratio"]

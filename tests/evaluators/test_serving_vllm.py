@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from test_serving import (MAX_CORE_WAIT, MAX_NEW, SENTENCES, burn_cores,
                           expected_adapter_elements, expected_weight_elements, first_requests,
                           llama_sizes)
-from tunelens.config import load_config
+from tunelens.config import load_config, with_changes
 from tunelens.evaluators.engines.choice import BackendChoice
 from tunelens.evaluators.engines.interface import Candidate
 from tunelens.evaluators.engines.vllm import VllmEngine
@@ -31,13 +31,11 @@ def evaluate_group(base_dir, adapter_dir, served_as: str, sample_rows: int = 4,
     """run_group on the base and one adapter with vLLM: (GroupRun, token ids, engine starts), each
     start as the number of adapters that engine attached (0: a plain engine)."""
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    config = load_config()
-    config["evaluation"].update(served=served_as, latency={**config["evaluation"]["latency"],
-                                                           "sample_rows": sample_rows,
-                                                           "warmup_requests": 1,
-                                                           "max_rounds": max_rounds,
-                                                           "concurrency": list(concurrency)})
-    config["verdict"]["max_latency_ratio"] = limit
+    config = with_changes(load_config(), {
+        "evaluation": {"served": served_as,
+                       "latency": {"sample_rows": sample_rows, "warmup_requests": 1,
+                                   "max_rounds": max_rounds, "concurrency": list(concurrency)}},
+        "verdict": {"max_latency_ratio": limit}})
     ids = [tokenizer(s)["input_ids"] for s in SENTENCES]
     group = EngineGroup(base_dir, [Candidate("base"), Candidate("finetuned", adapter_dir)], 256,
                         ids)
@@ -50,7 +48,7 @@ def evaluate_group(base_dir, adapter_dir, served_as: str, sample_rows: int = 4,
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(VllmEngine, "__init__", counted)
         done = run_group(group, list(range(len(ids))), BackendChoice("vllm", "requested"),
-                         generation_settings(config["evaluation"]["generation"], MAX_NEW), config,
+                         generation_settings(config.evaluation.generation, MAX_NEW), config,
                          serve=True)
     return done, ids, starts
 

@@ -19,7 +19,7 @@ def demo_assets(tmp_path_factory):
     from tunelens.config import load_config
     from tunelens.demo.assets import build_assets
 
-    settings = load_config()["demo"]
+    settings = load_config().demo
     started = time.monotonic()
     assets = build_assets(tmp_path_factory.mktemp("demo"), settings)
     return assets, settings, time.monotonic() - started
@@ -52,8 +52,8 @@ def test_demo_models_behave_as_the_story_says(demo_assets):
 
     assets, settings, seconds = demo_assets
     rows = [json.loads(line) for line in assets.test_set.read_text().splitlines()]
-    _, test = split(generate(settings["examples"], settings["seed"]), settings["test_share"],
-                    settings["seed"])
+    _, test = split(generate(settings.examples, settings.seed), settings.test_share,
+                    settings.seed)
     assert [row["targets"] for row in rows] == [e.right for e in test]
     prompts = [row["inputs"] for row in rows]
 

@@ -11,8 +11,8 @@ def test_defaults_load_and_user_file_overrides_one_key(tmp_path):
     user = tmp_path / "mine.yaml"
     user.write_text("analysis:\n  top_neurons: 5\n")
     merged = load_config(user)
-    assert merged["analysis"]["top_neurons"] == 5
-    assert merged["analysis"]["heatmap_size"] == load_config()["analysis"]["heatmap_size"]
+    assert merged.analysis.top_neurons == 5
+    assert merged.analysis.heatmap_size == load_config().analysis.heatmap_size
 
 
 def test_unknown_setting_is_named(tmp_path):

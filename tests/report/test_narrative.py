@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from support.dense_result import dense_result, llama_like_result, lora_delta
-from tunelens.config import load_config, section
+from tunelens.config import load_config, with_changes
 from tunelens.registry_hooks.engine.result import FullFinetuneInfo
 from tunelens.registry_hooks.report.charts import DPI
 from tunelens.registry_hooks.report.outputs import write_analysis
@@ -171,12 +171,12 @@ def test_neuron_sentences_and_chart_read_to_the_settings_top_neurons(tmp_path):
     result = llama_like_result(layer_magnitudes=(1.0, 5.0, 1.0))
     assert len(result.top_neurons) == 20
     for limit in (15, 20):
-        text = " ".join(narrate_sections(result, section({"analysis": {"top_neurons": limit}},
-                                                         "analysis"))["neurons"])
+        settings = with_changes(None, {"analysis": {"top_neurons": limit}}).analysis
+        text = " ".join(narrate_sections(result, settings)["neurons"])
         held = Counter(t.layer for t in result.top_neurons[:limit])[1]
         assert f"Layer 1 holds {held} of the top {limit}" in text
-    files = write_analysis(result, tmp_path, config=load_config() | {
-        "analysis": {**load_config()["analysis"], "top_neurons": 6, "png_charts": True}})
+    files = write_analysis(result, tmp_path, config=with_changes(load_config(), {
+        "analysis": {"top_neurons": 6, "png_charts": True}}))
     document = json.loads(files.json_path.read_text())
     held = Counter(t.layer for t in result.top_neurons[:6])[1]
     assert any(f"Layer 1 holds {held} of the top 6" in s for s in document["narrative"])

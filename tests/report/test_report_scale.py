@@ -45,7 +45,7 @@ def test_analysis_json_keeps_every_module_and_heatmap(written):
 
 def test_report_embeds_the_largest_modules_heatmaps_and_says_so(written):
     result, files = written
-    limit = load_config()["analysis"]["report_max_heatmaps"]
+    limit = load_config().analysis.report_max_heatmaps
     assert limit < MODULES
     html = files.html_path.read_text()
     payload = _payload(html)
@@ -69,7 +69,7 @@ def test_report_size_is_bounded(written):
     """Measured: 3.15 MB with every heatmap embedded (2.1 KB a module), 1.5 MB with the top 256.
     The bound: 1.1 KB a module for its metrics row plus the embedded heatmaps, plus 150 KB of page."""
     result, files = written
-    limit = load_config()["analysis"]["report_max_heatmaps"]
+    limit = load_config().analysis.report_max_heatmaps
     heatmap_bytes = math.ceil(16 * 16 * 4 / 3) * 4 + 200  # base64 float32 grid + its keys
     size = files.html_path.stat().st_size
     assert size < 150_000 + 1_100 * MODULES + heatmap_bytes * limit, size

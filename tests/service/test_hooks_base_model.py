@@ -6,6 +6,7 @@ import json
 import yaml
 from mlflow import MlflowClient
 
+from tunelens.config import with_changes
 from tunelens.registry.base_model import BASE_MODEL_TAG, resolve_base_model
 
 
@@ -28,8 +29,8 @@ def test_resolution_order(mlflow_server, tmp_path):
     dirs = {k: tmp_path / k for k in ("tagged", "model-tagged", "mapped", "flavor", "recorded")}
     for d in dirs.values():
         d.mkdir()
-    config = {"hooks": {"base_models": {"org/base": str(dirs["mapped"]),
-                                        "org/missing": str(tmp_path / "nowhere")}}}
+    config = with_changes(None, {"hooks": {"base_models": {"org/base": str(dirs["mapped"]),
+                                                           "org/missing": str(tmp_path / "nowhere")}}})
     model = _model_dir(tmp_path, hub_id="org/base", local_base=dirs["flavor"],
                        recorded=str(dirs["recorded"]))
 
@@ -46,7 +47,7 @@ def test_resolution_order(mlflow_server, tmp_path):
     client.delete_registered_model_tag("based", BASE_MODEL_TAG)
     client.delete_model_version_tag("based", version, BASE_MODEL_TAG)
     assert resolve().path == dirs["mapped"]
-    config["hooks"]["base_models"] = {}
+    config = with_changes(config, {"hooks": {"base_models": {}}})
     found = resolve()
     assert found.path == dirs["flavor"] and found.source == "MLmodel local_base_model_path"
     dirs["flavor"].rmdir()
@@ -87,21 +88,21 @@ def test_hub_id_base_from_the_local_hugging_face_cache(mlflow_server, tmp_path, 
     client.create_registered_model("cached")
     version = client.create_model_version("cached", "s3://bucket/cached/model", None).version
     model = _model_dir(tmp_path, recorded="meta-llama/Llama-3.1-8B")
-    found = resolve_base_model(client, "cached", version, {"hooks": {"base_models": {}}}, model)
+    found = resolve_base_model(client, "cached", version, None, model)
     assert found.path == snapshot
     assert found.source == ("Hugging Face cache 'meta-llama/Llama-3.1-8B' (adapter "
                             "base_model_name_or_path)")
     mapped = tmp_path / "mapped"
     mapped.mkdir()
-    config = {"hooks": {"base_models": {"meta-llama/Llama-3.1-8B": str(mapped)}}}
+    config = with_changes(None, {"hooks": {"base_models": {"meta-llama/Llama-3.1-8B": str(mapped)}}})
     assert resolve_base_model(client, "cached", version, config, model).path == mapped
     client.set_model_version_tag("cached", version, BASE_MODEL_TAG, "meta-llama/Llama-3.1-8B")
-    tagged = resolve_base_model(client, "cached", version, {"hooks": {}}, model)
+    tagged = resolve_base_model(client, "cached", version, None, model)
     assert tagged.path == snapshot and tagged.source.endswith("(Hugging Face cache)")
     client.delete_model_version_tag("cached", version, BASE_MODEL_TAG)
     result = analyze_adapter(llama_adapter, found.path, progress=False)
     assert all(m.relative_fro is not None for m in result.modules)
-    missing = resolve_base_model(client, "cached", version, {"hooks": {}},
+    missing = resolve_base_model(client, "cached", version, None,
                                  _model_dir(tmp_path / "other", recorded="org/not-cached"))
     assert missing.path is None
     assert any("'org/not-cached'" in t and "Hugging Face cache" in t for t in missing.tried)

@@ -168,7 +168,7 @@ def test_worker_killed_mid_evaluation_is_resumed_with_one_run(mlflow_server, tmp
     assert alive == [], alive
     # The run a killed attempt leaves when it dies while logging (the kill above may land before
     # the evaluator opened its run): the next attempt deletes it.
-    experiment = client.get_experiment_by_name(load_config()["evaluation"]["experiment"])
+    experiment = client.get_experiment_by_name(load_config().evaluation.experiment)
     leftover = client.create_run(
         experiment.experiment_id if experiment else client.create_experiment("tunelens-evaluations"),
         tags={"tunelens.model": f"models:/crash-eval/{version}", EVALUATION.attempt: "1"}).info.run_id

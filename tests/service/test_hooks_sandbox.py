@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from support.hooks_support import register
-from tunelens.config import load_config
+from tunelens.config import load_config, with_changes
 from tunelens.registry_hooks.service.sandbox import (ANALYSIS_WORK, SandboxFailed, SandboxProcess,
                                                      SandboxStopped)
 from tunelens.registry_hooks.service.state import ANALYSIS, ERROR, STATUS
@@ -51,8 +51,8 @@ def test_analysis_over_the_time_limit_fails_the_version_and_the_next_one_runs(
         mlflow_server, llama_adapter):
     client = MlflowClient(mlflow_server.url)
     slow, fine = (register(client, "timed", llama_adapter) for _ in range(2))
-    config = load_config()
-    config["hooks"]["analysis_timeout_seconds"] = 0.2  # less than the child's imports alone
+    # less than the child's imports alone
+    config = with_changes(load_config(), {"hooks": {"analysis_timeout_seconds": 0.2}})
     worker = Worker(mlflow_server.url, config)
     try:
         outcome = worker.process("timed", slow)

@@ -8,20 +8,21 @@ import time
 from mlflow import MlflowClient
 
 from support.hooks_support import HooksProcess, register, wait_status, write_config
+from tunelens.config import with_changes
 from tunelens.registry.description import ANALYSIS_SECTION, escape_markdown, replace_section
 from tunelens.registry_hooks.service.scope import Scope
 from tunelens.registry_hooks.service.state import LEASE, STATUS
 
 
 def test_scope_matches_names_patterns_and_the_opt_in_tag():
-    scope = Scope.from_config({"hooks": {"models": ["team-a/*", "exact"],
-                                         "models_tag": "tunelens.enabled=true"}})
+    scope = Scope.from_config(with_changes(None, {"hooks": {
+        "models": ["team-a/*", "exact"], "models_tag": "tunelens.enabled=true"}}))
     assert scope.includes("team-a/chat", {}) and scope.includes("exact", {})
     assert not scope.includes("team-b/chat", {}) and not scope.includes("exactly", {})
     assert scope.includes("team-b/chat", {"tunelens.enabled": "true"})
     assert not scope.includes("team-b/chat", {"tunelens.enabled": "false"})
-    assert not Scope.from_config({"hooks": {"models": None, "models_tag": None}}).includes("x", {})
-    assert Scope.from_config({"hooks": {"models": ["*"], "models_tag": None}}).everything
+    assert not Scope.of(None, None).includes("x", {})
+    assert Scope.of(["*"], None).everything
     # handed to the registry-store plugin inside `tunelens server`'s MLflow as JSON
     assert Scope.from_json(scope.to_json()) == scope
 

@@ -7,12 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 from mlflow import MlflowClient
 
 from support.hooks_support import register
-from tunelens.config import load_config
+from tunelens.config import load_config, with_changes
 from tunelens.registry_hooks.service.state import (EVALUATION, ERROR, LEASE, RUN_ID, STATUS, Lease,
                                                    VersionState, claim_name, try_claim)
 from tunelens.registry_hooks.service.worker import Worker
 
-PREFIX = load_config()["hooks"]["claim_prefix"]
+PREFIX = load_config().hooks.claim_prefix
 
 
 def test_needs_work_follows_status_and_lease():
@@ -67,8 +67,8 @@ def test_each_job_kind_has_its_own_state_and_claims(mlflow_server):
 
 
 def _worker(server, lease_seconds: float) -> Worker:
-    config = load_config()
-    config["hooks"].update(lease_seconds=lease_seconds, max_attempts=5)
+    config = with_changes(load_config(), {"hooks": {"lease_seconds": lease_seconds,
+                                                    "max_attempts": 5}})
     return Worker(server.url, config)
 
 
@@ -107,9 +107,9 @@ def test_workspace_paths_name_the_analysis_experiment_and_the_claims(mlflow_serv
     analysis experiment and the claims alike."""
     client = MlflowClient(mlflow_server.url)
     version = register(client, "workspace", llama_adapter)
-    config = load_config()
-    config["hooks"].update(experiment="/Shared/team-a/tunelens-analysis",
-                           claim_prefix="/Shared/team-a/tunelens-claims")
+    config = with_changes(load_config(), {"hooks": {
+        "experiment": "/Shared/team-a/tunelens-analysis",
+        "claim_prefix": "/Shared/team-a/tunelens-claims"}})
     outcome = Worker(mlflow_server.url, config).process("workspace", version)
     assert outcome.status == "done", outcome.detail
     run = client.get_run(client.get_model_version("workspace", version).tags[RUN_ID])

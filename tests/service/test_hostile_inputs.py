@@ -25,7 +25,7 @@ from support.hooks_support import HooksProcess, register, wait_status, write_con
 from hostile.build_corpus import MARKER_ENV, SHARED, files_of, write_case
 from hostile.build_corpus import main as main_of_generator
 from support.mlflow_server import MlflowServer
-from tunelens.config import load_config
+from tunelens.config import load_config, with_changes
 from tunelens.plugin.cli import main
 from tunelens.registry.files import AdapterDetectionError, _names, detect_adapter
 from tunelens.registry_hooks.service.state import ERROR, STATUS
@@ -238,12 +238,11 @@ def test_download_cap_refuses_a_version_larger_than_max_download_bytes(server, t
     with pytest.raises(AdapterDetectionError, match=r"over hooks.max_download_bytes \(1,000\)"):
         detect_adapter(client, "capped", version, tmp_path / "small", max_bytes=1000)
     assert not (tmp_path / "small" / "adapter_model.safetensors").exists()
-    default = load_config()["hooks"]["max_download_bytes"]
+    default = load_config().hooks.max_download_bytes
     detection = detect_adapter(client, "capped", version, tmp_path / "default", max_bytes=default)
     assert (detection.adapter_dir / "adapter_model.safetensors").stat().st_size > 1000
     # The worker takes the cap from its settings file, and says where the file came from.
-    config = load_config()
-    config["hooks"]["max_download_bytes"] = 1000
+    config = with_changes(load_config(), {"hooks": {"max_download_bytes": 1000}})
     outcome = Worker(server.url, config).process("capped", version)
     tags = client.get_model_version("capped", version).tags
     assert outcome.status == tags[STATUS] == "failed"

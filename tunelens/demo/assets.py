@@ -9,6 +9,7 @@ import torch
 
 from tunelens.demo.grammar import generate, split
 from tunelens.demo.training import BASE_SHAPE, TrainingPlan, build_base, train_adapter
+from tunelens.settings import DemoSettings
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -31,7 +32,7 @@ class DemoAssets:
         return [f"grammar={self.task_texts}", f"general={self.general_texts}"]
 
 
-def build_assets(data_dir: Path, settings: dict) -> DemoAssets:
+def build_assets(data_dir: Path, settings: DemoSettings) -> DemoAssets:
     """Generate data, pre-train the base and train both adapters, or reuse them if `settings` and
     the base's shape are those they were built with."""
     root = Path(data_dir) / "demo-models"
@@ -39,7 +40,7 @@ def build_assets(data_dir: Path, settings: dict) -> DemoAssets:
                         root / "grammar-test.jsonl", root / "texts-grammar.jsonl",
                         root / "texts-general.txt")
     stamp = root / "settings.json"
-    recipe = {**settings, "base_shape": BASE_SHAPE}
+    recipe = {**settings.model_dump(), "base_shape": BASE_SHAPE}
     if stamp.exists() and json.loads(stamp.read_text()) == recipe:
         _write_text_groups(assets)
         return assets
@@ -56,12 +57,12 @@ def build_assets(data_dir: Path, settings: dict) -> DemoAssets:
     return assets
 
 
-def _build(assets: DemoAssets, settings: dict) -> None:
-    seed = settings["seed"]
-    train, test = split(generate(settings["examples"], seed), settings["test_share"], seed)
-    build_base(train, assets.base_dir, TrainingPlan(**settings["base_training"]), seed)
-    adapter_plan = TrainingPlan(**settings["adapter_training"])
-    lora = dict(r=settings["lora_rank"], lora_alpha=2 * settings["lora_rank"],
+def _build(assets: DemoAssets, settings: DemoSettings) -> None:
+    seed = settings.seed
+    train, test = split(generate(settings.examples, seed), settings.test_share, seed)
+    build_base(train, assets.base_dir, TrainingPlan(**settings.base_training.model_dump()), seed)
+    adapter_plan = TrainingPlan(**settings.adapter_training.model_dump())
+    lora = dict(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
                 target_modules=TARGET_MODULES)
     train_adapter(assets.base_dir, train, [e.concise_answer() for e in train],
                   assets.concise_adapter, adapter_plan, seed, **lora)

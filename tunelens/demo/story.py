@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelens.errors import TunelensError
+from tunelens.config import with_changes
+from tunelens.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def show_the_lock(client, url: str, name: str, other: str) -> list[str]:
             f"hook service can only put it back afterwards; see {page}"]
 
 
-def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int:
+def run_demo(config: Settings, data_dir: Path, port: int | None, serve: bool) -> int:
     """The whole story; keeps serving the UI until Ctrl-C when `serve`."""
     import mlflow
     from mlflow import MlflowClient
@@ -125,15 +127,16 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
     from tunelens.registry_hooks.service.embedded import EmbeddedServer
 
     data_dir = Path(data_dir).expanduser().resolve()
-    config["evaluation"]["task_profile"] = config["evaluation"]["task_profile"] or "grammar"
     # the load chart with two levels at most 4 in flight: 16 callers at once would make the demo
     # minutes longer on a laptop without showing more
-    latency = config["evaluation"]["latency"]
-    latency["concurrency"] = [n for n in latency["concurrency"]
-                              if n <= 4 or n == config["verdict"]["latency_at"]] or [1]
-    name = config["demo"]["model_name"]
+    levels = [n for n in config.evaluation.latency.concurrency
+              if n <= 4 or n == config.verdict.latency_at] or [1]
+    config = with_changes(config, {"evaluation": {
+        "task_profile": config.evaluation.task_profile or "grammar",
+        "latency": {"concurrency": levels}}})
+    name = config.demo.model_name
     say(f"building the demo models in {data_dir} (first run only: about half a minute on 2 cores)")
-    assets = build_assets(data_dir, config["demo"])
+    assets = build_assets(data_dir, config.demo)
     server = EmbeddedServer(config, port=port, data_dir=data_dir / "server").start()
     try:
         say(f"MLflow server with tunelens hooks on {server.url}")
@@ -153,7 +156,7 @@ def run_demo(config: dict, data_dir: Path, port: int | None, serve: bool) -> int
                         recommended.uri.rsplit("/", 1)[1], "production").describe())
         experiments = {
             "analysis": client.get_experiment_by_name(
-                config["hooks"]["experiment"]).experiment_id,
+                config.hooks.experiment).experiment_id,
             "evaluation": client.get_run(choice.run_id).info.experiment_id}
         print_choice(server.url, name, choice, registered, experiments)
         production = client.get_registered_model(name).aliases.get("production")

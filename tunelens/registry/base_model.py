@@ -22,6 +22,8 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
+from tunelens.settings import Settings
+
 BASE_MODEL_TAG = "tunelens.base_model"
 
 
@@ -174,11 +176,10 @@ def _tagged(client: MlflowClient, name: str, version: str,
     return None
 
 
-def resolve_base_model(client: MlflowClient, name: str, version: str | int, config: dict | None,
+def resolve_base_model(client: MlflowClient, name: str, version: str | int, config: Settings | None,
                        model_dir: Path | None = None) -> BaseModelResolution:
     """The version's local base model, by the documented order; path None if none is found."""
-    hub_map = {str(k): str(v) for k, v in ((config or {}).get("hooks", {}).get("base_models")
-                                           or {}).items()}
+    hub_map = dict(config.hooks.base_models) if config is not None else {}
     candidates = _Candidates(hub_map)
     flavor, adapter = _read_model_dir(model_dir)
     hub_ids = [("MLmodel source_model_name", flavor.get("source_model_name")),

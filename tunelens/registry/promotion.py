@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from tunelens.artifact_uris import fetch_dataset
-from tunelens.config import section
+from tunelens.config import packaged_settings
 from tunelens.errors import TunelensError
 from tunelens.registry.datasets import content_digest, load_dataset
 from tunelens.registry.description import replace_section
@@ -33,6 +33,7 @@ from tunelens.registry.gate import (EVAL_DATASET_TAG, AliasMove, AliasOverride, 
 from tunelens.registry.signing import sign, verdict_key, verify
 from tunelens.registry.verdicts import STATEMENT_TAG, VERDICT_TAG
 from tunelens.registry.version import VersionRef
+from tunelens.settings import Settings
 
 log = logging.getLogger(__name__)
 PROMOTABILITY_SECTION = "promotion"
@@ -73,8 +74,9 @@ class Gatekeeper:
     audit_experiment: str
 
     @classmethod
-    def from_config(cls, config: dict | None) -> "Gatekeeper":
-        promotion, evaluation = section(config, "promotion"), section(config, "evaluation")
+    def from_config(cls, config: Settings | None) -> "Gatekeeper":
+        config = config or packaged_settings()
+        promotion, evaluation = config.promotion, config.evaluation
         return cls(verdict_key(promotion.verdict_key_file), promotion.alias, promotion.guarded,
                    promotion.auto_promote, evaluation.inputs_column, evaluation.targets_column,
                    promotion.audit_experiment)

@@ -41,6 +41,7 @@ def llama_adapter(llama_base, tmp_path_factory) -> Path:
 
 # --- MLflow servers (HOOKS) -------------------------------------------------------------------
 from support.mlflow_server import MlflowServer, postgres_database  # noqa: E402 - grouped with its fixtures
+from support.tracking import tracking_at  # noqa: E402 - grouped with its fixture
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +49,14 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
     """A real `mlflow server` (sqlite backend, local artifacts) for the whole test session."""
     with MlflowServer(tmp_path_factory.mktemp("mlflow-sqlite"), allow_loopback_webhooks=True) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def tracking(mlflow_server) -> MlflowServer:
+    """MLflow pointed at the session's server for one module's tests (MLFLOW_TRACKING_URI, which
+    child processes inherit, and mlflow's own URI), put back when the module is done."""
+    with tracking_at(mlflow_server.url):
+        yield mlflow_server
 
 
 @pytest.fixture(scope="session")

@@ -43,12 +43,9 @@ def promote(client, name, version):
 
 
 @pytest.fixture(scope="module")
-def world(mlflow_server, llama_base, tmp_path_factory):
+def world(tracking, mlflow_server, llama_base, tmp_path_factory):
     """Versions 1-3 registered, the test set, a policy file (latency and memory rules off: this
     module is about quality and the holder; their rules are tested on score arrays)."""
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.url
-    mlflow.set_tracking_uri(mlflow_server.url)
     root = tmp_path_factory.mktemp("champion")
     adapters = {f"v{seed}": make_lora_adapter(llama_base, root / f"v{seed}", seed=seed, r=8,
                                               lora_alpha=16, target_modules=MODULES)
@@ -76,13 +73,9 @@ def world(mlflow_server, llama_base, tmp_path_factory):
     settings["verdict"] |= {"max_latency_ratio": 1.2, "max_memory_ratio": 1.25}
     few_rows = root / "few_rows.yaml"
     few_rows.write_text(yaml.safe_dump(settings))
-    yield {"client": client, "data": data, "policy": policy, "config": load_config(policy),
+    return {"client": client, "data": data, "policy": policy, "config": load_config(policy),
            "few_rows": few_rows, "prompts": prompts, "outputs": outputs,
            "url": mlflow_server.url, "root": root}
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 ANALYSED_DESCRIPTION = ("Trained on the March tickets.\n\n### tunelens analysis\n\n"

@@ -14,12 +14,10 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from support.eval_support import greedy
-from support.factories import make_lora_adapter
-from tunelens.config import load_config, with_endpoint
+from support.eval_support import greedy, register_holder_and_candidate
+from tunelens.config import load_config, with_changes, with_endpoint
 from tunelens.errors import TunelensError
 from tunelens.evaluators.run import evaluate_version
-from tunelens.registry_hooks.service.log_adapter import log_adapter
 
 NAME = "endpoint-eval"
 MAX_NEW = 6
@@ -28,19 +26,12 @@ SENTENCES = ["she go to school every day", "they was happy", "i has a apple", "h
 
 
 @pytest.fixture(scope="module")
-def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
+def setup(tracking, mlflow_server, llama_base, llama_adapter, tmp_path_factory):
     """v1 (llama_adapter, holds production) and v2 of NAME, a test set v2 answers on its first
     three rows, and a config timing 4 rows at 1 and 2 requests in flight."""
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.url
-    mlflow.set_tracking_uri(mlflow_server.url)
     root = tmp_path_factory.mktemp("endpoint")
-    second = make_lora_adapter(llama_base, root / "v2", seed=1, r=4, lora_alpha=8,
-                               target_modules=["q_proj", "v_proj", "down_proj"])
-    for adapter in (llama_adapter, second):
-        log_adapter(adapter, llama_base, registered_model_name=NAME, tracking_uri=mlflow_server.url)
+    second = register_holder_and_candidate(mlflow_server.url, NAME, llama_base, llama_adapter, root)
     client = MlflowClient(mlflow_server.url)
-    client.set_registered_model_alias(NAME, "production", "1")
     targets = greedy(llama_base, second, SENTENCES, MAX_NEW)[:3] + SENTENCES[3:]
     data = root / "test.jsonl"
     pd.DataFrame({"inputs": SENTENCES, "targets": targets}).to_json(data, orient="records",
@@ -53,11 +44,7 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
     config = with_changes(load_config(), changes)
     policy = root / "policy.yaml"
     policy.write_text(json.dumps(changes))
-    yield {"data": data, "config": config, "client": client, "policy": policy}
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    return {"data": data, "config": config, "client": client, "policy": policy}
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,13 @@ import pytest
 from mlflow import MlflowClient
 
 from support.eval_support import greedy as greedy_outputs
-from support.eval_support import mean_nll
+from support.eval_support import mean_nll, register_holder_and_candidate
 from support.factories import make_lora_adapter, tiny_llama
 from tunelens.config import load_config, with_changes
 from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.vllm import cpu_worker_binding
 from tunelens.evaluators.run import evaluate_version
 from tunelens.evaluators.stages.log import REPORT_FILE, TABLE_FILE, VERDICT_FILE
-from tunelens.registry_hooks.service.log_adapter import log_adapter
 
 NAME = "grammar-eval"
 MAX_NEW = 6
@@ -54,18 +53,11 @@ def write_text_groups(root) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
+def setup(tracking, mlflow_server, llama_base, llama_adapter, tmp_path_factory):
     """Versions 1 (llama_adapter) and 2 (another adapter) of NAME, a test set and a config."""
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.url
-    mlflow.set_tracking_uri(mlflow_server.url)
     root = tmp_path_factory.mktemp("eval")
-    second = make_lora_adapter(llama_base, root / "v2", seed=1, r=4, lora_alpha=8,
-                               target_modules=["q_proj", "v_proj", "down_proj"])
-    for adapter in (llama_adapter, second):
-        log_adapter(adapter, llama_base, registered_model_name=NAME, tracking_uri=mlflow_server.url)
+    second = register_holder_and_candidate(mlflow_server.url, NAME, llama_base, llama_adapter, root)
     client = MlflowClient(mlflow_server.url)
-    client.set_registered_model_alias(NAME, "production", "1")  # v1 serves: the holder
     references = {label: greedy(llama_base, adapter, SENTENCES) for label, adapter in
                   (("base", None), ("finetuned", second), ("production", llama_adapter))}
     # Targets: v2's own answer on the first three rows (so it scores), the input elsewhere.
@@ -79,12 +71,8 @@ def setup(mlflow_server, llama_base, llama_adapter, tmp_path_factory):
                        "texts": {"drift_texts": 2}},
         "verdict": {"bootstrap_resamples": 200}})
     texts = write_text_groups(root)
-    yield {"data": data, "config": config, "references": references, "base": llama_base,
+    return {"data": data, "config": config, "references": references, "base": llama_base,
            "client": client, "root": root, "url": mlflow_server.url, "texts": texts}
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 @pytest.fixture(scope="module")

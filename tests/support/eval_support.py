@@ -7,7 +7,7 @@ import random
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from support.factories import CORPUS
+from support.factories import CORPUS, make_lora_adapter
 
 
 def greedy(base_dir, adapter_dir, texts: list[str], max_new_tokens: int) -> list[str]:
@@ -73,3 +73,18 @@ def rows_owned_by(outputs: dict[str, list[str]], owners: dict[str, int], prompts
             inputs.append(prompts[i])
             targets.append(outputs[label][i])
     return inputs, targets
+
+
+def register_holder_and_candidate(url: str, name: str, base_dir, holder_adapter, root):
+    """`holder_adapter` as version 1 of `name` (holding production) and a second adapter (r=4 on
+    q, v and down) as version 2, both logged with `tunelens log-adapter`; the second's folder."""
+    from mlflow import MlflowClient
+
+    from tunelens.registry_hooks.service.log_adapter import log_adapter
+
+    second = make_lora_adapter(base_dir, root / "v2", seed=1, r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj", "down_proj"])
+    for adapter in (holder_adapter, second):
+        log_adapter(adapter, base_dir, registered_model_name=name, tracking_uri=url)
+    MlflowClient(url).set_registered_model_alias(name, "production", "1")
+    return second

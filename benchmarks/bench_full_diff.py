@@ -118,7 +118,8 @@ threading.Thread(target=sample, daemon=True).start()
 from tunelens.registry_hooks.engine.full_diff import diff_models
 from tunelens.registry_hooks.report.full_diff_page import write_full_diff
 tuned, base, out, threads = sys.argv[1:5]
-config = {} if threads == "default" else {"analysis": {"threads": int(threads)}}
+from tunelens.config import with_changes
+config = None if threads == "default" else with_changes(None, {"analysis": {"threads": int(threads)}})
 start = time.perf_counter()
 result = diff_models(tuned, base, config=config, progress=True)
 diffed = time.perf_counter() - start
@@ -128,12 +129,12 @@ write_full_diff(result, out)
 total = time.perf_counter() - start
 stop.set()
 peak["anon_kb"] = max(peak["anon_kb"], anon_kb())
-print(json.dumps({"diff_s": diffed, "diff_cpu_s": diff_cpu, "with_outputs_s": total, "tensors": len(result.full_diff["tensors"]),
+print(json.dumps({"diff_s": diffed, "diff_cpu_s": diff_cpu, "with_outputs_s": total, "tensors": len(result.full_diff.tensors),
                   "matrices": len(result.modules), "peak_anon_gib": peak["anon_kb"] / 2**20,
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "cpu_s": resource.getrusage(resource.RUSAGE_SELF).ru_utime
                            + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
-                  "relative_fro_total": result.full_diff["relative_fro_total"]}))
+                  "relative_fro_total": result.full_diff.relative_fro_total}))
 """
 
 

@@ -1,7 +1,6 @@
 """conf.yaml: packaged defaults merged with the user's file, key by key, then checked once."""
 from __future__ import annotations
 
-import copy
 import functools
 import os
 from pathlib import Path
@@ -22,18 +21,6 @@ class ConfigError(ValueError):
     """A settings file that cannot be read or has an unknown key."""
 
 
-def _merge(defaults: dict, override: dict, where: str) -> dict:
-    merged = copy.deepcopy(defaults)
-    for key, value in override.items():
-        if key not in defaults:
-            raise ConfigError(f"unknown setting '{where}{key}' (see conf.yaml for the valid keys)")
-        if isinstance(defaults[key], dict) and defaults[key] and isinstance(value, dict):
-            merged[key] = _merge(defaults[key], value, f"{where}{key}.")
-        else:
-            merged[key] = value
-    return merged
-
-
 def _read(path: Path) -> dict:
     try:
         data = yaml.load(path.read_text(), Loader=_LOADER) or {}
@@ -48,11 +35,10 @@ def _read(path: Path) -> dict:
 
 def load_config(path: str | os.PathLike | None = None) -> Settings:
     """Defaults from the packaged conf.yaml, overridden by `path` or $TUNELENS_CONFIG if given."""
-    config = _read(DEFAULTS_PATH)
     user_path = path or os.environ.get(ENV_VAR)
-    if user_path:
-        config = _merge(config, _read(Path(user_path)), "")
-    return _validated(config, user_path)
+    if not user_path:
+        return packaged_settings()
+    return with_changes(packaged_settings(), _read(Path(user_path)), user_path)
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,7 +6,10 @@ bases, adapter fit, metrics, prompt lengths) and writes nothing; `generate` runs
 turn (one per base: the base never twice in memory, and two bases never at once); `score` turns
 outputs into per-row scores, comparisons and the verdict; `log_evaluation` writes the run, then
 the version's tags last, so `tunelens promote` never reads a verdict whose run is incomplete. An
-engine that cannot start fails in `generate`, before anything is written.
+engine that cannot start fails in `generate`, before anything is written; a deployment that
+cannot be asked (an endpoint unreachable, refusing, too slow, without LoRA) is a finding about it
+instead: the run and the version get an INCONCLUSIVE verdict saying so, then `NotMeasured` says it
+in one line.
 """
 from __future__ import annotations
 
@@ -16,16 +19,35 @@ from typing import Callable
 
 import pandas as pd
 
+from tunelens.errors import TunelensError
 from tunelens.evaluators.engines.choice import BackendChoice
+from tunelens.evaluators.engines.openai_server import EndpointUnavailable
 from tunelens.evaluators.scoring.stats import PairedComparison
 from tunelens.evaluators.stages.generate import generate
-from tunelens.evaluators.stages.log import RunTarget, log_evaluation
+from tunelens.evaluators.stages.log import RunTarget, log_evaluation, log_unmeasured
 from tunelens.evaluators.stages.plan import EvaluationRequest, plan_evaluation
-from tunelens.evaluators.stages.score import score
+from tunelens.evaluators.stages.score import score, unmeasured_verdict
 from tunelens.evaluators.texts.perplexity import TextResults
 from tunelens.evaluators.verdict import Verdict
 from tunelens.registry.files import ModelRef
 from tunelens.settings import Settings
+
+
+class NotMeasured(TunelensError):
+    """No model gave an output (the deployment was unavailable): the evaluation's run and, when
+    asked, the version hold an INCONCLUSIVE verdict saying why; the message is that one line."""
+
+    def __init__(self, cause: Exception, run_id: str, model_uri: str, verdict: Verdict, *,
+                 tagged: bool):
+        on_version = " and on the version" if tagged else ""
+        super().__init__(f"{cause}; nothing was measured: verdict INCONCLUSIVE logged to run "
+                         f"{run_id}{on_version}")
+        self.run_id, self.model_uri, self.verdict = run_id, model_uri, verdict
+
+    def to_dict(self) -> dict:
+        """As EvaluationOutcome.to_dict's verdict fields, with the error line (`--json`)."""
+        return {"model": self.model_uri, "run_id": self.run_id, **self.verdict.to_dict(),
+                "error": str(self)}
 
 
 @dataclass(frozen=True)
@@ -78,7 +100,14 @@ def evaluate(client, request: EvaluationRequest, config: Settings,
              target: RunTarget = RunTarget()) -> EvaluationOutcome:
     """Plan, generate, score and log one evaluation (see evaluate_version)."""
     plan = plan_evaluation(client, request, config)
-    generated = generate(plan)
+    try:
+        generated = generate(plan)
+    except EndpointUnavailable as exc:
+        verdict = unmeasured_verdict(plan, str(exc))
+        run_id = log_unmeasured(client, plan, verdict,
+                                {"endpoint": config.evaluation.endpoint.url}, target)
+        raise NotMeasured(exc, run_id, plan.ref.uri, verdict,
+                          tagged=target.set_version_tags and plan.ref.registered) from None
     scored = score(plan, generated)
     run_id = log_evaluation(client, plan, generated, scored, target)
     return EvaluationOutcome(run_id=run_id, model_name=plan.ref.name, version=plan.ref.version,
@@ -110,7 +139,8 @@ def evaluate_version(model_uri: str, data, *, config: Settings, base: str | Path
     tags the version with the verdict and the holder it covered. `candidate`: an adapter or full
     model folder on disk evaluated instead of `model_uri` (pass ""), against `base`, with no
     holder and no version to tag. Raises TunelensError, before anything is written, for every
-    bad input.
+    bad input; NotMeasured, after logging its INCONCLUSIVE verdict, when the endpoint's server
+    gave no output.
     """
     from mlflow import MlflowClient
 

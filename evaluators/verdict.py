@@ -179,6 +179,16 @@ def combine(candidate: str, n_rows: int, parts: list[VerdictPart],
     return Verdict(decision, parts, _reasons(decision, candidate, n_rows, parts, holder), holder)
 
 
+def unmeasured(candidate: str, references: dict[str, str], reason: str,
+               holder: HolderCoverage | None = None) -> Verdict:
+    """INCONCLUSIVE in every part (`references`: {"base" | "holder": the label compared}), each
+    part's one rule `measured` undecided with `reason`: no model gave an output to judge."""
+    rule = RuleOutcome("measured", None, None, None, reason)
+    parts = [VerdictPart(against, reference, Decision.INCONCLUSIVE, [rule])
+             for against, reference in references.items()]
+    return combine(candidate, 0, parts, holder)
+
+
 def decide(comparison: PairedComparison, config: Settings,
            serving_rules: list[RuleOutcome] = ()) -> Verdict:
     """The verdict of a comparison against the base alone (no alias holder looked at)."""

@@ -285,16 +285,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace, config: Settings) -> int:
     """One version against its base and the alias holder."""
-    from tunelens.evaluators.run import evaluate_version
+    from tunelens.evaluators.run import NotMeasured, evaluate_version
 
-    with stdout_to_stderr() if args.json else contextlib.nullcontext():
-        outcome = evaluate_version(args.model_uris[0] if args.model_uris else "", args.data,
-                                   candidate=args.candidate, base=args.base,
-                                   against=args.against, backend=args.backend,
-                                   max_new_tokens=args.max_new_tokens,
-                                   config=config,
-                                   primary_metric=args.primary_metric, texts=args.texts,
-                                   guard=args.guard)
+    try:
+        with stdout_to_stderr() if args.json else contextlib.nullcontext():
+            outcome = evaluate_version(args.model_uris[0] if args.model_uris else "", args.data,
+                                       candidate=args.candidate, base=args.base,
+                                       against=args.against, backend=args.backend,
+                                       max_new_tokens=args.max_new_tokens, config=config,
+                                       primary_metric=args.primary_metric, texts=args.texts,
+                                       guard=args.guard)
+    except NotMeasured as stopped:  # its verdict is logged: scripts read it, the error line follows
+        if args.json:
+            print(json.dumps(stopped.to_dict(), indent=None, default=str))
+        raise
     if args.json:
         print(json.dumps(_finite(outcome.to_dict()), indent=None, default=str))
     else:

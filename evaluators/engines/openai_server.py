@@ -33,6 +33,11 @@ BASE_ON_ENDPOINT = "the served model of the endpoint (its server as deployed)"
 LORA_ON_ENDPOINT = "a LoRA module loaded on the endpoint's server"
 
 
+class EndpointUnavailable(TunelensError):
+    """The deployment could not be asked: unreachable, too slow, refusing, or without LoRA. No
+    model's outputs exist, so the evaluation records an INCONCLUSIVE verdict saying this line."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the server is and how to call it; the API key is read from an environment variable
@@ -63,13 +68,13 @@ class Endpoint:
             answer = requests.request(method, self.url + path, json=body, headers=headers,
                                       timeout=self.timeout_s, stream=stream)
         except requests.Timeout:
-            raise TunelensError(f"the server at {self.url} did not answer {path} within "
+            raise EndpointUnavailable(f"the server at {self.url} did not answer {path} within "
                                 f"{self.timeout_s:g} s (evaluation.endpoint.timeout_s)") from None
         except requests.RequestException as exc:
-            raise TunelensError(f"cannot reach the server at {self.url} "
+            raise EndpointUnavailable(f"cannot reach the server at {self.url} "
                                 f"({type(exc).__name__})") from None
         if not answer.ok:
-            raise TunelensError(f"the server at {self.url} refused {path}: HTTP "
+            raise EndpointUnavailable(f"the server at {self.url} refused {path}: HTTP "
                                 f"{answer.status_code} {_message(answer.text)}")
         return answer
 
@@ -106,13 +111,14 @@ class EndpointServer:
         self.models_answer = self.endpoint.call("GET", "/v1/models").json()
         served = [m["id"] for m in self.models_answer.get("data", []) if not m.get("parent")]
         if not served:
-            raise TunelensError(f"the server at {self.endpoint.url} lists no model in /v1/models")
+            raise EndpointUnavailable(f"the server at {self.endpoint.url} lists no model in "
+                                      "/v1/models")
         self.served_model = served[0]
         self._modules: dict[Path, str] = {}
         try:
             for adapter in adapters:
                 self._load(Path(adapter))
-        except TunelensError:
+        except EndpointUnavailable:
             self.close()
             raise
 
@@ -122,10 +128,11 @@ class EndpointServer:
         try:
             self.endpoint.call("POST", "/v1/load_lora_adapter",
                                {"lora_name": name, "lora_path": str(adapter.resolve())})
-        except TunelensError as exc:
-            raise TunelensError(f"{exc}: the adapter could not be loaded as a LoRA module (the "
-                                "server needs --enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
-                                "and read access to the adapter's folder)") from None
+        except EndpointUnavailable as exc:
+            raise EndpointUnavailable(
+                f"{exc}: the adapter could not be loaded as a LoRA module (the server needs "
+                "--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and read access to the "
+                "adapter's folder)") from None
         self._modules[adapter] = name
 
     def model_of(self, candidate: Candidate) -> str:
@@ -213,7 +220,7 @@ class EndpointServer:
         for adapter, name in list(self._modules.items()):
             try:
                 self.endpoint.call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
-            except TunelensError:
+            except EndpointUnavailable:
                 pass  # the server is gone or already dropped it: nothing left to unload
             del self._modules[adapter]
 

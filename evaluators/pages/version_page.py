@@ -60,3 +60,13 @@ def comparison_section(*, verdict: Verdict, labels: list[str], names: dict[str, 
                   f"({run_link}/artifactPath/{report_file}); "
                   f"evaluation: [run {run_id[:8]}]({run_link})."]
     return "\n".join(lines)
+
+
+def unmeasured_section(*, verdict: Verdict, experiment_id: str, run_id: str) -> str:
+    """The markdown section of an evaluation in which no model gave an output: the decision and
+    the one line why (the rule every part left undecided)."""
+    run_link = f"#/experiments/{experiment_id}/runs/{run_id}"
+    why = verdict.parts[0].rules[0].detail
+    return "\n".join([EVALUATION_HEADING, "",
+                      f"**{verdict.decision.value}**: nothing was measured, so nothing was judged: "
+                      f"{why}.", "", f"Evaluation: [run {run_id[:8]}]({run_link})."])

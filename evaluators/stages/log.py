@@ -19,6 +19,7 @@ from tunelens.evaluators.stages.generate import Generated
 from tunelens.evaluators.stages.plan import BASE, FINETUNED, EvaluationPlan
 from tunelens.evaluators.stages.score import Scored
 from tunelens.evaluators.pages.texts import log_text_results
+from tunelens.evaluators.verdict import Verdict
 from tunelens.registry.files import ModelRef
 from tunelens.registry.verdicts import HOLDER_TAG, REASONS_TAG, VERDICT_TAG
 from tunelens.registry.version import VersionRef, logged_model_id
@@ -87,12 +88,7 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
         client.log_table(run_id, data=scored.table, artifact_file=TABLE_FILE)
         client.log_text(run_id, scored.html, REPORT_FILE)
         log_text_results(client, run_id, scored.texts)
-        client.log_dict(run_id, {"model": ref.uri,
-                                 **verdict.to_dict(), "notes": scored.notes}, VERDICT_FILE)
-        client.set_tag(run_id, VERDICT_TAG, verdict.decision.value)
-        client.set_tag(run_id, REASONS_TAG, verdict.reasons)
-        if verdict.holder is not None:
-            client.set_tag(run_id, HOLDER_TAG, verdict.holder.tag_value)
+        _log_verdict(client, run_id, ref, verdict, scored.notes)
     if target.before_version_tags is not None:
         target.before_version_tags(run_id)
     if target.set_version_tags and ref.registered:
@@ -100,23 +96,68 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
     return run_id
 
 
+def log_unmeasured(client, plan: EvaluationPlan, verdict: Verdict, engine_settings: dict,
+                   target: RunTarget) -> str:
+    """An evaluation in which no model gave an output (its deployment was unavailable): the run
+    with its settings, test set and INCONCLUSIVE `verdict`, then that verdict on the version, in
+    log_evaluation's order; returns the run id."""
+    from tunelens.evaluators.pages.version_page import EVALUATION_SECTION, unmeasured_section
+    from tunelens.registry.description import replace_section
+
+    ref = plan.ref
+    run_id, owned = _open_run(client, target.run_id, plan.config.evaluation, ref,
+                              target.run_tags)
+    with closed_when_done(client, run_id, owned):
+        client.log_batch(run_id, params=_params(plan, engine_settings), tags=machine_tags())
+        log_run_inputs(client, run_id, plan, [ref], owned)
+        _log_verdict(client, run_id, ref, verdict, [])
+    if target.before_version_tags is not None:
+        target.before_version_tags(run_id)
+    if target.set_version_tags and ref.registered:
+        def describe() -> None:
+            section = unmeasured_section(verdict=verdict, run_id=run_id,
+                                         experiment_id=client.get_run(run_id).info.experiment_id)
+            description = client.get_model_version(ref.name, ref.version).description
+            client.update_model_version(ref.name, ref.version, description=replace_section(
+                description, EVALUATION_SECTION, section))
+
+        _sign_verdict(client, plan, verdict, run_id, describe)
+    return run_id
+
+
+def _log_verdict(client, run_id: str, ref: ModelRef, verdict: Verdict, notes: list[str]) -> None:
+    """verdict.json, then the run's verdict, reasons and holder tags."""
+    client.log_dict(run_id, {"model": ref.uri, **verdict.to_dict(), "notes": notes}, VERDICT_FILE)
+    client.set_tag(run_id, VERDICT_TAG, verdict.decision.value)
+    client.set_tag(run_id, REASONS_TAG, verdict.reasons)
+    if verdict.holder is not None:
+        client.set_tag(run_id, HOLDER_TAG, verdict.holder.tag_value)
+
+
 def tag_version(client, plan: EvaluationPlan, scored: Scored, run_id: str, *,
                 report_file: str = REPORT_FILE, extra_lines: tuple[str, ...] = ()) -> None:
-    """The verdict on the version: the signed statement, then run, reasons and holder tags, the
-    description's comparison section (`extra_lines` appended), and the verdict tag last (a reader
-    never sees a decision whose run is not complete); then every evaluated version's gate line."""
+    """The verdict on the version, its description's comparison section with `extra_lines`
+    appended (see _sign_verdict)."""
+    _sign_verdict(client, plan, scored.verdict, run_id, lambda: _describe_on_version(
+        client, plan, scored, run_id, report_file, extra_lines))
+
+
+def _sign_verdict(client, plan: EvaluationPlan, verdict: Verdict, run_id: str,
+                  describe: Callable[[], None]) -> None:
+    """The signed statement, then run, reasons and holder tags, `describe` (the description's
+    section), and the verdict tag last (a reader never sees a decision whose run is not
+    complete); then every evaluated version's gate line."""
     from tunelens.registry.datasets import content_digest
     from tunelens.registry.promotion import Gatekeeper, refresh_promotability
     from tunelens.registry.verdicts import VerdictStatement, write_verdict
 
-    ref, verdict = plan.ref, scored.verdict
+    ref = plan.ref
     gate = Gatekeeper.from_config(plan.config)
     statement = VerdictStatement.make(
         gate.key, VersionRef(ref.name, ref.version), verdict.decision.value,
         verdict.holder.tag_value if verdict.holder is not None else None,
         content_digest(plan.dataset), run_id, verdict.reasons)
-    write_verdict(client, statement, verdict.reasons, before_decision=lambda: _describe_on_version(
-        client, plan, scored, run_id, report_file, extra_lines))
+    write_verdict(client, statement, verdict.reasons, before_decision=describe)
     refresh_promotability(client, gate, ref.name)
 
 

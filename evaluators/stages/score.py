@@ -25,7 +25,8 @@ from tunelens.evaluators.stages.plan import BASE, FINETUNED, EvaluationPlan
 from tunelens.evaluators.texts.perplexity import TextResults, same_token_labels, summarize_texts
 from tunelens.evaluators.timing.profiles import ServingFigures
 from tunelens.evaluators.timing.rules import latency_rule, memory_rules
-from tunelens.evaluators.verdict import RuleOutcome, Verdict, VerdictPart, combine, decide_part
+from tunelens.evaluators.verdict import (RuleOutcome, Verdict, VerdictPart, combine, decide_part,
+                                         unmeasured)
 from tunelens.settings import Settings, VerdictSettings
 
 
@@ -242,3 +243,10 @@ def score(plan: EvaluationPlan, generated: Generated) -> Scored:
     notes = _notes(plan, comparison, serving, texts, metrics)
     html = _page(plan, table, metrics, verdict, notes, texts)
     return Scored(rows, metrics, comparison, other_comparisons, verdict, table, notes, html, texts)
+
+
+def unmeasured_verdict(plan: EvaluationPlan, reason: str) -> Verdict:
+    """The verdict of an evaluation whose models gave no output (`reason`: why not): INCONCLUSIVE
+    against the base and against the alias's holder when it is compared."""
+    references = {"base": BASE, **({"holder": plan.holder_label} if plan.holder_label else {})}
+    return unmeasured(plan.called(FINETUNED), references, reason, plan.holder)

@@ -59,7 +59,7 @@ class EvaluationDone:
 def evaluate_in_child(job: EvaluationJob) -> EvaluationDone:
     """evaluate_version on the fetched files; raises state.LeaseLost (its run deleted) when the
     job changed hands or its worker died before the verdict reached the version."""
-    from tunelens.evaluators.run import evaluate_version
+    from tunelens.evaluators.run import NotMeasured, evaluate_version
     from tunelens.registry.files import ModelRef
 
     client = MlflowClient(job.tracking_uri)
@@ -74,13 +74,16 @@ def evaluate_in_child(job: EvaluationJob) -> EvaluationDone:
             raise
 
     with tempfile.TemporaryDirectory(prefix="tunelens-data-") as fetched:
-        outcome = evaluate_version(
-            VersionRef(job.name, job.version).uri,
-            fetch_dataset(job.dataset, Path(fetched), job.tracking_uri), base=job.base_path,
-            config=job.config, client=client,
-            fetched=ModelRef(job.name, job.version, job.model_dir, job.adapter_dir),
-            run_tags={state.EVALUATION.attempt: str(job.lease.attempt)},
-            before_version_tags=still_ours, texts=job.texts, guard=job.guard)
+        try:
+            outcome = evaluate_version(
+                VersionRef(job.name, job.version).uri,
+                fetch_dataset(job.dataset, Path(fetched), job.tracking_uri), base=job.base_path,
+                config=job.config, client=client,
+                fetched=ModelRef(job.name, job.version, job.model_dir, job.adapter_dir),
+                run_tags={state.EVALUATION.attempt: str(job.lease.attempt)},
+                before_version_tags=still_ours, texts=job.texts, guard=job.guard)
+        except NotMeasured as stopped:  # the endpoint gave nothing: that verdict is the job's result
+            return EvaluationDone(stopped.run_id, stopped.verdict.decision.value)
     return EvaluationDone(outcome.run_id, outcome.verdict.decision.value)
 
 

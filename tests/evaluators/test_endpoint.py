@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 
 from support.eval_support import greedy, register_holder_and_candidate
 from tunelens.config import load_config, with_changes, with_endpoint
-from tunelens.errors import TunelensError
-from tunelens.evaluators.run import evaluate_version
+from tunelens.evaluators.run import NotMeasured, evaluate_version
+from tunelens.registry.promotion import Gatekeeper, PromotionRefused, promote
 
 NAME = "endpoint-eval"
 MAX_NEW = 6
@@ -150,17 +150,51 @@ def test_a_refusal_while_timing_leaves_the_latency_part_inconclusive(setup, vllm
     assert not [m for m in vllm_endpoint.models() if m.startswith("tunelens-")]
 
 
-def test_a_server_that_is_unreachable_or_refuses_is_one_line(setup, mlflow_server):
-    closed = with_endpoint(setup["config"], "http://127.0.0.1:9", None)
-    with pytest.raises(TunelensError, match="cannot reach the server at http://127.0.0.1:9"):
-        evaluate_version(f"models:/{NAME}/2", setup["data"], config=closed,
-                         client=setup["client"])
-    # an HTTP server that is not an OpenAI-compatible one (the MLflow server) refuses /v1/models
+def test_a_server_that_is_unreachable_or_refuses_gives_an_inconclusive_verdict(setup,
+                                                                              mlflow_server):
+    """No output exists: one line, and a run (and the version, when asked) holding an INCONCLUSIVE
+    verdict whose every part says why; the version can no longer be promoted from it."""
+    client = setup["client"]
     other = with_endpoint(setup["config"], mlflow_server.url, None)
-    with pytest.raises(TunelensError, match="refused /v1/models: HTTP 404"):
-        evaluate_version(f"models:/{NAME}/2", setup["data"], config=other,
-                         client=setup["client"])
+    # an HTTP server that is not an OpenAI-compatible one (the MLflow server) refuses /v1/models
+    with pytest.raises(NotMeasured, match="refused /v1/models: HTTP 404.*verdict INCONCLUSIVE "
+                                          "logged to run [0-9a-f]+$") as refused:
+        evaluate_version(f"models:/{NAME}/2", setup["data"], config=other, client=client,
+                         set_version_tags=False)
+    run = client.get_run(refused.value.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["tunelens.verdict"] == "INCONCLUSIVE"
+    assert run.data.params["tunelens.engine.endpoint"] == mlflow_server.url
+    verdict = json.loads(mlflow.artifacts.load_text(
+        f"runs:/{run.info.run_id}/tunelens/verdict.json"))
+    assert [(p["against"], p["decision"], [(r["name"], r["status"]) for r in p["rules"]])
+            for p in verdict["parts"]] == [
+        ("base", "INCONCLUSIVE", [("measured", "undecided")]),
+        ("holder", "INCONCLUSIVE", [("measured", "undecided")])]
+    assert "refused /v1/models: HTTP 404" in verdict["parts"][1]["rules"][0]["detail"]
+    assert client.get_model_version(NAME, "2").tags.get("tunelens.eval.run_id") != run.info.run_id
+
+    # through the CLI, onto the version: --json still prints the verdict, the error is one line
+    done = subprocess.run([sys.executable, "-m", "tunelens.plugin.cli", "--config",
+                           str(setup["policy"]), "evaluate", f"models:/{NAME}/2", "--data",
+                           str(setup["data"]), "--endpoint", "http://127.0.0.1:9", "--json"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()})
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert "cannot reach the server at http://127.0.0.1:9" in errors[0]
+    answer = json.loads(done.stdout)
+    assert answer["decision"] == "INCONCLUSIVE" and answer["error"] in errors[0]
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["tunelens.verdict"] == "INCONCLUSIVE"
+    assert tags["tunelens.eval.run_id"] == answer["run_id"]
+    description = client.get_model_version(NAME, "2").description
+    assert "nothing was measured, so nothing was judged: cannot reach the server" in description
+    with pytest.raises(PromotionRefused, match="INCONCLUSIVE"):
+        promote(client, Gatekeeper.from_config(setup["config"]), NAME, "2")
+
     with pytest.raises(Exception, match="--backend vllm"):
-        evaluate_version(f"models:/{NAME}/2", setup["data"], backend="vllm", config=closed,
-                         client=setup["client"])
+        evaluate_version(f"models:/{NAME}/2", setup["data"], backend="vllm",
+                         config=with_endpoint(setup["config"], "http://127.0.0.1:9", None),
+                         client=client)
     assert requests.get(f"{mlflow_server.url}/health", timeout=10).ok

@@ -10,7 +10,9 @@ from mlflow.models.evaluation.validation import ModelValidationFailedException
 from test_stats import paired_rows
 from tunelens.config import ConfigError, load_config
 from tunelens.evaluators.scoring.stats import ModelScores, compare_paired
-from tunelens.evaluators.verdict import Decision, RuleOutcome, decide, metric_thresholds
+from tunelens.evaluators.verdict import (Decision, RuleOutcome, decide, metric_thresholds,
+                                         unmeasured)
+from tunelens.registry.verdicts import HolderCoverage
 
 # 1000 rows, the models disagree on 2 of them, one each way: non-inferior within 2 points
 CLOSE_ON_1000_ROWS = (500, 1, 1, 498)
@@ -129,6 +131,20 @@ def test_serving_rules_decide_beside_quality_and_an_unmeasured_one_is_undecided(
     unmeasured = RuleOutcome("latency_ratio", None, 1.2, None, "latency as served not measured")
     undecided = decide(comparison, load_config(), serving_rules=[unmeasured])
     assert undecided.decision is Decision.INCONCLUSIVE
+
+
+def test_a_verdict_with_nothing_measured_is_inconclusive_in_every_part_with_the_reason():
+    why = "cannot reach the server at http://gpu-7:8000 (ConnectionError)"
+    alone = unmeasured("v3", {"base": "base"}, why)
+    assert alone.decision is Decision.INCONCLUSIVE and [p.against for p in alone.parts] == ["base"]
+    covered = unmeasured("v3", {"base": "base", "holder": "production"}, why,
+                         HolderCoverage("production", "2"))
+    assert [(p.against, p.reference, p.decision) for p in covered.parts] == [
+        ("base", "base", Decision.INCONCLUSIVE), ("holder", "production", Decision.INCONCLUSIVE)]
+    assert all(rule.passed is None and rule.detail == why for rule in covered.rules)
+    assert covered.reasons.startswith("INCONCLUSIVE v3 on 0 rows, decided by vs base and vs "
+                                      "holder production=v2")
+    assert f"measured undecided: {why}" in covered.reasons
 
 
 def test_verdict_to_dict_lists_every_rule_with_its_status():

@@ -33,21 +33,22 @@ def test_set(tmp_path_factory):
     return data
 
 
-def _config(path, verdict=None, **hooks):
+def _config(path, verdict=None, evaluation=None, **hooks):
     path.write_text(yaml.safe_dump({
         # no evaluate_on_registration: the registered model's tunelens.eval_dataset is the opt-in
         "hooks": {"lease_seconds": 30, "poll_interval": 2, "models": ["*"], **hooks},
         # the cheapest real evaluation: two tokens, one metric, no served-latency sample
         "evaluation": {"backend": "transformers", "generation": {"max_new_tokens": MAX_NEW},
                        "metrics": ["exact_match"], "latency": {"sample_rows": 0},
-                       "texts": {"drift_texts": 2}},
+                       "texts": {"drift_texts": 2}, **(evaluation or {})},
         "verdict": verdict or {},
         "promotion": {"auto_promote": True}}))
     return path
 
 
-def _hooks(server, tmp_path, name, verdict=None, **hooks) -> HooksProcess:
-    return HooksProcess(server.url, _config(tmp_path / f"{name}.yaml", verdict, **hooks),
+def _hooks(server, tmp_path, name, verdict=None, evaluation=None, **hooks) -> HooksProcess:
+    return HooksProcess(server.url, _config(tmp_path / f"{name}.yaml", verdict, evaluation,
+                                            **hooks),
                         tmp_path / f"{name}.log", secret=SECRET, webhook=False)
 
 
@@ -207,5 +208,28 @@ def test_a_promote_verdict_on_registration_moves_the_alias(mlflow_server, tmp_pa
         assert tags[VERDICT_TAG] == "PROMOTE", tags[REASONS_TAG]
         assert client.get_registered_model("auto-eval").aliases.get("production") == version
         assert tags["tunelens.verdict.holder"] == "production=none"
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+
+def test_a_deployment_that_cannot_be_reached_gives_the_version_an_inconclusive_verdict(
+        mlflow_server, tmp_path, llama_base, llama_adapter, test_set):
+    """Evaluating on an endpoint whose server is down: the job is done, its result the verdict
+    INCONCLUSIVE whose reason names the server, and auto-promote leaves the alias alone."""
+    client = MlflowClient(mlflow_server.url)
+    _model(client, "down-eval", test_set, llama_base)
+    worker = _hooks(mlflow_server, tmp_path, "down",
+                    evaluation={"backend": "openai_server",
+                                "endpoint": {"url": "http://127.0.0.1:9"}})
+    try:
+        version = register(client, "down-eval", llama_adapter)
+        tags = _wait_evaluation(client, "down-eval", version, [worker])
+        assert tags[EVALUATION.status] == "done" and EVALUATION.error not in tags, tags
+        assert tags[VERDICT_TAG] == "INCONCLUSIVE"
+        assert "measured undecided: cannot reach the server at http://127.0.0.1:9" in \
+            tags[REASONS_TAG]
+        assert [r.info.run_id for r in evaluation_runs(client, load_config(), "down-eval",
+                                                       version)] == [tags[EVAL_RUN_TAG]]
+        assert "production" not in client.get_registered_model("down-eval").aliases
     finally:
         assert worker.stop() == 0, worker.log_tail()

@@ -84,11 +84,12 @@ rows = []  # (section, item, figure, value)
 
 def analysis(adapter: Path) -> None:
     """analyze_adapter on `device` and on the CPU: times and the norms' largest difference."""
+    from tunelens.config import with_changes
     from tunelens.registry_hooks.engine.analysis import analyze_adapter
 
     results = {}
     for where in dict.fromkeys([device, "cpu"]):
-        settings = {"analysis": {"device": where, "threads": None}}
+        settings = with_changes(None, {"analysis": {"device": where, "threads": None}})
         analyze_adapter(adapter, config=settings, progress=False)  # warm-up: kernels, allocator
         start = time.perf_counter()
         results[where] = analyze_adapter(adapter, config=settings, progress=False)
@@ -108,6 +109,7 @@ def serving(base: Path, adapter: Path, levels: list, sample: int, max_new: int) 
     from transformers import AutoTokenizer
 
     from support.factories import CORPUS
+    from tunelens.config import with_changes
     from tunelens.evaluators.engines.interface import Candidate
     from tunelens.evaluators.timing.schedule import ServedTiming
     from tunelens.settings import GenerationSettings
@@ -117,10 +119,12 @@ def serving(base: Path, adapter: Path, levels: list, sample: int, max_new: int) 
     settings = GenerationSettings(max_new_tokens=max_new, temperature=0.0, top_p=1.0, seed=0,
                                   stop=[], prompt_template="{input}", chat_template=False,
                                   system_prompt=None)
-    evaluation = {"served": "adapter",
-                  "latency": {"sample_rows": sample, "warmup_requests": 2, "max_rounds": 1,
-                              "concurrency": levels},
-                  "transformers": {"device": device, "dtype": "float32" if on_cpu else "bfloat16"}}
+    evaluation = with_changes(None, {"evaluation": {
+        "served": "adapter",
+        "latency": {"sample_rows": sample, "warmup_requests": 2, "max_rounds": 1,
+                    "concurrency": levels},
+        "transformers": {"device": device, "dtype": "float32" if on_cpu else "bfloat16"}}},
+        "the GPU check's serving settings").evaluation
     candidates = [Candidate("base"), Candidate("adapter", adapter, "1")]
     figures = ServedTiming(base, candidates, prompt_ids, tokenizer, settings, evaluation,
                            "transformers", max_model_len=256, work_dir=work).after_generation()

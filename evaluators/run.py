@@ -104,10 +104,9 @@ def evaluate(client, request: EvaluationRequest, config: Settings,
         generated = generate(plan)
     except EndpointUnavailable as exc:
         verdict = unmeasured_verdict(plan, str(exc))
-        run_id = log_unmeasured(client, plan, verdict,
-                                {"endpoint": config.evaluation.endpoint.url}, target)
+        run_id = log_unmeasured(client, plan, verdict, {"endpoint": exc.url}, target)
         raise NotMeasured(exc, run_id, plan.ref.uri, verdict,
-                          tagged=target.set_version_tags and plan.ref.registered) from None
+                          tagged=target.tags_version(plan.ref)) from None
     scored = score(plan, generated)
     run_id = log_evaluation(client, plan, generated, scored, target)
     return EvaluationOutcome(run_id=run_id, model_name=plan.ref.name, version=plan.ref.version,

@@ -34,8 +34,13 @@ LORA_ON_ENDPOINT = "a LoRA module loaded on the endpoint's server"
 
 
 class EndpointUnavailable(TunelensError):
-    """The deployment could not be asked: unreachable, too slow, refusing, or without LoRA. No
-    model's outputs exist, so the evaluation records an INCONCLUSIVE verdict saying this line."""
+    """The deployment at `url` could not be asked: unreachable, too slow, refusing, or without
+    LoRA. No model's outputs exist, so the evaluation records an INCONCLUSIVE verdict saying this
+    line."""
+
+    def __init__(self, url: str, message: str):
+        super().__init__(message)
+        self.url = url
 
 
 @dataclass(frozen=True)
@@ -68,14 +73,15 @@ class Endpoint:
             answer = requests.request(method, self.url + path, json=body, headers=headers,
                                       timeout=self.timeout_s, stream=stream)
         except requests.Timeout:
-            raise EndpointUnavailable(f"the server at {self.url} did not answer {path} within "
-                                f"{self.timeout_s:g} s (evaluation.endpoint.timeout_s)") from None
+            raise EndpointUnavailable(self.url, f"the server at {self.url} did not answer {path} "
+                                      f"within {self.timeout_s:g} s "
+                                      "(evaluation.endpoint.timeout_s)") from None
         except requests.RequestException as exc:
-            raise EndpointUnavailable(f"cannot reach the server at {self.url} "
-                                f"({type(exc).__name__})") from None
+            raise EndpointUnavailable(self.url, f"cannot reach the server at {self.url} "
+                                      f"({type(exc).__name__})") from None
         if not answer.ok:
-            raise EndpointUnavailable(f"the server at {self.url} refused {path}: HTTP "
-                                f"{answer.status_code} {_message(answer.text)}")
+            raise EndpointUnavailable(self.url, f"the server at {self.url} refused {path}: HTTP "
+                                      f"{answer.status_code} {_message(answer.text)}")
         return answer
 
 
@@ -111,8 +117,8 @@ class EndpointServer:
         self.models_answer = self.endpoint.call("GET", "/v1/models").json()
         served = [m["id"] for m in self.models_answer.get("data", []) if not m.get("parent")]
         if not served:
-            raise EndpointUnavailable(f"the server at {self.endpoint.url} lists no model in "
-                                      "/v1/models")
+            raise EndpointUnavailable(self.endpoint.url, f"the server at {self.endpoint.url} "
+                                      "lists no model in /v1/models")
         self.served_model = served[0]
         self._modules: dict[Path, str] = {}
         try:
@@ -130,9 +136,9 @@ class EndpointServer:
                                {"lora_name": name, "lora_path": str(adapter.resolve())})
         except EndpointUnavailable as exc:
             raise EndpointUnavailable(
-                f"{exc}: the adapter could not be loaded as a LoRA module (the server needs "
-                "--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and read access to the "
-                "adapter's folder)") from None
+                exc.url, f"{exc}: the adapter could not be loaded as a LoRA module (the server "
+                "needs --enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and read access to "
+                "the adapter's folder)") from None
         self._modules[adapter] = name
 
     def model_of(self, candidate: Candidate) -> str:

@@ -43,6 +43,10 @@ class RunTarget:
     run_tags: dict[str, str] = field(default_factory=dict)
     before_version_tags: Callable[[str], None] | None = None
 
+    def tags_version(self, ref: ModelRef) -> bool:
+        """Whether the verdict goes on the version too (a local candidate has none)."""
+        return self.set_version_tags and ref.registered
+
 
 def _open_run(client, run_id: str | None, evaluation: EvaluationSettings, ref: ModelRef,
               run_tags: dict[str, str] | None = None) -> tuple[str, bool]:
@@ -91,7 +95,7 @@ def log_evaluation(client, plan: EvaluationPlan, generated: Generated, scored: S
         _log_verdict(client, run_id, ref, verdict, scored.notes)
     if target.before_version_tags is not None:
         target.before_version_tags(run_id)
-    if target.set_version_tags and ref.registered:
+    if target.tags_version(ref):
         tag_version(client, plan, scored, run_id)
     return run_id
 
@@ -101,8 +105,7 @@ def log_unmeasured(client, plan: EvaluationPlan, verdict: Verdict, engine_settin
     """An evaluation in which no model gave an output (its deployment was unavailable): the run
     with its settings, test set and INCONCLUSIVE `verdict`, then that verdict on the version, in
     log_evaluation's order; returns the run id."""
-    from tunelens.evaluators.pages.version_page import EVALUATION_SECTION, unmeasured_section
-    from tunelens.registry.description import replace_section
+    from tunelens.evaluators.pages.version_page import unmeasured_section
 
     ref = plan.ref
     run_id, owned = _open_run(client, target.run_id, plan.config.evaluation, ref,
@@ -113,15 +116,11 @@ def log_unmeasured(client, plan: EvaluationPlan, verdict: Verdict, engine_settin
         _log_verdict(client, run_id, ref, verdict, [])
     if target.before_version_tags is not None:
         target.before_version_tags(run_id)
-    if target.set_version_tags and ref.registered:
-        def describe() -> None:
-            section = unmeasured_section(verdict=verdict, run_id=run_id,
-                                         experiment_id=client.get_run(run_id).info.experiment_id)
-            description = client.get_model_version(ref.name, ref.version).description
-            client.update_model_version(ref.name, ref.version, description=replace_section(
-                description, EVALUATION_SECTION, section))
-
-        _sign_verdict(client, plan, verdict, run_id, describe)
+    if target.tags_version(ref):
+        _sign_verdict(client, plan, verdict, run_id, lambda: _replace_evaluation_section(
+            client, ref, unmeasured_section(
+                verdict=verdict, run_id=run_id,
+                experiment_id=client.get_run(run_id).info.experiment_id)))
     return run_id
 
 
@@ -240,9 +239,7 @@ def log_inputs(client, run_id: str, datasets, models) -> None:
 def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: str,
                          report_file: str, extra_lines: tuple[str, ...]) -> None:
     """The comparison section of the version's description, beside the analysis's."""
-    from tunelens.registry.description import replace_section
-
-    from tunelens.evaluators.pages.version_page import EVALUATION_SECTION, comparison_section
+    from tunelens.evaluators.pages.version_page import comparison_section
 
     ref = plan.ref
     names = {BASE: "base", FINETUNED: f"v{ref.version} (candidate)"}
@@ -255,7 +252,15 @@ def _describe_on_version(client, plan: EvaluationPlan, scored: Scored, run_id: s
         primary=plan.primary.name, test=scored.comparison.test_name, rows=len(plan.kept),
         experiment_id=client.get_run(run_id).info.experiment_id, run_id=run_id,
         report_file=report_file)
-    section = "\n".join((section, *extra_lines))
+    _replace_evaluation_section(client, ref, "\n".join((section, *extra_lines)))
+
+
+def _replace_evaluation_section(client, ref: ModelRef, section: str) -> None:
+    """`section` in place of the version description's evaluation section (the rest stays)."""
+    from tunelens.registry.description import replace_section
+
+    from tunelens.evaluators.pages.version_page import EVALUATION_SECTION
+
     description = client.get_model_version(ref.name, ref.version).description
     client.update_model_version(ref.name, ref.version,
                                 description=replace_section(description, EVALUATION_SECTION, section))
